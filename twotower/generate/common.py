@@ -1,0 +1,190 @@
+"""What every generation mode shares: input checks and left padding, per-row bookkeeping of
+finished rows, the result with its statistics, and the stream -> result driver.
+
+Each mode is a generator (`*_stream`) that yields a `StreamEvent` whenever tokens become
+final and returns a `GenerationResult`; `generate_*` just drains it. The CLI's --stream,
+the benchmarks and the plain functions all run that one generator.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from twotower.config import GenerationSettings, TwoTowerError
+from twotower.generate.sampling import make_generator
+
+
+@dataclass
+class StreamEvent:
+    tokens: list[list[int]]  # per row: ids that became final since the previous event
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # per row: generated ids, cut after the first EOS (EOS kept)
+    mode: str
+    row_nfe: list[int]  # per row: token-predicting passes made while the row was unfinished
+    denoiser_passes: int  # batched denoiser forward passes
+    context_passes: int  # batched context-tower forward passes, prefill included
+    seconds: float
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def nfe(self) -> int:
+        """Token-predicting passes, summed over rows (equals the pass count at batch 1):
+        denoiser passes for mock-ar/diffusion, context passes for ar."""
+        return sum(self.row_nfe)
+
+    @property
+    def tokens_per_nfe(self) -> float:
+        return self.new_tokens / max(self.nfe, 1)
+
+    def stats(self) -> dict:
+        return {
+            "mode": self.mode,
+            "new_tokens": self.new_tokens,
+            "nfe": self.nfe,
+            "tokens_per_nfe": round(self.tokens_per_nfe, 4),
+            "denoiser_passes": self.denoiser_passes,
+            "context_passes": self.context_passes,
+            "seconds": round(self.seconds, 4),
+            "tokens_per_second": round(self.new_tokens / max(self.seconds, 1e-9), 3),
+        }
+
+
+@dataclass
+class Run:
+    """State every mode keeps: inputs, settings, sampling RNG, finished rows, outputs."""
+
+    ids: torch.Tensor  # (B, T) left-padded prompt on the context device
+    attention_mask: torch.Tensor  # (B, T)
+    settings: GenerationSettings
+    eos: torch.Tensor  # (E,) long
+    pad_id: int
+    generator: torch.Generator | None
+    mode: str
+    started: float = field(default_factory=time.perf_counter)
+    tokens: list[list[int]] = field(default_factory=list)
+    row_nfe: list[int] = field(default_factory=list)
+    done: torch.Tensor | None = None  # (B,) bool
+    denoiser_passes: int = 0
+    context_passes: int = 0
+
+    def __post_init__(self):
+        batch = self.ids.shape[0]
+        self.tokens = [[] for _ in range(batch)]
+        self.row_nfe = [0] * batch
+        self.done = torch.zeros(batch, dtype=torch.bool, device=self.ids.device)
+
+    @property
+    def generated(self) -> int:
+        """Steps taken so far (the longest row's length)."""
+        return max(len(t) for t in self.tokens)
+
+    def count_pass(self, rows: torch.Tensor) -> None:
+        """Credit one token-predicting pass to each row in the (B,) bool mask `rows`."""
+        for b in rows.nonzero().flatten().tolist():
+            self.row_nfe[b] += 1
+
+    def emit(self, new: list[list[int]]) -> StreamEvent:
+        """Append final tokens per row, cutting each row after its first EOS."""
+        eos = set(self.eos.tolist())
+        out = []
+        for b, toks in enumerate(new):
+            taken = []
+            if not self.done[b]:
+                for tok in toks:
+                    taken.append(tok)
+                    if tok in eos:
+                        self.done[b] = True
+                        break
+            self.tokens[b].extend(taken)
+            out.append(taken)
+        return StreamEvent(out)
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            tokens=self.tokens,
+            mode=self.mode,
+            row_nfe=self.row_nfe,
+            denoiser_passes=self.denoiser_passes,
+            context_passes=self.context_passes,
+            seconds=time.perf_counter() - self.started,
+        )
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if not rows or any(len(r) == 0 for r in rows):
+        raise TwoTowerError("every prompt needs at least one token")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[b, width - len(r):] = 1
+    return ids, mask
+
+
+def start_run(model, input_ids, attention_mask, mode: str, options: dict) -> Run:
+    """Validate everything before any forward pass and build the run state."""
+    eos = options.pop("eos_token_id", None)
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    unknown = set(options) - set(GenerationSettings.__dataclass_fields__)
+    if unknown:
+        raise TwoTowerError(f"unknown generation option(s) {sorted(unknown)}")
+    settings = GenerationSettings(eos_token_id=eos, **options)
+    settings.validate()
+    pad_id = eos[0] if eos else 0
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        elif attention_mask.dim() == 1:
+            attention_mask = attention_mask[None]
+        if attention_mask.shape != input_ids.shape:
+            raise TwoTowerError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+        if (attention_mask[:, -1] == 0).any() or (attention_mask.diff(dim=1) < 0).any():
+            raise TwoTowerError("prompts must be left-padded (attention_mask zeros first, then ones)")
+        if (attention_mask.sum(1) == 0).any():
+            raise TwoTowerError("every prompt needs at least one token")
+        ids, mask = input_ids.long(), attention_mask.long()
+    else:
+        rows = [list(input_ids)] if input_ids and isinstance(input_ids[0], int) else [list(r) for r in input_ids]
+        ids, mask = left_pad(rows, pad_id)
+    vocab = model.num_embeddings
+    if ((ids < 0) | (ids >= vocab))[mask.bool()].any():
+        raise TwoTowerError(f"prompt holds token ids outside the backbone's vocabulary [0, {vocab})")
+    longest, limit = int(mask.sum(1).max()), model.max_context
+    if longest >= limit:
+        raise TwoTowerError(f"the prompt has {longest} tokens, longer than the backbone's context ({limit} tokens)")
+    if longest + settings.max_new_tokens > limit:
+        raise TwoTowerError(
+            f"the prompt has {longest} tokens and max_new_tokens={settings.max_new_tokens}: together they exceed "
+            f"the backbone's context of {limit} tokens; lower max_new_tokens to at most {limit - longest}"
+        )
+    device = model.context_device
+    return Run(
+        ids=ids.to(device),
+        attention_mask=mask.to(device),
+        settings=settings,
+        eos=torch.tensor(eos, dtype=torch.long, device=device),
+        pad_id=pad_id,
+        generator=make_generator(settings.seed, model.denoiser_device if mode != "ar" else device),
+        mode=mode,
+    )
+
+
+def drain(stream) -> GenerationResult:
+    """Run a mode's stream to its end and return its result."""
+    while True:
+        try:
+            next(stream)
+        except StopIteration as stop:
+            return stop.value

@@ -1,0 +1,36 @@
+"""Low-rank adapters for the denoiser's linear projections over the shared frozen weights."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class LoRA(nn.Module):
+    """delta(x) = (x @ A^T) @ B^T * alpha / rank; B starts at zero, so the delta starts at zero."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(rank, in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.scale = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Adapters may be kept in fp32 over a bf16 backbone: compute in theirs, return in x's.
+        return ((x.to(self.A.dtype) @ self.A.T) @ self.B.T * self.scale).to(x.dtype)
+
+
+def build_adapters(backbone: nn.Module, targets: list[str], rank: int, alpha: float) -> nn.ModuleList:
+    """One {projection name: LoRA} dict per decoder layer, shaped after the backbone's linears."""
+    per_layer = []
+    for layer in backbone.model.layers:
+        linears = {**dict(layer.self_attn.named_children()), **dict(layer.mlp.named_children())}
+        adapters = nn.ModuleDict()
+        for name in targets:
+            lin = linears[name]
+            adapters[name] = LoRA(lin.in_features, lin.out_features, rank, alpha)
+        per_layer.append(adapters)
+    return nn.ModuleList(per_layer)

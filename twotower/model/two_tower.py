@@ -1,0 +1,287 @@
+"""TwoTowerForCausalLM: a frozen AR context tower and a trainable denoiser tower.
+
+    context tower (frozen backbone)            denoiser tower (copy or LoRA over the same weights)
+    reads prompt + committed blocks,           fills a block of S slots by mask diffusion;
+    keeps the only cache (K,V per layer)       layer i attends to [context K,V of layer i ; own K,V]
+
+Methods are the named steps that the generation modes compose: `context_prefill`,
+`context_extend` (one pass per committed block) and `denoise` (one denoiser pass over a
+block). Checkpoints hold config.json plus the trained tensors only; the backbone is referenced
+and checked by fingerprint.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from twotower.backbones import SUPPORTED_MODEL_TYPES, backbone_fingerprint, load_backbone
+from twotower.backbones.llama import max_context, run_layers
+from twotower.config import TwoTowerConfig, TwoTowerError
+from twotower.model.adaln import TimeConditioning
+from twotower.model.cache import ContextCache, ContextView
+from twotower.model.lora import build_adapters
+from twotower.model.masks import block_mask, extend_mask, prefill_mask
+
+WEIGHTS_NAME = "denoiser.safetensors"
+
+
+class TwoTowerForCausalLM(nn.Module):
+    config_class = TwoTowerConfig
+
+    def __init__(self, config: TwoTowerConfig, backbone: nn.Module, tokenizer=None):
+        super().__init__()
+        config.validate()
+        bcfg = backbone.config
+        if bcfg.model_type not in SUPPORTED_MODEL_TYPES:
+            raise TwoTowerError(f"backbone model_type {bcfg.model_type!r} is not supported: {SUPPORTED_MODEL_TYPES}")
+        self.config = config
+        self.context_tower = backbone.eval().requires_grad_(False)
+        embed = backbone.get_input_embeddings()
+        dtype, device = embed.weight.dtype, embed.weight.device
+        self.num_embeddings = embed.num_embeddings
+        self.mask_token_id = self._resolve_mask_token(config.mask_token_id, tokenizer)
+        config.mask_token_id = self.mask_token_id
+        config.backbone_config = bcfg.to_dict()
+        if config.backbone_fingerprint is None:
+            config.backbone_fingerprint = backbone_fingerprint(backbone)
+
+        self.denoiser_tower = None  # full: own trainable copy; lora: None (shares context_tower)
+        self.lora = None
+        if config.denoiser == "full":
+            self.denoiser_tower = copy.deepcopy(backbone).requires_grad_(True)
+        else:
+            self.lora = build_adapters(backbone, config.lora_targets, config.lora_rank, config.lora_alpha)
+            self.lora.to(device=device, dtype=dtype)
+        # The mask token's embedding: a new learned vector, initialised to the mean embedding.
+        self.mask_embedding = nn.Parameter(embed.weight.detach().float().mean(0).to(dtype))
+        self.time_conditioning = None
+        if config.adaln:
+            tc = TimeConditioning(bcfg.hidden_size, bcfg.num_hidden_layers, config.time_embed_dim)
+            self.time_conditioning = tc.to(device=device, dtype=dtype)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_backbone(cls, backbone: nn.Module, tokenizer=None, backbone_ref: str = "default", **config_kwargs):
+        """Wrap a loaded backbone as an untrained two-tower model (identity adaLN, zero LoRA)."""
+        return cls(TwoTowerConfig(backbone_ref=str(backbone_ref), **config_kwargs), backbone, tokenizer)
+
+    def _resolve_mask_token(self, mask_token_id: int | None, tokenizer) -> int:
+        n = self.num_embeddings
+        if mask_token_id is None:
+            return n  # a new id, embedded by the denoiser only
+        if not 0 <= mask_token_id <= n:
+            raise TwoTowerError(f"mask_token_id {mask_token_id} is outside [0, {n}] (the backbone has {n} embeddings)")
+        if mask_token_id < n and tokenizer is not None and mask_token_id < len(tokenizer):
+            token = tokenizer.convert_ids_to_tokens(mask_token_id)
+            raise TwoTowerError(
+                f"mask_token_id {mask_token_id} collides with the real token {token!r}; "
+                f"leave it unset to add a new id ({n}) or pick an unused id in [{len(tokenizer)}, {n})"
+            )
+        return mask_token_id
+
+    # ---------------------------------------------------------------- devices
+    @property
+    def denoiser_weights(self) -> nn.Module:
+        return self.denoiser_tower if self.denoiser_tower is not None else self.context_tower
+
+    @property
+    def context_device(self) -> torch.device:
+        return self.context_tower.get_input_embeddings().weight.device
+
+    @property
+    def denoiser_device(self) -> torch.device:
+        return self.mask_embedding.device
+
+    @property
+    def max_context(self) -> int:
+        return max_context(self.context_tower.config)
+
+    def place_towers_on_devices(self, ctx_device, den_device) -> TwoTowerForCausalLM:
+        """Context tower + its head on ctx_device; denoiser + head + time conditioning on den_device.
+        A LoRA denoiser on another device gets a frozen copy of the shared weights there."""
+        ctx_device, den_device = torch.device(ctx_device), torch.device(den_device)
+        self.context_tower.to(ctx_device)
+        if self.config.denoiser == "full":
+            self.denoiser_tower.to(den_device)
+        elif ctx_device != den_device:
+            self.denoiser_tower = copy.deepcopy(self.context_tower).to(den_device)
+        else:
+            self.denoiser_tower = None
+        for module in (self.lora, self.time_conditioning):
+            if module is not None:
+                module.to(den_device)
+        with torch.no_grad():
+            self.mask_embedding.data = self.mask_embedding.data.to(den_device)
+        return self
+
+    # ---------------------------------------------------------------- context tower
+    def _ar_logits(self, hidden: torch.Tensor, which: str | None):
+        if which is None:
+            return None
+        if which == "last":
+            hidden = hidden[:, -1]
+        return self.context_tower.lm_head(hidden).float()
+
+    @torch.no_grad()
+    def context_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits: str | None = "last"):
+        """Read a left-padded prompt (B, T). Returns the cache and the AR logits
+        ((B, V) for "last", (B, T, V) for "all", None for None)."""
+        valid = attention_mask.bool()
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+        embeds = self.context_tower.get_input_embeddings()(input_ids)
+        hidden, kv = run_layers(self.context_tower, embeds, positions, prefill_mask(valid))
+        cache = ContextCache(kv, valid, valid.sum(1))
+        return cache, self._ar_logits(hidden, logits)
+
+    @torch.no_grad()
+    def context_extend(self, cache: ContextCache, tokens: torch.Tensor, logits: str | None = None):
+        """Read S committed tokens (B, S) in one pass and append their K,V to the cache."""
+        new_valid = torch.ones_like(tokens, dtype=torch.bool)
+        positions = cache.next_pos[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+        embeds = self.context_tower.get_input_embeddings()(tokens)
+        mask = extend_mask(cache.valid, new_valid)
+        hidden, kv = run_layers(self.context_tower, embeds, positions, mask, past=cache.kv)
+        cache.append(kv, new_valid)
+        return self._ar_logits(hidden, logits)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """AR logits of the context tower over a whole sequence (B, T) -> (B, T, V), for scoring."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.context_prefill(input_ids, attention_mask, logits="all")[1]
+
+    # ---------------------------------------------------------------- denoiser tower
+    def embed_block(self, block_ids: torch.Tensor) -> torch.Tensor:
+        """Denoiser input embeddings (B, S, H); the mask id maps to the learned mask embedding."""
+        embed = self.denoiser_weights.get_input_embeddings()
+        emb = embed(block_ids.clamp(max=self.num_embeddings - 1))
+        is_mask = (block_ids == self.mask_token_id)[..., None]
+        return torch.where(is_mask, self.mask_embedding.to(emb.dtype), emb)
+
+    def denoise(self, view: ContextView, block_ids: torch.Tensor, start_pos: torch.Tensor, t=None) -> torch.Tensor:
+        """One denoiser pass over a block.
+
+        view: the context K,V the block attends to (on the denoiser's device);
+        block_ids: (B, S), mask id at masked slots; start_pos: (B,) RoPE position of slot 0;
+        t: (B,) masking level for adaLN, or None for no time conditioning.
+        Returns float logits (B, S, V) with the mask token forbidden.
+        """
+        tower = self.denoiser_weights
+        positions = start_pos[:, None] + torch.arange(block_ids.shape[1], device=block_ids.device)
+        hidden = self.embed_block(block_ids)
+        modulation = None
+        if t is not None and self.time_conditioning is not None:
+            modulation = self.time_conditioning(t.to(hidden.device)).to(hidden.dtype)
+        mask = block_mask(view.valid, block_ids.shape[1], self.config.layout)
+        hidden, _ = run_layers(tower, hidden, positions, mask, past=view.kv, modulation=modulation, adapters=self.lora)
+        logits = tower.lm_head(hidden).float()
+        if self.mask_token_id < logits.shape[-1]:
+            logits[..., self.mask_token_id] = float("-inf")
+        return logits
+
+    # ---------------------------------------------------------------- checkpoints
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores: the mask embedding, time conditioning, and either the full
+        denoiser copy or the LoRA adapters. Tied tensors are stored once."""
+        parts = {"mask_embedding": self.mask_embedding}
+        if self.time_conditioning is not None:
+            parts.update({f"time_conditioning.{k}": v for k, v in self.time_conditioning.state_dict().items()})
+        if self.config.denoiser == "full":
+            parts.update({f"denoiser_tower.{k}": v for k, v in self.denoiser_tower.state_dict().items()})
+        else:
+            parts.update({f"lora.{k}": v for k, v in self.lora.state_dict().items()})
+        state, seen = {}, set()
+        for name, tensor in parts.items():
+            if tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())
+            state[name] = tensor.detach().contiguous().cpu()
+        return state
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write config.json and denoiser.safetensors (atomically: temp file, then rename)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(path)
+        fd, tmp = tempfile.mkstemp(dir=path, prefix=".tmp-", suffix=".safetensors")
+        os.close(fd)
+        try:
+            save_file(self.trained_state_dict(), tmp, metadata={"format": "pt", "denoiser": self.config.denoiser})
+            os.replace(tmp, path / WEIGHTS_NAME)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *args, backbone=None, dtype=None, config=None, **kwargs):
+        """Load a checkpoint written by `save_pretrained`.
+
+        backbone: a loaded backbone module, or a reference overriding the one in config.json.
+        dtype: torch dtype of the backbone (default bfloat16; `torch_dtype` is accepted too).
+        """
+        path = Path(path)
+        dtype = dtype or kwargs.get("torch_dtype") or torch.bfloat16
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        if not (path / "config.json").is_file() or not (path / WEIGHTS_NAME).is_file():
+            raise TwoTowerError(f"{path} is not a twotower checkpoint (needs config.json and {WEIGHTS_NAME})")
+        if config is None:
+            config = TwoTowerConfig.from_pretrained(path)
+        if getattr(config, "model_type", None) != "twotower":
+            raise TwoTowerError(f"{path}/config.json is not a twotower config")
+        tokenizer = None
+        if backbone is None or isinstance(backbone, (str, os.PathLike)):
+            backbone, tokenizer = load_backbone(backbone if backbone is not None else config.backbone_ref, dtype)
+        found = backbone_fingerprint(backbone)
+        if config.backbone_fingerprint and found != config.backbone_fingerprint:
+            raise TwoTowerError(
+                f"checkpoint {path} was trained on backbone {config.backbone_ref!r} (fingerprint "
+                f"{config.backbone_fingerprint}), but the backbone given has fingerprint {found}: "
+                "load it with the backbone it was trained on"
+            )
+        model = cls(config, backbone, tokenizer)
+        model.tokenizer = tokenizer
+        model.load_trained_state(path / WEIGHTS_NAME)
+        return model
+
+    def load_trained_state(self, file: Path) -> None:
+        try:
+            state = load_file(str(file))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise TwoTowerError(f"{file} is corrupt or not a safetensors file: {err}") from err
+        expected = self.trained_state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise TwoTowerError(
+                f"{file} does not match this model ({self.config.denoiser} denoiser): "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
+        for name, tensor in state.items():
+            if tensor.shape != expected[name].shape:
+                raise TwoTowerError(
+                    f"{file}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}"
+                )
+        self.load_state_dict(state, strict=False)
+
+
+def load_model(ref: str | os.PathLike | None = None, dtype: torch.dtype = torch.bfloat16, **config_kwargs):
+    """Load what a user names: a twotower checkpoint folder, or a backbone ("default", a folder,
+    a .gguf file) wrapped as an untrained two-tower model. Returns (model, tokenizer)."""
+    path = Path(ref).expanduser() if ref not in (None, "default") else None
+    if path is not None and (path / "config.json").is_file() and (path / WEIGHTS_NAME).is_file():
+        model = TwoTowerForCausalLM.from_pretrained(path, dtype=dtype)
+        return model, model.tokenizer
+    backbone, tokenizer = load_backbone(ref, dtype)
+    model = TwoTowerForCausalLM.from_backbone(
+        backbone, tokenizer, backbone_ref=str(path.resolve()) if path else "default", **config_kwargs
+    )
+    return model, tokenizer
