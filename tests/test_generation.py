@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import EOS, FAMILIES, PROMPTS, VOCAB, perturb_trained, tiny_two_tower
+
 from twotower import generate_ar, generate_mask_diffusion, generate_mock_ar, stream
 from twotower.generate.common import left_pad
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import PROMPTS, tiny_two_tower
+
 from twotower import TwoTowerError, generate_ar, generate_mask_diffusion, generate_mock_ar
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import PROMPTS, VOCAB, perturb_trained, tiny_backbone, tiny_two_tower
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import PROMPTS, VOCAB, perturb_trained, tiny_backbone, tiny_two_tower
 from twotower import TwoTowerConfig, TwoTowerError, TwoTowerForCausalLM
 from twotower.generate.common import left_pad
 from twotower.model.masks import block_mask
@@ -99,9 +99,9 @@ def test_block_masks():
 
 def test_lora_denoiser_shares_the_backbone_weights():
     full, lora = tiny_two_tower("full"), tiny_two_tower("lora")
-    count = lambda params: sum(p.numel() for p in params)  # noqa: E731
+    count = lambda params: sum(p.numel() for p in params)
     n_backbone = count(full.context_tower.parameters())
-    added = lambda m: count(m.get_parameter(n) for n in m.trained_state_dict())  # noqa: E731
+    added = lambda m: count(m.get_parameter(n) for n in m.trained_state_dict())
     assert full.denoiser_tower is not None and lora.denoiser_tower is None
     assert count(lora.parameters()) == n_backbone + added(lora)  # backbone weights held once
     assert count(full.parameters()) == n_backbone + added(full)  # full: the copy is what it trains
@@ -147,7 +147,7 @@ def test_lora_checkpoint_stores_only_what_was_trained(tmp_path):
     lora.save_pretrained(tmp_path / "lora")
     full.save_pretrained(tmp_path / "full")
     assert not any(k.startswith(("context_tower", "denoiser_tower")) for k in lora.trained_state_dict())
-    size = lambda d: (tmp_path / d / "denoiser.safetensors").stat().st_size  # noqa: E731
+    size = lambda d: (tmp_path / d / "denoiser.safetensors").stat().st_size
     backbone_bytes = sum(p.numel() * p.element_size() for p in lora.context_tower.parameters())
     assert size("full") - size("lora") > 0.8 * backbone_bytes  # only the full kind stores a backbone copy
 

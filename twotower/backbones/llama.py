@@ -34,16 +34,23 @@ def _project(linear: nn.Linear, x: torch.Tensor, adapter: nn.Module | None) -> t
     return out
 
 
+def _adapter_lookup(adapters):
+    """name -> LoRA module or None (nn.ModuleDict has no .get)."""
+    if adapters is None:
+        return lambda name: None
+    return lambda name: adapters[name] if name in adapters else None
+
+
 def attention(attn: nn.Module, x, cos, sin, past_kv, mask, adapters):
     """Self-attention of one layer over [past K,V ; own K,V].
 
     x: (B, T, H); past_kv: None or ((B, Hkv, P, D), (B, Hkv, P, D)) post-RoPE;
-    mask: (B, 1, T, P + T) bool, True = may attend.
+    mask: None or (B, 1, T, P + T) bool, True = may attend.
     Returns the output (B, T, H) and this call's own post-RoPE (k, v), each (B, Hkv, T, D).
     """
     bsz, seq, _ = x.shape
     hd = attn.head_dim
-    get = (lambda name: adapters[name] if name in adapters else None) if adapters is not None else (lambda _: None)
+    get = _adapter_lookup(adapters)
     q = _project(attn.q_proj, x, get("q_proj")).view(bsz, seq, -1, hd)
     k = _project(attn.k_proj, x, get("k_proj")).view(bsz, seq, -1, hd)
     v = _project(attn.v_proj, x, get("v_proj")).view(bsz, seq, -1, hd).transpose(1, 2)
@@ -54,13 +61,21 @@ def attention(attn: nn.Module, x, cos, sin, past_kv, mask, adapters):
         keys, values = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
     else:
         keys, values = k, v
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
-    out = out.transpose(1, 2).reshape(bsz, seq, -1)  # (B, T, Hq * D)
+    n_kv = keys.shape[1]
+    if seq == 1 and mask is not None and q.shape[1] != n_kv:
+        # One query with padding: fold the query heads of each KV group into the query axis,
+        # (B, Hq, 1, D) -> (B, Hkv, Hq/Hkv, D); the kernel transformers uses here, bit for bit.
+        out = F.scaled_dot_product_attention(q.reshape(bsz, n_kv, -1, hd), keys, values, attn_mask=mask,
+                                             scale=attn.scaling)
+        out = out.reshape(bsz, 1, -1)
+    else:
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+        out = out.transpose(1, 2).reshape(bsz, seq, -1)  # (B, T, Hq * D)
     return _project(attn.o_proj, out, get("o_proj")), (k, v)
 
 
 def mlp(block: nn.Module, x: torch.Tensor, adapters) -> torch.Tensor:
-    get = (lambda name: adapters[name] if name in adapters else None) if adapters is not None else (lambda _: None)
+    get = _adapter_lookup(adapters)
     gate = _project(block.gate_proj, x, get("gate_proj"))
     up = _project(block.up_proj, x, get("up_proj"))
     return _project(block.down_proj, block.act_fn(gate) * up, get("down_proj"))
@@ -93,6 +108,8 @@ def run_layers(backbone, hidden, positions, mask, past=None, modulation=None, ad
     Returns the normed hidden states (B, T, H) and the per-layer list of this call's (k, v).
     """
     cos, sin = rope_tables(backbone, positions, hidden.dtype)
+    if mask is not None and bool(mask.all()):
+        mask = None  # nothing masked: let the kernel run unmasked (as transformers does)
     new_kv = []
     for i, layer in enumerate(backbone.model.layers):
         hidden, kv = decoder_layer(

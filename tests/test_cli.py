@@ -1,0 +1,91 @@
+"""The command line on a tiny backbone folder with a tiny word-level tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import VOCAB, tiny_backbone
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from twotower.cli import build_parser, main
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<bos> {{ m['content'] }} <eos> {% endfor %}{% if add_generation_prompt %}<bos> {% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-backbone")
+    vocab = {"<unk>": 0, "<eos>": 1, "<bos>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>",
+                                        bos_token="<bos>", pad_token="<eos>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    tiny_backbone().save_pretrained(folder)
+    return folder
+
+
+def run_json(capsys, *args):
+    assert main(["generate", "--json", "--dtype", "fp32", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("mode", ["ar", "mock-ar", "diffusion"])
+def test_generate_json(capsys, tiny_folder, mode):
+    out = run_json(capsys, "--model", str(tiny_folder), "--mode", mode, "--max-new-tokens", "12", "w5 w6 w7")
+    assert set(out) == {"text", "new_tokens", "nfe", "tokens_per_nfe", "seconds", "mode"}
+    assert out["mode"] == mode and 1 <= out["new_tokens"] <= 12 and out["nfe"] >= 1
+    assert out["text"].strip()
+
+
+def test_mock_ar_text_equals_ar_text_and_no_chat_differs(capsys, tiny_folder):
+    args = ["--model", str(tiny_folder), "--max-new-tokens", "10", "w9 w10"]
+    ar = run_json(capsys, *args)
+    assert run_json(capsys, "--mode", "mock-ar", *args)["text"] == ar["text"]
+    assert run_json(capsys, "--no-chat", *args)["text"] != ar["text"]
+
+
+def test_stream_prints_the_same_text(capsys, tiny_folder):
+    args = ["--model", str(tiny_folder), "--mode", "diffusion", "--max-new-tokens", "12", "--dtype", "fp32", "w5"]
+    assert main(["generate", *args]) == 0
+    plain = capsys.readouterr().out
+    assert main(["generate", "--stream", *args]) == 0
+    assert capsys.readouterr().out == plain
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threshold", "1.5"], "must be in (0, 1]"),
+    (["--threshold", "0"], "must be in (0, 1]"),
+    (["--block-size", "0"], "must be >= 1"),
+    (["--max-new-tokens", "x"], "expected an integer"),
+    (["--mode", "fast"], "invalid choice"),
+])
+def test_invalid_options_exit_2_with_a_message(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", *argv, "hello"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_library_errors_are_reported_without_traceback(capsys, tiny_folder):
+    code = main(["generate", "--model", str(tiny_folder), "--mode", "diffusion", "--block-size", "32", "w5"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("twotower: error:") and "Traceback" not in err
+    assert main(["generate", "--model", str(tiny_folder / "nope"), "w5"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_help_describes_every_option(capsys):
+    parser = build_parser()
+    generate = parser._subparsers._group_actions[0].choices["generate"]
+    for action in generate._actions:
+        assert action.help, action.dest
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "generate" in capsys.readouterr().out

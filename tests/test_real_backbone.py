@@ -1,0 +1,79 @@
+"""The real default backbone (SmolLM2-135M-Instruct, bf16). Marked slow; runs in CI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from twotower import (
+    TwoTowerError,
+    TwoTowerForCausalLM,
+    generate_ar,
+    generate_mask_diffusion,
+    generate_mock_ar,
+    load_backbone,
+)
+from twotower.backbones import convert_gguf, default_gguf_path
+from twotower.cli import encode_prompt, main
+from twotower.generate.common import left_pad
+
+pytestmark = pytest.mark.slow
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
+
+
+@pytest.fixture(scope="module")
+def smol():
+    backbone, tokenizer = load_backbone("default", torch.bfloat16)
+    model = TwoTowerForCausalLM.from_backbone(backbone, tokenizer)
+    prompts = [encode_prompt(tokenizer, q, chat=True) for q in QUESTIONS]
+    return model, tokenizer, prompts
+
+
+def test_ar_matches_transformers_greedy_generate(smol):
+    model, tokenizer, prompts = smol
+    ids, mask = left_pad(prompts, pad_id=tokenizer.pad_token_id)
+    expected = model.context_tower.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=None,
+    )[:, ids.shape[1]:].tolist()
+    assert generate_ar(model, ids, mask, max_new_tokens=40).tokens == expected
+    assert "Paris" in tokenizer.decode(expected[0])
+
+
+def test_untrained_mock_ar_equals_ar(smol):
+    model, _, prompts = smol
+    ar = generate_ar(model, prompts, max_new_tokens=32)
+    assert generate_mock_ar(model, prompts, max_new_tokens=32).tokens == ar.tokens
+
+
+def test_shifted_first_token_of_every_block_is_ar_choice(smol):
+    model, _, prompts = smol
+    out = generate_mask_diffusion(model, [prompts[1]], max_new_tokens=32, block_size=8).tokens[0]
+    for start in range(0, len(out), 8):
+        expected = generate_ar(model, [prompts[1] + out[:start]], max_new_tokens=1).tokens[0][0]
+        assert out[start] == expected, start
+
+
+def test_mask_token_colliding_with_a_real_token_names_it(smol):
+    model, tokenizer, _ = smol
+    with pytest.raises(TwoTowerError, match="collides with the real token"):
+        TwoTowerForCausalLM.from_backbone(model.context_tower, tokenizer, mask_token_id=5)
+    assert model.mask_token_id == len(tokenizer) == 49152
+
+
+def test_gguf_is_converted_once():
+    folder = convert_gguf(default_gguf_path(), torch.bfloat16)
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert convert_gguf(default_gguf_path(), torch.bfloat16) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_prompt_longer_than_context_is_refused(smol):
+    model, _, _ = smol
+    with pytest.raises(TwoTowerError, match="longer than the backbone's context"):
+        generate_ar(model, [[42] * 9000])
+
+
+def test_cli_answers_the_main_command(capsys):
+    assert main(["generate", "What is the capital of France?"]) == 0
+    assert "Paris" in capsys.readouterr().out
