@@ -59,7 +59,7 @@ def diffusion_stream(model, input_ids, attention_mask=None, *, mask_token_id=Non
         start = (cache.next_pos - 1 if shifted else cache.next_pos).to(den)
         block = torch.full((batch, size), mask_id, dtype=torch.long, device=den)
         masked = (~run.done).to(den)[:, None].repeat(1, size)  # (B, S)
-        emitted = torch.zeros(batch, dtype=torch.long)
+        emitted = [0] * batch
         for step in range(s.steps_per_block):
             if not masked.any():
                 break
@@ -72,7 +72,7 @@ def diffusion_stream(model, input_ids, attention_mask=None, *, mask_token_id=Non
             commit = choose_commits(confidence, masked, s.confidence_threshold, s.steps_per_block - step)
             block = torch.where(commit, tokens, block)
             masked &= ~commit
-            ready = committed_prefix(masked).cpu()
+            ready = committed_prefix(masked).tolist()
             rows = block.tolist()
             event = run.emit([rows[b][emitted[b]:ready[b]] for b in range(batch)])
             emitted = ready
