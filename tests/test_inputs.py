@@ -7,6 +7,7 @@ import torch
 from conftest import PROMPTS, tiny_two_tower
 
 from twotower import TwoTowerError, generate_ar, generate_mask_diffusion, generate_mock_ar
+from twotower.generate.common import left_pad
 
 
 @pytest.mark.parametrize("options, match", [
@@ -44,5 +45,17 @@ def test_malformed_prompts():
         generate_ar(model, [[5, 6], []])
     with pytest.raises(TwoTowerError, match="outside the backbone's vocabulary"):
         generate_ar(model, [[5, 6, 10_000]])
+    for bad in ("w5 w6", [["w5"]], [1.5, 2.0], None):
+        with pytest.raises(TwoTowerError, match="input_ids must be token ids"):
+            generate_ar(model, bad)
     with pytest.raises(TwoTowerError, match="does not apply"):
         generate_mock_ar(model, PROMPTS, block_size=4)
+
+
+def test_tokenizer_output_is_accepted():
+    """What a tokenizer returns (a mapping with input_ids / attention_mask) works as is."""
+    model = tiny_two_tower()
+    expected = generate_ar(model, PROMPTS[:2], max_new_tokens=6).tokens
+    ids, mask = left_pad(PROMPTS[:2], pad_id=0)
+    assert generate_ar(model, {"input_ids": ids.tolist(), "attention_mask": mask.tolist()}, max_new_tokens=6).tokens == expected
+    assert generate_ar(model, {"input_ids": PROMPTS[0]}, max_new_tokens=6).tokens == expected[:1]

@@ -14,8 +14,9 @@ from twotower import (
     load_backbone,
 )
 from twotower.backbones import convert_gguf, default_gguf_path
-from twotower.cli import encode_prompt, main
+from twotower.cli import main
 from twotower.generate.common import left_pad
+from twotower.text import encode_prompt
 
 pytestmark = pytest.mark.slow
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]

@@ -15,6 +15,7 @@ from twotower.generate import (
     stream,
 )
 from twotower.model.two_tower import TwoTowerForCausalLM, load_model
+from twotower.text import encode_prompt, eos_token_ids
 
 AutoConfig.register("twotower", TwoTowerConfig, exist_ok=True)
 AutoModelForCausalLM.register(TwoTowerConfig, TwoTowerForCausalLM, exist_ok=True)
@@ -22,5 +23,6 @@ AutoModelForCausalLM.register(TwoTowerConfig, TwoTowerForCausalLM, exist_ok=True
 __version__ = "0.1.0"
 __all__ = [
     "GenerationResult", "GenerationSettings", "TwoTowerConfig", "TwoTowerError", "TwoTowerForCausalLM",
-    "generate", "generate_ar", "generate_mask_diffusion", "generate_mock_ar", "load_backbone", "load_model", "stream",
+    "encode_prompt", "eos_token_ids", "generate", "generate_ar", "generate_mask_diffusion", "generate_mock_ar",
+    "load_backbone", "load_model", "stream",
 ]

@@ -87,37 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
-    """Token ids of a user prompt, through the tokenizer's chat template unless chat=False."""
-    if chat and tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(prompt)["input_ids"]
-
-
-def eos_ids(model, tokenizer) -> list[int]:
-    ids = []
-    for source in (tokenizer.eos_token_id, getattr(model.context_tower.generation_config, "eos_token_id", None)):
-        for i in [source] if isinstance(source, int) else (source or []):
-            if i not in ids:
-                ids.append(i)
-    return ids
-
-
 def cmd_generate(args) -> int:
     import torch
 
     from twotower import load_model, stream
     from twotower.generate import drain
+    from twotower.text import encode_prompt, eos_token_ids
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, dtype=getattr(torch, DTYPES[args.dtype]))
     ids = encode_prompt(tokenizer, args.prompt, chat=not args.no_chat)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   seed=args.seed, eos_token_id=eos_ids(model, tokenizer))
+                   seed=args.seed, eos_token_id=eos_token_ids(model, tokenizer))
     if args.mode == "diffusion":
         options.update(block_size=args.block_size, steps_per_block=args.steps_per_block,
                        confidence_threshold=args.threshold)

@@ -9,6 +9,7 @@ the benchmarks and the plain functions all run that one generator.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -131,6 +132,21 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+def _token_rows(input_ids) -> list[list[int]]:
+    """A list of ids, or a list of lists of ids (ragged is fine) -> list of rows."""
+    is_id = lambda x: isinstance(x, int) and not isinstance(x, bool)
+    if isinstance(input_ids, (list, tuple)) and input_ids and all(is_id(x) for x in input_ids):
+        return [list(input_ids)]
+    if isinstance(input_ids, (list, tuple)) and all(
+        isinstance(r, (list, tuple)) and all(is_id(x) for x in r) for r in input_ids
+    ):
+        return [list(r) for r in input_ids]
+    raise TwoTowerError(
+        "input_ids must be token ids: a tensor (B, T), a list of ints, a list of lists of ints, or a "
+        f"tokenizer's output; got {type(input_ids).__name__} (encode text first, e.g. twotower.encode_prompt)"
+    )
+
+
 def start_run(model, input_ids, attention_mask, mode: str, options: dict) -> Run:
     """Validate everything before any forward pass and build the run state."""
     eos = options.pop("eos_token_id", None)
@@ -141,6 +157,17 @@ def start_run(model, input_ids, attention_mask, mode: str, options: dict) -> Run
     settings = GenerationSettings(eos_token_id=eos, **options)
     settings.validate()
     pad_id = eos[0] if eos else 0
+    if isinstance(input_ids, Mapping):  # a tokenizer's output (BatchEncoding or dict)
+        if attention_mask is None:
+            attention_mask = input_ids.get("attention_mask")
+        input_ids = input_ids["input_ids"]
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        attention_mask = torch.as_tensor(attention_mask)
+    if attention_mask is not None and not isinstance(input_ids, torch.Tensor):
+        rows = _token_rows(input_ids)  # with a mask, ids are one padded (B, T) batch
+        if len({len(r) for r in rows}) != 1:
+            raise TwoTowerError("with an attention_mask, input_ids must be padded to one length")
+        input_ids = torch.tensor(rows)
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
@@ -156,8 +183,7 @@ def start_run(model, input_ids, attention_mask, mode: str, options: dict) -> Run
             raise TwoTowerError("every prompt needs at least one token")
         ids, mask = input_ids.long(), attention_mask.long()
     else:
-        rows = [list(input_ids)] if input_ids and isinstance(input_ids[0], int) else [list(r) for r in input_ids]
-        ids, mask = left_pad(rows, pad_id)
+        ids, mask = left_pad(_token_rows(input_ids), pad_id)
     vocab = model.num_embeddings
     if ((ids < 0) | (ids >= vocab))[mask.bool()].any():
         raise TwoTowerError(f"prompt holds token ids outside the backbone's vocabulary [0, {vocab})")
