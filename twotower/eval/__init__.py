@@ -1,0 +1,1 @@
+"""Measurement: the task suite, scorers, judge, and the eval / bench harness."""

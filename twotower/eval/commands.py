@@ -1,0 +1,174 @@
+"""The two measurement commands as plain functions: `evaluate` (twotower eval) and
+`benchmark` (twotower bench). Each loads what it needs, runs the harness, prints a table and
+writes the JSON report."""
+
+from __future__ import annotations
+
+import torch
+
+from twotower.eval.harness import (
+    environment,
+    format_table,
+    operating_points,
+    plot_curve,
+    run_bench,
+    run_eval,
+    write_json,
+)
+from twotower.eval.tasks import Task, builtin_tasks, load_prompts
+
+SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+SWEEP_BLOCK_SIZES = (4, 8, 16)
+
+EVAL_COLUMNS = [("point", "point"), ("acc", "overall_accuracy"), ("retention", "retention"),
+                ("exact=AR", "exact_match"), ("prefix", "mean_common_prefix"), ("tok/NFE", "tokens_per_nfe"),
+                ("judge ppl", "judge_ppl"), ("ppl ratio", "judge_ppl_ratio"), ("distinct2", "distinct2"),
+                ("tok/s", "tokens_per_second")]
+BENCH_COLUMNS = [("point", "point"), ("batch", "batch_size"), ("tok/s", "tokens_per_second"),
+                 ("NFE/tok", "nfe_per_token"), ("ctx/tok", "context_passes_per_token"),
+                 ("x AR", "speedup_vs_generate_ar"), ("x HF", "speedup_vs_hf_generate"),
+                 ("x llama.cpp", "speedup_vs_llama_cpp")]
+
+
+def select_tasks(tasks: list[Task], per_category: int | None) -> list[Task]:
+    """The first `per_category` tasks of each category (all when None), in suite order."""
+    if per_category is None:
+        return tasks
+    seen: dict[str, int] = {}
+    chosen = []
+    for task in tasks:
+        if seen.get(task.category, 0) < per_category:
+            chosen.append(task)
+            seen[task.category] = seen.get(task.category, 0) + 1
+    return chosen
+
+
+def _load(model_ref: str, dtype: torch.dtype):
+    from twotower.model.two_tower import load_model
+    from twotower.text import encode_prompt, eos_token_ids
+
+    model, tokenizer = load_model(model_ref, dtype=dtype)
+    return model, tokenizer, (lambda text: encode_prompt(tokenizer, text, chat=True)), eos_token_ids(model, tokenizer)
+
+
+def evaluate(model_ref="default", prompts_file=None, modes=("mock-ar", "diffusion"), block_sizes=(16,),
+             thresholds=(0.8,), temperatures=(0.0,), batch_size=8, per_category=None, judge=True,
+             dtype=torch.bfloat16, out=None, progress=True) -> dict:
+    model, tokenizer, encode, eos = _load(model_ref, dtype)
+    tasks = select_tasks(load_prompts(prompts_file) if prompts_file else builtin_tasks(), per_category)
+    points = operating_points(modes, block_sizes, thresholds, temperatures, model.config.block_size)
+    judge_model, notes = None, []
+    if judge and any(t.check == "none" for t in tasks):
+        from twotower.config import TwoTowerError
+        from twotower.eval.judge import Judge
+
+        try:
+            judge_model = Judge.load_default()
+        except TwoTowerError as err:
+            notes.append(f"judge skipped: {err}")
+    report = run_eval(model, tokenizer, tasks, points, judge_model, batch_size, eos, encode, progress)
+    report.update(environment=environment(dtype, str(model_ref)), notes=notes)
+    print(format_table(report["points"], EVAL_COLUMNS))
+    categories = report["categories"]
+    print()
+    print(format_table([{"point": r["point"], **r["accuracy"]} for r in report["points"]],
+                       [("point", "point"), *[(c, c) for c in categories if c != "long-form"]]))
+    for note in notes:
+        print(note)
+    if out:
+        write_json(out, report)
+        print(f"wrote {out}")
+    return report
+
+
+def tiny_random_model():
+    """A tiny random Llama two-tower model built from config, for `bench --quick` (no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from twotower.model.two_tower import TwoTowerForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=0.1, pad_token_id=0, eos_token_id=1)
+    return TwoTowerForCausalLM.from_backbone(LlamaForCausalLM(config).eval(), block_size=16, lora_rank=4)
+
+
+def _gguf_of(model_ref: str) -> str | None:
+    from twotower.backbones import default_gguf_path
+
+    if model_ref in (None, "default"):
+        return str(default_gguf_path())
+    return str(model_ref) if str(model_ref).endswith(".gguf") else None
+
+
+def benchmark(model_ref="default", prompts_file=None, modes=("mock-ar", "diffusion"), block_sizes=(16,),
+              thresholds=(0.8,), batch_sizes=(1, 8), num_prompts=8, max_new_tokens=128, sweep=False,
+              per_category=4, plot=None, quick=False, hf=True, llama_cpp=True, dtype=torch.bfloat16, out=None,
+              progress=True) -> dict:
+    notes = []
+    if quick:
+        model, dtype, eos = tiny_random_model(), torch.float32, []
+        gen = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(2, 256, (int(n),), generator=gen).tolist() for n in torch.randint(4, 24, (8,), generator=gen)]
+        max_new_tokens, tokenizer, encode, model_ref = min(max_new_tokens, 32), None, None, "tiny-random-llama (--quick)"
+        gguf = None
+        notes.append("--quick: tiny random model, figures are for plumbing only")
+    else:
+        model, tokenizer, encode, eos = _load(model_ref, dtype)
+        tasks = load_prompts(prompts_file) if prompts_file else builtin_tasks()
+        chosen = _round_robin(tasks)[:num_prompts]
+        prompts = [encode(t.prompt) for t in chosen]
+        gguf = _gguf_of(model_ref) if llama_cpp else None
+    if sweep:
+        modes = tuple(dict.fromkeys([*modes, "mock-ar", "diffusion"]))
+        block_sizes = tuple(s for s in SWEEP_BLOCK_SIZES if s <= model.config.block_size)
+        thresholds = SWEEP_THRESHOLDS
+    points = operating_points(modes, block_sizes, thresholds, (0.0,), model.config.block_size)
+    report = run_bench(model, prompts, points, batch_sizes, max_new_tokens, eos, hf, gguf, progress)
+    report["notes"] = notes + report["notes"]
+    report["environment"] = environment(dtype, str(model_ref))
+    print(format_table(report["rows"], BENCH_COLUMNS))
+    if sweep:
+        if quick:
+            tasks, encode = None, None
+            report["notes"].append("sweep quality skipped with --quick (no tokenizer)")
+        else:
+            quality = run_eval(model, tokenizer, select_tasks(tasks, per_category), points, None, max(batch_sizes),
+                               eos, encode, progress)
+            report["sweep"] = _join_sweep(report["rows"], quality["points"], min(batch_sizes))
+            print()
+            print(format_table(report["sweep"], [("point", "point"), ("retention", "retention"),
+                                                 ("tok/s", "tokens_per_second"), ("tok/NFE", "tokens_per_nfe")]))
+            if plot:
+                note = plot_curve(report["sweep"], plot)
+                report["notes"].append(note or f"plot written to {plot}")
+    for note in report["notes"]:
+        print(note)
+    if out:
+        write_json(out, report)
+        print(f"wrote {out}")
+    return report
+
+
+def _round_robin(tasks: list[Task]) -> list[Task]:
+    """Interleave categories so the first N prompts cover them all."""
+    by_cat: dict[str, list[Task]] = {}
+    for t in tasks:
+        by_cat.setdefault(t.category, []).append(t)
+    out, depth = [], max(len(v) for v in by_cat.values())
+    for i in range(depth):
+        out += [v[i] for v in by_cat.values() if i < len(v)]
+    return out
+
+
+def _join_sweep(speed_rows: list[dict], quality_rows: list[dict], batch: int) -> list[dict]:
+    speed = {r["point"]: r for r in speed_rows if r.get("batch_size") == batch and "threshold" in r}
+    joined = []
+    for q in quality_rows:
+        s = speed.get(q["point"], {})
+        joined.append({"point": q["point"], "mode": q["mode"], "block_size": q["block_size"],
+                       "threshold": q["threshold"], "retention": q["retention"],
+                       "tokens_per_second": s.get("tokens_per_second"), "tokens_per_nfe": s.get("tokens_per_nfe")})
+    return joined
+
