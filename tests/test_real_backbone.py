@@ -78,3 +78,22 @@ def test_prompt_longer_than_context_is_refused(smol):
 def test_cli_answers_the_main_command(capsys):
     assert main(["generate", "What is the capital of France?"]) == 0
     assert "Paris" in capsys.readouterr().out
+
+
+def test_judge_prefers_fluent_text():
+    from twotower.eval.judge import Judge
+
+    judge = Judge.load_default()
+    fluent = "The ocean covers most of the Earth and is home to many kinds of fish, whales and plants."
+    shuffled = "whales Earth of fish, many the covers plants. and kinds home most ocean The is to and of"
+    assert judge.nll_per_token("Write about the ocean.", fluent) < judge.nll_per_token("Write about the ocean.", shuffled)
+
+
+def test_eval_mock_ar_retains_everything_on_the_real_backbone(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--modes", "mock-ar", "--tasks-per-category", "1", "--no-judge", "--out", str(out)]) == 0
+    ar, mock = json.loads(out.read_text())["points"]
+    assert ar["overall_accuracy"] > 0
+    assert mock["retention"] == 1.0 and mock["exact_match"] == 1.0
