@@ -97,3 +97,18 @@ def test_eval_mock_ar_retains_everything_on_the_real_backbone(tmp_path, capsys):
     ar, mock = json.loads(out.read_text())["points"]
     assert ar["overall_accuracy"] > 0
     assert mock["retention"] == 1.0 and mock["exact_match"] == 1.0
+
+
+def test_greedy_verify_equals_ar_in_fp32():
+    """Verify mode is token-identical to AR on the real backbone (fp32; in bf16 a pass over
+    several positions can round differently from a one-token pass, see README)."""
+    from twotower import generate_verify
+
+    backbone, tokenizer = load_backbone("default", torch.float32)
+    model = TwoTowerForCausalLM.from_backbone(backbone, tokenizer)
+    prompts = [encode_prompt(tokenizer, q, chat=True) for q in QUESTIONS[1:]]
+    ar = generate_ar(model, prompts, max_new_tokens=32)
+    for draft in ("auto", "denoiser"):
+        result = generate_verify(model, prompts, max_new_tokens=32, draft=draft)
+        assert result.tokens == ar.tokens, draft
+        assert result.details["draft_sources"][draft if draft != "auto" else "denoiser"] > 0

@@ -12,6 +12,7 @@ from twotower.generate import (
     generate_ar,
     generate_mask_diffusion,
     generate_mock_ar,
+    generate_verify,
     stream,
 )
 from twotower.model.two_tower import TwoTowerForCausalLM, load_model
@@ -24,5 +25,5 @@ __version__ = "0.1.0"
 __all__ = [
     "GenerationResult", "GenerationSettings", "TwoTowerConfig", "TwoTowerError", "TwoTowerForCausalLM",
     "encode_prompt", "eos_token_ids", "generate", "generate_ar", "generate_mask_diffusion", "generate_mock_ar",
-    "load_backbone", "load_model", "stream",
+    "generate_verify", "load_backbone", "load_model", "stream",
 ]

@@ -54,12 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--mode",
-        choices=["ar", "mock-ar", "diffusion"],
+        choices=["ar", "mock-ar", "diffusion", "verify"],
         default="ar",
         help="ar: context tower, one token per pass; mock-ar: denoiser, one token per pass; "
-        "diffusion: denoiser fills blocks by mask diffusion (default: %(default)s, until a trained "
+        "diffusion: denoiser fills blocks by mask diffusion; verify: drafts (denoiser or prompt lookup) "
+        "checked by the context tower, output identical to ar (default: %(default)s, until a trained "
         "denoiser ships)",
     )
+    gen.add_argument("--draft", choices=["auto", "denoiser", "lookup", "ar"], default="auto",
+                     help="verify mode's draft source; auto picks per request whichever commits more "
+                     "tokens per second (default: %(default)s)")
     gen.add_argument("--block-size", type=_positive_int, default=None, metavar="N",
                      help="tokens per diffusion block, at most the size the denoiser was trained for "
                      "(default: that size, 16 for the default model)")
@@ -139,9 +143,9 @@ def _float_list(item):
 
 def _modes(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in modes if m not in ("ar", "mock-ar", "diffusion")]
+    bad = [m for m in modes if m not in ("ar", "mock-ar", "diffusion", "verify")]
     if bad:
-        raise argparse.ArgumentTypeError(f"unknown mode(s) {bad}; choose from ar, mock-ar, diffusion")
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {bad}; choose from ar, mock-ar, diffusion, verify")
     return modes
 
 
@@ -179,6 +183,8 @@ def cmd_generate(args) -> int:
     if args.mode == "diffusion":
         options.update(block_size=args.block_size, steps_per_block=args.steps_per_block,
                        confidence_threshold=args.threshold)
+    elif args.mode == "verify":
+        options.update(block_size=args.block_size, confidence_threshold=args.threshold, draft=args.draft)
     events = stream(model, args.mode, [ids], **options)
     if args.stream and not args.json:
         result = _print_stream(events, tokenizer)

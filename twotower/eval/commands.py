@@ -25,9 +25,10 @@ EVAL_COLUMNS = [("point", "point"), ("acc", "overall_accuracy"), ("retention", "
                 ("judge ppl", "judge_ppl"), ("ppl ratio", "judge_ppl_ratio"), ("distinct2", "distinct2"),
                 ("tok/s", "tokens_per_second")]
 BENCH_COLUMNS = [("point", "point"), ("batch", "batch_size"), ("tok/s", "tokens_per_second"),
-                 ("NFE/tok", "nfe_per_token"), ("ctx/tok", "context_passes_per_token"),
+                 ("NFE/tok", "nfe_per_token"), ("ctx/tok", "context_passes_per_token"), ("=AR", "exact_match_vs_ar"),
                  ("x AR", "speedup_vs_generate_ar"), ("x HF", "speedup_vs_hf_generate"),
-                 ("x llama.cpp", "speedup_vs_llama_cpp")]
+                 ("x HF lookup", "speedup_vs_hf_generate_lookup"), ("x llama.cpp", "speedup_vs_llama_cpp"),
+                 ("x llama.cpp lookup", "speedup_vs_llama_cpp_lookup")]
 
 
 def select_tasks(tasks: list[Task], per_category: int | None) -> list[Task]:

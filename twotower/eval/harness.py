@@ -35,15 +35,15 @@ class OperatingPoint:
 
     @property
     def label(self) -> str:
-        if self.mode == "diffusion":
-            text = f"diffusion S={self.block_size} g={self.threshold}"
+        if self.mode in ("diffusion", "verify"):
+            text = f"{self.mode} S={self.block_size} g={self.threshold}"
         else:
             text = self.mode
         return text + (f" T={self.temperature}" if self.temperature else "")
 
     def options(self) -> dict:
         opts = {"temperature": self.temperature, "seed": self.seed if self.temperature else None}
-        if self.mode == "diffusion":
+        if self.mode in ("diffusion", "verify"):
             opts.update(block_size=self.block_size, confidence_threshold=self.threshold)
         return opts
 
@@ -57,7 +57,7 @@ def operating_points(modes, block_sizes, thresholds, temperatures, trained_block
     points = [AR]
     for temperature in temperatures:
         for mode in modes:
-            if mode == "diffusion":
+            if mode in ("diffusion", "verify"):
                 for size in block_sizes:
                     size = size or trained_block_size  # None: the trained block size
                     if size > trained_block_size:
@@ -97,11 +97,21 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], max_new: list[i
                 toks = result.tokens[row]
                 text = tokenizer.decode(toks, skip_special_tokens=True) if tokenizer is not None else ""
                 replies[i] = Reply(toks, text, result.row_nfe[row])
-            for key in totals:
+            for key in ("seconds", "new_tokens", "nfe", "denoiser_passes", "context_passes"):
                 totals[key] += getattr(result, key)
+            _add_counts(totals, result.details)
             if bar is not None:
                 bar.update(len(group))
     return replies, totals
+
+
+def _add_counts(totals: dict, details: dict) -> None:
+    """Sum a mode's integer statistics (verify: cycles, drafted, draft sources) over batches."""
+    for key, value in details.items():
+        if isinstance(value, int):
+            totals[key] = totals.get(key, 0) + value
+        elif isinstance(value, dict):
+            _add_counts(totals.setdefault(key, {}), value)
 
 
 # ------------------------------------------------------------------------------------ eval
@@ -152,25 +162,36 @@ def run_eval(model, tokenizer, tasks: list[Task], points: list[OperatingPoint], 
 
 
 # ----------------------------------------------------------------------------------- bench
-def _time_hf_generate(backbone, prompts, batch_size, max_new_tokens, eos, pad_id) -> dict:
+LOOKUP_TOKENS = 10  # draft length of the prompt-lookup baselines (transformers' and llama.cpp's default)
+
+
+def _time_hf_generate(backbone, prompts, batch_size, max_new_tokens, eos, pad_id, lookup: bool = False) -> dict:
+    """transformers' greedy generate; with `lookup`, its prompt-lookup decoding (batch 1 only)."""
     from twotower.generate.common import left_pad
 
+    extra = {"prompt_lookup_num_tokens": LOOKUP_TOKENS} if lookup else {}
     tokens, seconds = 0, 0.0
     for start in range(0, len(prompts), batch_size):
         ids, mask = left_pad(prompts[start:start + batch_size], pad_id)
         begin = time.perf_counter()
         out = backbone.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                eos_token_id=eos or None, pad_token_id=pad_id)
+                                eos_token_id=eos or None, pad_token_id=pad_id, **extra)
         seconds += time.perf_counter() - begin
         for row in out[:, ids.shape[1]:].tolist():
             tokens += next((i + 1 for i, t in enumerate(row) if t in eos), len(row)) if eos else len(row)
     return {"new_tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / max(seconds, 1e-9)}
 
 
-def _time_llama_cpp(gguf: str, prompts, max_new_tokens: int, threads: int) -> dict:
+def _time_llama_cpp(gguf: str, prompts, max_new_tokens: int, threads: int, lookup: bool = False) -> dict:
+    """llama.cpp greedy on the same GGUF; with `lookup`, its n-gram (prompt lookup) draft."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=gguf, n_ctx=2048, n_threads=threads, n_batch=512, verbose=False)
+    draft = None
+    if lookup:
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        draft = LlamaPromptLookupDecoding(num_pred_tokens=LOOKUP_TOKENS)
+    llm = Llama(model_path=gguf, n_ctx=2048, n_threads=threads, n_batch=512, verbose=False, draft_model=draft)
     tokens, seconds = 0, 0.0
     for prompt in prompts:
         llm.reset()
@@ -183,9 +204,13 @@ def _time_llama_cpp(gguf: str, prompts, max_new_tokens: int, threads: int) -> di
 
 def run_bench(model, prompts: list[list[int]], points: list[OperatingPoint], batch_sizes=(1, 8),
               max_new_tokens: int = 128, eos: list[int] | None = None, hf: bool = True, gguf: str | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, lookup_baselines: bool | None = None) -> dict:
     """Tokens/s, NFE and context passes per token for every point and batch size, plus
-    transformers' generate and (batch 1) llama.cpp on the same prompts; speed-ups over each."""
+    transformers' generate and (batch 1) llama.cpp on the same prompts; speed-ups over each.
+    With verify mode among the points (or `lookup_baselines`), both baselines also run with
+    their prompt-lookup drafts (batch 1)."""
+    if lookup_baselines is None:
+        lookup_baselines = any(p.mode == "verify" for p in points)
     eos = eos or []
     pad = eos[0] if eos else 0
     rows, notes = [], []
@@ -196,17 +221,24 @@ def run_bench(model, prompts: list[list[int]], points: list[OperatingPoint], bat
         baselines = {}
         if hf:
             baselines["hf_generate"] = _time_hf_generate(model.context_tower, prompts, batch, max_new_tokens, eos, pad)
+            if batch == 1 and lookup_baselines:  # transformers' assisted decoding is batch 1 only
+                baselines["hf_generate_lookup"] = _time_hf_generate(model.context_tower, prompts, 1, max_new_tokens,
+                                                                    eos, pad, lookup=True)
         if batch == 1 and gguf:
             try:
-                baselines["llama_cpp"] = _time_llama_cpp(gguf, prompts, max_new_tokens, torch.get_num_threads())
+                threads = torch.get_num_threads()
+                baselines["llama_cpp"] = _time_llama_cpp(gguf, prompts, max_new_tokens, threads)
+                if lookup_baselines:
+                    baselines["llama_cpp_lookup"] = _time_llama_cpp(gguf, prompts, max_new_tokens, threads, lookup=True)
             except ImportError:
                 notes.append("llama.cpp skipped: llama-cpp-python is not installed (pip install 'twotower[bench]')")
-        ar_tps = None
+        ar_tps, ar_replies = None, None
         for point in points:
             bar.set_postfix_str(f"{point.label} batch={batch}")
-            _, totals = generate_replies(model, None, prompts, [max_new_tokens] * len(prompts), point, batch, eos)
+            replies, totals = generate_replies(model, None, prompts, [max_new_tokens] * len(prompts), point, batch, eos)
             tps = totals["new_tokens"] / max(totals["seconds"], 1e-9)
-            ar_tps = tps if point == AR else ar_tps
+            if point == AR:
+                ar_tps, ar_replies = tps, replies
             row = {
                 "point": point.label, **asdict(point), "batch_size": batch, "new_tokens": totals["new_tokens"],
                 "seconds": totals["seconds"], "tokens_per_second": tps,
@@ -214,7 +246,13 @@ def run_bench(model, prompts: list[list[int]], points: list[OperatingPoint], bat
                 "context_passes_per_token": totals["context_passes"] / max(totals["new_tokens"], 1),
                 "tokens_per_nfe": totals["new_tokens"] / max(totals["nfe"], 1),
                 "speedup_vs_generate_ar": tps / ar_tps if ar_tps else None,
+                "exact_match_vs_ar": metrics.agreement([r.tokens for r in replies], [r.tokens for r in ar_replies])[
+                    "exact_match"] if ar_replies else None,
             }
+            if "draft_sources" in totals:  # verify mode
+                row.update(draft_sources=totals["draft_sources"], cycles=totals["cycles"],
+                           draft_acceptance=totals["accepted_drafts"] / max(totals["drafted"], 1),
+                           tokens_per_cycle=totals["new_tokens"] / max(sum(totals["draft_sources"].values()), 1))
             for name, base in baselines.items():
                 row[f"speedup_vs_{name}"] = tps / base["tokens_per_second"]
             rows.append(row)

@@ -6,8 +6,9 @@ from __future__ import annotations
 from twotower.generate.ar import ar_stream
 from twotower.generate.common import GenerationResult, StreamEvent, drain
 from twotower.generate.diffusion import diffusion_stream, mock_ar_stream
+from twotower.generate.verify import verify_stream
 
-STREAMS = {"ar": ar_stream, "mock-ar": mock_ar_stream, "diffusion": diffusion_stream}
+STREAMS = {"ar": ar_stream, "mock-ar": mock_ar_stream, "diffusion": diffusion_stream, "verify": verify_stream}
 MODES = tuple(STREAMS)
 
 
@@ -26,6 +27,11 @@ def generate_mask_diffusion(model, input_ids, attention_mask=None, **options) ->
     return drain(diffusion_stream(model, input_ids, attention_mask, **options))
 
 
+def generate_verify(model, input_ids, attention_mask=None, **options) -> GenerationResult:
+    """Lossless: denoiser / prompt-lookup drafts checked by the context tower (AR output)."""
+    return drain(verify_stream(model, input_ids, attention_mask, **options))
+
+
 def generate(model, mode: str, input_ids, attention_mask=None, **options) -> GenerationResult:
     return drain(stream(model, mode, input_ids, attention_mask, **options))
 
@@ -40,5 +46,5 @@ def stream(model, mode: str, input_ids, attention_mask=None, **options):
 
 __all__ = [
     "GenerationResult", "StreamEvent", "MODES", "generate", "stream", "generate_ar", "generate_mock_ar",
-    "generate_mask_diffusion", "ar_stream", "mock_ar_stream", "diffusion_stream",
+    "generate_mask_diffusion", "generate_verify", "ar_stream", "mock_ar_stream", "diffusion_stream", "verify_stream",
 ]

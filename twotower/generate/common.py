@@ -31,6 +31,7 @@ class GenerationResult:
     denoiser_passes: int  # batched denoiser forward passes
     context_passes: int  # batched context-tower forward passes, prefill included
     seconds: float
+    details: dict = field(default_factory=dict)  # mode-specific statistics (verify: cycles, sources)
 
     @property
     def new_tokens(self) -> int:
@@ -56,6 +57,7 @@ class GenerationResult:
             "context_passes": self.context_passes,
             "seconds": round(self.seconds, 4),
             "tokens_per_second": round(self.new_tokens / max(self.seconds, 1e-9), 3),
+            **self.details,
         }
 
 
@@ -88,10 +90,12 @@ class Run:
         """Steps taken so far (the longest row's length)."""
         return max(len(t) for t in self.tokens)
 
-    def count_pass(self, rows: torch.Tensor) -> None:
-        """Credit one token-predicting pass to each row in the (B,) bool mask `rows`."""
-        for b in rows.nonzero().flatten().tolist():
-            self.row_nfe[b] += 1
+    def count_pass(self, rows, passes: int = 1) -> None:
+        """Credit token-predicting passes to each row in `rows` (a (B,) bool mask or row indices)."""
+        if isinstance(rows, torch.Tensor):
+            rows = rows.nonzero().flatten().tolist()
+        for b in rows:
+            self.row_nfe[b] += passes
 
     def emit(self, new: list[list[int]]) -> StreamEvent:
         """Append final tokens per row, cutting each row after its first EOS."""

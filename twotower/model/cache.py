@@ -41,6 +41,20 @@ class ContextCache:
         self.valid = torch.cat([self.valid, new_valid], dim=1)
         self.next_pos = self.next_pos + new_valid.sum(dim=1)
 
+    def keep_new(self, width: int, keep: torch.Tensor) -> None:
+        """Of the last `width` slots just appended, keep the first keep[b] of each row (verify
+        mode drops rejected drafts). Cropped when every row keeps as many; otherwise the dropped
+        slots are marked invalid, so each row's cache holds exactly its committed tokens."""
+        drop = width - keep  # (B,)
+        if bool((keep == keep[0]).all()):
+            cut = self.length - int(drop[0])
+            self.kv = [(k[:, :, :cut], v[:, :, :cut]) for k, v in self.kv]
+            self.valid = self.valid[:, :cut]
+        else:
+            slots = torch.arange(width, device=self.valid.device)[None]
+            self.valid = torch.cat([self.valid[:, :-width], self.valid[:, -width:] & (slots < keep[:, None])], dim=1)
+        self.next_pos = self.next_pos - drop
+
     def view(self, drop_last: bool = False) -> ContextView:
         """The denoiser's view: every slot, or every slot but the last (shifted layout)."""
         if not drop_last:

@@ -141,6 +141,17 @@ class TwoTowerForCausalLM(nn.Module):
         cache = ContextCache(kv, valid, valid.sum(1))
         return cache, self._ar_logits(hidden, logits)
 
+    def empty_context(self, batch: int) -> ContextCache:
+        """A cache holding no token yet (verify mode on one-token prompts)."""
+        cfg, weight = self.context_tower.config, self.context_tower.get_input_embeddings().weight
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        empty = weight.new_zeros(batch, cfg.num_key_value_heads, 0, head_dim)
+        return ContextCache(
+            [(empty, empty) for _ in range(cfg.num_hidden_layers)],
+            torch.zeros(batch, 0, dtype=torch.bool, device=weight.device),
+            torch.zeros(batch, dtype=torch.long, device=weight.device),
+        )
+
     @torch.no_grad()
     def context_extend(self, cache: ContextCache, tokens: torch.Tensor, logits: str | None = None):
         """Read S committed tokens (B, S) in one pass and append their K,V to the cache."""

@@ -1,0 +1,342 @@
+"""Verify mode: drafts checked by the context tower. Greedy output must equal generate_ar token
+for token; sampled output must follow the AR distribution; the cache must hold exactly the
+committed tokens after a rejection."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from conftest import PROMPTS, VOCAB, perturb_trained, tiny_two_tower
+
+from twotower import GenerationSettings, TwoTowerError, generate_ar, generate_verify
+from twotower.generate.common import left_pad
+from twotower.generate.verify import DraftPolicy, accept_drafts, lookup_draft, target_probs
+
+DRAFTS = ["auto", "denoiser", "lookup", "ar"]
+
+
+def _model(kind="lora", trained=False, **config):
+    model = tiny_two_tower(denoiser=kind, block_size=8, **config)
+    if trained:
+        perturb_trained(model, scale=0.05)
+    return model
+
+
+@pytest.mark.parametrize("trained", [False, True], ids=["untrained", "perturbed"])
+@pytest.mark.parametrize("draft", DRAFTS)
+def test_greedy_verify_equals_ar_ragged_batch(denoiser_kind, draft, trained):
+    model = _model(denoiser_kind, trained)
+    expected = generate_ar(model, PROMPTS, max_new_tokens=40).tokens
+    result = generate_verify(model, PROMPTS, max_new_tokens=40, draft=draft)
+    assert result.tokens == expected
+    # every row committed >= 1 token per cycle and the counts add up
+    assert sum(result.details["draft_sources"].values()) <= result.details["cycles"] * len(PROMPTS)
+    assert result.details["cycles"] <= 40
+
+
+@pytest.mark.parametrize("draft", DRAFTS)
+def test_greedy_verify_batch_one_equals_ar(draft):
+    model = _model("full", trained=True)
+    for prompt in PROMPTS:
+        assert generate_verify(model, [prompt], max_new_tokens=30, draft=draft).tokens == \
+            generate_ar(model, [prompt], max_new_tokens=30).tokens
+
+
+def test_verify_with_an_untrained_denoiser_accepts_its_drafts_first_token():
+    """Shifted layout: an untrained denoiser's first draft token is the AR choice, so every
+    denoiser cycle accepts at least that token; a perturbed one gets rejections too, and
+    the output is still AR's."""
+    untrained = generate_verify(_model(), PROMPTS[:1], max_new_tokens=24, draft="denoiser")
+    assert untrained.details["draft_sources"]["denoiser"] > 0
+    assert untrained.details["accepted_drafts"] >= untrained.details["draft_sources"]["denoiser"]
+    perturbed_model = _model(trained=True)
+    perturbed = generate_verify(perturbed_model, PROMPTS, max_new_tokens=24, draft="denoiser")
+    assert perturbed.details["draft_acceptance"] < 1.0
+    assert perturbed.tokens == generate_ar(perturbed_model, PROMPTS, max_new_tokens=24).tokens
+
+
+def test_lookup_drafts_commit_several_tokens_per_context_pass():
+    model = _model()
+    free = generate_ar(model, [PROMPTS[2]], max_new_tokens=48)
+    result = generate_verify(model, [PROMPTS[2]], max_new_tokens=48, draft="lookup")
+    assert result.tokens == free.tokens
+    # the tiny random model loops, so copies from its own history are accepted
+    assert result.details["draft_sources"]["lookup"] > 0
+    assert result.context_passes < 1 + len(result.tokens[0])
+
+
+def test_greedy_verify_stops_at_eos_mid_draft(denoiser_kind):
+    model = _model(denoiser_kind, trained=True)
+    free = generate_ar(model, PROMPTS, max_new_tokens=24).tokens
+    eos = free[0][5]
+    expected = generate_ar(model, PROMPTS, max_new_tokens=24, eos_token_id=eos).tokens
+    assert len(expected[0]) <= 6 and expected[0][-1] == eos
+    for draft in DRAFTS:
+        assert generate_verify(model, PROMPTS, max_new_tokens=24, eos_token_id=eos, draft=draft).tokens == expected
+
+
+def test_verify_on_a_one_token_prompt_and_tight_budgets():
+    model = _model(trained=True)
+    for budget in (1, 2, 9):
+        assert generate_verify(model, [[40], [5, 6]], max_new_tokens=budget).tokens == \
+            generate_ar(model, [[40], [5, 6]], max_new_tokens=budget).tokens
+
+
+def test_verify_block_size_caps_the_draft_and_is_checked():
+    model = _model(trained=True)
+    small = generate_verify(model, PROMPTS, max_new_tokens=20, block_size=2, draft="denoiser")
+    assert small.tokens == generate_ar(model, PROMPTS, max_new_tokens=20).tokens
+    assert small.details["accepted_per_cycle"] <= 2
+    with pytest.raises(TwoTowerError, match="larger than the trained block size"):
+        generate_verify(model, PROMPTS, max_new_tokens=4, block_size=9)
+
+
+def test_verify_refuses_bad_options():
+    model = _model()
+    with pytest.raises(TwoTowerError, match="draft must be one of"):
+        generate_verify(model, PROMPTS, draft="oracle")
+    with pytest.raises(TwoTowerError, match="draft_steps"):
+        generate_verify(model, PROMPTS, draft_steps=0)
+    same = _model(layout="same-position")
+    with pytest.raises(TwoTowerError, match="shifted layout"):
+        generate_verify(same, PROMPTS, draft="denoiser")
+    # auto falls back to lookup / AR steps in the same-position layout and stays lossless
+    assert generate_verify(same, PROMPTS, max_new_tokens=12).tokens == generate_ar(same, PROMPTS, max_new_tokens=12).tokens
+
+
+# --- the cache after a rejection -----------------------------------------------------------
+
+
+def _row_kv(cache, row):
+    """Per layer, the K,V of the row's valid slots, in order."""
+    keep = cache.valid[row]
+    return [(k[row][:, keep], v[row][:, keep]) for k, v in cache.kv]
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_cache_after_rejection_equals_ar_prefill_of_the_committed_tokens(ragged):
+    """One verify cycle by hand: read [pending, drafts], accept a prefix per row, drop the
+    rest. Each row's cache must then equal a plain prefill of its committed tokens, and the
+    next context pass must give the AR logits."""
+    model = _model()
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    ar = generate_ar(model, prompts, max_new_tokens=6).tokens
+    # drafts: row 0 right for 3 tokens, then wrong; row 1 wrong at once (or right for 3 too)
+    wrong = lambda t: (t + 1) % VOCAB or 3
+    drafts = [[*ar[0][:3], wrong(ar[0][3]), ar[0][4]], [wrong(ar[1][0]), *ar[1][1:5]]]
+    if not ragged:
+        drafts[1] = [*ar[1][:3], wrong(ar[1][3]), ar[1][4]]
+    ids, mask = left_pad(prompts, pad_id=0)
+    cache, _ = model.context_prefill(ids[:, :-1], mask[:, :-1], logits=None)
+    pending = ids[:, -1]
+    draft_ids = torch.tensor(drafts)
+    logits = model.context_extend(cache, torch.cat([pending[:, None], draft_ids], dim=1), logits="all")
+    settings = GenerationSettings(temperature=0.0)
+    accepted, following = accept_drafts(logits, draft_ids, torch.tensor([5, 5]), None, settings, None)
+    assert accepted.tolist() == ([3, 0] if ragged else [3, 3])
+    assert following.tolist() == [ar[0][3], ar[1][accepted[1]]]
+    cache.keep_new(6, 1 + accepted)
+
+    for row, prompt in enumerate(prompts):
+        committed = prompt + ar[row][: int(accepted[row])]  # all but the pending token
+        ref_ids = torch.tensor([committed])
+        ref, _ = model.context_prefill(ref_ids, torch.ones_like(ref_ids), logits=None)
+        assert int(cache.next_pos[row]) == len(committed)
+        for (k, v), (rk, rv) in zip(_row_kv(cache, row), _row_kv(ref, 0)):
+            torch.testing.assert_close(k, rk, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(v, rv, rtol=1e-5, atol=1e-5)
+
+    # the next pass (reading the pending token) continues exactly like AR
+    nxt = model.context_extend(cache, following[:, None], logits="last")
+    for row in range(len(prompts)):
+        position = int(accepted[row]) + 1
+        assert int(nxt[row].argmax()) == ar[row][position]
+
+
+# --- sampling: the output distribution is the AR one ----------------------------------------
+
+
+def _exact_law_of_tokens_2_and_3(model, prompt, temperature):
+    """The AR model's exact joint law of the 2nd and 3rd sampled tokens (the first comes from
+    the prefill in every mode; verify drafts from the 2nd on): (V, V) matrix."""
+    def next_law(rows):
+        ids = torch.tensor(rows)
+        _, logits = model.context_prefill(ids, torch.ones_like(ids), logits="last")
+        return target_probs(logits.float(), temperature, 1.0)
+
+    vocab = torch.arange(VOCAB).tolist()
+    p1 = next_law([prompt])[0]  # (V,)
+    p2 = next_law([[*prompt, a] for a in vocab])  # (V, V)
+    p3 = next_law([[*prompt, a, b] for a in vocab for b in vocab]).view(VOCAB, VOCAB, VOCAB)
+    return torch.einsum("a,ab,abc->bc", p1, p2, p3)
+
+
+def _peaked_model():
+    """Tiny model whose next-token law is concentrated enough for a sample-based test (the
+    output norm is scaled so logits span several nats), with a denoiser perturbed just enough
+    that about half of its drafts are accepted."""
+    model = _model()
+    perturb_trained(model, scale=0.01)
+    with torch.no_grad():
+        model.context_tower.model.norm.weight.mul_(6.0)
+    return model
+
+
+def _lookup_prompt(model):
+    """A prompt [c, t, 30, 31, c] whose prompt-lookup draft (t, 30) is neither sure nor hopeless:
+    t is the token whose AR probability after the prompt is closest to 1/2."""
+    candidates = torch.tensor([[22, t, 30, 31, 22] for t in range(3, VOCAB)])
+    _, logits = model.context_prefill(candidates, torch.ones_like(candidates), logits="last")
+    p_t = logits.softmax(-1).gather(1, candidates[:, 1:2])[:, 0]
+    return candidates[int((p_t - 0.5).abs().argmin())].tolist()
+
+
+def _tv_tolerance(law: torch.Tensor, n: int) -> float:
+    """E[TV(empirical of n samples, law)] <= 1/2 sum_i sqrt(law_i / n); TV moves by at most 1/n
+    per sample, so by McDiarmid it exceeds that bound by 0.03 with probability
+    < exp(-2 n 0.03^2) (< 1e-3 for n >= 4000)."""
+    return 0.5 * law.sqrt().sum().item() / math.sqrt(n) + 0.03
+
+
+@pytest.mark.parametrize("draft", ["denoiser", "lookup"])
+def test_sampled_verify_follows_the_ar_distribution(draft):
+    """Sample N replies of 4 tokens with verify mode (each row of one big batch is an
+    independent sample; block size 2, so tokens 2 and 3 are drafted and checked in one cycle)
+    and compare the joint law of tokens 2 and 3 with the exact AR law. The denoiser's drafts
+    are rejected about half the time and its law is further from AR's than the tolerance, so
+    accepting blindly or sampling the wrong correction would fail."""
+    model = _peaked_model()
+    prompt = PROMPTS[2] if draft == "denoiser" else [22, 30, 31, 22, 30, 31, 22]
+    temperature, n = 1.0, 4000
+    law = _exact_law_of_tokens_2_and_3(model, prompt, temperature)
+    result = generate_verify(model, [prompt] * n, max_new_tokens=4, temperature=temperature, seed=0, draft=draft,
+                             block_size=2, confidence_threshold=0.05)
+    counts = torch.zeros(VOCAB, VOCAB)
+    for row in result.tokens:
+        counts[row[1], row[2]] += 1
+    tv = 0.5 * (counts / n - law).abs().sum().item()
+    tolerance = _tv_tolerance(law, n)
+    assert tv < tolerance, (tv, tolerance)
+    assert result.details["draft_sources"][draft] > n // 10
+    if draft == "denoiser":
+        assert 0.2 < result.details["draft_acceptance"] < 0.8
+        # the denoiser's law for token 2 after the likeliest first token vs AR's
+        first = int(law.sum(1).argmax())
+        ids = torch.tensor([prompt])
+        cache, logits = model.context_prefill(ids, torch.ones_like(ids), logits="last")
+        x1 = int(target_probs(logits, temperature, 1.0)[0].argmax())
+        den = model.denoise(cache.view(), torch.tensor([[x1, model.mask_token_id]]), cache.next_pos, torch.ones(1))
+        q2 = target_probs(den[0, 0].float(), temperature, 1.0)
+        after = torch.tensor([[*prompt, x1]])
+        _, ar_logits = model.context_prefill(after, torch.ones_like(after), logits="last")
+        p2 = target_probs(ar_logits.float(), temperature, 1.0)[0]
+        assert 0.5 * (q2 - p2).abs().sum().item() > tolerance, first
+
+
+@pytest.mark.parametrize("one_hot", [False, True], ids=["draft-law", "one-hot"])
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 0.8)])
+def test_accept_rule_keeps_the_target_law(one_hot, temperature, top_p):
+    """The accept/reject rule alone, on fixed laws: drafts sampled from q (or fixed tokens,
+    as prompt lookup proposes), targets p = softmax(top-p(logits / T)). The first output
+    token must follow p1; the second, in rows whose first draft was accepted, p2."""
+    g = torch.Generator().manual_seed(0)
+    vocab, n = 8, 20000
+    logits = torch.randn(1, 3, vocab, generator=g).mul(2).expand(n, -1, -1)
+    p = target_probs(logits[0], temperature, top_p)  # (3, V)
+    if one_hot:
+        drafts = torch.tensor([[int(p[0].argmax()), int(p[1].argsort()[-2])]]).expand(n, -1)
+        q = None
+    else:
+        q_law = torch.randn(2, vocab, generator=g).mul(2).softmax(-1)
+        drafts = torch.multinomial(q_law, n, replacement=True, generator=g).T  # (n, 2)
+        q = q_law.expand(n, -1, -1)
+        assert 0.5 * (q_law[0] - p[0]).abs().sum() > 0.1  # a draft law unlike the target
+    settings = GenerationSettings(temperature=temperature, top_p=top_p)
+    accepted, following = accept_drafts(logits, drafts, torch.full((n,), 2), q, settings, g)
+    first = torch.where(accepted >= 1, drafts[:, 0], following)
+    second = torch.where(accepted >= 2, drafts[:, 1], following)[accepted >= 1]
+    for law, sample in ((p[0], first), (p[1], second)):
+        empirical = torch.bincount(sample, minlength=vocab).float() / len(sample)
+        tv = 0.5 * (empirical - law).abs().sum().item()
+        assert tv < _tv_tolerance(law, len(sample)), (tv, len(sample))
+    assert 0 < int((accepted == 0).sum()) < n  # both branches of the rule were taken
+
+
+def test_sampled_verify_is_seeded():
+    model = _model(trained=True)
+    first = generate_verify(model, PROMPTS, max_new_tokens=12, temperature=0.9, top_p=0.9, seed=3)
+    again = generate_verify(model, PROMPTS, max_new_tokens=12, temperature=0.9, top_p=0.9, seed=3)
+    other = generate_verify(model, PROMPTS, max_new_tokens=12, temperature=0.9, top_p=0.9, seed=4)
+    assert first.tokens == again.tokens != other.tokens
+
+
+# --- the pieces --------------------------------------------------------------------------------
+
+
+def test_lookup_draft_copies_what_followed_the_latest_match():
+    history = [1, 2, 3, 9, 9, 1, 2, 3, 7, 5, 1, 2, 3]
+    assert lookup_draft(history, 3) == [7, 5, 1]  # latest earlier "1 2 3" is followed by 7 5 1
+    assert lookup_draft(history, 1) == [7]
+    assert lookup_draft([4, 5, 6, 7], 4) == []  # nothing repeats
+    assert lookup_draft([4, 5, 4], 4, ngram=3) == [5, 4]  # falls back to a 1-gram match
+    assert lookup_draft([4], 4) == []
+
+
+def test_draft_policy_prefers_the_faster_way_and_probes_the_others_less_and_less():
+    policy = DraftPolicy(batch=2, ways=("denoiser", "lookup", "ar"), probe_every=4)
+    speed = {"denoiser": 0.3, "lookup": 0.2, "ar": 0.1}  # seconds per one-token cycle
+    picks = []
+    for _ in range(100):
+        way = policy.choose(0)
+        picks.append(way)
+        policy.record(0, way, tokens=1, cost=speed[way])
+    assert picks[:3] == ["denoiser", "lookup", "ar"]  # every way once
+    probes = [i for i, way in enumerate(picks[3:]) if way != "ar"]
+    assert 4 <= len(probes) <= 12  # waits double: 4, 8, 16, 32 ... cycles
+    assert {picks[3 + i] for i in probes} == {"denoiser", "lookup"}
+    for way in ("denoiser", "lookup"):  # each way's probes get rarer
+        at = [i for i, w in enumerate(picks) if w == way]
+        gaps = [b - a for a, b in itertools.pairwise(at)]
+        assert gaps == sorted(gaps) and gaps[-1] > gaps[0], (way, gaps)
+    # no lookup match: lookup is not a candidate
+    assert all(policy.choose(0, lookup_available=False) != "lookup" for _ in range(4))
+    # the denoiser starts to be accepted: the next probe finds it faster and it is used from then on
+    way = policy.choose(0)
+    while way != "denoiser":
+        policy.record(0, way, tokens=1, cost=speed[way])
+        way = policy.choose(0)
+    policy.record(0, "denoiser", tokens=8, cost=0.3)
+    later = []
+    for _ in range(10):
+        way = policy.choose(0)
+        later.append(way)
+        policy.record(0, way, tokens=8 if way == "denoiser" else 1, cost=speed[way])
+    assert later.count("denoiser") >= 8, later
+    # row 1 is independent
+    assert policy.choose(1) == "denoiser" and policy.rates[1]["ar"] is None
+
+
+def test_draft_length_follows_the_accepted_run():
+    policy = DraftPolicy(batch=1, ways=("denoiser", "lookup", "ar"))
+    assert policy.draft_length(0, "denoiser", room=16) == 2  # untried: a short first draft
+    assert policy.draft_length(0, "ar", room=16) == 0
+    policy.record(0, "denoiser", tokens=1, cost=1.0, accepted=0)
+    assert policy.draft_length(0, "denoiser", room=16) == 2  # rejected drafts stay short
+    for _ in range(10):
+        policy.record(0, "denoiser", tokens=9, cost=1.0, accepted=8)
+    assert policy.draft_length(0, "denoiser", room=16) == 16
+    assert policy.draft_length(0, "denoiser", room=5) == 5
+
+
+def test_accept_rule_greedy_counts_the_matching_prefix():
+    logits = torch.full((2, 4, 10), -5.0)
+    for pos, tok in enumerate([3, 4, 5, 6]):
+        logits[:, pos, tok] = 5.0
+    drafts = torch.tensor([[3, 4, 9], [3, 4, 5]])
+    settings = GenerationSettings(temperature=0.0)
+    accepted, following = accept_drafts(logits, drafts, torch.tensor([3, 2]), None, settings, None)
+    assert accepted.tolist() == [2, 2]  # row 1: only 2 drafted, both right -> bonus token
+    assert following.tolist() == [5, 5]
