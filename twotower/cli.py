@@ -130,7 +130,48 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
     be.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp")
     be.set_defaults(func=cmd_bench)
+    _add_train(sub)
     return parser
+
+
+def _add_train(sub) -> None:
+    """`twotower train`: one flag per TrainConfig field (its help is the field's); a flag given
+    overrides the YAML preset."""
+    import dataclasses
+
+    from twotower.train import TrainConfig
+
+    tr = sub.add_parser(
+        "train",
+        help="train the denoiser (one-pass block-diffusion objective)",
+        description="Train the denoiser tower on local data. Resumes from OUT/latest when present. "
+        "Scales to several GPUs with `accelerate launch -m twotower.cli train ...`.",
+    )
+    tr.add_argument("--config", metavar="FILE.yaml", help="preset (configs/*.yaml); flags override it")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        if f.type in ("bool", bool):
+            tr.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+            tr.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(), help=help_text)
+    tr.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    import dataclasses
+
+    from twotower.train import TrainConfig, load_config, train
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    config = load_config(args.config, overrides)
+    state = train(config)
+    losses = state["losses"]
+    print(json.dumps({"step": state["step"], "loss": losses[-1] if losses else None,
+                      "eval_losses": state["eval_losses"], "training_tokens": state["training_tokens"],
+                      "seconds": round(state["seconds"], 1), "out": config.out}))
+    return 0
 
 
 def _int_list(text: str) -> list[int]:

@@ -11,11 +11,12 @@ State between cycles: the context cache holds every committed token but the last
      correction, or a bonus token when every draft passed), so a cycle commits >= 1 token;
   4. drop the rejected drafts from the cache; a_{j+1} becomes `pending`.
 
-Draft policy (draft="auto"), per row: the denoiser drafts, or the cheap way (prompt lookup
-when the last n tokens occurred earlier in the prompt or reply, else a plain AR step: no
-draft, one token). Each row keeps an exponential moving average of committed tokens per
-second of both ways over its recent cycles, uses the faster, and re-tries the other every
-`probe_every` cycles, so a row whose denoiser stops being accepted falls back to AR speed.
+Draft policy (draft="auto"), per row: three ways, the denoiser, prompt lookup (only when the
+last n tokens occurred earlier in the prompt or reply) and a plain AR step (no draft, one
+token). Each row keeps an EMA of committed tokens per second of every way, uses the fastest,
+and re-tries the others with a doubling wait (DraftPolicy), so a row whose drafts stop being
+accepted falls back to AR speed. With several rows, a batch-level gate makes the same choice
+between cycles that draft and plain AR cycles, on the whole batch's tokens per second.
 With a sampling seed the cost of a cycle is counted in tower passes instead of seconds, so
 that the choices, and with them the sampled text, are reproducible.
 """
@@ -129,17 +130,15 @@ class DraftPolicy:
     twice the recent accepted run plus two (at most the room left): every drafted position
     costs the context tower (and the denoiser) work, so a draft rarely accepted stays short."""
 
-    WAYS = ("denoiser", "lookup", "ar")
-
     def __init__(self, batch: int, ways: tuple[str, ...], probe_every: int = 8, decay: float = 0.7,
                  max_wait: int = 256, first_length: int = 2):
         self.ways, self.probe_every, self.decay, self.max_wait = ways, probe_every, decay, max_wait
         self.first_length = first_length
-        # every way has a slot: a forced source still falls back to AR steps
-        self.rates = [dict.fromkeys(self.WAYS) for _ in range(batch)]
-        self.accepted = [dict.fromkeys(self.WAYS) for _ in range(batch)]
-        self.last_used = [dict.fromkeys(self.WAYS, -1) for _ in range(batch)]
-        self.wait = [dict.fromkeys(self.WAYS, probe_every) for _ in range(batch)]
+        self.every = tuple(dict.fromkeys([*ways, "ar"]))  # a forced source still falls back to AR steps
+        self.rates = [dict.fromkeys(self.every) for _ in range(batch)]
+        self.accepted = [dict.fromkeys(self.every) for _ in range(batch)]
+        self.last_used = [dict.fromkeys(self.every, -1) for _ in range(batch)]
+        self.wait = [dict.fromkeys(self.every, probe_every) for _ in range(batch)]
         self.cycles = [0] * batch
 
     def _best(self, row: int, ways) -> str:
@@ -170,7 +169,7 @@ class DraftPolicy:
         for table, value in ((self.rates, tokens / max(cost, 1e-9)), (self.accepted, float(accepted))):
             old = table[row][way]
             table[row][way] = value if old is None else self.decay * old + (1 - self.decay) * value
-        if self._best(row, self.WAYS) == way:
+        if self._best(row, self.every) == way:
             self.wait[row][way] = self.probe_every
         else:
             self.wait[row][way] = min(2 * self.wait[row][way], self.max_wait)
@@ -215,6 +214,10 @@ def verify_stream(model, input_ids, attention_mask=None, *, draft: str = "auto",
         history[b].append(token)
     yield run.emit([[t] for t in pending.tolist()])
     policy = DraftPolicy(batch, ways, probe_every)
+    # With several rows, one pass serves them all and its cost grows with the longest draft, so
+    # a batch-level gate (the same rule over "draft" and "ar" cycles, measured in committed
+    # tokens of the whole batch per second) decides whether this cycle drafts at all.
+    gate = DraftPolicy(1, ("draft", "ar"), probe_every) if batch > 1 and draft == "auto" else None
     counts = dict.fromkeys(("denoiser", "lookup", "ar"), 0)
     cycles, drafted_total, accepted_total = 0, 0, 0
     while True:
@@ -225,7 +228,11 @@ def verify_stream(model, input_ids, attention_mask=None, *, draft: str = "auto",
         room = {b: min(s.block_size, s.max_new_tokens - len(run.tokens[b]) - 1) for b in active}
         drafts = [[] for _ in range(batch)]
         source = {}
+        cycle_way = gate.choose(0) if gate is not None else "draft"
         for b in active:
+            if cycle_way == "ar":
+                source[b] = "ar"
+                continue
             found = lookup_draft(history[b], room[b], lookup_ngram) if "lookup" in ways and room[b] > 0 else []
             source[b] = policy.choose(b, lookup_available=bool(found)) if draft == "auto" else ways[0]
             if source[b] == "lookup":
@@ -281,9 +288,12 @@ def verify_stream(model, input_ids, attention_mask=None, *, draft: str = "auto",
         event = run.emit(new)
         # cost of the cycle: wall time; with a seed, tower passes (so a seeded run is reproducible)
         cost = time.perf_counter() - begin if run.generator is None else None
-        for b in active:
-            passes = 1 + (draft_passes if source[b] == "denoiser" else 0)
-            policy.record(b, source[b], len(new[b]), cost if cost is not None else passes, accepted[b])
+        if gate is not None:
+            gate.record(0, cycle_way, sum(len(new[b]) for b in active), cost if cost is not None else 1 + draft_passes)
+        if cycle_way == "draft":
+            for b in active:
+                passes = 1 + (draft_passes if source[b] == "denoiser" else 0)
+                policy.record(b, source[b], len(new[b]), cost if cost is not None else passes, accepted[b])
         yield event
     result = run.result()
     result.details = {

@@ -1,0 +1,263 @@
+"""The training objective and the trainer, on tiny random models and tiny local data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import VOCAB, perturb_trained, tiny_backbone, tiny_tokenizer, tiny_two_tower
+
+from twotower import TwoTowerError
+from twotower.data import pack, read_rows
+from twotower.diffusion import Noise, layout_offset, masked_loss_sum, sample_noise, training_logits
+from twotower.model.cache import ContextView
+from twotower.train import TrainConfig, load_config, train, trainable_parameters
+
+S, BLOCKS = 4, 3
+
+
+def _sequences(batch: int, layout: str, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, BLOCKS * S + layout_offset(layout)), generator=g)
+
+
+# --- the objective --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["shifted", "same-position"])
+def test_training_pass_equals_the_generation_pass_of_every_block(denoiser_kind, layout):
+    """The one-pass block-causal training forward gives, for every block, the logits that the
+    generation-time denoiser pass gives on that block with the context cache of the clean
+    tokens before it (same mask, positions and time conditioning)."""
+    model = tiny_two_tower(denoiser_kind, layout, block_size=S)
+    perturb_trained(model)
+    ids = _sequences(2, layout)
+    noise = sample_noise(2, BLOCKS, S, torch.Generator().manual_seed(1))
+    logits, targets = training_logits(model, ids, noise)
+    o = layout_offset(layout)
+    for b in range(BLOCKS):
+        block_inputs = torch.where(noise.masked[:, b], model.mask_token_id, ids[:, o + b * S:o + (b + 1) * S])
+        if layout == "shifted":
+            block_inputs = torch.cat([ids[:, b * S:b * S + 1], block_inputs[:, :-1]], dim=1)
+        if b == 0:
+            view = ContextView([(k[:, :, :0], v[:, :, :0]) for k, v in _context_kv(model, ids[:, :1])],
+                               torch.zeros(2, 0, dtype=torch.bool))
+        else:
+            view = ContextView(_context_kv(model, ids[:, :b * S]), torch.ones(2, b * S, dtype=torch.bool))
+        expected = model.denoise(view, block_inputs, torch.full((2,), b * S), noise.t)
+        torch.testing.assert_close(logits[:, b * S:(b + 1) * S], expected, rtol=1e-4, atol=1e-4)
+        assert torch.equal(targets[:, b * S:(b + 1) * S], ids[:, o + b * S:o + (b + 1) * S])
+
+
+def _context_kv(model, ids):
+    cache, _ = model.context_prefill(ids, torch.ones_like(ids), logits=None)
+    return cache.kv
+
+
+def test_untrained_first_slot_of_every_block_is_the_ar_logit(denoiser_kind):
+    model = tiny_two_tower(denoiser_kind, "shifted", block_size=S)
+    ids = _sequences(3, "shifted")
+    noise = sample_noise(3, BLOCKS, S, torch.Generator().manual_seed(2))
+    logits, _ = training_logits(model, ids, noise)
+    ar = model(ids)  # (B, T, V) AR logits
+    for b in range(BLOCKS):
+        torch.testing.assert_close(logits[:, b * S], ar[:, b * S], rtol=1e-4, atol=1e-4)
+
+
+def test_masking_rate_matches_t():
+    noise = sample_noise(4000, 8, 16, torch.Generator().manual_seed(0), t_min=1e-3)
+    rate = noise.masked.float().mean(dim=(1, 2))  # per sequence
+    assert noise.t.min() >= 1e-3 and noise.t.max() <= 1
+    assert (rate - noise.t).abs().mean() < 0.04  # binomial(128, t) noise: sd <= 0.045
+    assert abs(rate.mean() - noise.t.mean()) < 0.005
+    for low in (0.0, 0.5):  # both halves of the t range
+        band = (noise.t >= low) & (noise.t < low + 0.5)
+        assert abs(rate[band].mean() - noise.t[band].mean()) < 0.01
+
+
+def test_masked_loss_at_t_one_is_plain_cross_entropy():
+    model = tiny_two_tower("lora", "shifted", block_size=S)
+    perturb_trained(model)
+    ids = _sequences(2, "shifted")
+    everything = Noise(torch.ones(2), torch.ones(2, BLOCKS, S, dtype=torch.bool))
+    loss_sum, count = masked_loss_sum(model, ids, everything)
+    logits, targets = training_logits(model, ids, everything)
+    assert count == 2 * BLOCKS * S
+    torch.testing.assert_close(loss_sum / count, F.cross_entropy(logits.flatten(0, 1), targets.flatten()))
+    nothing = Noise(torch.full((2,), 1e-3), torch.zeros(2, BLOCKS, S, dtype=torch.bool))
+    assert masked_loss_sum(model, ids, nothing)[1] == 0
+
+
+def test_training_sequence_length_is_checked():
+    model = tiny_two_tower("lora", "shifted", block_size=S)
+    with pytest.raises(TwoTowerError, match="n\\*S \\+ 1"):
+        training_logits(model, _sequences(1, "same-position"), sample_noise(1, BLOCKS, S))
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def _write_data(path, rows=60, seed=0):
+    """Learnable chat rows: the reply continues a counting pattern started in the prompt."""
+    g = torch.Generator().manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for i in range(rows):
+            start = int(torch.randint(3, 60, (1,), generator=g))
+            prompt = " ".join(f"w{start + k}" for k in range(3))
+            reply = " ".join(f"w{start + 3 + k}" for k in range(10))
+            f.write(json.dumps({"id": i, "prompt": prompt, "response": reply}) + "\n")
+    return path
+
+
+def test_packing_refuses_heldout_prompts_and_reads_formats(tmp_path):
+    from twotower.data import heldout_prompts
+
+    rows = read_rows(_write_data(tmp_path / "d.jsonl", rows=10))
+    held = sorted(heldout_prompts())[0]
+    rows.append({"prompt": held.upper(), "response": "w5"})
+    packed = pack(rows, tiny_tokenizer(), seq_len=9, heldout=heldout_prompts())
+    assert packed.refused == 1 and packed.rows == 10
+    assert packed.sequences.shape[1] == 9 and len(packed.sequences) == (10 * 17) // 9  # 17 tokens per row
+    with pytest.raises(TwoTowerError, match="does not exist"):
+        read_rows(tmp_path / "missing.jsonl")
+    (tmp_path / "d.csv").write_text("a,b\n")
+    with pytest.raises(TwoTowerError, match="unknown data format"):
+        read_rows(tmp_path / "d.csv")
+    with pytest.raises(TwoTowerError, match="needs 'prompt' and 'response'"):
+        pack([{"question": "x"}], tiny_tokenizer(), seq_len=4)
+
+
+# --- the trainer ------------------------------------------------------------------------------
+
+
+def _config(tmp_path, **overrides):
+    values = dict(data=str(_write_data(tmp_path / "data.jsonl")), out=str(tmp_path / "run"), block_size=S,
+                  blocks_per_sequence=BLOCKS, batch_size=4, lr=3e-3, warmup_steps=2, max_steps=6, eval_every=0,
+                  eval_sequences=2, save_every=2, lora_rank=4)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _model(kind="lora", seed=0):
+    return tiny_two_tower(kind, "shifted", block_size=S, seed=seed)
+
+
+def test_loss_falls(tmp_path):
+    config = _config(tmp_path, max_steps=40, eval_every=20, lr=3e-3, warmup_steps=4, denoiser="full")
+    state = train(config, _model("full"), tiny_tokenizer(), progress=False)
+    first, last = sum(state["losses"][:5]) / 5, sum(state["losses"][-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    assert state["eval_losses"][-1][1] < state["eval_losses"][0][1]
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 41)) and "eval_loss" in log[19]
+    assert (tmp_path / "run" / "final" / "denoiser.safetensors").is_file()
+
+
+def test_frozen_tower_unchanged_every_trainable_parameter_moved(tmp_path, denoiser_kind):
+    model = _model(denoiser_kind)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = {id(p) for p in trainable_parameters(model)}
+    names = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in trainable}
+    train(_config(tmp_path, max_steps=4, denoiser=denoiser_kind), model, tiny_tokenizer(), progress=False)
+    after = model.state_dict()
+    assert not any(k.startswith("context_tower") for k in names)
+    for key, value in before.items():
+        if key in names:
+            assert not torch.equal(value, after[key]), f"{key} did not move"
+        else:
+            assert torch.equal(value, after[key]), f"{key} changed but is not trained"
+    assert all(not p.requires_grad for p in model.context_tower.parameters())
+
+
+def test_killed_run_resumes_to_the_same_losses(tmp_path):
+    whole = train(_config(tmp_path / "a"), _model(), tiny_tokenizer(), progress=False)
+    first = train(_config(tmp_path / "b"), _model(), tiny_tokenizer(), progress=False, stop_after=3)
+    assert first["step"] == 3  # "killed" after step 3; the last checkpoint is step 2
+    assert (tmp_path / "b" / "run" / "latest").read_text() == "step-2"
+    fresh = _model()  # a new process: the model is rebuilt, the trained state comes from the checkpoint
+    resumed = train(_config(tmp_path / "b"), fresh, tiny_tokenizer(), progress=False)
+    assert resumed["step"] == 6
+    assert resumed["losses"] == whole["losses"]
+    log = [json.loads(line)["step"] for line in (tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines()]
+    assert log == list(range(1, 7))
+
+
+def test_resume_refuses_a_run_with_other_settings(tmp_path):
+    train(_config(tmp_path, max_steps=2), _model(), tiny_tokenizer(), progress=False)
+    with pytest.raises(TwoTowerError, match="different \\['seed'\\]"):
+        train(_config(tmp_path, max_steps=4, seed=5), _model(), tiny_tokenizer(), progress=False)
+
+
+def test_gradient_accumulation_gives_the_same_update(tmp_path):
+    """1x8, 2x4 and 4x2 micro-batches: the same gradient (its norm, which Adam's update would
+    hide) and the same AdamW update (the first Adam step is about
+    lr * sign(grad), so a gradient within rounding of zero may flip one element: the tolerance
+    is 0.5% of the lr-sized step)."""
+    flat = lambda model: torch.cat([p.detach().flatten() for p in trainable_parameters(model)])
+    start = flat(_model())
+    updates, norms = [], []
+    for accum in (1, 2, 4):
+        model = _model()
+        train(_config(tmp_path / str(accum), batch_size=8, grad_accum=accum, max_steps=1, warmup_steps=1),
+              model, tiny_tokenizer(), progress=False)
+        updates.append(flat(model) - start)
+        log = json.loads((tmp_path / str(accum) / "run" / "log.jsonl").read_text())
+        norms.append(log["grad_norm"])
+    assert norms[1] == pytest.approx(norms[0], rel=1e-5) and norms[2] == pytest.approx(norms[0], rel=1e-5)
+    assert updates[0].abs().max() > 1e-3  # lr = 3e-3: a real step
+    for other in updates[1:]:
+        torch.testing.assert_close(other, updates[0], rtol=0, atol=1.5e-5)
+
+
+def test_nan_loss_stops_clearly_without_saving(tmp_path, monkeypatch):
+    import twotower.train as trainer
+
+    real = trainer.masked_loss_sum
+    calls = {"n": 0}
+
+    def poisoned(model, ids, noise):
+        loss, count = real(model, ids, noise)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] > 3 else loss), count
+
+    monkeypatch.setattr(trainer, "masked_loss_sum", poisoned)
+    with pytest.raises(TwoTowerError, match="loss is nan at step 4"):
+        train(_config(tmp_path), _model(), tiny_tokenizer(), progress=False)
+    assert (tmp_path / "run" / "latest").read_text() == "step-2"
+
+
+def test_config_yaml_flags_and_bad_options(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("lr: 0.001\nmax_steps: 10\ndata: x.jsonl\n")
+    config = load_config(str(preset), {"max_steps": 3, "lr": None})
+    assert config.lr == 0.001 and config.max_steps == 3
+    with pytest.raises(TwoTowerError, match="unknown training option"):
+        load_config(None, {"data": "x", "learning_rate": 1})
+    with pytest.raises(TwoTowerError, match="not a multiple of grad_accum"):
+        load_config(None, {"data": "x", "batch_size": 6, "grad_accum": 4})
+    with pytest.raises(TwoTowerError, match="give a training data file"):
+        load_config(None, {})
+
+
+def test_cli_trains_from_a_backbone_folder_and_the_result_generates(tmp_path, capsys):
+    from twotower import generate_mask_diffusion
+    from twotower.cli import main
+    from twotower.model.two_tower import TwoTowerForCausalLM
+
+    folder = tmp_path / "backbone"
+    tiny_backbone().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    data = _write_data(tmp_path / "data.jsonl")
+    args = ["train", "--data", str(data), "--model", str(folder), "--out", str(tmp_path / "run"), "--block-size", "4",
+            "--blocks-per-sequence", "3", "--batch-size", "2", "--max-steps", "2", "--save-every", "1",
+            "--eval-sequences", "2", "--lora-rank", "2", "--no-adaln"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 2 and summary["training_tokens"] == 2 * 2 * 13
+    trained = TwoTowerForCausalLM.from_pretrained(tmp_path / "run" / "final", backbone=str(folder), dtype=torch.float32)
+    assert trained.config.block_size == 4 and not trained.config.adaln
+    assert generate_mask_diffusion(trained, [[5, 6, 7]], max_new_tokens=8).new_tokens == 8
+    assert main(["train", "--data", str(data), "--batch-size", "3", "--grad-accum", "2"]) == 2

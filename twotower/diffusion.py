@@ -1,0 +1,113 @@
+"""The training objective (METHOD.md section 4): one pass per sequence.
+
+A training sequence is cut into n blocks of S target tokens. The frozen context tower reads
+the clean sequence once (no grad) and keeps the K,V of every layer; the denoiser reads all
+blocks of the noisy sequence in one pass under a block-causal mask: the queries of block b
+see the context K,V of the clean tokens before block b and the denoiser's own K,V of block b
+only, exactly what they see at generation time. Cross-entropy on masked targets, summed; the
+caller divides by the number of masked targets in the whole batch (no 1/t weight).
+
+Layouts, for block b (targets x_{o+bS} .. x_{o+bS+S-1}, context = clean x_0 .. x_{bS-1}):
+  shifted (o = 1):        input [x_{bS}, noised x_{bS+1} .. x_{bS+S-1}], slot j predicts x_{bS+1+j};
+                          slot 0 (the anchor) sees only itself inside the block, as in generation
+  same-position (o = 0):  input [noised x_{bS} .. x_{bS+S-1}], slot j predicts x_{bS+j}
+A sequence therefore holds n*S + o tokens. Slot j of block b sits at RoPE position bS + j.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from twotower.backbones.llama import run_layers
+from twotower.config import TwoTowerError
+from twotower.model.masks import prefill_mask
+
+
+def layout_offset(layout: str) -> int:
+    """Tokens a sequence holds beyond its n*S targets: 1 in the shifted layout (the anchor)."""
+    return 1 if layout == "shifted" else 0
+
+
+@dataclass
+class Noise:
+    """The corruption of a batch: one masking level per sequence, one coin per target."""
+
+    t: torch.Tensor  # (B,) masking level in [t_min, 1]
+    masked: torch.Tensor  # (B, n, S) bool, True = target hidden from the denoiser (and scored)
+
+    def split(self, size: int) -> list[Noise]:
+        return [Noise(t, m) for t, m in zip(self.t.split(size), self.masked.split(size))]
+
+
+def sample_noise(batch: int, n_blocks: int, block_size: int, generator: torch.Generator | None = None,
+                 t_min: float = 1e-3) -> Noise:
+    """t ~ U[t_min, 1] per sequence; every target masked independently with probability t."""
+    t = t_min + (1 - t_min) * torch.rand(batch, generator=generator)
+    coins = torch.rand(batch, n_blocks, block_size, generator=generator)
+    return Noise(t, coins < t[:, None, None])
+
+
+def training_mask(n_blocks: int, block_size: int, layout: str, device=None) -> torch.Tensor:
+    """(n*S, n*S + n*S) bool, True = may attend. Keys: [context x_0 .. x_{nS-1} ; denoiser slots]."""
+    s, length = block_size, n_blocks * block_size
+    block_of = torch.arange(length, device=device) // s  # (nS,) block of each slot / context position
+    ctx = torch.arange(length, device=device)[None, :] < (block_of[:, None] * s)  # clean tokens before the block
+    own = block_of[:, None] == block_of[None, :]
+    if layout == "shifted":
+        slot = torch.arange(length, device=device) % s
+        anchor = slot[:, None] == 0  # the anchor query sees only itself inside its block
+        own = own & (~anchor | (torch.arange(length, device=device)[None, :] == torch.arange(length, device=device)[:, None]))
+    return torch.cat([ctx, own], dim=1)
+
+
+def denoiser_inputs(ids: torch.Tensor, noise: Noise, block_size: int, layout: str, mask_id: int):
+    """ids (B, n*S + o) -> denoiser inputs (B, n*S) and targets (B, n*S)."""
+    batch, n, s = noise.masked.shape
+    o = layout_offset(layout)
+    if ids.shape[1] != n * s + o:
+        raise TwoTowerError(f"a training sequence needs n*S + {o} = {n * s + o} tokens, got {ids.shape[1]}")
+    targets = ids[:, o:].reshape(batch, n, s)
+    if layout == "shifted":
+        anchors = ids[:, : n * s : s].reshape(batch, n, 1)
+        hidden_in = torch.where(noise.masked[..., :-1], mask_id, targets[..., :-1])
+        inputs = torch.cat([anchors, hidden_in], dim=2)
+    else:
+        inputs = torch.where(noise.masked, mask_id, targets)
+    return inputs.reshape(batch, n * s), targets.reshape(batch, n * s)
+
+
+def training_logits(model, ids: torch.Tensor, noise: Noise) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training pass. ids: (B, n*S + o) clean tokens. Returns the denoiser logits over every
+    slot (B, n*S, V) (float, mask token forbidden) and the targets (B, n*S)."""
+    cfg = model.config
+    batch, n, s = noise.masked.shape
+    inputs, targets = denoiser_inputs(ids, noise, s, cfg.layout, model.mask_token_id)
+    length = n * s
+    positions = torch.arange(length, device=ids.device)[None].expand(batch, -1)
+    with torch.no_grad():  # the context tower: clean tokens, frozen, no gradient
+        clean = ids[:, :length]
+        embeds = model.context_tower.get_input_embeddings()(clean)
+        _, ctx_kv = run_layers(model.context_tower, embeds, positions, prefill_mask(torch.ones_like(clean, dtype=torch.bool)))
+    ctx_kv = [(k.detach(), v.detach()) for k, v in ctx_kv]
+    hidden = model.embed_block(inputs)
+    modulation = None
+    if model.time_conditioning is not None:
+        modulation = model.time_conditioning(noise.t.to(hidden.device)).to(hidden.dtype)
+    mask = training_mask(n, s, cfg.layout, ids.device)[None, None].expand(batch, -1, -1, -1)
+    tower = model.denoiser_weights
+    hidden, _ = run_layers(tower, hidden, positions, mask, past=ctx_kv, modulation=modulation, adapters=model.lora)
+    logits = tower.lm_head(hidden).float()
+    if model.mask_token_id < logits.shape[-1]:
+        logits[..., model.mask_token_id] = float("-inf")
+    return logits, targets
+
+
+def masked_loss_sum(model, ids: torch.Tensor, noise: Noise) -> tuple[torch.Tensor, int]:
+    """Sum of the cross-entropy over masked targets, and how many there were."""
+    logits, targets = training_logits(model, ids, noise)
+    scored = noise.masked.reshape(targets.shape)
+    loss = F.cross_entropy(logits[scored], targets[scored], reduction="sum")
+    return loss, int(scored.sum())

@@ -1,0 +1,336 @@
+"""`twotower train`: adapt a pretrained backbone's denoiser with the one-pass objective.
+
+Built on accelerate (devices, bf16 autocast, several GPUs with `accelerate launch`), AdamW
+with a warmup-stable-decay schedule, gradient accumulation that gives the same update as one
+big batch, clipping, periodic eval loss, a progress bar with loss and tokens/s, checkpoints
+written atomically every N steps, exact resume after a kill, and a clear stop on a NaN loss.
+
+Determinism: the sequences of step k and their noise depend only on (seed, k), and the
+optimizer state is checkpointed, so a resumed run repeats the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from twotower.config import TwoTowerError
+from twotower.data import batch_indices, heldout_prompts, pack, read_rows
+from twotower.diffusion import Noise, layout_offset, masked_loss_sum, sample_noise
+
+
+def option(default, help_text: str):
+    """A config field whose help text becomes the `twotower train --help` line."""
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class TrainConfig:
+    data: str = option("", "training data: a .jsonl/.json/.parquet/.txt file or a datasets folder")
+    model: str = option("default", "backbone (default, HF folder, .gguf) or a twotower checkpoint to go on from")
+    out: str = option("runs/denoiser", "output folder: checkpoints, log.jsonl, final model")
+    denoiser: str = option("lora", "lora or full")
+    layout: str = option("shifted", "shifted or same-position")
+    lora_rank: int = option(16, "LoRA rank")
+    lora_alpha: float = option(32.0, "LoRA alpha")
+    adaln: bool = option(True, "adaLN-single time conditioning")
+    block_size: int = option(16, "block size S trained")
+    blocks_per_sequence: int = option(8, "blocks per training sequence (L = blocks * S, + 1 in the shifted layout)")
+    batch_size: int = option(8, "sequences per optimizer step (over all devices and micro-batches)")
+    grad_accum: int = option(1, "micro-batches per step (batch_size must divide)")
+    lr: float = option(2e-4, "peak learning rate")
+    min_lr: float = option(1e-6, "learning rate at the end of the decay")
+    warmup_steps: int = option(20, "linear warmup steps")
+    decay_fraction: float = option(0.2, "share of max_steps spent decaying to min_lr (warmup-stable-decay)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    clip: float = option(1.0, "gradient norm clip (0: none)")
+    max_steps: int = option(200, "optimizer steps")
+    eval_every: int = option(50, "eval loss every N steps (0: never)")
+    eval_sequences: int = option(16, "packed sequences held out for the eval loss")
+    save_every: int = option(50, "checkpoint every N steps")
+    t_min: float = option(1e-3, "smallest masking level t")
+    seed: int = option(0, "seed of data order, noise and initialisation")
+    dtype: str = option("fp32", "weights dtype: fp32 or bf16 (bf16 autocast is mixed_precision)")
+    mixed_precision: str = option("auto", "auto (bf16 on CUDA, none on CPU), bf16 or no")
+    max_rows: int | None = option(None, "use at most this many data rows")
+
+    def validate(self) -> None:
+        checks = [
+            (self.data != "", "data: give a training data file (--data)"),
+            (self.denoiser in ("lora", "full"), f"denoiser must be lora or full, got {self.denoiser!r}"),
+            (self.layout in ("shifted", "same-position"), f"layout must be shifted or same-position, got {self.layout!r}"),
+            (self.block_size >= 1 and self.blocks_per_sequence >= 1, "block_size and blocks_per_sequence must be >= 1"),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
+            (self.batch_size % self.grad_accum == 0,
+             f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}"),
+            (self.lr > 0 and 0 <= self.min_lr <= self.lr, "need lr > 0 and 0 <= min_lr <= lr"),
+            (0 <= self.decay_fraction <= 1, "decay_fraction must be in [0, 1]"),
+            (self.max_steps >= 1 and self.save_every >= 1, "max_steps and save_every must be >= 1"),
+            (0 < self.t_min <= 1, "t_min must be in (0, 1]"),
+            (self.dtype in ("fp32", "bf16"), f"dtype must be fp32 or bf16, got {self.dtype!r}"),
+            (self.mixed_precision in ("auto", "bf16", "no"), "mixed_precision must be auto, bf16 or no"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise TwoTowerError(message)
+
+    @property
+    def seq_len(self) -> int:
+        return self.blocks_per_sequence * self.block_size + layout_offset(self.layout)
+
+
+def load_config(path: str | None, overrides: dict) -> TrainConfig:
+    """A YAML preset (optional) with flags on top; unknown keys are refused."""
+    values = {}
+    if path:
+        import yaml
+
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise TwoTowerError(f"could not read config {path}: {err}") from err
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise TwoTowerError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+    config = TrainConfig(**values)
+    config.validate()
+    return config
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Warmup-stable-decay: linear warmup, constant, then linear decay to min_lr over the last
+    `decay_fraction` of the steps. `step` is 0-based."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    decay_steps = int(config.max_steps * config.decay_fraction)
+    decay_start = config.max_steps - decay_steps
+    if decay_steps == 0 or step < decay_start:
+        return config.lr
+    frac = (step - decay_start + 1) / decay_steps
+    return config.lr + (config.min_lr - config.lr) * min(frac, 1.0)
+
+
+class Objective(nn.Module):
+    """The model behind a forward that returns (masked CE sum, masked count), so that
+    accelerate can wrap it (DDP) and run it under autocast."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, t: torch.Tensor, masked: torch.Tensor):
+        loss, count = masked_loss_sum(self.model, ids, Noise(t, masked))
+        return loss, torch.tensor(count, device=ids.device)
+
+
+def step_noise(config: TrainConfig, step: int, batch: int) -> Noise:
+    """The noise of step `step`: a function of (seed, step) only."""
+    gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step + 1)
+    return sample_noise(batch, config.blocks_per_sequence, config.block_size, gen, config.t_min)
+
+
+def trainable_parameters(model) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ------------------------------------------------------------------ checkpoints (safetensors + JSON)
+def save_checkpoint(folder: Path, model, optimizer, state: dict) -> None:
+    """Write model, optimizer and run state to folder/step-N, atomically (temp folder, rename),
+    then point folder/latest at it and remove older checkpoints."""
+    final = folder / f"step-{state['step']}"
+    tmp = folder / f".tmp-step-{state['step']}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    opt = optimizer.state_dict()
+    tensors = {f"{i}.{k}": v.detach().contiguous().cpu() for i, s in opt["state"].items() for k, v in s.items()
+               if torch.is_tensor(v)}
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**state, "param_groups": opt["param_groups"]}, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = folder / ".latest.tmp"
+    pointer.write_text(final.name)
+    os.replace(pointer, folder / "latest")
+    for old in folder.glob("step-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    pointer = folder / "latest"
+    if not pointer.is_file():
+        return None
+    found = folder / pointer.read_text().strip()
+    if not (found / "state.json").is_file():
+        raise TwoTowerError(f"{pointer} names {found}, which is not a complete checkpoint: remove {pointer} to start over")
+    return found
+
+
+def load_checkpoint(found: Path, model, optimizer) -> dict:
+    try:
+        state = json.loads((found / "state.json").read_text())
+        tensors = load_file(str(found / "optimizer.safetensors"))
+    except (OSError, ValueError) as err:
+        raise TwoTowerError(f"checkpoint {found} is corrupt: {err}") from err
+    model.load_trained_state(found / "denoiser.safetensors")
+    per_param: dict[int, dict] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        per_param.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": per_param, "param_groups": state.pop("param_groups")})
+    return state
+
+
+def _truncate_log(log: Path, step: int) -> None:
+    """On resume, drop log lines of steps after the checkpoint (they are done again)."""
+    if log.is_file():
+        lines = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        log.write_text("".join(line + "\n" for line in lines))
+
+
+# ------------------------------------------------------------------ the loop
+def build_model(config: TrainConfig):
+    from twotower.model.two_tower import TwoTowerForCausalLM, load_model
+
+    dtype = torch.float32 if config.dtype == "fp32" else torch.bfloat16
+    torch.manual_seed(config.seed)  # LoRA A matrices
+    path = Path(config.model).expanduser()
+    if (path / "config.json").is_file() and (path / "denoiser.safetensors").is_file():
+        model = TwoTowerForCausalLM.from_pretrained(path, dtype=dtype)
+        return model, model.tokenizer
+    return load_model(config.model, dtype=dtype, denoiser=config.denoiser, layout=config.layout,
+                      lora_rank=config.lora_rank, lora_alpha=config.lora_alpha, adaln=config.adaln,
+                      block_size=config.block_size)
+
+
+def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Run (or resume) a training run. `model`/`tokenizer` may be given (tests); otherwise
+    they are loaded from `config.model`. `stop_after` ends the call after that many steps
+    of this call (as a kill would). Returns the run state: step, losses, eval losses."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    config.validate()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if model is None:
+        model, tokenizer = build_model(config)
+    if model.config.block_size != config.block_size or model.config.layout != config.layout:
+        raise TwoTowerError(
+            f"the model is a {model.config.layout} S={model.config.block_size} two-tower model but the config asks "
+            f"for {config.layout} S={config.block_size}"
+        )
+    rows = read_rows(config.data, config.max_rows)
+    packed = pack(rows, tokenizer, config.seq_len, heldout_prompts())
+    train_seqs, eval_seqs = packed.split(config.eval_sequences)
+
+    mixed = config.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if torch.cuda.is_available() else "no"
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if config.batch_size % (world * config.grad_accum):
+        raise TwoTowerError(
+            f"batch_size {config.batch_size} is not a multiple of devices x grad_accum = {world * config.grad_accum}"
+        )
+    params = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    state = {"step": 0, "losses": [], "eval_losses": [], "training_tokens": 0, "seconds": 0.0,
+             "config": dataclasses.asdict(config), "refused_heldout_rows": packed.refused}
+    found = latest_checkpoint(out)
+    if found is not None:
+        saved_config = json.loads((found / "state.json").read_text()).get("config", {})
+        changed = {k for k in ("data", "seed", "batch_size", "block_size", "blocks_per_sequence", "layout", "denoiser")
+                   if saved_config.get(k) != getattr(config, k)}
+        if changed:
+            raise TwoTowerError(f"{out} holds a run with different {sorted(changed)}: resume with the same settings or "
+                                "choose another --out")
+        state = load_checkpoint(found, model, optimizer)
+        _truncate_log(out / "log.jsonl", state["step"])
+    model.to(accelerator.device)
+    objective, optimizer = accelerator.prepare(Objective(model), optimizer)
+    per_device = config.batch_size // world
+    micro = per_device // config.grad_accum
+    first = state["step"]
+    last = config.max_steps if stop_after is None else min(config.max_steps, first + stop_after)
+    bar = tqdm(total=config.max_steps, initial=first, desc="train", disable=not (progress and accelerator.is_main_process))
+    while state["step"] < last:
+        step, begin = state["step"], time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        ids = train_seqs[batch_indices(len(train_seqs), config.batch_size, step, config.seed)]
+        noise = step_noise(config, step, config.batch_size)
+        mine = slice(rank * per_device, (rank + 1) * per_device)
+        ids, noise = ids[mine], Noise(noise.t[mine], noise.masked[mine])
+        total_loss = torch.zeros((), device=accelerator.device)
+        total_count = torch.zeros((), device=accelerator.device, dtype=torch.long)
+        chunks = list(zip(ids.split(micro), noise.split(micro)))
+        for i, (chunk, chunk_noise) in enumerate(chunks):
+            sync = i == len(chunks) - 1
+            with accelerator.no_sync(objective) if not sync else contextlib.nullcontext(), accelerator.autocast():
+                loss, count = objective(chunk.to(accelerator.device), chunk_noise.t.to(accelerator.device),
+                                        chunk_noise.masked.to(accelerator.device))
+            accelerator.backward(loss)
+            total_loss += loss.detach()
+            total_count += count
+        total_loss = accelerator.reduce(total_loss, "sum")
+        total_count = accelerator.reduce(total_count, "sum")
+        value = (total_loss / total_count.clamp(min=1)).item()
+        if not math.isfinite(value):
+            raise TwoTowerError(f"the loss is {value} at step {step + 1}: stopped without saving this step "
+                                f"(last checkpoint: {latest_checkpoint(out)}); lower --lr or check the data")
+        scale = world / max(int(total_count), 1)  # DDP averages over devices: undo, divide by all masked targets
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        grad_norm = float(accelerator.clip_grad_norm_(params, config.clip if config.clip > 0 else float("inf")))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] = step + 1
+        state["losses"].append(value)
+        state["training_tokens"] += config.batch_size * config.seq_len
+        state["seconds"] += time.perf_counter() - begin
+        record = {"step": step + 1, "loss": value, "grad_norm": grad_norm, "lr": learning_rate(config, step),
+                  "training_tokens": state["training_tokens"], "seconds": round(state["seconds"], 3)}
+        if config.eval_every and (step + 1) % config.eval_every == 0:
+            state["eval_losses"].append([step + 1, eval_loss(objective, eval_seqs, config, accelerator)])
+            record["eval_loss"] = state["eval_losses"][-1][1]
+        if accelerator.is_main_process:
+            with open(out / "log.jsonl", "a") as log:
+                log.write(json.dumps(record) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{state['training_tokens'] / max(state['seconds'], 1e-9):.0f}")
+            if (step + 1) % config.save_every == 0 or step + 1 == config.max_steps:
+                save_checkpoint(out, model, optimizer, state)
+    bar.close()
+    if state["step"] == config.max_steps and accelerator.is_main_process:
+        model.save_pretrained(out / "final")
+    return state
+
+
+@torch.no_grad()
+def eval_loss(objective, sequences: torch.Tensor, config: TrainConfig, accelerator) -> float:
+    """Masked CE per masked target on the held-out sequences, with fixed noise."""
+    gen = torch.Generator().manual_seed(config.seed + 7)
+    noise = sample_noise(len(sequences), config.blocks_per_sequence, config.block_size, gen, config.t_min)
+    total, count = 0.0, 0
+    size = max(config.batch_size // config.grad_accum, 1)
+    for chunk, chunk_noise in zip(sequences.split(size), noise.split(size)):
+        with accelerator.autocast():
+            loss, n = objective(chunk.to(accelerator.device), chunk_noise.t.to(accelerator.device),
+                                chunk_noise.masked.to(accelerator.device))
+        total, count = total + float(loss), count + int(n)
+    return total / max(count, 1)
