@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import VOCAB, perturb_trained, tiny_backbone, tiny_tokenizer, tiny_two_tower
 
-from twotower import TwoTowerError
+from twotower import TwoTowerError, generate_ar
 from twotower.data import pack, read_rows
 from twotower.diffusion import Noise, layout_offset, masked_loss_sum, sample_noise, training_logits
 from twotower.model.cache import ContextView
@@ -261,3 +261,54 @@ def test_cli_trains_from_a_backbone_folder_and_the_result_generates(tmp_path, ca
     assert trained.config.block_size == 4 and not trained.config.adaln
     assert generate_mask_diffusion(trained, [[5, 6, 7]], max_new_tokens=8).new_tokens == 8
     assert main(["train", "--data", str(data), "--batch-size", "3", "--grad-accum", "2"]) == 2
+
+
+# --- twotower distill -------------------------------------------------------------------------
+
+
+def test_distill_is_seeded_resumable_and_keeps_heldout_prompts_out(tmp_path, monkeypatch):
+    import twotower.distill as distill_module
+    from twotower.distill import distill
+
+    model, tok = tiny_two_tower(block_size=S), tiny_tokenizer()
+    options = dict(rows=12, batch_size=4, seed=3, max_prompt_tokens=5, max_answer_tokens=6, progress=False)
+    whole = distill(model, tok, tmp_path / "a.jsonl", **options)
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert whole["rows"] == 12 == len(rows) and [r["id"] for r in rows] == list(range(1, 13))
+    assert all(r["prompt"] and r["response_tokens"] <= 6 for r in rows)
+    assert len({r["prompt"] for r in rows}) == 12
+    # an answer is AR mode's greedy reply to the prompt under the chat template
+    from twotower.text import encode_prompt
+
+    expected = generate_ar(model, [encode_prompt(tok, rows[0]["prompt"], chat=True)], max_new_tokens=6,
+                           eos_token_id=[1]).tokens[0]
+    assert rows[0]["response"] == tok.decode(expected, skip_special_tokens=True)
+
+    # killed in the middle of writing a batch: a cut line at the end, resumed with the same command
+    partial = tmp_path / "b.jsonl"
+    distill(model, tok, partial, **{**options, "rows": 5})
+    partial.write_text(partial.read_text() + '{"id": 6, "prom')
+    distill(model, tok, partial, **options)
+    assert partial.read_text() == (tmp_path / "a.jsonl").read_text()
+
+    # a prompt that is a held-out evaluation prompt never gets in
+    banned = normalise_prompt(rows[2]["prompt"])
+    monkeypatch.setattr(distill_module, "heldout_prompts", lambda: {banned})
+    result = distill(model, tok, tmp_path / "c.jsonl", **options)
+    kept = [json.loads(line)["prompt"] for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert all(normalise_prompt(p) != banned for p in kept) and result["skipped"]["heldout"] >= 1
+
+
+def normalise_prompt(text):
+    from twotower.data import normalise
+
+    return normalise(text)
+
+
+def test_distill_needs_a_chat_template():
+    from twotower.distill import distill
+
+    tok = tiny_tokenizer()
+    tok.chat_template = None
+    with pytest.raises(TwoTowerError, match="chat template"):
+        distill(tiny_two_tower(block_size=S), tok, "unused.jsonl", rows=1, progress=False)

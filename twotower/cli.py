@@ -131,7 +131,40 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp")
     be.set_defaults(func=cmd_bench)
     _add_train(sub)
+
+    di = sub.add_parser(
+        "distill",
+        help="make self-distilled training data with the backbone itself",
+        description="Magpie-style: the instruct model writes user turns (sampled after its chat template's "
+        "user header), then answers them greedily. Batched, seeded, resumable (run the same command "
+        "again); held-out evaluation prompts are left out. Writes JSONL for `twotower train`.",
+    )
+    di.add_argument("--out", required=True, metavar="FILE.jsonl", help="output file (appended to when resuming)")
+    di.add_argument("--rows", type=_positive_int, default=1000, metavar="N", help="rows to reach (default: %(default)s)")
+    di.add_argument("--model", default="default", metavar="PATH",
+                    help="backbone or twotower checkpoint whose AR model answers (default: %(default)s)")
+    di.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="rows per batch (default: %(default)s)")
+    di.add_argument("--seed", type=int, default=1, help="seed of the sampled user turns (default: %(default)s)")
+    di.add_argument("--max-prompt-tokens", type=_positive_int, default=48, metavar="N",
+                    help="longest user turn (default: %(default)s)")
+    di.add_argument("--max-answer-tokens", type=_positive_int, default=256, metavar="N",
+                    help="longest answer (default: %(default)s)")
+    di.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype (default: %(default)s)")
+    di.set_defaults(func=cmd_distill)
     return parser
+
+
+def cmd_distill(args) -> int:
+    import torch
+
+    from twotower.distill import distill
+    from twotower.model.two_tower import load_model
+
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, DTYPES[args.dtype]))
+    summary = distill(model, tokenizer, args.out, args.rows, args.batch_size, args.seed, args.max_prompt_tokens,
+                      args.max_answer_tokens)
+    print(json.dumps(summary))
+    return 0
 
 
 def _add_train(sub) -> None:
