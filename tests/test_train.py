@@ -146,13 +146,15 @@ def _model(kind="lora", seed=0):
 
 
 def test_loss_falls(tmp_path):
-    config = _config(tmp_path, max_steps=40, eval_every=20, lr=3e-3, warmup_steps=4, denoiser="full")
+    config = _config(tmp_path, max_steps=40, eval_every=20, lr=3e-3, warmup_steps=4, denoiser="full", nfe_prompts=2)
     state = train(config, _model("full"), tiny_tokenizer(), progress=False)
     first, last = sum(state["losses"][:5]) / 5, sum(state["losses"][-5:]) / 5
     assert last < 0.8 * first, (first, last)
     assert state["eval_losses"][-1][1] < state["eval_losses"][0][1]
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 41)) and "eval_loss" in log[19]
+    assert [tokens for tokens, _ in state["nfe_curve"]] == [20 * 4 * 13, 40 * 4 * 13]  # training tokens
+    assert all(tpn > 0 for _, tpn in state["nfe_curve"])
     assert (tmp_path / "run" / "final" / "denoiser.safetensors").is_file()
 
 

@@ -59,6 +59,8 @@ class TrainConfig:
     eval_every: int = option(50, "eval loss every N steps (0: never)")
     eval_sequences: int = option(16, "packed sequences held out for the eval loss")
     save_every: int = option(50, "checkpoint every N steps")
+    nfe_prompts: int = option(0, "at every eval, diffusion tokens per denoiser pass on this many held-out prompts (0: off)")
+    nfe_threshold: float = option(0.8, "confidence threshold of that measurement")
     t_min: float = option(1e-3, "smallest masking level t")
     seed: int = option(0, "seed of data order, noise and initialisation")
     dtype: str = option("fp32", "weights dtype: fp32 or bf16 (bf16 autocast is mixed_precision)")
@@ -308,6 +310,9 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
         if config.eval_every and (step + 1) % config.eval_every == 0:
             state["eval_losses"].append([step + 1, eval_loss(objective, eval_seqs, config, accelerator)])
             record["eval_loss"] = state["eval_losses"][-1][1]
+            if config.nfe_prompts and tokenizer is not None:
+                record["tokens_per_nfe"] = tokens_per_nfe(model, tokenizer, config)
+                state.setdefault("nfe_curve", []).append([state["training_tokens"], record["tokens_per_nfe"]])
         if accelerator.is_main_process:
             with open(out / "log.jsonl", "a") as log:
                 log.write(json.dumps(record) + "\n")
@@ -319,6 +324,21 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
     if state["step"] == config.max_steps and accelerator.is_main_process:
         model.save_pretrained(out / "final")
     return state
+
+
+def tokens_per_nfe(model, tokenizer, config: TrainConfig, max_new_tokens: int = 64) -> float:
+    """Diffusion-mode tokens per denoiser pass on the first held-out evaluation prompts (greedy)."""
+    from twotower.eval.commands import _round_robin
+    from twotower.eval.tasks import builtin_tasks
+    from twotower.generate import generate_mask_diffusion
+    from twotower.text import encode_prompt, eos_token_ids
+
+    tasks = _round_robin(builtin_tasks())[: config.nfe_prompts]
+    prompts = [encode_prompt(tokenizer, t.prompt, chat=True) for t in tasks]
+    result = generate_mask_diffusion(model, prompts, max_new_tokens=max_new_tokens,
+                                     confidence_threshold=config.nfe_threshold,
+                                     eos_token_id=eos_token_ids(model, tokenizer))
+    return round(result.tokens_per_nfe, 4)
 
 
 @torch.no_grad()
