@@ -168,7 +168,7 @@ def test_eval_on_a_tiny_model_mock_ar_retains_everything():
 
 def test_bench_quick_writes_a_valid_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--quick", "--out", str(out)]) == 0
+    assert main(["bench", "--quick", "--modes", "mock-ar,diffusion,verify", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     env = report["environment"]
     assert env["torch_threads"] == torch.get_num_threads() and env["dtype"] == "float32" and "command" in env
@@ -179,6 +179,11 @@ def test_bench_quick_writes_a_valid_json(tmp_path, capsys):
         diffusion = rows[("diffusion S=16 g=0.8", batch)]
         assert diffusion["tokens_per_second"] > 0 and diffusion["context_passes_per_token"] < 1
         assert diffusion["speedup_vs_hf_generate"] > 0
+        verify = rows[("verify S=16 g=0.8", batch)]
+        assert verify["exact_match_vs_ar"] == 1.0  # fp32: lossless
+        assert sum(verify["draft_sources"].values()) > 0 and verify["tokens_per_cycle"] >= 1.0
+    assert rows[("hf_generate_lookup", 1)]["tokens_per_second"] > 0  # the prompt-lookup baseline, batch 1
+    assert set(report["context_pass_ms"]) == {"1", "2", "4", "8", "16"}
     assert any("llama.cpp skipped" in n for n in report["notes"])
     assert "tok/s" in capsys.readouterr().out
 

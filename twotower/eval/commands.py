@@ -130,6 +130,10 @@ def benchmark(model_ref="default", prompts_file=None, modes=("mock-ar", "diffusi
     report["notes"] = notes + report["notes"]
     report["environment"] = environment(dtype, str(model_ref))
     print(format_table(report["rows"], BENCH_COLUMNS))
+    costs = report["context_pass_ms"]
+    print("context-tower pass, ms by new positions (batch 1): "
+          + ", ".join(f"{w}: {ms}" for w, ms in costs.items())
+          + f"  ({costs[max(costs)] / costs[min(costs)]:.1f}x from {min(costs)} to {max(costs)})")
     if sweep:
         if quick:
             tasks, encode = None, None

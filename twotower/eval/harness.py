@@ -202,6 +202,23 @@ def _time_llama_cpp(gguf: str, prompts, max_new_tokens: int, threads: int, looku
     return {"new_tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / max(seconds, 1e-9)}
 
 
+def pass_cost(model, prompt: list[int], widths=(1, 2, 4, 8, 16), repeats: int = 3) -> dict[int, float]:
+    """Milliseconds of one context-tower pass over `width` new positions after `prompt`
+    (batch 1, best of `repeats`). Whether parallel positions are nearly free (GPU, CPUs with
+    native bf16) or cost in proportion (CPUs without) decides what drafting can gain."""
+    ids = torch.tensor([prompt])
+    out = {}
+    for width in widths:
+        best = float("inf")
+        for _ in range(repeats):
+            cache, _ = model.context_prefill(ids, torch.ones_like(ids), logits=None)
+            begin = time.perf_counter()
+            model.context_extend(cache, ids[:, :1].expand(1, width).contiguous(), logits="all")
+            best = min(best, time.perf_counter() - begin)
+        out[width] = round(best * 1000, 2)
+    return out
+
+
 def run_bench(model, prompts: list[list[int]], points: list[OperatingPoint], batch_sizes=(1, 8),
               max_new_tokens: int = 128, eos: list[int] | None = None, hf: bool = True, gguf: str | None = None,
               progress: bool = True, lookup_baselines: bool | None = None) -> dict:
@@ -217,6 +234,7 @@ def run_bench(model, prompts: list[list[int]], points: list[OperatingPoint], bat
     steps = len(points) * len(batch_sizes)
     bar = tqdm(total=steps, desc="bench", unit="run", disable=not progress)
     generate(model, "ar", prompts[:1], max_new_tokens=4)  # warm-up (allocator, threads)
+    costs = pass_cost(model, prompts[0])
     for batch in batch_sizes:
         baselines = {}
         if hf:
@@ -262,7 +280,8 @@ def run_bench(model, prompts: list[list[int]], points: list[OperatingPoint], bat
     bar.close()
     if gguf is None:
         notes.append("llama.cpp skipped: the model was not loaded from a GGUF file")
-    return {"rows": rows, "notes": notes, "prompts": len(prompts), "max_new_tokens": max_new_tokens}
+    return {"rows": rows, "notes": notes, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
+            "context_pass_ms": costs}
 
 
 # ----------------------------------------------------------------------------------- output
