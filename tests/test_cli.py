@@ -69,11 +69,36 @@ def test_library_errors_are_reported_without_traceback(capsys, tiny_folder):
     assert "not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("draft", ["auto", "denoiser", "lookup", "ar"])
+def test_verify_mode_prints_ar_text_and_draft_statistics(capsys, tiny_folder, draft):
+    args = ["--model", str(tiny_folder), "--max-new-tokens", "16", "w9 w10 w9 w10"]
+    ar = run_json(capsys, *args)
+    out = run_json(capsys, "--mode", "verify", "--draft", draft, *args)
+    assert out["text"] == ar["text"] and out["new_tokens"] == ar["new_tokens"]
+    assert out["cycles"] >= 1 and sum(out["draft_sources"].values()) == out["cycles"]
+    assert out["context_passes"] == out["cycles"] + 1  # the prefill, then one pass per cycle
+    if draft == "denoiser":
+        assert out["denoiser_passes"] > 0
+    elif draft in ("lookup", "ar"):
+        assert out["denoiser_passes"] == 0
+
+
+def test_distill_cli_writes_rows(tmp_path, capsys, tiny_folder):
+    out = tmp_path / "d.jsonl"
+    argv = ["distill", "--model", str(tiny_folder), "--out", str(out), "--rows", "3", "--batch-size", "2",
+            "--max-prompt-tokens", "4", "--max-answer-tokens", "4", "--dtype", "fp32"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["rows"] == 3 and len(out.read_text().splitlines()) == 3
+
+
 def test_help_describes_every_option(capsys):
     parser = build_parser()
-    generate = parser._subparsers._group_actions[0].choices["generate"]
-    for action in generate._actions:
-        assert action.help, action.dest
+    commands = parser._subparsers._group_actions[0].choices
+    assert set(commands) == {"generate", "eval", "bench", "train", "distill"}
+    for name, command in commands.items():
+        for action in command._actions:
+            assert action.help, (name, action.dest)
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "generate" in capsys.readouterr().out

@@ -267,7 +267,11 @@ def cmd_generate(args) -> int:
     text = tokenizer.decode(result.tokens[0], skip_special_tokens=True)
     if args.json:
         stats = result.stats()
-        print(json.dumps({"text": text, **{k: stats[k] for k in ("new_tokens", "nfe", "tokens_per_nfe", "seconds", "mode")}}))
+        keys = ["new_tokens", "nfe", "tokens_per_nfe", "seconds", "mode"]
+        if args.mode == "verify":  # how the drafts fared, and each tower's passes
+            keys += ["cycles", "accepted_per_cycle", "draft_acceptance", "draft_sources", "denoiser_passes",
+                     "context_passes"]
+        print(json.dumps({"text": text, **{k: stats[k] for k in keys}}))
     elif not args.stream:
         print(text)
     return 0
