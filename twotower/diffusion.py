@@ -56,10 +56,9 @@ def training_mask(n_blocks: int, block_size: int, layout: str, device=None) -> t
     block_of = torch.arange(length, device=device) // s  # (nS,) block of each slot / context position
     ctx = torch.arange(length, device=device)[None, :] < (block_of[:, None] * s)  # clean tokens before the block
     own = block_of[:, None] == block_of[None, :]
-    if layout == "shifted":
-        slot = torch.arange(length, device=device) % s
-        anchor = slot[:, None] == 0  # the anchor query sees only itself inside its block
-        own = own & (~anchor | (torch.arange(length, device=device)[None, :] == torch.arange(length, device=device)[:, None]))
+    if layout == "shifted":  # the anchor query (slot 0) sees only itself inside its block
+        anchor = (torch.arange(length, device=device) % s == 0)[:, None]
+        own = own & (~anchor | torch.eye(length, dtype=torch.bool, device=device))
     return torch.cat([ctx, own], dim=1)
 
 

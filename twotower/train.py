@@ -181,9 +181,17 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found
 
 
-def load_checkpoint(found: Path, model, optimizer) -> dict:
+def read_run_state(found: Path) -> dict:
+    """The run state of a checkpoint (step, losses, config, optimizer param groups)."""
     try:
-        state = json.loads((found / "state.json").read_text())
+        return json.loads((found / "state.json").read_text())
+    except (OSError, ValueError) as err:
+        raise TwoTowerError(f"checkpoint {found} is corrupt: {err}") from err
+
+
+def load_checkpoint(found: Path, model, optimizer, state: dict) -> dict:
+    """Load the trained tensors and the optimizer of a checkpoint whose run state is `state`."""
+    try:
         tensors = load_file(str(found / "optimizer.safetensors"))
     except (OSError, ValueError) as err:
         raise TwoTowerError(f"checkpoint {found} is corrupt: {err}") from err
@@ -205,14 +213,12 @@ def _truncate_log(log: Path, step: int) -> None:
 
 # ------------------------------------------------------------------ the loop
 def build_model(config: TrainConfig):
-    from twotower.model.two_tower import TwoTowerForCausalLM, load_model
+    """A backbone wrapped as a new two-tower model with the config's denoiser settings, or a
+    twotower checkpoint to go on from (load_model tells them apart; a checkpoint keeps its own)."""
+    from twotower.model.two_tower import load_model
 
     dtype = torch.float32 if config.dtype == "fp32" else torch.bfloat16
     torch.manual_seed(config.seed)  # LoRA A matrices
-    path = Path(config.model).expanduser()
-    if (path / "config.json").is_file() and (path / "denoiser.safetensors").is_file():
-        model = TwoTowerForCausalLM.from_pretrained(path, dtype=dtype)
-        return model, model.tokenizer
     return load_model(config.model, dtype=dtype, denoiser=config.denoiser, layout=config.layout,
                       lora_rank=config.lora_rank, lora_alpha=config.lora_alpha, adaln=config.adaln,
                       block_size=config.block_size)
@@ -254,13 +260,13 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
              "config": dataclasses.asdict(config), "refused_heldout_rows": packed.refused}
     found = latest_checkpoint(out)
     if found is not None:
-        saved_config = json.loads((found / "state.json").read_text()).get("config", {})
+        saved = read_run_state(found)
         changed = {k for k in ("data", "seed", "batch_size", "block_size", "blocks_per_sequence", "layout", "denoiser")
-                   if saved_config.get(k) != getattr(config, k)}
+                   if saved.get("config", {}).get(k) != getattr(config, k)}
         if changed:
             raise TwoTowerError(f"{out} holds a run with different {sorted(changed)}: resume with the same settings or "
                                 "choose another --out")
-        state = load_checkpoint(found, model, optimizer)
+        state = load_checkpoint(found, model, optimizer, saved)
         _truncate_log(out / "log.jsonl", state["step"])
     model.to(accelerator.device)
     objective, optimizer = accelerator.prepare(Objective(model), optimizer)

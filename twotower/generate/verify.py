@@ -45,6 +45,11 @@ def lookup_draft(history: list[int], max_len: int, ngram: int = 3) -> list[int]:
     return []
 
 
+def one_hot_law(drafts: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The draft law of a deterministic draft (prompt lookup): one-hot, (B, K) -> (B, K, V)."""
+    return torch.zeros(*drafts.shape, vocab, device=drafts.device).scatter_(-1, drafts[..., None], 1.0)
+
+
 def target_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """The sampling distribution a mode draws from: softmax(top-p(logits / T))."""
     return top_p_filter(logits / temperature, top_p).softmax(-1)
@@ -102,8 +107,8 @@ def accept_drafts(logits, drafts, draft_len, q, settings, generator):
         accepted = ok.long().cumprod(1).sum(1)
         return accepted, choice.gather(1, accepted[:, None])[:, 0]
     p = target_probs(logits, settings.temperature, settings.top_p)  # (B, K+1, V)
-    if q is None:  # deterministic drafts (prompt lookup): q is one-hot
-        q = torch.zeros_like(p[:, :width]).scatter_(-1, drafts[..., None], 1.0)
+    if q is None:  # deterministic drafts (prompt lookup)
+        q = one_hot_law(drafts, p.shape[-1]).to(p.dtype)
     p_draft = p[:, :width].gather(-1, drafts[..., None])[..., 0]
     q_draft = q.gather(-1, drafts[..., None])[..., 0].clamp(min=1e-20)
     u = torch.rand((batch, width), generator=generator, device=p.device)
@@ -264,9 +269,8 @@ def verify_stream(model, input_ids, attention_mask=None, *, draft: str = "auto",
             q = q[:, :k].to(ctx_device)
             if q.shape[1] < k:
                 q = torch.cat([q, q.new_zeros(batch, k - q.shape[1], q.shape[2])], dim=1)
-            for b in range(batch):
-                if b not in den_rows:
-                    q[b] = torch.zeros_like(q[b]).scatter_(-1, draft_ids[b, :, None].to(ctx_device), 1.0)
+            others = [b for b in range(batch) if b not in den_rows]
+            q[others] = one_hot_law(draft_ids[others].to(ctx_device), q.shape[-1]).to(q.dtype)
         logits = model.context_extend(cache, torch.cat([pending[:, None], draft_ids.to(ctx_device)], dim=1),
                                       logits="all")  # (B, k+1, V)
         run.context_passes += 1
