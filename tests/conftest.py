@@ -10,6 +10,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    NemotronHConfig,
+    NemotronHForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -24,7 +26,16 @@ FAMILIES = {
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "nemotron_h": (NemotronHConfig, NemotronHForCausalLM),
 }
+# The tiny hybrid: every kind of nemotron_h layer (Mamba-2, attention, MoE, MLP), Mamba first
+# so that its state carries the prompt into everything after it; chunks of 8 so that prompts
+# span several scan chunks.
+HYBRID = dict(
+    layers_block_type=["linear_attention", "full_attention", "moe", "linear_attention", "mlp"],
+    mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2, conv_kernel=4, chunk_size=8,
+    n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=32,
+)
 VOCAB = 96
 EOS = 1
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [20, 21, 22, 23, 24, 25, 26], [40]]
@@ -53,6 +64,8 @@ def tiny_backbone(family: str = "llama", seed: int = 0, **overrides):
         num_key_value_heads=2, head_dim=16, max_position_embeddings=256, initializer_range=0.1,
         tie_word_embeddings=family == "llama", pad_token_id=0, eos_token_id=EOS, bos_token_id=2,
     )
+    if family == "nemotron_h":
+        kwargs.update(HYBRID)
     kwargs.update(overrides)
     torch.manual_seed(seed)
     return model_cls(config_cls(**kwargs)).eval()
@@ -69,8 +82,11 @@ def perturb_trained(model: TwoTowerForCausalLM, seed: int = 1, scale: float = 0.
     """Move every trained tensor away from its (identity) initialisation, as training would."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        params = dict(model.named_parameters(remove_duplicate=False))
         for name in model.trained_state_dict():
-            param = model.get_parameter(name)
+            if name not in params:
+                continue  # a buffer (the hybrid MoE router's score correction): not trained
+            param = params[name]
             param.add_(torch.randn(param.shape, generator=g).to(param.dtype) * scale)
 
 

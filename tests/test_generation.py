@@ -35,7 +35,7 @@ def test_ar_stops_each_row_at_its_own_eos():
     assert result.row_nfe == [len(t) for t in result.tokens]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "nemotron_h"])
 def test_untrained_mock_ar_equals_ar(denoiser_kind, family):
     model = tiny_two_tower(denoiser_kind, family=family)
     ar = generate_ar(model, PROMPTS, max_new_tokens=20)
@@ -44,8 +44,9 @@ def test_untrained_mock_ar_equals_ar(denoiser_kind, family):
     assert mock.denoiser_passes == 20 and mock.tokens_per_nfe == 1.0
 
 
-def test_mock_ar_uses_the_denoiser(denoiser_kind):
-    model = tiny_two_tower(denoiser_kind)
+@pytest.mark.parametrize("family", ["llama", "nemotron_h"])
+def test_mock_ar_uses_the_denoiser(denoiser_kind, family):
+    model = tiny_two_tower(denoiser_kind, family=family)
     ar = generate_ar(model, PROMPTS, max_new_tokens=20)
     perturb_trained(model, scale=0.5)
     assert generate_mock_ar(model, PROMPTS, max_new_tokens=20).tokens != ar.tokens
@@ -56,9 +57,10 @@ def ar_next_token(model, prefix: list[int]) -> int:
     return int(model(torch.tensor([prefix]))[0, -1].argmax())
 
 
+@pytest.mark.parametrize("family", ["llama", "nemotron_h"])
 @pytest.mark.parametrize("threshold", [0.05, 0.8])
-def test_shifted_layout_first_token_of_every_block_is_ar_choice(denoiser_kind, threshold):
-    model = tiny_two_tower(denoiser_kind, block_size=4)
+def test_shifted_layout_first_token_of_every_block_is_ar_choice(denoiser_kind, threshold, family):
+    model = tiny_two_tower(denoiser_kind, block_size=4, family=family)
     for prompt in PROMPTS:
         out = generate_mask_diffusion(model, [prompt], max_new_tokens=16, block_size=4,
                                       confidence_threshold=threshold).tokens[0]
@@ -67,10 +69,12 @@ def test_shifted_layout_first_token_of_every_block_is_ar_choice(denoiser_kind, t
             assert out[start] == ar_next_token(model, prompt + out[:start]), (prompt, start)
 
 
-def test_diffusion_rows_are_independent_of_batching(denoiser_kind):
+@pytest.mark.parametrize("family", ["llama", "nemotron_h"])
+def test_diffusion_rows_are_independent_of_batching(denoiser_kind, family):
     """Per-row time and stopping: a batch gives each row what it would get alone, also with a
-    trained-looking denoiser whose adaLN depends on t."""
-    model = tiny_two_tower(denoiser_kind, block_size=4)
+    trained-looking denoiser whose adaLN depends on t (hybrid: left padding leaves the Mamba
+    states of a row as they are alone)."""
+    model = tiny_two_tower(denoiser_kind, block_size=4, family=family)
     perturb_trained(model, scale=0.05)
     options = dict(max_new_tokens=14, block_size=4, confidence_threshold=0.3)
     batched = generate_mask_diffusion(model, PROMPTS, **options)

@@ -9,10 +9,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from twotower import TwoTowerConfig, TwoTowerError, TwoTowerForCausalLM
 from twotower.generate.common import left_pad
+from twotower.model.cache import MambaState
 from twotower.model.masks import block_mask
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "nemotron_h"])
 def test_block_by_block_extension_equals_one_pass(family):
     model = tiny_two_tower(family=family)
     rows = [p + list(range(30, 41)) for p in PROMPTS]  # prompts + 11 more tokens each
@@ -27,10 +28,26 @@ def test_block_by_block_extension_equals_one_pass(family):
     reference, _ = model.context_prefill(full_ids, full_mask)
     assert torch.equal(cache.valid, reference.valid)
     assert torch.equal(cache.next_pos, reference.next_pos)
+    kinds = assert_same_context(cache, reference)
+    assert kinds == ({"tuple", "MambaState", "NoneType"} if family == "nemotron_h" else {"tuple"})
+
+
+def assert_same_context(cache, reference):
+    """Same K,V on valid slots and the same Mamba conv and SSM states (hybrid backbones)."""
     valid = reference.valid[:, None, :, None]
-    for (k, v), (rk, rv) in zip(cache.kv, reference.kv):
-        torch.testing.assert_close(k * valid, rk * valid, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(v * valid, rv * valid, atol=1e-5, rtol=1e-5)
+    kinds = set()
+    for entry, ref in zip(cache.kv, reference.kv, strict=True):
+        kinds.add(type(entry).__name__)
+        if isinstance(entry, tuple):
+            torch.testing.assert_close(entry[0] * valid, ref[0] * valid, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(entry[1] * valid, ref[1] * valid, atol=1e-5, rtol=1e-5)
+        elif isinstance(entry, MambaState):
+            assert bool(entry.ssm.abs().max() > 1e-3)  # a state that carries something
+            torch.testing.assert_close(entry.conv, ref.conv, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(entry.ssm, ref.ssm, atol=1e-5, rtol=1e-5)
+        else:
+            assert entry is None and ref is None
+    return kinds
 
 
 def test_extension_logits_equal_full_pass_logits():
@@ -53,9 +70,11 @@ def _denoise(model, t=None):
     return model.denoise(view, block_ids, start, t)
 
 
-def test_untrained_denoiser_is_the_backbone(denoiser_kind):
-    """Identity adaLN for any t, zero LoRA delta / exact copy: anchor logits are AR logits."""
-    model = tiny_two_tower(denoiser_kind)
+@pytest.mark.parametrize("family", ["llama", "nemotron_h"])
+def test_untrained_denoiser_is_the_backbone(denoiser_kind, family):
+    """Identity adaLN for any t, zero LoRA delta / exact copy: anchor logits are AR logits
+    (hybrid: the denoiser's Mamba layers start from the state before the anchor)."""
+    model = tiny_two_tower(denoiser_kind, family=family)
     t = torch.tensor([1.0, 0.5, 0.25, 0.75])
     with torch.no_grad():
         plain, timed = _denoise(model), _denoise(model, t)
@@ -127,13 +146,14 @@ def test_place_towers_on_two_devices(denoiser_kind):
     assert generate_mock_ar(model, PROMPTS, max_new_tokens=8).tokens == generate_ar(model, PROMPTS, max_new_tokens=8).tokens
 
 
+@pytest.mark.parametrize("family", ["llama", "nemotron_h"])
 @pytest.mark.parametrize("layout", ["shifted", "same-position"])
-def test_save_load_round_trip_is_exact(tmp_path, denoiser_kind, layout):
-    model = tiny_two_tower(denoiser_kind, layout=layout)
+def test_save_load_round_trip_is_exact(tmp_path, denoiser_kind, layout, family):
+    model = tiny_two_tower(denoiser_kind, layout=layout, family=family)
     perturb_trained(model)
     model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "denoiser.safetensors"]
-    loaded = TwoTowerForCausalLM.from_pretrained(tmp_path, backbone=tiny_backbone())
+    loaded = TwoTowerForCausalLM.from_pretrained(tmp_path, backbone=tiny_backbone(family))
     assert loaded.config.denoiser == denoiser_kind and loaded.config.layout == layout
     with torch.no_grad():
         torch.testing.assert_close(_denoise(loaded, torch.full((4,), 0.5)), _denoise(model, torch.full((4,), 0.5)),

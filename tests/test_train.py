@@ -26,12 +26,14 @@ def _sequences(batch: int, layout: str, seed: int = 0) -> torch.Tensor:
 # --- the objective --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("family", ["llama", "nemotron_h"])
 @pytest.mark.parametrize("layout", ["shifted", "same-position"])
-def test_training_pass_equals_the_generation_pass_of_every_block(denoiser_kind, layout):
+def test_training_pass_equals_the_generation_pass_of_every_block(denoiser_kind, layout, family):
     """The one-pass block-causal training forward gives, for every block, the logits that the
     generation-time denoiser pass gives on that block with the context cache of the clean
-    tokens before it (same mask, positions and time conditioning)."""
-    model = tiny_two_tower(denoiser_kind, layout, block_size=S)
+    tokens before it (same mask, positions and time conditioning; hybrid: the same Mamba
+    states at the block boundary, the blocks folded into the batch)."""
+    model = tiny_two_tower(denoiser_kind, layout, block_size=S, family=family)
     perturb_trained(model)
     ids = _sequences(2, layout)
     noise = sample_noise(2, BLOCKS, S, torch.Generator().manual_seed(1))
@@ -42,8 +44,7 @@ def test_training_pass_equals_the_generation_pass_of_every_block(denoiser_kind, 
         if layout == "shifted":
             block_inputs = torch.cat([ids[:, b * S:b * S + 1], block_inputs[:, :-1]], dim=1)
         if b == 0:
-            view = ContextView([(k[:, :, :0], v[:, :, :0]) for k, v in _context_kv(model, ids[:, :1])],
-                               torch.zeros(2, 0, dtype=torch.bool))
+            view = model.empty_context(2).view()
         else:
             view = ContextView(_context_kv(model, ids[:, :b * S]), torch.ones(2, b * S, dtype=torch.bool))
         expected = model.denoise(view, block_inputs, torch.full((2,), b * S), noise.t)
@@ -56,8 +57,9 @@ def _context_kv(model, ids):
     return cache.kv
 
 
-def test_untrained_first_slot_of_every_block_is_the_ar_logit(denoiser_kind):
-    model = tiny_two_tower(denoiser_kind, "shifted", block_size=S)
+@pytest.mark.parametrize("family", ["llama", "nemotron_h"])
+def test_untrained_first_slot_of_every_block_is_the_ar_logit(denoiser_kind, family):
+    model = tiny_two_tower(denoiser_kind, "shifted", block_size=S, family=family)
     ids = _sequences(3, "shifted")
     noise = sample_noise(3, BLOCKS, S, torch.Generator().manual_seed(2))
     logits, _ = training_logits(model, ids, noise)
@@ -141,8 +143,8 @@ def _config(tmp_path, **overrides):
     return TrainConfig(**values)
 
 
-def _model(kind="lora", seed=0):
-    return tiny_two_tower(kind, "shifted", block_size=S, seed=seed)
+def _model(kind="lora", seed=0, family="llama"):
+    return tiny_two_tower(kind, "shifted", block_size=S, seed=seed, family=family)
 
 
 def test_loss_falls(tmp_path):
@@ -158,8 +160,9 @@ def test_loss_falls(tmp_path):
     assert (tmp_path / "run" / "final" / "denoiser.safetensors").is_file()
 
 
-def test_frozen_tower_unchanged_every_trainable_parameter_moved(tmp_path, denoiser_kind):
-    model = _model(denoiser_kind)
+@pytest.mark.parametrize("family", ["llama", "nemotron_h"])
+def test_frozen_tower_unchanged_every_trainable_parameter_moved(tmp_path, denoiser_kind, family):
+    model = _model(denoiser_kind, family=family)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainable = {id(p) for p in trainable_parameters(model)}
     names = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in trainable}

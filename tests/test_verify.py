@@ -18,17 +18,18 @@ from twotower.generate.verify import DraftPolicy, accept_drafts, lookup_draft, t
 DRAFTS = ["auto", "denoiser", "lookup", "ar"]
 
 
-def _model(kind="lora", trained=False, **config):
-    model = tiny_two_tower(denoiser=kind, block_size=8, **config)
+def _model(kind="lora", trained=False, family="llama", **config):
+    model = tiny_two_tower(denoiser=kind, block_size=8, family=family, **config)
     if trained:
         perturb_trained(model, scale=0.05)
     return model
 
 
+@pytest.mark.parametrize("family", ["llama", "nemotron_h"])
 @pytest.mark.parametrize("trained", [False, True], ids=["untrained", "perturbed"])
 @pytest.mark.parametrize("draft", DRAFTS)
-def test_greedy_verify_equals_ar_ragged_batch(denoiser_kind, draft, trained):
-    model = _model(denoiser_kind, trained)
+def test_greedy_verify_equals_ar_ragged_batch(denoiser_kind, draft, trained, family):
+    model = _model(denoiser_kind, trained, family)
     expected = generate_ar(model, PROMPTS, max_new_tokens=40).tokens
     result = generate_verify(model, PROMPTS, max_new_tokens=40, draft=draft)
     assert result.tokens == expected
@@ -111,17 +112,20 @@ def test_verify_refuses_bad_options():
 
 
 def _row_kv(cache, row):
-    """Per layer, the K,V of the row's valid slots, in order."""
+    """Per layer, the K,V of the row's valid slots, in order, or its Mamba (conv, SSM) state."""
     keep = cache.valid[row]
-    return [(k[row][:, keep], v[row][:, keep]) for k, v in cache.kv]
+    return [(e[0][row][:, keep], e[1][row][:, keep]) if isinstance(e, tuple) else (e.conv[row], e.ssm[row])
+            for e in cache.kv if e is not None]
 
 
+@pytest.mark.parametrize("family", ["llama", "nemotron_h"])
 @pytest.mark.parametrize("ragged", [False, True])
-def test_cache_after_rejection_equals_ar_prefill_of_the_committed_tokens(ragged):
+def test_cache_after_rejection_equals_ar_prefill_of_the_committed_tokens(ragged, family):
     """One verify cycle by hand: read [pending, drafts], accept a prefix per row, drop the
-    rest. Each row's cache must then equal a plain prefill of its committed tokens, and the
-    next context pass must give the AR logits."""
-    model = _model()
+    rest. Each row's cache must then equal a plain prefill of its committed tokens (hybrid:
+    the Mamba states too, recomputed from the pass's tail), and the next context pass must
+    give the AR logits."""
+    model = _model(family=family)
     prompts = [PROMPTS[0], PROMPTS[2]]
     ar = generate_ar(model, prompts, max_new_tokens=6).tokens
     # drafts: row 0 right for 3 tokens, then wrong; row 1 wrong at once (or right for 3 too)

@@ -15,6 +15,7 @@ from transformers import PretrainedConfig
 LAYOUTS = ("shifted", "same-position")
 DENOISER_KINDS = ("full", "lora")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MAMBA_LORA_TARGETS = ("in_proj", "out_proj")  # Mamba-2 mixers of hybrid backbones
 
 
 class TwoTowerError(ValueError):
@@ -33,6 +34,7 @@ class TwoTowerConfig(PretrainedConfig):
         denoiser: "full" (independent trainable copy, 2x weights) or "lora" (adapters over
             the shared frozen weights, ~1x weights).
         lora_rank / lora_alpha / lora_targets: LoRA adapter shape (denoiser="lora" only).
+            lora_targets None means every projection of the backbone that can take one.
         layout: "shifted" (block = last committed token + S-1 masks; AR-aligned, default) or
             "same-position" (block = S masks, NVIDIA's released layout).
         block_size: block size S the denoiser is trained for; generation may use smaller.
@@ -66,7 +68,7 @@ class TwoTowerConfig(PretrainedConfig):
         self.denoiser = denoiser
         self.lora_rank = lora_rank
         self.lora_alpha = lora_alpha
-        self.lora_targets = list(lora_targets) if lora_targets is not None else list(LORA_TARGETS)
+        self.lora_targets = list(lora_targets) if lora_targets is not None else None
         self.layout = layout
         self.block_size = block_size
         self.mask_token_id = mask_token_id
@@ -84,9 +86,10 @@ class TwoTowerConfig(PretrainedConfig):
         if self.denoiser == "lora":
             if self.lora_rank < 1:
                 raise TwoTowerError(f"lora_rank must be >= 1, got {self.lora_rank}")
-            unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+            known = LORA_TARGETS + MAMBA_LORA_TARGETS
+            unknown = sorted(set(self.lora_targets or ()) - set(known))
             if unknown:
-                raise TwoTowerError(f"unknown lora_targets {unknown}; choose from {list(LORA_TARGETS)}")
+                raise TwoTowerError(f"unknown lora_targets {unknown}; choose from {list(known)}")
 
 
 @dataclass

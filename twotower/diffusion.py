@@ -12,6 +12,9 @@ Layouts, for block b (targets x_{o+bS} .. x_{o+bS+S-1}, context = clean x_0 .. x
                           slot 0 (the anchor) sees only itself inside the block, as in generation
   same-position (o = 0):  input [noised x_{bS} .. x_{bS+S-1}], slot j predicts x_{bS+j}
 A sequence therefore holds n*S + o tokens. Slot j of block b sits at RoPE position bS + j.
+Hybrid backbones: the context pass also keeps every layer's Mamba state at each block
+boundary bS, and the denoiser's Mamba layers scan each block from its own boundary state
+(the blocks folded into the batch), as at generation time.
 """
 
 from __future__ import annotations
@@ -21,9 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from twotower.backbones.llama import run_layers
 from twotower.config import TwoTowerError
-from twotower.model.masks import prefill_mask
 
 
 def layout_offset(layout: str) -> int:
@@ -84,24 +85,10 @@ def training_logits(model, ids: torch.Tensor, noise: Noise) -> tuple[torch.Tenso
     cfg = model.config
     batch, n, s = noise.masked.shape
     inputs, targets = denoiser_inputs(ids, noise, s, cfg.layout, model.mask_token_id)
-    length = n * s
-    positions = torch.arange(length, device=ids.device)[None].expand(batch, -1)
-    with torch.no_grad():  # the context tower: clean tokens, frozen, no gradient
-        clean = ids[:, :length]
-        embeds = model.context_tower.get_input_embeddings()(clean)
-        _, ctx_kv = run_layers(model.context_tower, embeds, positions, prefill_mask(torch.ones_like(clean, dtype=torch.bool)))
-    ctx_kv = [(k.detach(), v.detach()) for k, v in ctx_kv]
-    hidden = model.embed_block(inputs)
-    modulation = None
-    if model.time_conditioning is not None:
-        modulation = model.time_conditioning(noise.t.to(hidden.device)).to(hidden.dtype)
+    view = model.training_context(ids[:, : n * s], s)  # frozen, clean tokens, no gradient
     mask = training_mask(n, s, cfg.layout, ids.device)[None, None].expand(batch, -1, -1, -1)
-    tower = model.denoiser_weights
-    hidden, _ = run_layers(tower, hidden, positions, mask, past=ctx_kv, modulation=modulation, adapters=model.lora)
-    logits = tower.lm_head(hidden).float()
-    if model.mask_token_id < logits.shape[-1]:
-        logits[..., model.mask_token_id] = float("-inf")
-    return logits, targets
+    start = torch.zeros(batch, dtype=torch.long, device=ids.device)
+    return model.denoise(view, inputs, start, noise.t, mask=mask, blocks=n), targets
 
 
 def masked_loss_sum(model, ids: torch.Tensor, noise: Noise) -> tuple[torch.Tensor, int]:

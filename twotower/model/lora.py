@@ -23,14 +23,14 @@ class LoRA(nn.Module):
         return ((x.to(self.A.dtype) @ self.A.T) @ self.B.T * self.scale).to(x.dtype)
 
 
-def build_adapters(backbone: nn.Module, targets: list[str], rank: int, alpha: float) -> nn.ModuleList:
-    """One {projection name: LoRA} dict per decoder layer, shaped after the backbone's linears."""
+def build_adapters(layers: list[dict[str, nn.Linear]], targets: list[str], rank: int, alpha: float) -> nn.ModuleList:
+    """One {projection name: LoRA} dict per decoder layer, shaped after the layer's linears
+    (layers: per layer, its projections by name). A layer without a target gets no adapter for it."""
     per_layer = []
-    for layer in backbone.model.layers:
-        linears = {**dict(layer.self_attn.named_children()), **dict(layer.mlp.named_children())}
+    for linears in layers:
         adapters = nn.ModuleDict()
         for name in targets:
-            lin = linears[name]
-            adapters[name] = LoRA(lin.in_features, lin.out_features, rank, alpha)
+            if name in linears:
+                adapters[name] = LoRA(linears[name].in_features, linears[name].out_features, rank, alpha)
         per_layer.append(adapters)
     return nn.ModuleList(per_layer)

@@ -2,7 +2,8 @@
 
     context tower (frozen backbone)            denoiser tower (copy or LoRA over the same weights)
     reads prompt + committed blocks,           fills a block of S slots by mask diffusion;
-    keeps the only cache (K,V per layer)       layer i attends to [context K,V of layer i ; own K,V]
+    keeps the only cache (K,V per layer;       attention layer i attends to [context K,V of layer i ;
+    Mamba-2 conv + SSM state per layer)        own K,V]; Mamba layer i starts from the context's state
 
 Methods are the named steps that the generation modes compose: `context_prefill`,
 `context_extend` (one pass per committed block) and `denoise` (one denoiser pass over a
@@ -22,8 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from twotower.backbones import SUPPORTED_MODEL_TYPES, backbone_fingerprint, load_backbone
-from twotower.backbones.llama import max_context, run_layers
+from twotower.backbones import SUPPORTED_MODEL_TYPES, backbone_fingerprint, llama, load_backbone, nemotron_h
+from twotower.backbones.llama import max_context
 from twotower.config import TwoTowerConfig, TwoTowerError
 from twotower.model.adaln import TimeConditioning
 from twotower.model.cache import ContextCache, ContextView
@@ -44,6 +45,8 @@ class TwoTowerForCausalLM(nn.Module):
             raise TwoTowerError(f"backbone model_type {bcfg.model_type!r} is not supported: {SUPPORTED_MODEL_TYPES}")
         self.config = config
         self.context_tower = backbone.eval().requires_grad_(False)
+        self.hybrid = bcfg.model_type == "nemotron_h"
+        family = nemotron_h if self.hybrid else llama
         embed = backbone.get_input_embeddings()
         dtype, device = embed.weight.dtype, embed.weight.device
         self.num_embeddings = embed.num_embeddings
@@ -58,13 +61,20 @@ class TwoTowerForCausalLM(nn.Module):
         if config.denoiser == "full":
             self.denoiser_tower = copy.deepcopy(backbone).requires_grad_(True)
         else:
-            self.lora = build_adapters(backbone, config.lora_targets, config.lora_rank, config.lora_alpha)
+            layers = [family.projections(layer) for layer in backbone.model.layers]
+            if config.lora_targets is None:
+                config.lora_targets = sorted({name for linears in layers for name in linears})
+            self.lora = build_adapters(layers, config.lora_targets, config.lora_rank, config.lora_alpha)
+            if not any(len(adapters) for adapters in self.lora):
+                raise TwoTowerError(f"lora_targets {config.lora_targets} name no projection of this "
+                                    f"{bcfg.model_type} backbone")
             self.lora.to(device=device, dtype=dtype)
         # The mask token's embedding: a new learned vector, initialised to the mean embedding.
         self.mask_embedding = nn.Parameter(embed.weight.detach().float().mean(0).to(dtype))
         self.time_conditioning = None
         if config.adaln:
-            tc = TimeConditioning(bcfg.hidden_size, bcfg.num_hidden_layers, config.time_embed_dim)
+            tc = TimeConditioning(bcfg.hidden_size, len(backbone.model.layers), config.time_embed_dim,
+                                  family.N_MODULATION)
             self.time_conditioning = tc.to(device=device, dtype=dtype)
 
     # ---------------------------------------------------------------- construction
@@ -123,6 +133,13 @@ class TwoTowerForCausalLM(nn.Module):
         return self
 
     # ---------------------------------------------------------------- context tower
+    def _run(self, tower, hidden, positions, mask, past=None, modulation=None, adapters=None, **hybrid):
+        """The tower's layers over hidden (B, T, H). hybrid: `valid`, `record`, `blocks` of
+        `nemotron_h.run_layers` (a Llama-family tower has no Mamba state to seed or record)."""
+        if self.hybrid:
+            return nemotron_h.run_layers(tower, hidden, mask, past, modulation, adapters, **hybrid)
+        return llama.run_layers(tower, hidden, positions, mask, past, modulation, adapters)
+
     def _ar_logits(self, hidden: torch.Tensor, which: str | None):
         if which is None:
             return None
@@ -137,17 +154,21 @@ class TwoTowerForCausalLM(nn.Module):
         valid = attention_mask.bool()
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
         embeds = self.context_tower.get_input_embeddings()(input_ids)
-        hidden, kv = run_layers(self.context_tower, embeds, positions, prefill_mask(valid))
+        hidden, kv = self._run(self.context_tower, embeds, positions, prefill_mask(valid), valid=valid, record="tail")
         cache = ContextCache(kv, valid, valid.sum(1))
         return cache, self._ar_logits(hidden, logits)
 
     def empty_context(self, batch: int) -> ContextCache:
         """A cache holding no token yet (verify mode on one-token prompts)."""
         cfg, weight = self.context_tower.config, self.context_tower.get_input_embeddings().weight
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        empty = weight.new_zeros(batch, cfg.num_key_value_heads, 0, head_dim)
+        if self.hybrid:
+            states = nemotron_h.empty_states(self.context_tower, batch)
+        else:
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            empty = weight.new_zeros(batch, cfg.num_key_value_heads, 0, head_dim)
+            states = [(empty, empty) for _ in range(cfg.num_hidden_layers)]
         return ContextCache(
-            [(empty, empty) for _ in range(cfg.num_hidden_layers)],
+            states,
             torch.zeros(batch, 0, dtype=torch.bool, device=weight.device),
             torch.zeros(batch, dtype=torch.long, device=weight.device),
         )
@@ -159,9 +180,19 @@ class TwoTowerForCausalLM(nn.Module):
         positions = cache.next_pos[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
         embeds = self.context_tower.get_input_embeddings()(tokens)
         mask = extend_mask(cache.valid, new_valid)
-        hidden, kv = run_layers(self.context_tower, embeds, positions, mask, past=cache.kv)
+        hidden, kv = self._run(self.context_tower, embeds, positions, mask, past=cache.kv, record="tail")
         cache.append(kv, new_valid)
         return self._ar_logits(hidden, logits)
+
+    @torch.no_grad()
+    def training_context(self, clean: torch.Tensor, block_size: int) -> ContextView:
+        """The context tower over unpadded training sequences (B, n*S): K,V of every position
+        and, for Mamba layers, the state at every block boundary (folded: batch B*n)."""
+        valid = torch.ones_like(clean, dtype=torch.bool)
+        positions = torch.arange(clean.shape[1], device=clean.device)[None].expand(clean.shape[0], -1)
+        embeds = self.context_tower.get_input_embeddings()(clean)
+        _, kv = self._run(self.context_tower, embeds, positions, prefill_mask(valid), record=block_size)
+        return ContextView(kv, valid)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """AR logits of the context tower over a whole sequence (B, T) -> (B, T, V), for scoring."""
@@ -177,12 +208,15 @@ class TwoTowerForCausalLM(nn.Module):
         is_mask = (block_ids == self.mask_token_id)[..., None]
         return torch.where(is_mask, self.mask_embedding.to(emb.dtype), emb)
 
-    def denoise(self, view: ContextView, block_ids: torch.Tensor, start_pos: torch.Tensor, t=None) -> torch.Tensor:
+    def denoise(self, view: ContextView, block_ids: torch.Tensor, start_pos: torch.Tensor, t=None,
+                mask: torch.Tensor | None = None, blocks: int = 1) -> torch.Tensor:
         """One denoiser pass over a block.
 
-        view: the context K,V the block attends to (on the denoiser's device);
+        view: the context K,V (and Mamba states) the block starts from, on the denoiser's device;
         block_ids: (B, S), mask id at masked slots; start_pos: (B,) RoPE position of slot 0;
         t: (B,) masking level for adaLN, or None for no time conditioning.
+        mask / blocks: the training pass reads n blocks at once (B, n*S) under its own
+        block-causal mask, Mamba layers seeded per block (view states of batch B*n).
         Returns float logits (B, S, V) with the mask token forbidden.
         """
         tower = self.denoiser_weights
@@ -191,8 +225,10 @@ class TwoTowerForCausalLM(nn.Module):
         modulation = None
         if t is not None and self.time_conditioning is not None:
             modulation = self.time_conditioning(t.to(hidden.device)).to(hidden.dtype)
-        mask = block_mask(view.valid, block_ids.shape[1], self.config.layout)
-        hidden, _ = run_layers(tower, hidden, positions, mask, past=view.kv, modulation=modulation, adapters=self.lora)
+        if mask is None:
+            mask = block_mask(view.valid, block_ids.shape[1], self.config.layout)
+        hybrid = {"blocks": blocks} if self.hybrid else {}
+        hidden, _ = self._run(tower, hidden, positions, mask, view.kv, modulation, self.lora, **hybrid)
         logits = tower.lm_head(hidden).float()
         if self.mask_token_id < logits.shape[-1]:
             logits[..., self.mask_token_id] = float("-inf")

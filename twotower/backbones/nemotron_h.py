@@ -1,0 +1,181 @@
+"""Forward pass of a hybrid Mamba-2 / attention / MLP / MoE decoder (transformers'
+`nemotron_h`) over the modules of a `NemotronHForCausalLM`, with the hooks the two towers need:
+
+- attention layers run over `[past K,V ; own K,V]` with any boolean mask (no RoPE in this
+  family: the Mamba layers carry word order);
+- Mamba-2 layers start from a given state (`MambaState`: conv + SSM state) and scan the new
+  tokens causally in fp32 (`twotower.backbones.ssm`). The context tower keeps the end state
+  and the inputs of the pass's last tokens (`ScanTail`); the denoiser throws it away;
+- one adaLN triple (shift, scale, gate) per layer: every layer has a single sublayer;
+- LoRA deltas on in_proj / out_proj (Mamba), q/k/v/o_proj (attention), up_proj / down_proj
+  (MLP, and the shared expert of MoE layers; routed experts have none);
+- `blocks=n`: a (B, n*S) input is n blocks, each scanned by the Mamba layers from its own
+  state (states of batch B*n): the training pass, blocks folded into the batch.
+
+MoE layers use transformers' router and experts as they are (the routing is a pure
+function of the input, so it is deterministic).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from twotower.backbones.llama import _adapter_lookup, _project
+from twotower.backbones.ssm import chunked_scan, seeded_conv, seeded_scan
+from twotower.model.cache import MambaState, ScanTail
+
+N_MODULATION = 3
+MAMBA_KINDS = ("linear_attention", "mamba")
+ATTENTION_KINDS = ("full_attention", "attention")
+MAX_TAIL = 64  # the context tower can go back this many tokens of its last pass
+
+
+def projections(layer: nn.Module) -> dict[str, nn.Linear]:
+    """The linear projections of one layer a LoRA adapter may target, by name."""
+    mixer = layer.mixer
+    found = {name: m for name, m in mixer.named_children() if isinstance(m, nn.Linear)}
+    shared = getattr(mixer, "shared_experts", None)
+    if shared is not None:
+        found.update({name: m for name, m in shared.named_children() if isinstance(m, nn.Linear)})
+    return found
+
+
+def attention(attn: nn.Module, x, past_kv, mask, adapters):
+    """x: (B, T, H); past_kv: None or (K, V) each (B, Hkv, P, D); mask: None or (B, 1, T, P+T) bool.
+    Returns the output (B, T, H) and this call's own (k, v)."""
+    bsz, seq, _ = x.shape
+    get = _adapter_lookup(adapters)
+    hd = attn.head_dim
+    q = _project(attn.q_proj, x, get("q_proj")).view(bsz, seq, -1, hd).transpose(1, 2)
+    k = _project(attn.k_proj, x, get("k_proj")).view(bsz, seq, -1, hd).transpose(1, 2)
+    v = _project(attn.v_proj, x, get("v_proj")).view(bsz, seq, -1, hd).transpose(1, 2)
+    keys, values = (k, v) if past_kv is None else (torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2))
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+    return _project(attn.o_proj, out.transpose(1, 2).reshape(bsz, seq, -1), get("o_proj")), (k, v)
+
+
+def mlp(block: nn.Module, x, adapters):
+    get = _adapter_lookup(adapters)
+    return _project(block.down_proj, block.act_fn(_project(block.up_proj, x, get("up_proj"))), get("down_proj"))
+
+
+def moe(block: nn.Module, x, adapters):
+    """transformers' NemotronHMoE with LoRA on its shared expert."""
+    _, weights, chosen = block.gate(x)
+    routed = block.fc2_latent_proj(block.experts(block.fc1_latent_proj(x.reshape(-1, x.shape[-1])), chosen, weights))
+    return routed.view(x.shape) + mlp(block.shared_experts, x, adapters)
+
+
+def mamba(mixer: nn.Module, x, state: MambaState | None, valid, adapters, record: str | int | None = None):
+    """One Mamba-2 mixer from `state` (zeros when None) over x (B, T, H).
+
+    valid: None or (B, T) bool; padded positions are zeroed before and after the conv, as in
+    transformers, so left padding leaves a zero state. record: None (the end state is not
+    wanted), "tail" (return the end state with a `ScanTail` of the last min(T, MAX_TAIL)
+    tokens), or an int S (return the states at every S tokens, folded into the batch:
+    (B * T/S) states, the i-th of row b being the state before token i*S).
+    Returns the output (B, T, H) and the state asked for (or None).
+    """
+    bsz, seq, _ = x.shape
+    get = _adapter_lookup(adapters)
+    heads, head_dim, groups = mixer.num_heads, mixer.head_dim, mixer.n_groups
+    n_state, k1 = mixer.ssm_state_size, mixer.conv_kernel_size - 1
+    if valid is not None:
+        x = x * valid[..., None].to(x.dtype)
+    gate, xbc, dt = _project(mixer.in_proj, x, get("in_proj")).split(
+        [mixer.intermediate_size, mixer.conv_dim, heads], dim=-1)
+    conv_state = state.conv if state is not None else xbc.new_zeros(bsz, mixer.conv_dim, k1)
+    h0 = state.ssm if state is not None else torch.zeros(bsz, heads, head_dim, n_state, device=x.device)
+    conv, new_conv = seeded_conv(xbc, conv_state, mixer.conv1d.weight, mixer.conv1d.bias)
+    conv = mixer.act(conv)
+    if valid is not None:
+        conv = conv * valid[..., None].to(conv.dtype)
+    xs, b, c = conv.split([mixer.intermediate_size, groups * n_state, groups * n_state], dim=-1)
+    xs, b, c = xs.view(bsz, seq, heads, head_dim), b.view(bsz, seq, groups, n_state), c.view(bsz, seq, groups, n_state)
+    low, high = mixer.time_step_limit
+    dt = F.softplus(dt.float() + mixer.dt_bias.float()).clamp(min=low, max=high)
+    A, D = -torch.exp(mixer.A_log.float()), mixer.D
+    new = None
+    if record is None:
+        y, _ = chunked_scan(xs, dt, A, b, c, D, h0, mixer.chunk_size)
+    elif record == "tail":
+        split = seq - min(seq, MAX_TAIL)
+        ys, h_mid = [], h0
+        if split:
+            y_head, h_mid = chunked_scan(xs[:, :split], dt[:, :split], A, b[:, :split], c[:, :split], D, h0,
+                                         mixer.chunk_size)
+            ys.append(y_head)
+        y_tail, h_end = seeded_scan(xs[:, split:], dt[:, split:], A, b[:, split:], c[:, split:], D, h_mid)
+        y = torch.cat([*ys, y_tail], dim=1)
+        window = torch.cat([conv_state.to(xbc.dtype), xbc.transpose(1, 2)], dim=2)[:, :, split:]
+        tail = ScanTail(window, h_mid, xs[:, split:], dt[:, split:], b[:, split:], A)
+        new = MambaState(new_conv, h_end, tail, torch.full((bsz,), seq - split, dtype=torch.long, device=x.device))
+    else:
+        starts = []
+        y, _ = chunked_scan(xs, dt, A, b, c, D, h0, record, starts=starts)
+        window = torch.cat([conv_state.to(xbc.dtype), xbc.transpose(1, 2)], dim=2)  # (B, C, K-1+T)
+        convs = window.unfold(2, k1, record)[:, :, : len(starts)]  # (B, C, n, K-1)
+        new = MambaState(convs.permute(0, 2, 1, 3).reshape(-1, mixer.conv_dim, k1),
+                         torch.stack(starts, dim=1).reshape(-1, heads, head_dim, n_state))
+    y = mixer.norm(y.reshape(bsz, seq, -1), gate)
+    return _project(mixer.out_proj, y.to(x.dtype), get("out_proj")), new
+
+
+def run_layers(backbone, hidden, mask, past=None, modulation=None, adapters=None, valid=None,
+               record: str | int | None = None, blocks: int = 1):
+    """All layers and the final norm.
+
+    hidden: (B, T, H); mask: (B, 1, T, P+T) bool for the attention layers; past: None or a
+    per-layer list ((K, V), MambaState or None); modulation: None or (B, L, 3, H);
+    adapters: None or per-layer {name: LoRA}; valid: (B, T) bool, padding of a prefill;
+    record: what Mamba layers return (see `mamba`); blocks: n > 1 scans T = n*S tokens as n
+    blocks of S, each from its own state (past Mamba states of batch B*n).
+    Returns the normed hidden states (B, T, H) and per layer this call's (k, v), the Mamba
+    state asked for, or None.
+    """
+    if mask is not None and bool(mask.all()):
+        mask = None
+    bsz, seq, width = hidden.shape
+    new = []
+    for i, layer in enumerate(backbone.model.layers):
+        kind = layer.block_type
+        h = layer.norm(hidden.to(layer.norm.weight.dtype))
+        if modulation is not None:
+            shift, scale, gate = (modulation[:, i, j, None, :] for j in range(3))
+            h = h * (1 + scale) + shift
+        own = None if adapters is None else adapters[i]
+        entry = None
+        if kind in MAMBA_KINDS:
+            folded = h.reshape(bsz * blocks, seq // blocks, width)
+            out, entry = mamba(layer.mixer, folded, None if past is None else past[i], valid, own, record)
+            out = out.reshape(bsz, seq, width)
+        elif kind in ATTENTION_KINDS:
+            out, entry = attention(layer.mixer, h, None if past is None else past[i], mask, own)
+        elif kind == "moe":
+            out = moe(layer.mixer, h, own)
+        else:
+            out = mlp(layer.mixer, h, own)
+        hidden = hidden + (out * (1 + gate) if modulation is not None else out)
+        new.append(entry)
+    return backbone.model.norm_f(hidden), new
+
+
+def empty_states(backbone, batch: int) -> list:
+    """Per layer: empty K,V, a zero Mamba state, or None: the cache of no token."""
+    cfg = backbone.config
+    weight = backbone.get_input_embeddings().weight
+    out = []
+    for layer in backbone.model.layers:
+        mixer = layer.mixer
+        if layer.block_type in MAMBA_KINDS:
+            out.append(MambaState(
+                weight.new_zeros(batch, mixer.conv_dim, mixer.conv_kernel_size - 1),
+                torch.zeros(batch, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size, device=weight.device)))
+        elif layer.block_type in ATTENTION_KINDS:
+            empty = weight.new_zeros(batch, cfg.num_key_value_heads, 0, mixer.head_dim)
+            out.append((empty, empty))
+        else:
+            out.append(None)
+    return out
