@@ -153,3 +153,16 @@ def test_cli_trains_and_generates_with_a_hybrid_folder(tmp_path, capsys):
         assert out["mode"] == mode and 1 <= out["new_tokens"] <= 8
         texts[mode] = out["text"]
     assert texts["verify"] == texts["ar"]
+
+
+def test_bench_runs_every_mode_on_a_hybrid_and_notes_the_missing_hf_lookup():
+    from twotower.eval.harness import AR, OperatingPoint, run_bench
+
+    model = _hybrid(block_size=4)
+    points = [AR, OperatingPoint("mock-ar"), OperatingPoint("diffusion", 4, 0.8), OperatingPoint("verify", 4, 0.8)]
+    report = run_bench(model, PROMPTS, points, batch_sizes=(1, 4), max_new_tokens=8, progress=False)
+    rows = {(r["point"], r["batch_size"]): r for r in report["rows"]}
+    assert rows[("verify S=4 g=0.8", 4)]["exact_match_vs_ar"] == 1.0
+    assert rows[("mock-ar", 1)]["exact_match_vs_ar"] == 1.0
+    assert rows[("hf_generate", 1)]["tokens_per_second"] > 0 and ("hf_generate_lookup", 1) not in rows
+    assert any("refuses stateful" in n for n in report["notes"])

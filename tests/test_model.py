@@ -137,11 +137,22 @@ def test_place_towers_on_devices_cpu(denoiser_kind):
         assert model.denoiser_tower is None
 
 
+def test_context_view_moves_mamba_states_to_the_denoiser_device():
+    model = tiny_two_tower(family="nemotron_h")
+    cache, _ = model.context_prefill(*left_pad(PROMPTS, pad_id=0))
+    moved = cache.view(drop_last=True).to("meta")
+    tensors = [t for e in moved.kv if e is not None
+               for t in ((e.conv, e.ssm, e.kept, e.tail.window, e.tail.h_start, e.tail.x, e.tail.dt, e.tail.B, e.tail.A)
+                         if isinstance(e, MambaState) else e)]
+    assert len(tensors) > 10 and all(t.device.type == "meta" for t in tensors) and moved.valid.device.type == "meta"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_place_towers_on_two_devices(denoiser_kind):
+@pytest.mark.parametrize("family", ["llama", "nemotron_h"])
+def test_place_towers_on_two_devices(denoiser_kind, family):
     from twotower import generate_ar, generate_mock_ar
 
-    model = tiny_two_tower(denoiser_kind).place_towers_on_devices("cpu", "cuda")
+    model = tiny_two_tower(denoiser_kind, family=family).place_towers_on_devices("cpu", "cuda")
     assert model.denoiser_device.type == "cuda"
     assert generate_mock_ar(model, PROMPTS, max_new_tokens=8).tokens == generate_ar(model, PROMPTS, max_new_tokens=8).tokens
 

@@ -239,7 +239,10 @@ def run_bench(model, prompts: list[list[int]], points: list[OperatingPoint], bat
         baselines = {}
         if hf:
             baselines["hf_generate"] = _time_hf_generate(model.context_tower, prompts, batch, max_new_tokens, eos, pad)
-            if batch == 1 and lookup_baselines:  # transformers' assisted decoding is batch 1 only
+            if batch == 1 and lookup_baselines and model.hybrid:
+                notes.append("transformers' prompt lookup skipped: its assisted generation refuses stateful "
+                             "(Mamba) models")
+            elif batch == 1 and lookup_baselines:  # transformers' assisted decoding is batch 1 only
                 baselines["hf_generate_lookup"] = _time_hf_generate(model.context_tower, prompts, 1, max_new_tokens,
                                                                     eos, pad, lookup=True)
         if batch == 1 and gguf:
