@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from twotower.backbones.ssm import chunked_scan, recurrent_scan, seeded_conv, seeded_scan
+from twotower.backbones.ssm import chunked_scan, recurrent_scan, scan_state, seeded_conv, seeded_scan
 
 HEADS, P, N, GROUPS = 4, 3, 5, 2
 
@@ -86,3 +86,17 @@ def test_seeded_scan_matches_transformers_nemotron_h_chunk_scan():
     y, h = seeded_scan(x, F.softplus(dt_raw + dt_bias), A, B, C, D, h0)
     torch.testing.assert_close(y, y_ref.float(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(h, h_ref.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_scans_stay_fp32_under_bf16_autocast():
+    """A bf16 autocast training step must not round the scan: same results as outside it."""
+    x, dt, A, B, C, D, h0 = _inputs(2, 12, seed=2)
+    y, h = chunked_scan(x, dt, A, B, C, D, h0, chunk_size=5)
+    state = scan_state(x, dt, A, B, h0)
+    with torch.autocast("cpu", torch.bfloat16):
+        y_auto, h_auto = chunked_scan(x, dt, A, B, C, D, h0, chunk_size=5)
+        state_auto = scan_state(x, dt, A, B, h0)
+    assert y_auto.dtype == h_auto.dtype == state_auto.dtype == torch.float32
+    torch.testing.assert_close(y_auto, y, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(h_auto, h, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(state_auto, state, rtol=1e-6, atol=1e-6)

@@ -5,7 +5,8 @@
   family: the Mamba layers carry word order);
 - Mamba-2 layers start from a given state (`MambaState`: conv + SSM state) and scan the new
   tokens causally in fp32 (`twotower.backbones.ssm`). The context tower keeps the end state
-  and the inputs of the pass's last tokens (`ScanTail`); the denoiser throws it away;
+  and the inputs of its last pass (`ScanTail`: a whole extension, a prompt's last token);
+  the denoiser throws it away;
 - one adaLN triple (shift, scale, gate) per layer: every layer has a single sublayer;
 - LoRA deltas on in_proj / out_proj (Mamba), q/k/v/o_proj (attention), up_proj / down_proj
   (MLP, and the shared expert of MoE layers; routed experts have none);
@@ -23,23 +24,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from twotower.backbones.llama import _adapter_lookup, _project
-from twotower.backbones.ssm import chunked_scan, seeded_conv, seeded_scan
+from twotower.backbones.ssm import chunked_scan, seeded_conv
 from twotower.model.cache import MambaState, ScanTail
 
 N_MODULATION = 3
 MAMBA_KINDS = ("linear_attention", "mamba")
 ATTENTION_KINDS = ("full_attention", "attention")
-MAX_TAIL = 64  # the context tower can go back this many tokens of its last pass
 
 
 def projections(layer: nn.Module) -> dict[str, nn.Linear]:
     """The linear projections of one layer a LoRA adapter may target, by name."""
     mixer = layer.mixer
-    found = {name: m for name, m in mixer.named_children() if isinstance(m, nn.Linear)}
-    shared = getattr(mixer, "shared_experts", None)
-    if shared is not None:
-        found.update({name: m for name, m in shared.named_children() if isinstance(m, nn.Linear)})
-    return found
+    shared = getattr(mixer, "shared_experts", None)  # MoE: only the shared expert (see `moe`)
+    owner = mixer if shared is None else shared
+    return {name: m for name, m in owner.named_children() if isinstance(m, nn.Linear)}
 
 
 def attention(attn: nn.Module, x, past_kv, mask, adapters):
@@ -68,13 +66,14 @@ def moe(block: nn.Module, x, adapters):
     return routed.view(x.shape) + mlp(block.shared_experts, x, adapters)
 
 
-def mamba(mixer: nn.Module, x, state: MambaState | None, valid, adapters, record: str | int | None = None):
+def mamba(mixer: nn.Module, x, state: MambaState | None, valid, adapters, record: str | int | None = None,
+          tail: int | None = None):
     """One Mamba-2 mixer from `state` (zeros when None) over x (B, T, H).
 
     valid: None or (B, T) bool; padded positions are zeroed before and after the conv, as in
     transformers, so left padding leaves a zero state. record: None (the end state is not
-    wanted), "tail" (return the end state with a `ScanTail` of the last min(T, MAX_TAIL)
-    tokens), or an int S (return the states at every S tokens, folded into the batch:
+    wanted), "tail" (return the end state with a `ScanTail` of the last `tail` tokens, all
+    of them when None, to go back that far later), or an int S (return the states at every S tokens, folded into the batch:
     (B * T/S) states, the i-th of row b being the state before token i*S).
     Returns the output (B, T, H) and the state asked for (or None).
     """
@@ -101,13 +100,14 @@ def mamba(mixer: nn.Module, x, state: MambaState | None, valid, adapters, record
     if record is None:
         y, _ = chunked_scan(xs, dt, A, b, c, D, h0, mixer.chunk_size)
     elif record == "tail":
-        split = seq - min(seq, MAX_TAIL)
+        split = seq - min(seq, seq if tail is None else tail)
         ys, h_mid = [], h0
         if split:
             y_head, h_mid = chunked_scan(xs[:, :split], dt[:, :split], A, b[:, :split], c[:, :split], D, h0,
                                          mixer.chunk_size)
             ys.append(y_head)
-        y_tail, h_end = seeded_scan(xs[:, split:], dt[:, split:], A, b[:, split:], c[:, split:], D, h_mid)
+        y_tail, h_end = chunked_scan(xs[:, split:], dt[:, split:], A, b[:, split:], c[:, split:], D, h_mid,
+                                     mixer.chunk_size)
         y = torch.cat([*ys, y_tail], dim=1)
         window = torch.cat([conv_state.to(xbc.dtype), xbc.transpose(1, 2)], dim=2)[:, :, split:]
         tail = ScanTail(window, h_mid, xs[:, split:], dt[:, split:], b[:, split:], A)
@@ -124,13 +124,13 @@ def mamba(mixer: nn.Module, x, state: MambaState | None, valid, adapters, record
 
 
 def run_layers(backbone, hidden, mask, past=None, modulation=None, adapters=None, valid=None,
-               record: str | int | None = None, blocks: int = 1):
+               record: str | int | None = None, tail: int | None = None, blocks: int = 1):
     """All layers and the final norm.
 
     hidden: (B, T, H); mask: (B, 1, T, P+T) bool for the attention layers; past: None or a
     per-layer list ((K, V), MambaState or None); modulation: None or (B, L, 3, H);
     adapters: None or per-layer {name: LoRA}; valid: (B, T) bool, padding of a prefill;
-    record: what Mamba layers return (see `mamba`); blocks: n > 1 scans T = n*S tokens as n
+    record, tail: what Mamba layers return (see `mamba`); blocks: n > 1 scans T = n*S tokens as n
     blocks of S, each from its own state (past Mamba states of batch B*n).
     Returns the normed hidden states (B, T, H) and per layer this call's (k, v), the Mamba
     state asked for, or None.
@@ -149,7 +149,7 @@ def run_layers(backbone, hidden, mask, past=None, modulation=None, adapters=None
         entry = None
         if kind in MAMBA_KINDS:
             folded = h.reshape(bsz * blocks, seq // blocks, width)
-            out, entry = mamba(layer.mixer, folded, None if past is None else past[i], valid, own, record)
+            out, entry = mamba(layer.mixer, folded, None if past is None else past[i], valid, own, record, tail)
             out = out.reshape(bsz, seq, width)
         elif kind in ATTENTION_KINDS:
             out, entry = attention(layer.mixer, h, None if past is None else past[i], mask, own)

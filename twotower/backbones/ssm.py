@@ -17,8 +17,22 @@ into the batch: x (B, n*S, ...) -> (B*n, S, ...), h0 (B, n, H, P, N) -> (B*n, H,
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+
+def _fp32(scan):
+    """Run a scan in fp32 also under autocast (a bf16 training step would otherwise round the
+    state's decays and sums)."""
+
+    @functools.wraps(scan)
+    def wrapper(x, *args, **kwargs):
+        with torch.autocast(x.device.type, enabled=False):
+            return scan(x, *args, **kwargs)
+
+    return wrapper
 
 
 def seeded_conv(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -36,6 +50,7 @@ def _expand_groups(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.repeat_interleave(heads // t.shape[2], dim=2)
 
 
+@_fp32
 def seeded_scan(x, dt, A, B, C, D, h0):
     """One chunk of the SSD recurrence from state h0, in fp32.
 
@@ -63,6 +78,7 @@ def _end_state(cum, x, dt, B, h0):
     return h0 * torch.exp(cum[:, -1])[:, :, None, None] + torch.einsum("bjh,bjhn,bjhp->bhpn", to_end, B, x)
 
 
+@_fp32
 def scan_state(x, dt, A, B, h0):
     """The state after a chunk, without its outputs (same arguments as `seeded_scan`, no C, D).
     A step with dt = 0 leaves the state unchanged, so zeroing dt after token k of a row gives
@@ -85,6 +101,7 @@ def chunked_scan(x, dt, A, B, C, D, h0, chunk_size: int = 64, starts: list | Non
     return torch.cat(ys, dim=1), h
 
 
+@_fp32
 def recurrent_scan(x, dt, A, B, C, D, h0):
     """Token-by-token reference of `seeded_scan` (fp32). Also returns every state (B, T, H, P, N)."""
     x, dt, A, D, h = x.float(), dt.float(), A.float(), D.float(), h0.float()

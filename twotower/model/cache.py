@@ -5,10 +5,10 @@ Rows are left-padded and extended together, so slot j is the same step for every
 padded slot is marked invalid instead of being removed. `next_pos` is each row's RoPE
 position of the next token (left padding does not count).
 
-A Mamba state cannot drop tokens the way K,V slots can. So each state keeps the inputs of
-the last pass's last tokens (`ScanTail`): the state after any of them is recomputed from
-those (verify mode dropping rejected drafts, the shifted layout's view without the last
-token) without another pass of the tower.
+A Mamba state cannot drop tokens the way K,V slots can. So each state keeps what the last
+pass read (`ScanTail`: every token of an extension, the last token of a prompt): the state
+after any of them is recomputed from those (verify mode dropping rejected drafts, the
+shifted layout's view without the last token) without another pass of the tower.
 """
 
 from __future__ import annotations
@@ -30,9 +30,6 @@ class ScanTail:
     dt: torch.Tensor  # (B, w, H) step sizes
     B: torch.Tensor  # (B, w, G, N)
     A: torch.Tensor  # (H,)
-
-    def to(self, device) -> ScanTail:
-        return ScanTail(*(t.to(device) for t in (self.window, self.h_start, self.x, self.dt, self.B, self.A)))
 
 
 @dataclass
@@ -59,8 +56,9 @@ class MambaState:
         return MambaState(conv, ssm, tail, kept)
 
     def to(self, device) -> MambaState:
-        return MambaState(self.conv.to(device), self.ssm.to(device), None if self.tail is None else self.tail.to(device),
-                          None if self.kept is None else self.kept.to(device))
+        if self.tail is not None:
+            raise ValueError("a Mamba state moves without its tail (take the cache's view)")
+        return MambaState(self.conv.to(device), self.ssm.to(device))
 
 
 def _move(entry, device):
@@ -117,9 +115,17 @@ class ContextCache:
         self.next_pos = self.next_pos - drop
 
     def view(self, drop_last: bool = False) -> ContextView:
-        """The denoiser's view: every slot, or every slot but the last (shifted layout)."""
-        if not drop_last:
-            return ContextView(self.kv, self.valid)
-        kv = [(e[0][:, :, :-1], e[1][:, :, :-1]) if isinstance(e, tuple)
-              else e.at(e.kept - 1) if isinstance(e, MambaState) else None for e in self.kv]
-        return ContextView(kv, self.valid[:, :-1])
+        """The denoiser's view: every slot, or every slot but the last (shifted layout). Mamba
+        states come without their tail: the denoiser only starts from them."""
+        if drop_last and not bool(self.valid[:, -1].all()):
+            raise ValueError("the view without the last slot needs every row's last slot committed")
+
+        def entry(e):
+            if isinstance(e, tuple):
+                return (e[0][:, :, :-1], e[1][:, :, :-1]) if drop_last else e
+            if isinstance(e, MambaState):
+                state = e.at(e.kept - 1) if drop_last else e
+                return MambaState(state.conv, state.ssm)
+            return None
+
+        return ContextView([entry(e) for e in self.kv], self.valid[:, :-1] if drop_last else self.valid)

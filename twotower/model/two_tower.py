@@ -134,7 +134,7 @@ class TwoTowerForCausalLM(nn.Module):
 
     # ---------------------------------------------------------------- context tower
     def _run(self, tower, hidden, positions, mask, past=None, modulation=None, adapters=None, **hybrid):
-        """The tower's layers over hidden (B, T, H). hybrid: `valid`, `record`, `blocks` of
+        """The tower's layers over hidden (B, T, H). hybrid: `valid`, `record`, `tail`, `blocks` of
         `nemotron_h.run_layers` (a Llama-family tower has no Mamba state to seed or record)."""
         if self.hybrid:
             return nemotron_h.run_layers(tower, hidden, mask, past, modulation, adapters, **hybrid)
@@ -154,7 +154,8 @@ class TwoTowerForCausalLM(nn.Module):
         valid = attention_mask.bool()
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
         embeds = self.context_tower.get_input_embeddings()(input_ids)
-        hidden, kv = self._run(self.context_tower, embeds, positions, prefill_mask(valid), valid=valid, record="tail")
+        hidden, kv = self._run(self.context_tower, embeds, positions, prefill_mask(valid), valid=valid, record="tail",
+                              tail=1)  # a hybrid can go back one token of a prompt: the shifted layout's view
         cache = ContextCache(kv, valid, valid.sum(1))
         return cache, self._ar_logits(hidden, logits)
 
@@ -175,7 +176,8 @@ class TwoTowerForCausalLM(nn.Module):
 
     @torch.no_grad()
     def context_extend(self, cache: ContextCache, tokens: torch.Tensor, logits: str | None = None):
-        """Read S committed tokens (B, S) in one pass and append their K,V to the cache."""
+        """Read S committed tokens (B, S) in one pass and append their K,V to the cache (a hybrid
+        keeps the whole pass as its Mamba tail: verify may drop any of the pass's drafts)."""
         new_valid = torch.ones_like(tokens, dtype=torch.bool)
         positions = cache.next_pos[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
         embeds = self.context_tower.get_input_embeddings()(tokens)
