@@ -26,6 +26,13 @@ def _states(cache):
     return [e for e in cache.kv if isinstance(e, MambaState)]
 
 
+def _assert_row_states(cache, row, alone):
+    """Row `row` of a batched cache holds the Mamba states of `alone`, a one-row cache."""
+    for got, ref in zip(_states(cache), _states(alone), strict=True):
+        torch.testing.assert_close(got.conv[row], ref.conv[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.ssm[row], ref.ssm[0], atol=1e-5, rtol=1e-5)
+
+
 LONG = 81  # tokens: ten scan chunks of 8 and one more
 
 
@@ -64,9 +71,7 @@ def test_left_padding_leaves_each_rows_states_as_alone():
     batched, _ = model.context_prefill(ids, mask)
     for row, prompt in enumerate(PROMPTS):
         alone, _ = model.context_prefill(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long))
-        for got, ref in zip(_states(batched), _states(alone), strict=True):
-            torch.testing.assert_close(got.conv[row], ref.conv[0], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(got.ssm[row], ref.ssm[0], atol=1e-5, rtol=1e-5)
+        _assert_row_states(batched, row, alone)
 
 
 def test_going_back_past_the_tail_is_refused():
@@ -90,10 +95,7 @@ def test_verify_with_blocks_wider_than_the_scan_chunks():
     cache.keep_new(41, keep)
     for row in range(2):
         kept = torch.tensor([rows[row] + drafts[row, : keep[row]].tolist()])
-        alone, _ = model.context_prefill(kept, torch.ones_like(kept))
-        for got, ref in zip(_states(cache), _states(alone), strict=True):
-            torch.testing.assert_close(got.conv[row], ref.conv[0], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(got.ssm[row], ref.ssm[0], atol=1e-5, rtol=1e-5)
+        _assert_row_states(cache, row, model.context_prefill(kept, torch.ones_like(kept))[0])
     with pytest.raises(ValueError, match="last slot committed"):
         cache.view(drop_last=True)  # row 0 dropped its last slots: no shifted view of a ragged cache
     perturb_trained(model, scale=0.05)  # drafts that are partly wrong: rejections mid-pass

@@ -73,8 +73,9 @@ def mamba(mixer: nn.Module, x, state: MambaState | None, valid, adapters, record
     valid: None or (B, T) bool; padded positions are zeroed before and after the conv, as in
     transformers, so left padding leaves a zero state. record: None (the end state is not
     wanted), "tail" (return the end state with a `ScanTail` of the last `tail` tokens, all
-    of them when None, to go back that far later), or an int S (return the states at every S tokens, folded into the batch:
-    (B * T/S) states, the i-th of row b being the state before token i*S).
+    of them when None, to go back that far later), or an int S (return the states at every
+    S tokens, folded into the batch: (B * T/S) states, the i-th of row b being the state
+    before token i*S).
     Returns the output (B, T, H) and the state asked for (or None).
     """
     bsz, seq, _ = x.shape
@@ -100,7 +101,7 @@ def mamba(mixer: nn.Module, x, state: MambaState | None, valid, adapters, record
     if record is None:
         y, _ = chunked_scan(xs, dt, A, b, c, D, h0, mixer.chunk_size)
     elif record == "tail":
-        split = seq - min(seq, seq if tail is None else tail)
+        split = 0 if tail is None else max(seq - tail, 0)  # the tail is x[:, split:]
         ys, h_mid = [], h0
         if split:
             y_head, h_mid = chunked_scan(xs[:, :split], dt[:, :split], A, b[:, :split], c[:, :split], D, h0,
