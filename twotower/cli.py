@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from twotower.config import DRAFT_SOURCES, MODES
+
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
 
@@ -54,14 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--mode",
-        choices=["ar", "mock-ar", "diffusion", "verify"],
+        choices=list(MODES),
         default="ar",
         help="ar: context tower, one token per pass; mock-ar: denoiser, one token per pass; "
         "diffusion: denoiser fills blocks by mask diffusion; verify: drafts (denoiser or prompt lookup) "
         "checked by the context tower, output identical to ar (default: %(default)s, until a trained "
         "denoiser ships)",
     )
-    gen.add_argument("--draft", choices=["auto", "denoiser", "lookup", "ar"], default="auto",
+    gen.add_argument("--draft", choices=list(DRAFT_SOURCES), default="auto",
                      help="verify mode's draft source; auto picks per request whichever commits more "
                      "tokens per second (default: %(default)s)")
     gen.add_argument("--block-size", type=_positive_int, default=None, metavar="N",
@@ -217,9 +219,9 @@ def _float_list(item):
 
 def _modes(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in modes if m not in ("ar", "mock-ar", "diffusion", "verify")]
+    bad = [m for m in modes if m not in MODES]
     if bad:
-        raise argparse.ArgumentTypeError(f"unknown mode(s) {bad}; choose from ar, mock-ar, diffusion, verify")
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
     return modes
 
 

@@ -7,11 +7,11 @@ see the context K,V of the clean tokens before block b and the denoiser's own K,
 only, exactly what they see at generation time. Cross-entropy on masked targets, summed; the
 caller divides by the number of masked targets in the whole batch (no 1/t weight).
 
-Layouts, for block b (targets x_{o+bS} .. x_{o+bS+S-1}, context = clean x_0 .. x_{bS-1}):
-  shifted (o = 1):        input [x_{bS}, noised x_{bS+1} .. x_{bS+S-1}], slot j predicts x_{bS+1+j};
-                          slot 0 (the anchor) sees only itself inside the block, as in generation
-  same-position (o = 0):  input [noised x_{bS} .. x_{bS+S-1}], slot j predicts x_{bS+j}
-A sequence therefore holds n*S + o tokens. Slot j of block b sits at RoPE position bS + j.
+The block layout (`twotower.model.layout.BlockLayout`) says what block b reads and predicts:
+shifted, input [x_{bS}, noised x_{bS+1} .. x_{bS+S-1}] and slot j predicts x_{bS+1+j} (the
+anchor slot 0 sees only itself inside the block, as in generation); same-position, input
+[noised x_{bS} .. x_{bS+S-1}] and slot j predicts x_{bS+j}. A sequence holds n*S + offset
+tokens. Slot j of block b sits at RoPE position bS + j.
 Hybrid backbones: the context pass also keeps every layer's Mamba state at each block
 boundary bS, and the denoiser's Mamba layers scan each block from its own boundary state
 (the blocks folded into the batch), as at generation time.
@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from twotower.config import TwoTowerError
+from twotower.model.layout import BlockLayout
 
 
 def layout_offset(layout: str) -> int:
     """Tokens a sequence holds beyond its n*S targets: 1 in the shifted layout (the anchor)."""
-    return 1 if layout == "shifted" else 0
+    return BlockLayout(layout).offset
 
 
 @dataclass
@@ -51,42 +51,13 @@ def sample_noise(batch: int, n_blocks: int, block_size: int, generator: torch.Ge
     return Noise(t, coins < t[:, None, None])
 
 
-def training_mask(n_blocks: int, block_size: int, layout: str, device=None) -> torch.Tensor:
-    """(n*S, n*S + n*S) bool, True = may attend. Keys: [context x_0 .. x_{nS-1} ; denoiser slots]."""
-    s, length = block_size, n_blocks * block_size
-    block_of = torch.arange(length, device=device) // s  # (nS,) block of each slot / context position
-    ctx = torch.arange(length, device=device)[None, :] < (block_of[:, None] * s)  # clean tokens before the block
-    own = block_of[:, None] == block_of[None, :]
-    if layout == "shifted":  # the anchor query (slot 0) sees only itself inside its block
-        anchor = (torch.arange(length, device=device) % s == 0)[:, None]
-        own = own & (~anchor | torch.eye(length, dtype=torch.bool, device=device))
-    return torch.cat([ctx, own], dim=1)
-
-
-def denoiser_inputs(ids: torch.Tensor, noise: Noise, block_size: int, layout: str, mask_id: int):
-    """ids (B, n*S + o) -> denoiser inputs (B, n*S) and targets (B, n*S)."""
-    batch, n, s = noise.masked.shape
-    o = layout_offset(layout)
-    if ids.shape[1] != n * s + o:
-        raise TwoTowerError(f"a training sequence needs n*S + {o} = {n * s + o} tokens, got {ids.shape[1]}")
-    targets = ids[:, o:].reshape(batch, n, s)
-    if layout == "shifted":
-        anchors = ids[:, : n * s : s].reshape(batch, n, 1)
-        hidden_in = torch.where(noise.masked[..., :-1], mask_id, targets[..., :-1])
-        inputs = torch.cat([anchors, hidden_in], dim=2)
-    else:
-        inputs = torch.where(noise.masked, mask_id, targets)
-    return inputs.reshape(batch, n * s), targets.reshape(batch, n * s)
-
-
 def training_logits(model, ids: torch.Tensor, noise: Noise) -> tuple[torch.Tensor, torch.Tensor]:
     """One training pass. ids: (B, n*S + o) clean tokens. Returns the denoiser logits over every
     slot (B, n*S, V) (float, mask token forbidden) and the targets (B, n*S)."""
-    cfg = model.config
     batch, n, s = noise.masked.shape
-    inputs, targets = denoiser_inputs(ids, noise, s, cfg.layout, model.mask_token_id)
+    inputs, targets = model.layout.training_inputs(ids, noise.masked, model.mask_token_id)
     view = model.training_context(ids[:, : n * s], s)  # frozen, clean tokens, no gradient
-    mask = training_mask(n, s, cfg.layout, ids.device)[None, None].expand(batch, -1, -1, -1)
+    mask = model.layout.training_mask(n, s, ids.device)[None, None].expand(batch, -1, -1, -1)
     start = torch.zeros(batch, dtype=torch.long, device=ids.device)
     return model.denoise(view, inputs, start, noise.t, mask=mask, blocks=n), targets
 

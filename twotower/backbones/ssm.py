@@ -13,11 +13,18 @@ same two operations, given here as plain functions in fp32:
 To scan n blocks of S tokens from n different seeded states in one call, fold the blocks
 into the batch: x (B, n*S, ...) -> (B*n, S, ...), h0 (B, n, H, P, N) -> (B*n, H, P, N).
 `recurrent_scan` is the token-by-token reference the tests hold the others to.
+
+`MambaState` is what the context cache keeps per Mamba-2 layer. A state cannot drop tokens the
+way K,V slots can, so it keeps what the last pass read (`ScanTail`: every token of an
+extension, the last token of a prompt) and recomputes the state after any of them from that
+(`MambaState.at`), without another pass of the tower: verify mode dropping rejected drafts,
+the shifted layout's view without the last token.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -114,3 +121,64 @@ def recurrent_scan(x, dt, A, B, C, D, h0):
         ys.append(torch.einsum("bhn,bhpn->bhp", C[:, i], h) + D[None, :, None] * x[:, i])
         states.append(h)
     return torch.stack(ys, dim=1), h, torch.stack(states, dim=1)
+
+
+# ------------------------------------------------------------------ the cached state and its rewind
+@dataclass
+class ScanTail:
+    """What a Mamba-2 layer read in the last w tokens of a pass (shapes for batch B)."""
+
+    window: torch.Tensor  # (B, C, K-1+w) pre-conv inputs: the conv state before the tail, then the tail's
+    h_start: torch.Tensor  # (B, H, P, N) fp32 SSM state before the tail
+    x: torch.Tensor  # (B, w, H, P) scan inputs
+    dt: torch.Tensor  # (B, w, H) step sizes
+    B: torch.Tensor  # (B, w, G, N)
+    A: torch.Tensor  # (H,)
+
+
+@dataclass
+class MambaState:
+    """A Mamba-2 layer's state: conv (last K-1 pre-conv inputs) and SSM state, after `kept`
+    tokens of the tail (per row), or after a whole pass when there is no tail.
+
+    The same operations as `base.AttentionState`: `append`, `keep_new`, `drop_last`,
+    `for_view`, `to`."""
+
+    conv: torch.Tensor  # (B, C, K-1)
+    ssm: torch.Tensor  # (B, H, P, N) fp32
+    tail: ScanTail | None = None
+    kept: torch.Tensor | None = None  # (B,) long
+
+    def at(self, kept: torch.Tensor) -> MambaState:
+        """The state after the first kept[b] tokens of the tail (0 <= kept[b] <= w)."""
+        tail = self.tail
+        width = 0 if tail is None else tail.x.shape[1]
+        if tail is None or bool((kept < 0).any()) or bool((kept > width).any()):
+            raise ValueError(f"a Mamba state can go back at most {width} tokens into its last pass")
+        k1 = tail.window.shape[2] - width
+        idx = kept[:, None] + torch.arange(k1, device=kept.device)  # (B, K-1)
+        conv = torch.gather(tail.window, 2, idx[:, None, :].expand(-1, tail.window.shape[1], -1))
+        live = torch.arange(width, device=kept.device)[None] < kept[:, None]  # (B, w)
+        ssm = scan_state(tail.x, tail.dt * live[..., None], tail.A, tail.B, tail.h_start)
+        return MambaState(conv, ssm, tail, kept)
+
+    def append(self, new: MambaState) -> MambaState:
+        """The state after a pass that started from this one is the pass's own end state."""
+        return new
+
+    def keep_new(self, drop: torch.Tensor, cut: int | None = None) -> MambaState:
+        """The state before the last drop[b] tokens of the last pass (per row)."""
+        return self.at(self.kept - drop)
+
+    def drop_last(self) -> MambaState:
+        """The state before the last token, without a tail (a view's state)."""
+        return self.at(self.kept - 1).for_view()
+
+    def for_view(self) -> MambaState:
+        """The state without its tail: what the denoiser starts from."""
+        return MambaState(self.conv, self.ssm)
+
+    def to(self, device) -> MambaState:
+        if self.tail is not None:
+            raise ValueError("a Mamba state moves without its tail (take the cache's view)")
+        return MambaState(self.conv.to(device), self.ssm.to(device))

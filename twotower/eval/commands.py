@@ -15,7 +15,7 @@ from twotower.eval.harness import (
     run_eval,
     write_json,
 )
-from twotower.eval.tasks import Task, builtin_tasks, load_prompts
+from twotower.eval.tasks import Task, builtin_tasks, interleave_categories, load_prompts
 
 SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 SWEEP_BLOCK_SIZES = (4, 8, 16)
@@ -118,7 +118,7 @@ def benchmark(model_ref="default", prompts_file=None, modes=("mock-ar", "diffusi
     else:
         model, tokenizer, encode, eos = _load(model_ref, dtype)
         tasks = load_prompts(prompts_file) if prompts_file else builtin_tasks()
-        chosen = _round_robin(tasks)[:num_prompts]
+        chosen = interleave_categories(tasks)[:num_prompts]
         prompts = [encode(t.prompt) for t in chosen]
         gguf = _gguf_of(model_ref) if llama_cpp else None
     if sweep:
@@ -154,17 +154,6 @@ def benchmark(model_ref="default", prompts_file=None, modes=("mock-ar", "diffusi
         write_json(out, report)
         print(f"wrote {out}")
     return report
-
-
-def _round_robin(tasks: list[Task]) -> list[Task]:
-    """Interleave categories so the first N prompts cover them all."""
-    by_cat: dict[str, list[Task]] = {}
-    for t in tasks:
-        by_cat.setdefault(t.category, []).append(t)
-    out, depth = [], max(len(v) for v in by_cat.values())
-    for i in range(depth):
-        out += [v[i] for v in by_cat.values() if i < len(v)]
-    return out
 
 
 def _join_sweep(speed_rows: list[dict], quality_rows: list[dict], batch: int) -> list[dict]:

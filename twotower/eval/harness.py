@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from twotower.config import TwoTowerError
+from twotower.config import BLOCK_MODES, TwoTowerError, resolve_block_size
 from twotower.eval import metrics
 from twotower.eval.checks import score
 from twotower.eval.tasks import Task
@@ -35,7 +35,7 @@ class OperatingPoint:
 
     @property
     def label(self) -> str:
-        if self.mode in ("diffusion", "verify"):
+        if self.mode in BLOCK_MODES:
             text = f"{self.mode} S={self.block_size} g={self.threshold}"
         else:
             text = self.mode
@@ -43,7 +43,7 @@ class OperatingPoint:
 
     def options(self) -> dict:
         opts = {"temperature": self.temperature, "seed": self.seed if self.temperature else None}
-        if self.mode in ("diffusion", "verify"):
+        if self.mode in BLOCK_MODES:
             opts.update(block_size=self.block_size, confidence_threshold=self.threshold)
         return opts
 
@@ -57,11 +57,9 @@ def operating_points(modes, block_sizes, thresholds, temperatures, trained_block
     points = [AR]
     for temperature in temperatures:
         for mode in modes:
-            if mode in ("diffusion", "verify"):
+            if mode in BLOCK_MODES:
                 for size in block_sizes:
-                    size = size or trained_block_size  # None: the trained block size
-                    if size > trained_block_size:
-                        raise TwoTowerError(f"block size {size} exceeds the trained block size {trained_block_size}")
+                    size = resolve_block_size(size, trained_block_size)  # None: the trained block size
                     points += [OperatingPoint(mode, size, g, temperature) for g in thresholds]
             else:
                 points.append(OperatingPoint(mode, None, 0.8, temperature))
@@ -239,7 +237,7 @@ def run_bench(model, prompts: list[list[int]], points: list[OperatingPoint], bat
         baselines = {}
         if hf:
             baselines["hf_generate"] = _time_hf_generate(model.context_tower, prompts, batch, max_new_tokens, eos, pad)
-            if batch == 1 and lookup_baselines and model.hybrid:
+            if batch == 1 and lookup_baselines and model.family.stateful:
                 notes.append("transformers' prompt lookup skipped: its assisted generation refuses stateful "
                              "(Mamba) models")
             elif batch == 1 and lookup_baselines:  # transformers' assisted decoding is batch 1 only

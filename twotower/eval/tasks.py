@@ -73,6 +73,17 @@ def load_prompts(path: str | Path) -> list[Task]:
     return tasks
 
 
+def interleave_categories(tasks: list[Task]) -> list[Task]:
+    """Interleave categories so the first N prompts cover them all."""
+    by_cat: dict[str, list[Task]] = {}
+    for t in tasks:
+        by_cat.setdefault(t.category, []).append(t)
+    out, depth = [], max(len(v) for v in by_cat.values())
+    for i in range(depth):
+        out += [v[i] for v in by_cat.values() if i < len(v)]
+    return out
+
+
 # ------------------------------------------------------------------ the built-in suite
 CAPITALS = [
     ("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Germany", "Berlin"), ("Spain", "Madrid"),

@@ -3,13 +3,13 @@ GenerationResult; each `generate_*` runs it to the end."""
 
 from __future__ import annotations
 
+from twotower.config import MODES, TwoTowerError
 from twotower.generate.ar import ar_stream
 from twotower.generate.common import GenerationResult, StreamEvent, drain
 from twotower.generate.diffusion import diffusion_stream, mock_ar_stream
 from twotower.generate.verify import verify_stream
 
-STREAMS = {"ar": ar_stream, "mock-ar": mock_ar_stream, "diffusion": diffusion_stream, "verify": verify_stream}
-MODES = tuple(STREAMS)
+STREAMS = dict(zip(MODES, (ar_stream, mock_ar_stream, diffusion_stream, verify_stream), strict=True))
 
 
 def generate_ar(model, input_ids, attention_mask=None, **options) -> GenerationResult:
@@ -38,8 +38,6 @@ def generate(model, mode: str, input_ids, attention_mask=None, **options) -> Gen
 
 def stream(model, mode: str, input_ids, attention_mask=None, **options):
     if mode not in STREAMS:
-        from twotower.config import TwoTowerError
-
         raise TwoTowerError(f"mode must be one of {MODES}, got {mode!r}")
     return STREAMS[mode](model, input_ids, attention_mask, **options)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from twotower.config import GenerationSettings, TwoTowerError
+from twotower.config import BLOCK_MODES, GenerationSettings, TwoTowerError, resolve_block_size
 from twotower.generate.sampling import make_generator
 
 
@@ -151,8 +151,10 @@ def _token_rows(input_ids) -> list[list[int]]:
     )
 
 
-def start_run(model, input_ids, attention_mask, mode: str, options: dict) -> Run:
-    """Validate everything before any forward pass and build the run state."""
+def resolve_settings(model, mode: str, options: dict) -> GenerationSettings:
+    """The settings of one generation, checked and resolved against the model's config once:
+    unknown options are refused, and modes that work in blocks get the trained block size by
+    default and never a larger one."""
     eos = options.pop("eos_token_id", None)
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     unknown = set(options) - set(GenerationSettings.__dataclass_fields__)
@@ -160,6 +162,15 @@ def start_run(model, input_ids, attention_mask, mode: str, options: dict) -> Run
         raise TwoTowerError(f"unknown generation option(s) {sorted(unknown)}")
     settings = GenerationSettings(eos_token_id=eos, **options)
     settings.validate()
+    if mode in BLOCK_MODES:
+        settings.block_size = resolve_block_size(settings.block_size, model.config.block_size)
+    return settings
+
+
+def start_run(model, input_ids, attention_mask, mode: str, options: dict) -> Run:
+    """Validate everything before any forward pass and build the run state."""
+    settings = resolve_settings(model, mode, options)
+    eos = settings.eos_token_id
     pad_id = eos[0] if eos else 0
     if isinstance(input_ids, Mapping):  # a tokenizer's output (BatchEncoding or dict)
         if attention_mask is None:

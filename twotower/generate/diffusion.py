@@ -5,12 +5,9 @@ fraction of the row's block; one denoiser pass; predict every masked slot; commi
 confident ones (`choose_commits`); committed tokens are never revisited. Then the context
 tower reads the block in one pass and the next block starts.
 
-Layouts (METHOD.md section 3.1), for a block of S new tokens y_0..y_{S-1} after x_{n-1}:
-  shifted:        input [x_{n-1}, y_0 .. y_{S-2}] at positions n-1..n+S-2, context view
-                  without x_{n-1}; output j predicts y_j.
-  same-position:  input [y_0 .. y_{S-1}] at positions n..n+S-1, full context; output j
-                  predicts y_j.
-(y_j shows the mask token until committed.)
+The block layout (`twotower.model.layout.BlockLayout`, docs/METHOD.md section 3.1) says what
+the denoiser reads: shifted, [x_{n-1}, y_0 .. y_{S-2}] over the context without x_{n-1};
+same-position, [y_0 .. y_{S-1}] over the whole context; output j predicts y_j either way.
 """
 
 from __future__ import annotations
@@ -43,16 +40,9 @@ def diffusion_stream(model, input_ids, attention_mask=None, *, mask_token_id=Non
     """
     run = start_run(model, input_ids, attention_mask, mode, options)
     s = run.settings
-    if s.block_size is None:
-        s.block_size = model.config.block_size
-    if s.block_size > model.config.block_size:
-        raise TwoTowerError(
-            f"block_size {s.block_size} is larger than the block size the denoiser was trained for "
-            f"({model.config.block_size}); sampling with larger blocks collapses quality, use <= {model.config.block_size}"
-        )
     if mask_token_id is not None and mask_token_id != model.mask_token_id:
         raise TwoTowerError(f"mask_token_id {mask_token_id} differs from the model's mask token {model.mask_token_id}")
-    mask_id, shifted, den = model.mask_token_id, model.config.layout == "shifted", model.denoiser_device
+    mask_id, layout, den = model.mask_token_id, model.layout, model.denoiser_device
     batch = run.ids.shape[0]
 
     cache, _ = model.context_prefill(run.ids, run.attention_mask, logits=None)
@@ -62,8 +52,8 @@ def diffusion_stream(model, input_ids, attention_mask=None, *, mask_token_id=Non
     produced = 0
     while True:
         size = min(s.block_size, s.max_new_tokens - produced)
-        view = cache.view(drop_last=shifted).to(den)  # moved once per block, not per step
-        start = (cache.next_pos - 1 if shifted else cache.next_pos).to(den)
+        view = layout.view(cache).to(den)  # moved once per block, not per step
+        start = layout.start(cache).to(den)
         block = torch.full((batch, size), mask_id, dtype=torch.long, device=den)
         masked = (~run.done).to(den)[:, None].repeat(1, size)  # (B, S)
         emitted = [0] * batch
@@ -71,7 +61,7 @@ def diffusion_stream(model, input_ids, attention_mask=None, *, mask_token_id=Non
         for step in range(s.steps_per_block):
             if not masked.any():
                 break
-            inputs = torch.cat([anchor[:, None], block[:, :-1]], dim=1) if shifted else block
+            inputs = layout.inputs(anchor, block)
             t = masked.sum(1).float() / size if time_conditioning else None
             logits = model.denoise(view, inputs, start, t)  # (B, S, V)
             run.denoiser_passes += 1

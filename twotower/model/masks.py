@@ -1,11 +1,17 @@
-"""Boolean attention masks, (B, 1, queries, keys), True = may attend.
+"""Every boolean attention mask of the two towers, (B, 1, queries, keys) or (queries, keys),
+True = may attend.
 
-Keys are always laid out as [cached context slots ; this call's own slots].
+Keys are always laid out as [cached context slots ; this call's own slots]. The anchor rule
+of the shifted layout lives in one place (`within_block`): the anchor query (slot 0, the
+last committed token) sees only itself inside its block, so its prediction of the first new
+token is the AR one (an untrained denoiser reproduces AR exactly there).
 """
 
 from __future__ import annotations
 
 import torch
+
+from twotower.config import SHIFTED
 
 
 def prefill_mask(valid: torch.Tensor) -> torch.Tensor:
@@ -30,18 +36,30 @@ def extend_mask(ctx_valid: torch.Tensor, new_valid: torch.Tensor) -> torch.Tenso
     return torch.cat([ctx, own], dim=2)[:, None]
 
 
-def block_mask(ctx_valid: torch.Tensor, block_size: int, layout: str) -> torch.Tensor:
-    """Denoiser over one block: all valid context slots, bidirectional inside the block.
-
-    In the shifted layout block slot 0 holds the last committed token (the anchor); its
-    query sees only itself inside the block, so its prediction of the first new token is the
-    AR one (an untrained denoiser reproduces AR exactly there). The masked slots see the
-    whole block. ctx_valid: (B, P) -> (B, 1, S, P + S).
-    """
-    s = block_size
-    ctx = ctx_valid[:, None, :].expand(-1, s, -1)
-    own = torch.ones(s, s, dtype=torch.bool, device=ctx_valid.device)
-    if layout == "shifted":
+def within_block(size: int, layout: str, device=None) -> torch.Tensor:
+    """(S, S): who sees whom inside one denoiser block. Bidirectional; in the shifted layout
+    the anchor query (slot 0) sees only itself, while the masked slots see the whole block."""
+    own = torch.ones(size, size, dtype=torch.bool, device=device)
+    if layout == SHIFTED:
         own[0, 1:] = False
-    own = own[None].expand(ctx_valid.shape[0], -1, -1)
+    return own
+
+
+def block_mask(ctx_valid: torch.Tensor, block_size: int, layout: str) -> torch.Tensor:
+    """Denoiser over one block: all valid context slots, then `within_block`.
+    ctx_valid: (B, P) -> (B, 1, S, P + S)."""
+    ctx = ctx_valid[:, None, :].expand(-1, block_size, -1)
+    own = within_block(block_size, layout, ctx_valid.device)[None].expand(ctx_valid.shape[0], -1, -1)
     return torch.cat([ctx, own], dim=2)[:, None]
+
+
+def training_mask(n_blocks: int, block_size: int, layout: str, device=None) -> torch.Tensor:
+    """The training pass over n blocks at once: (n*S, n*S + n*S). Keys: [context x_0 .. x_{nS-1} ;
+    denoiser slots]. Block b's queries see the clean context tokens before the block, and
+    their own block as `within_block` says (an L x 2L block-causal mask)."""
+    s, length = block_size, n_blocks * block_size
+    slots = torch.arange(length, device=device)
+    block_of, slot_of = slots // s, slots % s
+    ctx = slots[None, :] < (block_of[:, None] * s)  # clean tokens before the block
+    own = (block_of[:, None] == block_of[None, :]) & within_block(s, layout, device)[slot_of[:, None], slot_of[None, :]]
+    return torch.cat([ctx, own], dim=1)

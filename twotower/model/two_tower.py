@@ -23,13 +23,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from twotower.backbones import SUPPORTED_MODEL_TYPES, backbone_fingerprint, llama, load_backbone, nemotron_h
+from twotower.backbones import backbone_fingerprint, family_of, load_backbone
+from twotower.backbones.base import Keep, LayerPass
 from twotower.backbones.llama import max_context
 from twotower.config import TwoTowerConfig, TwoTowerError
 from twotower.model.adaln import TimeConditioning
 from twotower.model.cache import ContextCache, ContextView
+from twotower.model.layout import BlockLayout
 from twotower.model.lora import build_adapters
-from twotower.model.masks import block_mask, extend_mask, prefill_mask
+from twotower.model.masks import extend_mask, prefill_mask
 
 WEIGHTS_NAME = "denoiser.safetensors"
 
@@ -41,12 +43,10 @@ class TwoTowerForCausalLM(nn.Module):
         super().__init__()
         config.validate()
         bcfg = backbone.config
-        if bcfg.model_type not in SUPPORTED_MODEL_TYPES:
-            raise TwoTowerError(f"backbone model_type {bcfg.model_type!r} is not supported: {SUPPORTED_MODEL_TYPES}")
+        self.family = family = family_of(bcfg.model_type)  # how the backbone's layers run (backbones.base.Family)
+        self.layout = BlockLayout(config.layout)
         self.config = config
         self.context_tower = backbone.eval().requires_grad_(False)
-        self.hybrid = bcfg.model_type == "nemotron_h"
-        family = nemotron_h if self.hybrid else llama
         embed = backbone.get_input_embeddings()
         dtype, device = embed.weight.dtype, embed.weight.device
         self.num_embeddings = embed.num_embeddings
@@ -74,7 +74,7 @@ class TwoTowerForCausalLM(nn.Module):
         self.time_conditioning = None
         if config.adaln:
             tc = TimeConditioning(bcfg.hidden_size, len(backbone.model.layers), config.time_embed_dim,
-                                  family.N_MODULATION)
+                                  family.n_modulation)
             self.time_conditioning = tc.to(device=device, dtype=dtype)
 
     # ---------------------------------------------------------------- construction
@@ -133,13 +133,6 @@ class TwoTowerForCausalLM(nn.Module):
         return self
 
     # ---------------------------------------------------------------- context tower
-    def _run(self, tower, hidden, positions, mask, past=None, modulation=None, adapters=None, **hybrid):
-        """The tower's layers over hidden (B, T, H). hybrid: `valid`, `record`, `tail`, `blocks` of
-        `nemotron_h.run_layers` (a Llama-family tower has no Mamba state to seed or record)."""
-        if self.hybrid:
-            return nemotron_h.run_layers(tower, hidden, mask, past, modulation, adapters, **hybrid)
-        return llama.run_layers(tower, hidden, positions, mask, past, modulation, adapters)
-
     def _ar_logits(self, hidden: torch.Tensor, which: str | None):
         if which is None:
             return None
@@ -154,36 +147,30 @@ class TwoTowerForCausalLM(nn.Module):
         valid = attention_mask.bool()
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
         embeds = self.context_tower.get_input_embeddings()(input_ids)
-        hidden, kv = self._run(self.context_tower, embeds, positions, prefill_mask(valid), valid=valid, record="tail",
-                              tail=1)  # a hybrid can go back one token of a prompt: the shifted layout's view
-        cache = ContextCache(kv, valid, valid.sum(1))
-        return cache, self._ar_logits(hidden, logits)
+        # A Mamba state keeps a prompt's last token to go back into: the shifted layout's view.
+        p = LayerPass(embeds, positions, prefill_mask(valid), keep=Keep.end(tail=1), valid=valid)
+        hidden, states = self.family.run_layers(self.context_tower, p)
+        return ContextCache(states, valid, valid.sum(1)), self._ar_logits(hidden, logits)
 
     def empty_context(self, batch: int) -> ContextCache:
         """A cache holding no token yet (verify mode on one-token prompts)."""
-        cfg, weight = self.context_tower.config, self.context_tower.get_input_embeddings().weight
-        if self.hybrid:
-            states = nemotron_h.empty_states(self.context_tower, batch)
-        else:
-            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-            empty = weight.new_zeros(batch, cfg.num_key_value_heads, 0, head_dim)
-            states = [(empty, empty) for _ in range(cfg.num_hidden_layers)]
+        device = self.context_device
         return ContextCache(
-            states,
-            torch.zeros(batch, 0, dtype=torch.bool, device=weight.device),
-            torch.zeros(batch, dtype=torch.long, device=weight.device),
+            self.family.empty_states(self.context_tower, batch),
+            torch.zeros(batch, 0, dtype=torch.bool, device=device),
+            torch.zeros(batch, dtype=torch.long, device=device),
         )
 
     @torch.no_grad()
     def context_extend(self, cache: ContextCache, tokens: torch.Tensor, logits: str | None = None):
-        """Read S committed tokens (B, S) in one pass and append their K,V to the cache (a hybrid
-        keeps the whole pass as its Mamba tail: verify may drop any of the pass's drafts)."""
+        """Read S committed tokens (B, S) in one pass and append their states to the cache (a
+        Mamba state keeps the whole pass as its tail: verify may drop any of the pass's drafts)."""
         new_valid = torch.ones_like(tokens, dtype=torch.bool)
         positions = cache.next_pos[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
         embeds = self.context_tower.get_input_embeddings()(tokens)
-        mask = extend_mask(cache.valid, new_valid)
-        hidden, kv = self._run(self.context_tower, embeds, positions, mask, past=cache.kv, record="tail")
-        cache.append(kv, new_valid)
+        p = LayerPass(embeds, positions, extend_mask(cache.valid, new_valid), cache.states, keep=Keep.end())
+        hidden, states = self.family.run_layers(self.context_tower, p)
+        cache.append(states, new_valid)
         return self._ar_logits(hidden, logits)
 
     @torch.no_grad()
@@ -193,8 +180,9 @@ class TwoTowerForCausalLM(nn.Module):
         valid = torch.ones_like(clean, dtype=torch.bool)
         positions = torch.arange(clean.shape[1], device=clean.device)[None].expand(clean.shape[0], -1)
         embeds = self.context_tower.get_input_embeddings()(clean)
-        _, kv = self._run(self.context_tower, embeds, positions, prefill_mask(valid), record=block_size)
-        return ContextView(kv, valid)
+        p = LayerPass(embeds, positions, prefill_mask(valid), keep=Keep.block_starts(block_size))
+        _, states = self.family.run_layers(self.context_tower, p)
+        return ContextView(states, valid)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """AR logits of the context tower over a whole sequence (B, T) -> (B, T, V), for scoring."""
@@ -228,9 +216,9 @@ class TwoTowerForCausalLM(nn.Module):
         if t is not None and self.time_conditioning is not None:
             modulation = self.time_conditioning(t.to(hidden.device)).to(hidden.dtype)
         if mask is None:
-            mask = block_mask(view.valid, block_ids.shape[1], self.config.layout)
-        hybrid = {"blocks": blocks} if self.hybrid else {}
-        hidden, _ = self._run(tower, hidden, positions, mask, view.kv, modulation, self.lora, **hybrid)
+            mask = self.layout.block_mask(view.valid, block_ids.shape[1])
+        p = LayerPass(hidden, positions, mask, view.states, blocks=blocks, modulation=modulation, adapters=self.lora)
+        hidden, _ = self.family.run_layers(tower, p)
         logits = tower.lm_head(hidden).float()
         if self.mask_token_id < logits.shape[-1]:
             logits[..., self.mask_token_id] = float("-inf")

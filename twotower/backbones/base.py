@@ -1,0 +1,161 @@
+"""What the two towers ask of a backbone family, and the pieces every family shares.
+
+A family (`llama.LLAMA`, `nemotron_h.NEMOTRON_H`) is looked up by the backbone's `model_type`
+(`family_of`) and offers the same four things, so nothing above this package asks which
+family it holds:
+
+- `projections(layer)`: the linear projections of one layer a LoRA adapter may target;
+- `n_modulation`: adaLN vectors per layer (3 per sublayer: shift, scale, gate);
+- `run_layers(backbone, p)`: every layer and the final norm over one `LayerPass`, which
+  names its inputs, its past states and what state the caller wants back (`Keep`);
+- `empty_states(backbone, batch)`: the per-layer states of no token.
+
+Below the families: the attention layers' cached state (`AttentionState`; the Mamba-2 state
+lives beside its scan in `ssm.py`), and the LoRA and adaLN hooks both apply the same way
+(`project`, `adapter_lookup`, `modulate`, `gated`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Keep:
+    """What state a pass returns per layer.
+
+    none:   nothing (the denoiser reads the context's states and throws its own away);
+    end:    the state after the pass (attention: this pass's K,V; Mamba: the end state, able to
+            go back into the pass's last `tail` tokens, all of them when None): the context tower;
+    every:  attention K,V of the pass, and Mamba states at every `every` tokens, folded into
+            the batch: the training pass, which starts every block from its own boundary state.
+    """
+
+    kind: str = "none"
+    tail: int | None = None
+    every: int | None = None
+
+    @staticmethod
+    def nothing() -> Keep:
+        return Keep("none")
+
+    @staticmethod
+    def end(tail: int | None = None) -> Keep:
+        return Keep("end", tail=tail)
+
+    @staticmethod
+    def block_starts(size: int) -> Keep:
+        return Keep("every", every=size)
+
+
+@dataclass
+class LayerPass:
+    """One pass of a tower's layers.
+
+    hidden: (B, T, H) input; positions: (B, T) absolute positions (RoPE; a family without RoPE
+    has no use for them); mask: None or (B, 1, T, P + T) bool over [past slots ; own slots];
+    past: None or per-layer states (`AttentionState`, `MambaState` or None); valid: None or
+    (B, T) bool, the padding of a prefill (Mamba layers zero padded inputs); blocks: n > 1
+    means T = n*S tokens in n blocks, each scanned by Mamba layers from its own state (past
+    states of batch B*n); modulation: None or (B, L, n_modulation, H); adapters: None or per
+    layer {projection name: LoRA}.
+    """
+
+    hidden: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor | None
+    past: list | None = None
+    keep: Keep = Keep()
+    valid: torch.Tensor | None = None
+    blocks: int = 1
+    modulation: torch.Tensor | None = None
+    adapters: nn.ModuleList | None = None
+
+    def layer(self, i: int):
+        """(past state, modulation, adapters) of layer i."""
+        return (None if self.past is None else self.past[i],
+                None if self.modulation is None else self.modulation[:, i],
+                None if self.adapters is None else self.adapters[i])
+
+
+class Family(Protocol):
+    """A backbone family: how its layers run with the two towers' hooks."""
+
+    name: str
+    n_modulation: int
+    stateful: bool  # has recurrent (Mamba) state, which cannot drop tokens like K,V slots
+
+    def projections(self, layer: nn.Module) -> dict[str, nn.Linear]: ...
+
+    def run_layers(self, backbone: nn.Module, p: LayerPass) -> tuple[torch.Tensor, list]: ...
+
+    def empty_states(self, backbone: nn.Module, batch: int) -> list: ...
+
+
+@dataclass
+class AttentionState:
+    """An attention layer's cache: post-RoPE keys and values, (B, Hkv, T, D) each.
+
+    The same operations as `ssm.MambaState`, so that a cache is a plain loop over its layers:
+    `append` a pass, `keep_new` (verify mode drops rejected drafts), `drop_last` (the shifted
+    layout's view), `for_view`, `to` a device. Slots are never removed one row at a time: a
+    row's dropped slots are marked invalid by the cache, and cut when every row drops as many.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def append(self, new: AttentionState) -> AttentionState:
+        return AttentionState(torch.cat([self.k, new.k], dim=2), torch.cat([self.v, new.v], dim=2))
+
+    def keep_new(self, drop: torch.Tensor, cut: int | None) -> AttentionState:
+        """After dropping the last drop[b] slots of each row: cut to `cut` slots when every row
+        drops as many (cut is not None), else unchanged (the cache marks the slots invalid)."""
+        return self if cut is None else AttentionState(self.k[:, :, :cut], self.v[:, :, :cut])
+
+    def drop_last(self) -> AttentionState:
+        return AttentionState(self.k[:, :, :-1], self.v[:, :, :-1])
+
+    def for_view(self) -> AttentionState:
+        return self
+
+    def to(self, device) -> AttentionState:
+        return AttentionState(self.k.to(device), self.v.to(device))
+
+    def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.k, self.v)
+
+
+# ------------------------------------------------------------------ hooks shared by the families
+def adapter_lookup(adapters):
+    """name -> LoRA module or None (nn.ModuleDict has no .get)."""
+    if adapters is None:
+        return lambda name: None
+    return lambda name: adapters[name] if name in adapters else None
+
+
+def project(linear: nn.Linear, x: torch.Tensor, adapter: nn.Module | None) -> torch.Tensor:
+    """A linear projection plus its LoRA delta, if any."""
+    out = linear(x)
+    if adapter is not None:
+        out = out + adapter(x)
+    return out
+
+
+def modulate(h: torch.Tensor, modulation: torch.Tensor | None, first: int):
+    """adaLN on a normed sublayer input h (B, T, H): h * (1 + scale) + shift, with the triple
+    (shift, scale, gate - 1) at modulation[:, first:first + 3] (B, 3, H). Returns the modulated
+    input and the gate offset (None without modulation)."""
+    if modulation is None:
+        return h, None
+    shift, scale, gate = (modulation[:, first + i, None, :] for i in range(3))  # (B, 1, H) each
+    return h * (1 + scale) + shift, gate
+
+
+def gated(out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """A sublayer's output scaled by its adaLN gate (stored as an offset from 1: zeros are the identity)."""
+    return out if gate is None else out * (1 + gate)

@@ -1,0 +1,134 @@
+"""Drafts for verify mode: where the tokens a cycle proposes come from, and the policy that
+chooses between the sources per row.
+
+- `lookup_draft`: prompt lookup, the tokens that followed the latest earlier occurrence of the
+  last n tokens in the prompt and reply (free: no tower pass);
+- `denoiser_draft`: the denoiser fills a block after the pending token in `steps` passes,
+  keeping the left-to-right run of slots above the confidence threshold; with sampling it
+  also returns the law each kept token was drawn from, which the accept/reject rule needs;
+- `DraftPolicy`: per row, an EMA of committed tokens per unit of cost for each source, the
+  fastest used, the others re-tried with a doubling wait; draft lengths follow the accepted run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from twotower.generate.sampling import sample_tokens, top_p_filter
+
+
+def lookup_draft(history: list[int], max_len: int, ngram: int = 3) -> list[int]:
+    """Prompt lookup: find the latest earlier occurrence of the last n tokens (n = ngram..1)
+    in the history and propose what followed it (at most max_len tokens)."""
+    for n in range(min(ngram, len(history) - 1), 0, -1):
+        tail = history[-n:]
+        for start in range(len(history) - n - 1, -1, -1):
+            if history[start:start + n] == tail:
+                return history[start + n:start + n + max_len]
+    return []
+
+
+def one_hot_law(drafts: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The draft law of a deterministic draft (prompt lookup): one-hot, (B, K) -> (B, K, V)."""
+    return torch.zeros(*drafts.shape, vocab, device=drafts.device).scatter_(-1, drafts[..., None], 1.0)
+
+
+def target_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The sampling distribution a mode draws from: softmax(top-p(logits / T))."""
+    return top_p_filter(logits / temperature, top_p).softmax(-1)
+
+
+@torch.no_grad()
+def denoiser_draft(model, cache, pending, width: int, settings, generator, steps: int):
+    """Draft `width` slots after `pending` with the denoiser, left to right: every pass keeps
+    the drafted prefix and extends it over the following slots predicted above the confidence
+    threshold (at least one). Returns tokens (B, W), their draft distributions (B, W, V) or
+    None when greedy, draft lengths (B,), and the number of passes."""
+    den, mask_id = model.denoiser_device, model.mask_token_id
+    batch = pending.shape[0]
+    view, start = cache.view().to(den), cache.next_pos.to(den)
+    block = torch.full((batch, width), mask_id, dtype=torch.long, device=den)
+    length = torch.zeros(batch, dtype=torch.long, device=den)
+    slots = torch.arange(width, device=den)[None]
+    q = None
+    passes = 0
+    for _ in range(steps):
+        inputs = torch.cat([pending.to(den)[:, None], block[:, :-1]], dim=1)
+        logits = model.denoise(view, inputs, start, (width - length).float() / width)  # (B, W, V)
+        passes += 1
+        tokens, confidence = sample_tokens(logits, settings.temperature, settings.top_p, generator)
+        open_slots = slots >= length[:, None]
+        forced = slots == length[:, None]
+        take = (confidence > settings.confidence_threshold) | forced
+        take = (take | ~open_slots).long().cumprod(1).bool() & open_slots  # contiguous from `length`
+        block = torch.where(take, tokens, block)
+        if settings.temperature > 0:
+            probs = target_probs(logits, settings.temperature, settings.top_p)
+            # A slot past the forced one is kept only when its token is confident, so the token
+            # it holds is distributed as q restricted to the confident tokens, renormalised;
+            # the accept/reject rule must see that distribution, not q.
+            confident = (logits.softmax(-1) > settings.confidence_threshold) | forced[..., None]
+            kept = probs * confident
+            kept = kept / kept.sum(-1, keepdim=True).clamp(min=1e-30)
+            q = kept if q is None else torch.where(take[..., None], kept, q)
+        length = length + take.sum(1)
+        if bool((length >= width).all()):
+            break
+    return block, q, length, passes
+
+
+class DraftPolicy:
+    """Per row, for each way of drafting ("denoiser", "lookup", "ar" = no draft): an EMA of
+    committed tokens per unit of cost (seconds), and an EMA of accepted drafts per cycle.
+
+    Every way is tried once; then each cycle uses the way with the best rate among those
+    available (lookup only when the history offers a match). A way that is not the best is
+    re-tried (probed) after `probe_every` cycles; each probe that leaves it behind doubles its
+    wait (up to `max_wait`), so probing costs little once the best way is clear, and a way
+    that wins a probe is back in use at once. Drafts start at 2 tokens and then are as long as
+    twice the recent accepted run plus two (at most the room left): every drafted position
+    costs the context tower (and the denoiser) work, so a draft rarely accepted stays short."""
+
+    def __init__(self, batch: int, ways: tuple[str, ...], probe_every: int = 8, decay: float = 0.7,
+                 max_wait: int = 256, first_length: int = 2):
+        self.ways, self.probe_every, self.decay, self.max_wait = ways, probe_every, decay, max_wait
+        self.first_length = first_length
+        self.every = tuple(dict.fromkeys([*ways, "ar"]))  # a forced source still falls back to AR steps
+        self.rates = [dict.fromkeys(self.every) for _ in range(batch)]
+        self.accepted = [dict.fromkeys(self.every) for _ in range(batch)]
+        self.last_used = [dict.fromkeys(self.every, -1) for _ in range(batch)]
+        self.wait = [dict.fromkeys(self.every, probe_every) for _ in range(batch)]
+        self.cycles = [0] * batch
+
+    def _best(self, row: int, ways) -> str:
+        rate = self.rates[row]
+        return max(ways, key=lambda w: -1.0 if rate[w] is None else rate[w])
+
+    def choose(self, row: int, lookup_available: bool = True) -> str:
+        ways = [w for w in self.ways if w != "lookup" or lookup_available]
+        untried = [w for w in ways if self.rates[row][w] is None]
+        if untried:
+            return untried[0]
+        best = self._best(row, ways)
+        now, last, wait = self.cycles[row], self.last_used[row], self.wait[row]
+        due = [w for w in ways if w != best and now - last[w] >= wait[w]]
+        return min(due, key=last.get) if due else best
+
+    def draft_length(self, row: int, way: str, room: int) -> int:
+        if way == "ar" or room <= 0:
+            return 0
+        seen = self.accepted[row][way]
+        length = self.first_length if seen is None else int(2 * seen) + 2
+        return max(1, min(room, length))
+
+    def record(self, row: int, way: str, tokens: int, cost: float, accepted: int = 0) -> None:
+        """A cycle of `way` committed `tokens` (accepting `accepted` drafts) at `cost`."""
+        self.last_used[row][way] = self.cycles[row]
+        self.cycles[row] += 1
+        for table, value in ((self.rates, tokens / max(cost, 1e-9)), (self.accepted, float(accepted))):
+            old = table[row][way]
+            table[row][way] = value if old is None else self.decay * old + (1 - self.decay) * value
+        if self._best(row, self.every) == way:
+            self.wait[row][way] = self.probe_every
+        else:
+            self.wait[row][way] = min(2 * self.wait[row][way], self.max_wait)
