@@ -101,7 +101,7 @@ class TwoTowerConfig(PretrainedConfig):
 
 @dataclass
 class GenerationSettings:
-    """Knobs shared by every generation mode (METHOD.md section 5)."""
+    """Knobs shared by every generation mode (docs/METHOD.md section 5)."""
 
     max_new_tokens: int = 128
     """Most tokens to generate per row (EOS stops a row earlier)."""

@@ -1,4 +1,4 @@
-"""The training objective (METHOD.md section 4): one pass per sequence.
+"""The training objective (docs/METHOD.md section 4): one pass per sequence.
 
 A training sequence is cut into n blocks of S target tokens. The frozen context tower reads
 the clean sequence once (no grad) and keeps the K,V of every layer; the denoiser reads all

@@ -52,6 +52,9 @@ class Keep:
         return Keep("every", every=size)
 
 
+NOTHING = Keep.nothing()
+
+
 @dataclass
 class LayerPass:
     """One pass of a tower's layers.
@@ -69,7 +72,7 @@ class LayerPass:
     positions: torch.Tensor
     mask: torch.Tensor | None
     past: list | None = None
-    keep: Keep = Keep()
+    keep: Keep = NOTHING
     valid: torch.Tensor | None = None
     blocks: int = 1
     modulation: torch.Tensor | None = None

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from twotower.backbones.base import AttentionState, Keep, LayerPass, adapter_lookup, gated, modulate, project
+from twotower.backbones.base import NOTHING, AttentionState, Keep, LayerPass, adapter_lookup, gated, modulate, project
 from twotower.backbones.ssm import MambaState, ScanTail, chunked_scan, seeded_conv
 
 N_MODULATION = 3
@@ -66,7 +66,7 @@ def moe(block: nn.Module, x, adapters):
     return routed.view(x.shape) + mlp(block.shared_experts, x, adapters)
 
 
-def mamba(mixer: nn.Module, x, state: MambaState | None, valid, adapters, keep: Keep = Keep()):
+def mamba(mixer: nn.Module, x, state: MambaState | None, valid, adapters, keep: Keep = NOTHING):
     """One Mamba-2 mixer from `state` (zeros when None) over x (B, T, H).
 
     valid: None or (B, T) bool; padded positions are zeroed before and after the conv, as in

@@ -6,15 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from twotower.eval.harness import (
-    environment,
-    format_table,
-    operating_points,
-    plot_curve,
-    run_bench,
-    run_eval,
-    write_json,
-)
+from twotower.eval.points import operating_points
+from twotower.eval.quality import run_eval
+from twotower.eval.report import environment, format_table, plot_curve, write_json
+from twotower.eval.speed import run_bench
 from twotower.eval.tasks import Task, builtin_tasks, interleave_categories, load_prompts
 
 SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)

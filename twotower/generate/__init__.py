@@ -23,7 +23,7 @@ def generate_mock_ar(model, input_ids, attention_mask=None, **options) -> Genera
 
 
 def generate_mask_diffusion(model, input_ids, attention_mask=None, **options) -> GenerationResult:
-    """Block mask diffusion with confidence-threshold commits (METHOD.md section 5)."""
+    """Block mask diffusion with confidence-threshold commits (docs/METHOD.md section 5)."""
     return drain(diffusion_stream(model, input_ids, attention_mask, **options))
 
 

@@ -1,0 +1,96 @@
+"""Operating points (mode, block size, threshold, temperature) and running one over a prompt
+set: the part that `quality.run_eval` and `speed.run_bench` share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twotower.config import BLOCK_MODES, resolve_block_size
+from twotower.generate import generate
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    mode: str
+    block_size: int | None = None
+    threshold: float = 0.8
+    temperature: float = 0.0
+    seed: int = 0
+
+    @property
+    def label(self) -> str:
+        if self.mode in BLOCK_MODES:
+            text = f"{self.mode} S={self.block_size} g={self.threshold}"
+        else:
+            text = self.mode
+        return text + (f" T={self.temperature}" if self.temperature else "")
+
+    def options(self) -> dict:
+        opts = {"temperature": self.temperature, "seed": self.seed if self.temperature else None}
+        if self.mode in BLOCK_MODES:
+            opts.update(block_size=self.block_size, confidence_threshold=self.threshold)
+        return opts
+
+
+AR = OperatingPoint("ar")
+
+
+def operating_points(modes, block_sizes, thresholds, temperatures, trained_block_size: int) -> list[OperatingPoint]:
+    """AR greedy first (the reference), then every requested combination (a block size of None
+    is the trained block size)."""
+    points = [AR]
+    for temperature in temperatures:
+        for mode in modes:
+            if mode in BLOCK_MODES:
+                for size in block_sizes:
+                    size = resolve_block_size(size, trained_block_size)  # None: the trained block size
+                    points += [OperatingPoint(mode, size, g, temperature) for g in thresholds]
+            else:
+                points.append(OperatingPoint(mode, None, 0.8, temperature))
+    unique = []
+    for p in points:
+        if p not in unique:
+            unique.append(p)
+    return unique
+
+
+@dataclass
+class Reply:
+    tokens: list[int]
+    text: str
+    nfe: int
+
+
+def generate_replies(model, tokenizer, prompts: list[list[int]], max_new: list[int], point: OperatingPoint,
+                     batch_size: int, eos: list[int], bar=None) -> tuple[list[Reply], dict]:
+    """Replies in prompt order, generated in batches of prompts that share max_new_tokens.
+    Returns the replies and the pass counts / seconds summed over batches."""
+    replies: list[Reply | None] = [None] * len(prompts)
+    totals = {"seconds": 0.0, "new_tokens": 0, "nfe": 0, "denoiser_passes": 0, "context_passes": 0}
+    by_length: dict[int, list[int]] = {}
+    for i, n in enumerate(max_new):
+        by_length.setdefault(n, []).append(i)
+    for n, indices in sorted(by_length.items()):
+        for start in range(0, len(indices), batch_size):
+            group = indices[start:start + batch_size]
+            result = generate(model, point.mode, [prompts[i] for i in group], max_new_tokens=n, eos_token_id=eos,
+                              **point.options())
+            for row, i in enumerate(group):
+                toks = result.tokens[row]
+                text = tokenizer.decode(toks, skip_special_tokens=True) if tokenizer is not None else ""
+                replies[i] = Reply(toks, text, result.row_nfe[row])
+            for key in ("seconds", "new_tokens", "nfe", "denoiser_passes", "context_passes"):
+                totals[key] += getattr(result, key)
+            _add_counts(totals, result.details)
+            if bar is not None:
+                bar.update(len(group))
+    return replies, totals
+
+
+def _add_counts(totals: dict, details: dict) -> None:
+    """Sum a mode's integer statistics (verify: cycles, drafted, draft sources) over batches."""
+    for key, value in details.items():
+        if isinstance(value, int):
+            totals[key] = totals.get(key, 0) + value
+        elif isinstance(value, dict):
+            _add_counts(totals.setdefault(key, {}), value)

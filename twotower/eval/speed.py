@@ -1,0 +1,139 @@
+"""Speed of every operating point (`twotower bench`): tokens/s at each batch size, passes per
+token, agreement with AR, next to transformers' generate and llama.cpp on the same prompts,
+and the cost of one context-tower pass by its number of new positions."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+import torch
+from tqdm.auto import tqdm
+
+from twotower.eval import metrics
+from twotower.eval.points import AR, OperatingPoint, generate_replies
+from twotower.generate import generate
+
+LOOKUP_TOKENS = 10  # draft length of the prompt-lookup baselines (transformers' and llama.cpp's default)
+
+
+def _time_hf_generate(backbone, prompts, batch_size, max_new_tokens, eos, pad_id, lookup: bool = False) -> dict:
+    """transformers' greedy generate; with `lookup`, its prompt-lookup decoding (batch 1 only)."""
+    from twotower.generate.common import left_pad
+
+    extra = {"prompt_lookup_num_tokens": LOOKUP_TOKENS} if lookup else {}
+    tokens, seconds = 0, 0.0
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = left_pad(prompts[start:start + batch_size], pad_id)
+        begin = time.perf_counter()
+        out = backbone.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                eos_token_id=eos or None, pad_token_id=pad_id, **extra)
+        seconds += time.perf_counter() - begin
+        for row in out[:, ids.shape[1]:].tolist():
+            tokens += next((i + 1 for i, t in enumerate(row) if t in eos), len(row)) if eos else len(row)
+    return {"new_tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / max(seconds, 1e-9)}
+
+
+def _time_llama_cpp(gguf: str, prompts, max_new_tokens: int, threads: int, lookup: bool = False) -> dict:
+    """llama.cpp greedy on the same GGUF; with `lookup`, its n-gram (prompt lookup) draft."""
+    from llama_cpp import Llama
+
+    draft = None
+    if lookup:
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        draft = LlamaPromptLookupDecoding(num_pred_tokens=LOOKUP_TOKENS)
+    llm = Llama(model_path=gguf, n_ctx=2048, n_threads=threads, n_batch=512, verbose=False, draft_model=draft)
+    tokens, seconds = 0, 0.0
+    for prompt in prompts:
+        llm.reset()
+        begin = time.perf_counter()
+        out = llm.create_completion(prompt, max_tokens=max_new_tokens, temperature=0.0, top_k=1)
+        seconds += time.perf_counter() - begin
+        tokens += out["usage"]["completion_tokens"]
+    return {"new_tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / max(seconds, 1e-9)}
+
+
+def pass_cost(model, prompt: list[int], widths=(1, 2, 4, 8, 16), repeats: int = 3) -> dict[int, float]:
+    """Milliseconds of one context-tower pass over `width` new positions after `prompt`
+    (batch 1, best of `repeats`). Whether parallel positions are nearly free (GPU, CPUs with
+    native bf16) or cost in proportion (CPUs without) decides what drafting can gain."""
+    ids = torch.tensor([prompt])
+    out = {}
+    for width in widths:
+        best = float("inf")
+        for _ in range(repeats):
+            cache, _ = model.context_prefill(ids, torch.ones_like(ids), logits=None)
+            begin = time.perf_counter()
+            model.context_extend(cache, ids[:, :1].expand(1, width).contiguous(), logits="all")
+            best = min(best, time.perf_counter() - begin)
+        out[width] = round(best * 1000, 2)
+    return out
+
+
+def run_bench(model, prompts: list[list[int]], points: list[OperatingPoint], batch_sizes=(1, 8),
+              max_new_tokens: int = 128, eos: list[int] | None = None, hf: bool = True, gguf: str | None = None,
+              progress: bool = True, lookup_baselines: bool | None = None) -> dict:
+    """Tokens/s, NFE and context passes per token for every point and batch size, plus
+    transformers' generate and (batch 1) llama.cpp on the same prompts; speed-ups over each.
+    With verify mode among the points (or `lookup_baselines`), both baselines also run with
+    their prompt-lookup drafts (batch 1)."""
+    if lookup_baselines is None:
+        lookup_baselines = any(p.mode == "verify" for p in points)
+    eos = eos or []
+    pad = eos[0] if eos else 0
+    rows, notes = [], []
+    steps = len(points) * len(batch_sizes)
+    bar = tqdm(total=steps, desc="bench", unit="run", disable=not progress)
+    generate(model, "ar", prompts[:1], max_new_tokens=4)  # warm-up (allocator, threads)
+    costs = pass_cost(model, prompts[0])
+    for batch in batch_sizes:
+        baselines = {}
+        if hf:
+            baselines["hf_generate"] = _time_hf_generate(model.context_tower, prompts, batch, max_new_tokens, eos, pad)
+            if batch == 1 and lookup_baselines and model.family.stateful:
+                notes.append("transformers' prompt lookup skipped: its assisted generation refuses stateful "
+                             "(Mamba) models")
+            elif batch == 1 and lookup_baselines:  # transformers' assisted decoding is batch 1 only
+                baselines["hf_generate_lookup"] = _time_hf_generate(model.context_tower, prompts, 1, max_new_tokens,
+                                                                    eos, pad, lookup=True)
+        if batch == 1 and gguf:
+            try:
+                threads = torch.get_num_threads()
+                baselines["llama_cpp"] = _time_llama_cpp(gguf, prompts, max_new_tokens, threads)
+                if lookup_baselines:
+                    baselines["llama_cpp_lookup"] = _time_llama_cpp(gguf, prompts, max_new_tokens, threads, lookup=True)
+            except ImportError:
+                notes.append("llama.cpp skipped: llama-cpp-python is not installed (pip install 'twotower[bench]')")
+        ar_tps, ar_replies = None, None
+        for point in points:
+            bar.set_postfix_str(f"{point.label} batch={batch}")
+            replies, totals = generate_replies(model, None, prompts, [max_new_tokens] * len(prompts), point, batch, eos)
+            tps = totals["new_tokens"] / max(totals["seconds"], 1e-9)
+            if point == AR:
+                ar_tps, ar_replies = tps, replies
+            row = {
+                "point": point.label, **asdict(point), "batch_size": batch, "new_tokens": totals["new_tokens"],
+                "seconds": totals["seconds"], "tokens_per_second": tps,
+                "nfe_per_token": totals["nfe"] / max(totals["new_tokens"], 1),
+                "context_passes_per_token": totals["context_passes"] / max(totals["new_tokens"], 1),
+                "tokens_per_nfe": totals["new_tokens"] / max(totals["nfe"], 1),
+                "speedup_vs_generate_ar": tps / ar_tps if ar_tps else None,
+                "exact_match_vs_ar": metrics.agreement([r.tokens for r in replies], [r.tokens for r in ar_replies])[
+                    "exact_match"] if ar_replies else None,
+            }
+            if "draft_sources" in totals:  # verify mode
+                row.update(draft_sources=totals["draft_sources"], cycles=totals["cycles"],
+                           draft_acceptance=totals["accepted_drafts"] / max(totals["drafted"], 1),
+                           tokens_per_cycle=totals["new_tokens"] / max(sum(totals["draft_sources"].values()), 1))
+            for name, base in baselines.items():
+                row[f"speedup_vs_{name}"] = tps / base["tokens_per_second"]
+            rows.append(row)
+            bar.update(1)
+        for name, base in baselines.items():
+            rows.append({"point": name, "mode": name, "batch_size": batch, **base})
+    bar.close()
+    if gguf is None:
+        notes.append("llama.cpp skipped: the model was not loaded from a GGUF file")
+    return {"rows": rows, "notes": notes, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
+            "context_pass_ms": costs}
