@@ -33,8 +33,16 @@ FAMILIES = {
 # span several scan chunks.
 HYBRID = dict(
     layers_block_type=["linear_attention", "full_attention", "moe", "linear_attention", "mlp"],
-    mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2, conv_kernel=4, chunk_size=8,
-    n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=32,
+    mamba_num_heads=8,
+    mamba_head_dim=16,
+    ssm_state_size=16,
+    n_groups=2,
+    conv_kernel=4,
+    chunk_size=8,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    moe_shared_expert_intermediate_size=32,
 )
 VOCAB = 96
 EOS = 1
@@ -51,8 +59,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {"<unk>": 0, "<eos>": EOS, "<bos>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>",
-                                        bos_token="<bos>", pad_token="<eos>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", eos_token="<eos>", bos_token="<bos>", pad_token="<eos>"
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -60,9 +69,19 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_backbone(family: str = "llama", seed: int = 0, **overrides):
     config_cls, model_cls = FAMILIES[family]
     kwargs = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, initializer_range=0.1,
-        tie_word_embeddings=family == "llama", pad_token_id=0, eos_token_id=EOS, bos_token_id=2,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        tie_word_embeddings=family == "llama",
+        pad_token_id=0,
+        eos_token_id=EOS,
+        bos_token_id=2,
     )
     if family == "nemotron_h":
         kwargs.update(HYBRID)
@@ -71,8 +90,9 @@ def tiny_backbone(family: str = "llama", seed: int = 0, **overrides):
     return model_cls(config_cls(**kwargs)).eval()
 
 
-def tiny_two_tower(denoiser: str = "lora", layout: str = "shifted", family: str = "llama", seed: int = 0,
-                   block_size: int = 8, **config):
+def tiny_two_tower(
+    denoiser: str = "lora", layout: str = "shifted", family: str = "llama", seed: int = 0, block_size: int = 8, **config
+):
     return TwoTowerForCausalLM.from_backbone(
         tiny_backbone(family, seed), denoiser=denoiser, layout=layout, block_size=block_size, lora_rank=4, **config
     )

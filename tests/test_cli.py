@@ -46,13 +46,16 @@ def test_stream_prints_the_same_text(capsys, tiny_folder):
     assert capsys.readouterr().out == plain
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--threshold", "1.5"], "must be in (0, 1]"),
-    (["--threshold", "0"], "must be in (0, 1]"),
-    (["--block-size", "0"], "must be >= 1"),
-    (["--max-new-tokens", "x"], "expected an integer"),
-    (["--mode", "fast"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--threshold", "1.5"], "must be in (0, 1]"),
+        (["--threshold", "0"], "must be in (0, 1]"),
+        (["--block-size", "0"], "must be >= 1"),
+        (["--max-new-tokens", "x"], "expected an integer"),
+        (["--mode", "fast"], "invalid choice"),
+    ],
+)
 def test_invalid_options_exit_2_with_a_message(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", *argv, "hello"])
@@ -85,8 +88,23 @@ def test_verify_mode_prints_ar_text_and_draft_statistics(capsys, tiny_folder, dr
 
 def test_distill_cli_writes_rows(tmp_path, capsys, tiny_folder):
     out = tmp_path / "d.jsonl"
-    argv = ["distill", "--model", str(tiny_folder), "--out", str(out), "--rows", "3", "--batch-size", "2",
-            "--max-prompt-tokens", "4", "--max-answer-tokens", "4", "--dtype", "fp32"]
+    argv = [
+        "distill",
+        "--model",
+        str(tiny_folder),
+        "--out",
+        str(out),
+        "--rows",
+        "3",
+        "--batch-size",
+        "2",
+        "--max-prompt-tokens",
+        "4",
+        "--max-answer-tokens",
+        "4",
+        "--dtype",
+        "fp32",
+    ]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["rows"] == 3 and len(out.read_text().splitlines()) == 3

@@ -25,20 +25,27 @@ def task(check, answer=None, category="c"):
     return Task("t1", category, "prompt", check, answer)
 
 
-@pytest.mark.parametrize("check, answer, good, bad", [
-    ("contains", "Paris", "The capital of France is  paris.", "It is London."),
-    ("contains", ["mice", "mouses"], "The plural is mice.", "The plural is mouse."),
-    ("exact", "The cat sat on the mat.", "  The cat sat on the mat.\n", "The cat sat on the mat!"),
-    ("regex", r"(?<![\d.])19(?!\d|\.\d)", "12 + 7 = 19.", "12 + 7 = 190"),
-    ("regex", r"(?<![\d.])19(?!\d|\.\d)", "The answer is 19", "It is 19.5"),
-    ("regex", r"(?i)\bthursday\b", "Thursday", "Thursdays"),
-    ("count>=3", None, "- red\n- green\n- blue", "- red\n- green\nand blue"),
-    ("count>=3", None, "1. red\n2) green\n3. blue", "1, 2, 3"),
-    ("count>=3", r"(?i)hello", "Hello hello HELLO", "hello hello"),
-    ("python", "assert add(2, 3) == 5", "```python\ndef add(a, b):\n    return a + b\n```\nDone.",
-     "```python\ndef add(a, b):\n    return a - b\n```"),
-    ("python", "assert double(4) == 8", "def double(x):\n    return 2 * x", "def double(x) return 2x"),
-])
+@pytest.mark.parametrize(
+    "check, answer, good, bad",
+    [
+        ("contains", "Paris", "The capital of France is  paris.", "It is London."),
+        ("contains", ["mice", "mouses"], "The plural is mice.", "The plural is mouse."),
+        ("exact", "The cat sat on the mat.", "  The cat sat on the mat.\n", "The cat sat on the mat!"),
+        ("regex", r"(?<![\d.])19(?!\d|\.\d)", "12 + 7 = 19.", "12 + 7 = 190"),
+        ("regex", r"(?<![\d.])19(?!\d|\.\d)", "The answer is 19", "It is 19.5"),
+        ("regex", r"(?i)\bthursday\b", "Thursday", "Thursdays"),
+        ("count>=3", None, "- red\n- green\n- blue", "- red\n- green\nand blue"),
+        ("count>=3", None, "1. red\n2) green\n3. blue", "1, 2, 3"),
+        ("count>=3", r"(?i)hello", "Hello hello HELLO", "hello hello"),
+        (
+            "python",
+            "assert add(2, 3) == 5",
+            "```python\ndef add(a, b):\n    return a + b\n```\nDone.",
+            "```python\ndef add(a, b):\n    return a - b\n```",
+        ),
+        ("python", "assert double(4) == 8", "def double(x):\n    return 2 * x", "def double(x) return 2x"),
+    ],
+)
 def test_each_check_passes_and_fails_where_it_should(check, answer, good, bad):
     assert score(task(check, answer), good) is True
     assert score(task(check, answer), bad) is False
@@ -71,8 +78,10 @@ def test_python_check_cannot_reach_the_network(monkeypatch, namespace):
     connections = []
     waiter = threading.Thread(target=lambda: connections.append(_accept(server)))
     waiter.start()
-    code = (f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\ns.sendall(b'leak')\n"
-            f"import urllib.request\nurllib.request.urlopen('http://127.0.0.1:{port}/', timeout=2)")
+    code = (
+        f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\ns.sendall(b'leak')\n"
+        f"import urllib.request\nurllib.request.urlopen('http://127.0.0.1:{port}/', timeout=2)"
+    )
     result = run_python(code, timeout=5)
     waiter.join()
     server.close()
@@ -119,8 +128,10 @@ def test_builtin_suite_shape():
 def test_prompt_file_is_read_and_checked(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text(
-        json.dumps({"id": "a", "category": "math", "prompt": "1+1?", "check": "regex", "answer": r"\b2\b"}) + "\n\n"
-        + json.dumps({"id": "b", "category": "essay", "prompt": "Write.", "check": "none"}) + "\n"
+        json.dumps({"id": "a", "category": "math", "prompt": "1+1?", "check": "regex", "answer": r"\b2\b"})
+        + "\n\n"
+        + json.dumps({"id": "b", "category": "essay", "prompt": "Write.", "check": "none"})
+        + "\n"
     )
     tasks = load_prompts(good)
     assert [t.id for t in tasks] == ["a", "b"] and tasks[1].max_new_tokens == 64
@@ -155,8 +166,17 @@ def test_eval_on_a_tiny_model_mock_ar_retains_everything():
     tasks += [Task("t3", "digit-3", "w7 w8", "regex", r"w3\b"), Task("lf", "long-form", "w9 w10 w11", "none")]
     judge = Judge(tiny_backbone(seed=3), tokenizer, "tiny")
     points = [AR, OperatingPoint("mock-ar"), OperatingPoint("diffusion", 4, 0.5)]
-    report = run_eval(model, tokenizer, tasks, points, judge, batch_size=2, eos=[], progress=False,
-                      encode=lambda text: tokenizer(text)["input_ids"])
+    report = run_eval(
+        model,
+        tokenizer,
+        tasks,
+        points,
+        judge,
+        batch_size=2,
+        eos=[],
+        progress=False,
+        encode=lambda text: tokenizer(text)["input_ids"],
+    )
     ar, mock, diffusion = report["points"]
     assert ar["accuracy"]["any-word"] == 1.0 and ar["retention"] == 1.0
     assert mock["retention"] == 1.0 and mock["exact_match"] == 1.0 and mock["judge_ppl_ratio"] == 1.0
@@ -191,8 +211,11 @@ def test_bench_quick_writes_a_valid_json(tmp_path, capsys):
 def test_sweep_plot_is_drawn(tmp_path):
     pytest.importorskip("matplotlib")
     points = [{"mode": "ar", "block_size": None, "threshold": 0.8, "retention": 1.0, "tokens_per_second": 20.0}]
-    points += [{"mode": "diffusion", "block_size": s, "threshold": g, "retention": 1 - g / 4, "tokens_per_second": 20 * s * g}
-               for s in (4, 8) for g in (0.5, 0.9)]
+    points += [
+        {"mode": "diffusion", "block_size": s, "threshold": g, "retention": 1 - g / 4, "tokens_per_second": 20 * s * g}
+        for s in (4, 8)
+        for g in (0.5, 0.9)
+    ]
     path = tmp_path / "curve.png"
     assert plot_curve(points, str(path)) is None
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -17,7 +17,7 @@ def test_ar_matches_transformers_greedy_generate(family):
     ids, mask = left_pad(PROMPTS, pad_id=0)
     expected = model.context_tower.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None
-    )[:, ids.shape[1]:].tolist()
+    )[:, ids.shape[1] :].tolist()
     result = generate_ar(model, ids, mask, max_new_tokens=24)
     assert result.tokens == expected
     assert len(set(expected[0])) > 3  # the tiny model does not just repeat one token
@@ -62,8 +62,7 @@ def ar_next_token(model, prefix: list[int]) -> int:
 def test_shifted_layout_first_token_of_every_block_is_ar_choice(denoiser_kind, threshold, family):
     model = tiny_two_tower(denoiser_kind, block_size=4, family=family)
     for prompt in PROMPTS:
-        out = generate_mask_diffusion(model, [prompt], max_new_tokens=16, block_size=4,
-                                      confidence_threshold=threshold).tokens[0]
+        out = generate_mask_diffusion(model, [prompt], max_new_tokens=16, block_size=4, confidence_threshold=threshold).tokens[0]
         assert len(out) == 16
         for start in range(0, 16, 4):
             assert out[start] == ar_next_token(model, prompt + out[:start]), (prompt, start)
@@ -91,8 +90,9 @@ def test_diffusion_commits_several_tokens_per_pass_at_low_threshold():
     assert strict.tokens_per_nfe == 1.0  # nothing is above 1.0: one commit per pass
     assert loose.tokens_per_nfe == 8.0  # everything above 0.01 in a near-uniform model: one pass per block
     assert loose.context_passes == 2  # prefill + one extension between the two blocks
-    few_steps = generate_mask_diffusion(model, PROMPTS, max_new_tokens=16, block_size=8, steps_per_block=2,
-                                        confidence_threshold=1.0)
+    few_steps = generate_mask_diffusion(
+        model, PROMPTS, max_new_tokens=16, block_size=8, steps_per_block=2, confidence_threshold=1.0
+    )
     assert few_steps.denoiser_passes == 4  # the last step of a block commits every slot left
 
 
@@ -158,8 +158,11 @@ def test_mask_token_is_never_generated(mask_token_id):
 def test_stream_events_add_up_to_the_result():
     model = tiny_two_tower(block_size=4)
     for mode in ("ar", "mock-ar", "diffusion"):
-        events = stream(model, mode, PROMPTS, max_new_tokens=10, confidence_threshold=0.3) if mode == "diffusion" \
+        events = (
+            stream(model, mode, PROMPTS, max_new_tokens=10, confidence_threshold=0.3)
+            if mode == "diffusion"
             else stream(model, mode, PROMPTS, max_new_tokens=10)
+        )
         seen = [[] for _ in PROMPTS]
         while True:
             try:

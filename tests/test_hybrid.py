@@ -42,8 +42,9 @@ def test_long_prompt_matches_transformers_and_keeps_a_one_token_tail():
     model = _hybrid()
     prompt = [3 + (7 * i) % 90 for i in range(LONG)]
     ids = torch.tensor([prompt])
-    expected = model.context_tower.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                                            do_sample=False, pad_token_id=0, eos_token_id=None)[0, ids.shape[1]:]
+    expected = model.context_tower.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None
+    )[0, ids.shape[1] :]
     assert generate_ar(model, [prompt], max_new_tokens=12).tokens[0] == expected.tolist()
     cache, _ = model.context_prefill(ids, torch.ones_like(ids))
     assert {s.tail.x.shape[1] for s in _states(cache)} == {1}
@@ -120,20 +121,19 @@ def test_moe_routing_is_deterministic_and_input_dependent():
     assert len({tuple(sorted(c)) for c in chosen[0].tolist()}) > 1
     alone = model(ids[2:3], mask[2:3])
     torch.testing.assert_close(alone[0], first[2], atol=1e-5, rtol=1e-5)
-    out = [generate_mask_diffusion(model, PROMPTS, max_new_tokens=8, block_size=4, confidence_threshold=0.3).tokens
-           for _ in range(2)]
+    out = [
+        generate_mask_diffusion(model, PROMPTS, max_new_tokens=8, block_size=4, confidence_threshold=0.3).tokens for _ in range(2)
+    ]
     assert out[0] == out[1]
 
 
 def test_lora_and_adaln_cover_every_hybrid_layer():
     model = _hybrid("lora")
     kinds = [layer.block_type for layer in model.context_tower.model.layers]
-    mamba, attention, feed_forward = ["in_proj", "out_proj"], ["k_proj", "o_proj", "q_proj", "v_proj"], [
-        "down_proj", "up_proj"]
+    mamba, attention, feed_forward = ["in_proj", "out_proj"], ["k_proj", "o_proj", "q_proj", "v_proj"], ["down_proj", "up_proj"]
     assert kinds == ["linear_attention", "full_attention", "moe", "linear_attention", "mlp"]
     assert [sorted(adapters) for adapters in model.lora] == [mamba, attention, feed_forward, mamba, feed_forward]
-    assert model.config.lora_targets == ["down_proj", "in_proj", "k_proj", "o_proj", "out_proj", "q_proj",
-                                         "up_proj", "v_proj"]
+    assert model.config.lora_targets == ["down_proj", "in_proj", "k_proj", "o_proj", "out_proj", "q_proj", "up_proj", "v_proj"]
     assert model.time_conditioning.layer_tables.shape == (len(kinds), 3, 64)  # one triple per layer
     with pytest.raises(TwoTowerError, match="name no projection"):
         _hybrid("lora", lora_targets=["gate_proj"])
@@ -169,8 +169,7 @@ def test_moe_latent_projections_get_no_dead_adapters(tmp_path):
     loaded = TwoTowerForCausalLM.from_pretrained(tmp_path, backbone=backbone)
     for name, tensor in model.trained_state_dict().items():
         assert torch.equal(loaded.trained_state_dict()[name], tensor), name
-    assert generate_mock_ar(loaded, PROMPTS, max_new_tokens=8).tokens == generate_mock_ar(
-        model, PROMPTS, max_new_tokens=8).tokens
+    assert generate_mock_ar(loaded, PROMPTS, max_new_tokens=8).tokens == generate_mock_ar(model, PROMPTS, max_new_tokens=8).tokens
 
 
 def test_bf16_hybrid_keeps_the_ssm_state_in_fp32_and_follows_fp32():
@@ -198,17 +197,58 @@ def test_cli_trains_and_generates_with_a_hybrid_folder(tmp_path, capsys):
     tiny_tokenizer().save_pretrained(folder)
     assert (folder / "model.safetensors").is_file()
     data = _write_data(tmp_path / "data.jsonl")
-    assert main(["train", "--data", str(data), "--model", str(folder), "--out", str(tmp_path / "run"),
-                 "--block-size", "4", "--blocks-per-sequence", "3", "--batch-size", "2", "--max-steps", "2",
-                 "--save-every", "1", "--eval-sequences", "2", "--lora-rank", "2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--model",
+                str(folder),
+                "--out",
+                str(tmp_path / "run"),
+                "--block-size",
+                "4",
+                "--blocks-per-sequence",
+                "3",
+                "--batch-size",
+                "2",
+                "--max-steps",
+                "2",
+                "--save-every",
+                "1",
+                "--eval-sequences",
+                "2",
+                "--lora-rank",
+                "2",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["step"] == 2
     checkpoint = tmp_path / "run" / "final"
     assert json.loads((checkpoint / "config.json").read_text())["backbone_config"]["model_type"] == "nemotron_h"
     texts = {}
     for mode in ["ar", "mock-ar", "diffusion", "verify"]:
-        assert main(["generate", "--json", "--dtype", "fp32", "--model", str(checkpoint), "--mode", mode,
-                     "--max-new-tokens", "8", "w5 w6 w7"]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "--json",
+                    "--dtype",
+                    "fp32",
+                    "--model",
+                    str(checkpoint),
+                    "--mode",
+                    mode,
+                    "--max-new-tokens",
+                    "8",
+                    "w5 w6 w7",
+                ]
+            )
+            == 0
+        )
         out = json.loads(capsys.readouterr().out)
         assert out["mode"] == mode and 1 <= out["new_tokens"] <= 8
         texts[mode] = out["text"]

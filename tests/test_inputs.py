@@ -10,19 +10,22 @@ from twotower import TwoTowerError, generate_ar, generate_mask_diffusion, genera
 from twotower.generate.common import left_pad
 
 
-@pytest.mark.parametrize("options, match", [
-    (dict(block_size=0), "block_size must be"),
-    (dict(block_size=-3), "block_size must be"),
-    (dict(block_size=16), "larger than the block size the denoiser was trained for"),
-    (dict(confidence_threshold=0.0), r"confidence_threshold must be in \(0, 1\]"),
-    (dict(confidence_threshold=1.5), r"confidence_threshold must be in \(0, 1\]"),
-    (dict(confidence_threshold=float("nan")), "confidence_threshold"),
-    (dict(steps_per_block=0), "steps_per_block must be"),
-    (dict(max_new_tokens=0), "max_new_tokens must be"),
-    (dict(temperature=-1.0), "temperature must be"),
-    (dict(top_p=0.0), "top_p must be"),
-    (dict(thresold=0.5), "unknown generation option"),
-])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(block_size=0), "block_size must be"),
+        (dict(block_size=-3), "block_size must be"),
+        (dict(block_size=16), "larger than the block size the denoiser was trained for"),
+        (dict(confidence_threshold=0.0), r"confidence_threshold must be in \(0, 1\]"),
+        (dict(confidence_threshold=1.5), r"confidence_threshold must be in \(0, 1\]"),
+        (dict(confidence_threshold=float("nan")), "confidence_threshold"),
+        (dict(steps_per_block=0), "steps_per_block must be"),
+        (dict(max_new_tokens=0), "max_new_tokens must be"),
+        (dict(temperature=-1.0), "temperature must be"),
+        (dict(top_p=0.0), "top_p must be"),
+        (dict(thresold=0.5), "unknown generation option"),
+    ],
+)
 def test_bad_diffusion_options(options, match):
     model = tiny_two_tower(block_size=8)
     with pytest.raises(TwoTowerError, match=match):

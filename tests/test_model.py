@@ -168,8 +168,9 @@ def test_save_load_round_trip_is_exact(tmp_path, denoiser_kind, layout, family):
     loaded = TwoTowerForCausalLM.from_pretrained(tmp_path, backbone=tiny_backbone(family))
     assert loaded.config.denoiser == denoiser_kind and loaded.config.layout == layout
     with torch.no_grad():
-        torch.testing.assert_close(_denoise(loaded, torch.full((4,), 0.5)), _denoise(model, torch.full((4,), 0.5)),
-                                   atol=0, rtol=0)
+        torch.testing.assert_close(
+            _denoise(loaded, torch.full((4,), 0.5)), _denoise(model, torch.full((4,), 0.5)), atol=0, rtol=0
+        )
     for name, tensor in model.trained_state_dict().items():
         assert torch.equal(loaded.trained_state_dict()[name], tensor), name
 
@@ -229,13 +230,16 @@ def test_mask_token_id_colliding_with_a_real_token_is_refused():
         TwoTowerForCausalLM.from_backbone(tiny_backbone(), Tok(), mask_token_id=VOCAB + 5)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(denoiser="half"), "denoiser must be"),
-    (dict(layout="diagonal"), "layout must be"),
-    (dict(block_size=0), "block_size must be"),
-    (dict(lora_rank=0), "lora_rank"),
-    (dict(lora_targets=["qkv"]), "unknown lora_targets"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(denoiser="half"), "denoiser must be"),
+        (dict(layout="diagonal"), "layout must be"),
+        (dict(block_size=0), "block_size must be"),
+        (dict(lora_rank=0), "lora_rank"),
+        (dict(lora_targets=["qkv"]), "unknown lora_targets"),
+    ],
+)
 def test_bad_model_config_is_refused(kwargs, match):
     with pytest.raises(TwoTowerError, match=match):
         TwoTowerForCausalLM.from_backbone(tiny_backbone(), **kwargs)

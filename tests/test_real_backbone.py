@@ -34,9 +34,13 @@ def test_ar_matches_transformers_greedy_generate(smol):
     model, tokenizer, prompts = smol
     ids, mask = left_pad(prompts, pad_id=tokenizer.pad_token_id)
     expected = model.context_tower.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=None,
-    )[:, ids.shape[1]:].tolist()
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=40,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=None,
+    )[:, ids.shape[1] :].tolist()
     assert generate_ar(model, ids, mask, max_new_tokens=40).tokens == expected
     assert "Paris" in tokenizer.decode(expected[0])
 

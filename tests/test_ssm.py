@@ -70,7 +70,7 @@ def test_seeded_conv_continues_a_sequence(split):
     first, state = seeded_conv(x[:, :split], state, weight, bias)
     second, state = seeded_conv(x[:, split:], state, weight, bias)
     torch.testing.assert_close(torch.cat([first, second], dim=1), whole, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(state, x[:, -(k - 1):].transpose(1, 2))
+    torch.testing.assert_close(state, x[:, -(k - 1) :].transpose(1, 2))
 
 
 def test_seeded_scan_matches_transformers_nemotron_h_chunk_scan():
@@ -81,8 +81,20 @@ def test_seeded_scan_matches_transformers_nemotron_h_chunk_scan():
     x, _, A, B, C, D, h0 = _inputs(2, 12, seed=3)
     g = torch.Generator().manual_seed(4)
     dt_raw, dt_bias = torch.randn(2, 12, HEADS, generator=g), torch.randn(HEADS, generator=g)
-    y_ref, h_ref = mamba2_chunk_scan(x, dt_raw, A, B, C, chunk_size=8, D=D, dt_bias=dt_bias, initial_states=h0.clone(),
-                                     dt_softplus=True, dt_limit=(0.0, float("inf")), return_final_states=True)
+    y_ref, h_ref = mamba2_chunk_scan(
+        x,
+        dt_raw,
+        A,
+        B,
+        C,
+        chunk_size=8,
+        D=D,
+        dt_bias=dt_bias,
+        initial_states=h0.clone(),
+        dt_softplus=True,
+        dt_limit=(0.0, float("inf")),
+        return_final_states=True,
+    )
     y, h = seeded_scan(x, F.softplus(dt_raw + dt_bias), A, B, C, D, h0)
     torch.testing.assert_close(y, y_ref.float(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(h, h_ref.float(), rtol=1e-4, atol=1e-4)

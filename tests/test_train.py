@@ -40,16 +40,16 @@ def test_training_pass_equals_the_generation_pass_of_every_block(denoiser_kind, 
     logits, targets = training_logits(model, ids, noise)
     o = layout_offset(layout)
     for b in range(BLOCKS):
-        block_inputs = torch.where(noise.masked[:, b], model.mask_token_id, ids[:, o + b * S:o + (b + 1) * S])
+        block_inputs = torch.where(noise.masked[:, b], model.mask_token_id, ids[:, o + b * S : o + (b + 1) * S])
         if layout == "shifted":
-            block_inputs = torch.cat([ids[:, b * S:b * S + 1], block_inputs[:, :-1]], dim=1)
+            block_inputs = torch.cat([ids[:, b * S : b * S + 1], block_inputs[:, :-1]], dim=1)
         if b == 0:
             view = model.empty_context(2).view()
         else:
-            view = ContextView(_context_kv(model, ids[:, :b * S]), torch.ones(2, b * S, dtype=torch.bool))
+            view = ContextView(_context_kv(model, ids[:, : b * S]), torch.ones(2, b * S, dtype=torch.bool))
         expected = model.denoise(view, block_inputs, torch.full((2,), b * S), noise.t)
-        torch.testing.assert_close(logits[:, b * S:(b + 1) * S], expected, rtol=1e-4, atol=1e-4)
-        assert torch.equal(targets[:, b * S:(b + 1) * S], ids[:, o + b * S:o + (b + 1) * S])
+        torch.testing.assert_close(logits[:, b * S : (b + 1) * S], expected, rtol=1e-4, atol=1e-4)
+        assert torch.equal(targets[:, b * S : (b + 1) * S], ids[:, o + b * S : o + (b + 1) * S])
 
 
 def _context_kv(model, ids):
@@ -136,9 +136,20 @@ def test_packing_refuses_heldout_prompts_and_reads_formats(tmp_path):
 
 
 def _config(tmp_path, **overrides):
-    values = dict(data=str(_write_data(tmp_path / "data.jsonl")), out=str(tmp_path / "run"), block_size=S,
-                  blocks_per_sequence=BLOCKS, batch_size=4, lr=3e-3, warmup_steps=2, max_steps=6, eval_every=0,
-                  eval_sequences=2, save_every=2, lora_rank=4)
+    values = dict(
+        data=str(_write_data(tmp_path / "data.jsonl")),
+        out=str(tmp_path / "run"),
+        block_size=S,
+        blocks_per_sequence=BLOCKS,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=2,
+        max_steps=6,
+        eval_every=0,
+        eval_sequences=2,
+        save_every=2,
+        lora_rank=4,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -206,8 +217,12 @@ def test_gradient_accumulation_gives_the_same_update(tmp_path):
     updates, norms = [], []
     for accum in (1, 2, 4):
         model = _model()
-        train(_config(tmp_path / str(accum), batch_size=8, grad_accum=accum, max_steps=1, warmup_steps=1),
-              model, tiny_tokenizer(), progress=False)
+        train(
+            _config(tmp_path / str(accum), batch_size=8, grad_accum=accum, max_steps=1, warmup_steps=1),
+            model,
+            tiny_tokenizer(),
+            progress=False,
+        )
         updates.append(flat(model) - start)
         log = json.loads((tmp_path / str(accum) / "run" / "log.jsonl").read_text())
         norms.append(log["grad_norm"])
@@ -256,9 +271,30 @@ def test_cli_trains_from_a_backbone_folder_and_the_result_generates(tmp_path, ca
     tiny_backbone().save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     data = _write_data(tmp_path / "data.jsonl")
-    args = ["train", "--data", str(data), "--model", str(folder), "--out", str(tmp_path / "run"), "--block-size", "4",
-            "--blocks-per-sequence", "3", "--batch-size", "2", "--max-steps", "2", "--save-every", "1",
-            "--eval-sequences", "2", "--lora-rank", "2", "--no-adaln"]
+    args = [
+        "train",
+        "--data",
+        str(data),
+        "--model",
+        str(folder),
+        "--out",
+        str(tmp_path / "run"),
+        "--block-size",
+        "4",
+        "--blocks-per-sequence",
+        "3",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "2",
+        "--save-every",
+        "1",
+        "--eval-sequences",
+        "2",
+        "--lora-rank",
+        "2",
+        "--no-adaln",
+    ]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["step"] == 2 and summary["training_tokens"] == 2 * 2 * 13
@@ -285,8 +321,9 @@ def test_distill_is_seeded_resumable_and_keeps_heldout_prompts_out(tmp_path, mon
     # an answer is AR mode's greedy reply to the prompt under the chat template
     from twotower.text import encode_prompt
 
-    expected = generate_ar(model, [encode_prompt(tok, rows[0]["prompt"], chat=True)], max_new_tokens=6,
-                           eos_token_id=[1]).tokens[0]
+    expected = generate_ar(model, [encode_prompt(tok, rows[0]["prompt"], chat=True)], max_new_tokens=6, eos_token_id=[1]).tokens[
+        0
+    ]
     assert rows[0]["response"] == tok.decode(expected, skip_special_tokens=True)
 
     # killed in the middle of writing a batch: a cut line at the end, resumed with the same command

@@ -42,8 +42,10 @@ def test_greedy_verify_equals_ar_ragged_batch(denoiser_kind, draft, trained, fam
 def test_greedy_verify_batch_one_equals_ar(draft):
     model = _model("full", trained=True)
     for prompt in PROMPTS:
-        assert generate_verify(model, [prompt], max_new_tokens=30, draft=draft).tokens == \
-            generate_ar(model, [prompt], max_new_tokens=30).tokens
+        assert (
+            generate_verify(model, [prompt], max_new_tokens=30, draft=draft).tokens
+            == generate_ar(model, [prompt], max_new_tokens=30).tokens
+        )
 
 
 def test_verify_with_an_untrained_denoiser_accepts_its_drafts_first_token():
@@ -82,8 +84,10 @@ def test_greedy_verify_stops_at_eos_mid_draft(denoiser_kind):
 def test_verify_on_a_one_token_prompt_and_tight_budgets():
     model = _model(trained=True)
     for budget in (1, 2, 9):
-        assert generate_verify(model, [[40], [5, 6]], max_new_tokens=budget).tokens == \
-            generate_ar(model, [[40], [5, 6]], max_new_tokens=budget).tokens
+        assert (
+            generate_verify(model, [[40], [5, 6]], max_new_tokens=budget).tokens
+            == generate_ar(model, [[40], [5, 6]], max_new_tokens=budget).tokens
+        )
 
 
 def test_verify_block_size_caps_the_draft_and_is_checked():
@@ -114,8 +118,11 @@ def test_verify_refuses_bad_options():
 def _row_kv(cache, row):
     """Per layer, the K,V of the row's valid slots, in order, or its Mamba (conv, SSM) state."""
     keep = cache.valid[row]
-    return [(e[0][row][:, keep], e[1][row][:, keep]) if isinstance(e, tuple) else (e.conv[row], e.ssm[row])
-            for e in cache.kv if e is not None]
+    return [
+        (e[0][row][:, keep], e[1][row][:, keep]) if isinstance(e, tuple) else (e.conv[row], e.ssm[row])
+        for e in cache.kv
+        if e is not None
+    ]
 
 
 @pytest.mark.parametrize("family", ["llama", "nemotron_h"])
@@ -166,6 +173,7 @@ def test_cache_after_rejection_equals_ar_prefill_of_the_committed_tokens(ragged,
 def _exact_law_of_tokens_2_and_3(model, prompt, temperature):
     """The AR model's exact joint law of the 2nd and 3rd sampled tokens (the first comes from
     the prefill in every mode; verify drafts from the 2nd on): (V, V) matrix."""
+
     def next_law(rows):
         ids = torch.tensor(rows)
         _, logits = model.context_prefill(ids, torch.ones_like(ids), logits="last")
@@ -216,8 +224,16 @@ def test_sampled_verify_follows_the_ar_distribution(draft):
     prompt = PROMPTS[2] if draft == "denoiser" else [22, 30, 31, 22, 30, 31, 22]
     temperature, n = 1.0, 4000
     law = _exact_law_of_tokens_2_and_3(model, prompt, temperature)
-    result = generate_verify(model, [prompt] * n, max_new_tokens=4, temperature=temperature, seed=0, draft=draft,
-                             block_size=2, confidence_threshold=0.05)
+    result = generate_verify(
+        model,
+        [prompt] * n,
+        max_new_tokens=4,
+        temperature=temperature,
+        seed=0,
+        draft=draft,
+        block_size=2,
+        confidence_threshold=0.05,
+    )
     counts = torch.zeros(VOCAB, VOCAB)
     for row in result.tokens:
         counts[row[1], row[2]] += 1

@@ -23,7 +23,19 @@ AutoModelForCausalLM.register(TwoTowerConfig, TwoTowerForCausalLM, exist_ok=True
 
 __version__ = "0.1.0"
 __all__ = [
-    "GenerationResult", "GenerationSettings", "TwoTowerConfig", "TwoTowerError", "TwoTowerForCausalLM",
-    "encode_prompt", "eos_token_ids", "generate", "generate_ar", "generate_mask_diffusion", "generate_mock_ar",
-    "generate_verify", "load_backbone", "load_model", "stream",
+    "GenerationResult",
+    "GenerationSettings",
+    "TwoTowerConfig",
+    "TwoTowerError",
+    "TwoTowerForCausalLM",
+    "encode_prompt",
+    "eos_token_ids",
+    "generate",
+    "generate_ar",
+    "generate_mask_diffusion",
+    "generate_mock_ar",
+    "generate_verify",
+    "load_backbone",
+    "load_model",
+    "stream",
 ]

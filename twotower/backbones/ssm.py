@@ -49,7 +49,7 @@ def seeded_conv(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
     k = weight.shape[-1]
     full = torch.cat([conv_state.to(x.dtype), x.transpose(1, 2)], dim=2)  # (B, C, K-1+T)
     out = F.conv1d(full, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), groups=weight.shape[0])
-    return out.transpose(1, 2), full[:, :, full.shape[2] - (k - 1):]
+    return out.transpose(1, 2), full[:, :, full.shape[2] - (k - 1) :]
 
 
 def _expand_groups(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -116,8 +116,7 @@ def recurrent_scan(x, dt, A, B, C, D, h0):
     B, C = _expand_groups(B.float(), heads), _expand_groups(C.float(), heads)
     ys, states = [], []
     for i in range(x.shape[1]):
-        h = h * torch.exp(dt[:, i] * A)[:, :, None, None] + (dt[:, i, :, None, None] * x[:, i, :, :, None]
-                                                              * B[:, i, :, None, :])
+        h = h * torch.exp(dt[:, i] * A)[:, :, None, None] + (dt[:, i, :, None, None] * x[:, i, :, :, None] * B[:, i, :, None, :])
         ys.append(torch.einsum("bhn,bhpn->bhp", C[:, i], h) + D[None, :, None] * x[:, i])
         states.append(h)
     return torch.stack(ys, dim=1), h, torch.stack(states, dim=1)

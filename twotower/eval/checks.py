@@ -94,7 +94,11 @@ def run_python(code: str, timeout: float = 5.0, memory_mb: int = 512) -> PythonR
             f.write(NETWORK_GUARD + "\n" + code + "\n")
         cmd = [*_network_namespace_prefix(), sys.executable, "-I", "-S", script]
         proc = subprocess.Popen(
-            cmd, cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cmd,
+            cwd=workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             env={"PATH": "/usr/bin:/bin", "HOME": workdir},
             preexec_fn=_limit_resources(memory_mb * 2**20, int(timeout) + 1),
         )

@@ -15,15 +15,31 @@ from twotower.eval.tasks import Task, builtin_tasks, interleave_categories, load
 SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 SWEEP_BLOCK_SIZES = (4, 8, 16)
 
-EVAL_COLUMNS = [("point", "point"), ("acc", "overall_accuracy"), ("retention", "retention"),
-                ("exact=AR", "exact_match"), ("prefix", "mean_common_prefix"), ("tok/NFE", "tokens_per_nfe"),
-                ("judge ppl", "judge_ppl"), ("ppl ratio", "judge_ppl_ratio"), ("distinct2", "distinct2"),
-                ("tok/s", "tokens_per_second")]
-BENCH_COLUMNS = [("point", "point"), ("batch", "batch_size"), ("tok/s", "tokens_per_second"),
-                 ("NFE/tok", "nfe_per_token"), ("ctx/tok", "context_passes_per_token"), ("=AR", "exact_match_vs_ar"),
-                 ("x AR", "speedup_vs_generate_ar"), ("x HF", "speedup_vs_hf_generate"),
-                 ("x HF lookup", "speedup_vs_hf_generate_lookup"), ("x llama.cpp", "speedup_vs_llama_cpp"),
-                 ("x llama.cpp lookup", "speedup_vs_llama_cpp_lookup")]
+EVAL_COLUMNS = [
+    ("point", "point"),
+    ("acc", "overall_accuracy"),
+    ("retention", "retention"),
+    ("exact=AR", "exact_match"),
+    ("prefix", "mean_common_prefix"),
+    ("tok/NFE", "tokens_per_nfe"),
+    ("judge ppl", "judge_ppl"),
+    ("ppl ratio", "judge_ppl_ratio"),
+    ("distinct2", "distinct2"),
+    ("tok/s", "tokens_per_second"),
+]
+BENCH_COLUMNS = [
+    ("point", "point"),
+    ("batch", "batch_size"),
+    ("tok/s", "tokens_per_second"),
+    ("NFE/tok", "nfe_per_token"),
+    ("ctx/tok", "context_passes_per_token"),
+    ("=AR", "exact_match_vs_ar"),
+    ("x AR", "speedup_vs_generate_ar"),
+    ("x HF", "speedup_vs_hf_generate"),
+    ("x HF lookup", "speedup_vs_hf_generate_lookup"),
+    ("x llama.cpp", "speedup_vs_llama_cpp"),
+    ("x llama.cpp lookup", "speedup_vs_llama_cpp_lookup"),
+]
 
 
 def select_tasks(tasks: list[Task], per_category: int | None) -> list[Task]:
@@ -47,9 +63,20 @@ def _load(model_ref: str, dtype: torch.dtype):
     return model, tokenizer, (lambda text: encode_prompt(tokenizer, text, chat=True)), eos_token_ids(model, tokenizer)
 
 
-def evaluate(model_ref="default", prompts_file=None, modes=("mock-ar", "diffusion"), block_sizes=(16,),
-             thresholds=(0.8,), temperatures=(0.0,), batch_size=8, per_category=None, judge=True,
-             dtype=torch.bfloat16, out=None, progress=True) -> dict:
+def evaluate(
+    model_ref="default",
+    prompts_file=None,
+    modes=("mock-ar", "diffusion"),
+    block_sizes=(16,),
+    thresholds=(0.8,),
+    temperatures=(0.0,),
+    batch_size=8,
+    per_category=None,
+    judge=True,
+    dtype=torch.bfloat16,
+    out=None,
+    progress=True,
+) -> dict:
     model, tokenizer, encode, eos = _load(model_ref, dtype)
     tasks = select_tasks(load_prompts(prompts_file) if prompts_file else builtin_tasks(), per_category)
     points = operating_points(modes, block_sizes, thresholds, temperatures, model.config.block_size)
@@ -67,8 +94,12 @@ def evaluate(model_ref="default", prompts_file=None, modes=("mock-ar", "diffusio
     print(format_table(report["points"], EVAL_COLUMNS))
     categories = report["categories"]
     print()
-    print(format_table([{"point": r["point"], **r["accuracy"]} for r in report["points"]],
-                       [("point", "point"), *[(c, c) for c in categories if c != "long-form"]]))
+    print(
+        format_table(
+            [{"point": r["point"], **r["accuracy"]} for r in report["points"]],
+            [("point", "point"), *[(c, c) for c in categories if c != "long-form"]],
+        )
+    )
     for note in notes:
         print(note)
     if out:
@@ -84,9 +115,18 @@ def tiny_random_model():
     from twotower.model.two_tower import TwoTowerForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         initializer_range=0.1, pad_token_id=0, eos_token_id=1)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     return TwoTowerForCausalLM.from_backbone(LlamaForCausalLM(config).eval(), block_size=16, lora_rank=4)
 
 
@@ -98,10 +138,25 @@ def _gguf_of(model_ref: str) -> str | None:
     return str(model_ref) if str(model_ref).endswith(".gguf") else None
 
 
-def benchmark(model_ref="default", prompts_file=None, modes=("mock-ar", "diffusion"), block_sizes=(16,),
-              thresholds=(0.8,), batch_sizes=(1, 8), num_prompts=8, max_new_tokens=128, sweep=False,
-              per_category=4, plot=None, quick=False, hf=True, llama_cpp=True, dtype=torch.bfloat16, out=None,
-              progress=True) -> dict:
+def benchmark(
+    model_ref="default",
+    prompts_file=None,
+    modes=("mock-ar", "diffusion"),
+    block_sizes=(16,),
+    thresholds=(0.8,),
+    batch_sizes=(1, 8),
+    num_prompts=8,
+    max_new_tokens=128,
+    sweep=False,
+    per_category=4,
+    plot=None,
+    quick=False,
+    hf=True,
+    llama_cpp=True,
+    dtype=torch.bfloat16,
+    out=None,
+    progress=True,
+) -> dict:
     notes = []
     if quick:
         model, dtype, eos = tiny_random_model(), torch.float32, []
@@ -126,20 +181,32 @@ def benchmark(model_ref="default", prompts_file=None, modes=("mock-ar", "diffusi
     report["environment"] = environment(dtype, str(model_ref))
     print(format_table(report["rows"], BENCH_COLUMNS))
     costs = report["context_pass_ms"]
-    print("context-tower pass, ms by new positions (batch 1): "
-          + ", ".join(f"{w}: {ms}" for w, ms in costs.items())
-          + f"  ({costs[max(costs)] / costs[min(costs)]:.1f}x from {min(costs)} to {max(costs)})")
+    print(
+        "context-tower pass, ms by new positions (batch 1): "
+        + ", ".join(f"{w}: {ms}" for w, ms in costs.items())
+        + f"  ({costs[max(costs)] / costs[min(costs)]:.1f}x from {min(costs)} to {max(costs)})"
+    )
     if sweep:
         if quick:
             tasks, encode = None, None
             report["notes"].append("sweep quality skipped with --quick (no tokenizer)")
         else:
-            quality = run_eval(model, tokenizer, select_tasks(tasks, per_category), points, None, max(batch_sizes),
-                               eos, encode, progress)
+            quality = run_eval(
+                model, tokenizer, select_tasks(tasks, per_category), points, None, max(batch_sizes), eos, encode, progress
+            )
             report["sweep"] = _join_sweep(report["rows"], quality["points"], min(batch_sizes))
             print()
-            print(format_table(report["sweep"], [("point", "point"), ("retention", "retention"),
-                                                 ("tok/s", "tokens_per_second"), ("tok/NFE", "tokens_per_nfe")]))
+            print(
+                format_table(
+                    report["sweep"],
+                    [
+                        ("point", "point"),
+                        ("retention", "retention"),
+                        ("tok/s", "tokens_per_second"),
+                        ("tok/NFE", "tokens_per_nfe"),
+                    ],
+                )
+            )
             if plot:
                 note = plot_curve(report["sweep"], plot)
                 report["notes"].append(note or f"plot written to {plot}")
@@ -156,8 +223,15 @@ def _join_sweep(speed_rows: list[dict], quality_rows: list[dict], batch: int) ->
     joined = []
     for q in quality_rows:
         s = speed.get(q["point"], {})
-        joined.append({"point": q["point"], "mode": q["mode"], "block_size": q["block_size"],
-                       "threshold": q["threshold"], "retention": q["retention"],
-                       "tokens_per_second": s.get("tokens_per_second"), "tokens_per_nfe": s.get("tokens_per_nfe")})
+        joined.append(
+            {
+                "point": q["point"],
+                "mode": q["mode"],
+                "block_size": q["block_size"],
+                "threshold": q["threshold"],
+                "retention": q["retention"],
+                "tokens_per_second": s.get("tokens_per_second"),
+                "tokens_per_nfe": s.get("tokens_per_nfe"),
+            }
+        )
     return joined
-

@@ -13,5 +13,17 @@ from twotower.eval.quality import run_eval
 from twotower.eval.report import environment, format_table, plot_curve, write_json
 from twotower.eval.speed import pass_cost, run_bench
 
-__all__ = ["AR", "OperatingPoint", "Reply", "environment", "format_table", "generate_replies", "operating_points",
-           "pass_cost", "plot_curve", "run_bench", "run_eval", "write_json"]
+__all__ = [
+    "AR",
+    "OperatingPoint",
+    "Reply",
+    "environment",
+    "format_table",
+    "generate_replies",
+    "operating_points",
+    "pass_cost",
+    "plot_curve",
+    "run_bench",
+    "run_eval",
+    "write_json",
+]

@@ -46,6 +46,6 @@ class Judge:
         if not answer:
             return None
         ids = torch.tensor([context + answer], device=self.model.device)
-        logits = self.model(input_ids=ids).logits[0, len(context) - 1:-1].float()
-        targets = ids[0, len(context):]
+        logits = self.model(input_ids=ids).logits[0, len(context) - 1 : -1].float()
+        targets = ids[0, len(context) :]
         return float(torch.nn.functional.cross_entropy(logits, targets))

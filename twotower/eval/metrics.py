@@ -26,7 +26,7 @@ def agreement(replies: list[list[int]], reference: list[list[int]]) -> dict:
 def distinct_n(text: str, n: int = 2) -> float:
     """Unique word n-grams / all word n-grams (1.0 = no repetition; 0 for fewer than n words)."""
     words = text.split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 

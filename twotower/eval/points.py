@@ -61,8 +61,16 @@ class Reply:
     nfe: int
 
 
-def generate_replies(model, tokenizer, prompts: list[list[int]], max_new: list[int], point: OperatingPoint,
-                     batch_size: int, eos: list[int], bar=None) -> tuple[list[Reply], dict]:
+def generate_replies(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new: list[int],
+    point: OperatingPoint,
+    batch_size: int,
+    eos: list[int],
+    bar=None,
+) -> tuple[list[Reply], dict]:
     """Replies in prompt order, generated in batches of prompts that share max_new_tokens.
     Returns the replies and the pass counts / seconds summed over batches."""
     replies: list[Reply | None] = [None] * len(prompts)
@@ -72,9 +80,10 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], max_new: list[i
         by_length.setdefault(n, []).append(i)
     for n, indices in sorted(by_length.items()):
         for start in range(0, len(indices), batch_size):
-            group = indices[start:start + batch_size]
-            result = generate(model, point.mode, [prompts[i] for i in group], max_new_tokens=n, eos_token_id=eos,
-                              **point.options())
+            group = indices[start : start + batch_size]
+            result = generate(
+                model, point.mode, [prompts[i] for i in group], max_new_tokens=n, eos_token_id=eos, **point.options()
+            )
             for row, i in enumerate(group):
                 toks = result.tokens[row]
                 text = tokenizer.decode(toks, skip_special_tokens=True) if tokenizer is not None else ""

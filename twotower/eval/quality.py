@@ -15,8 +15,17 @@ from twotower.eval.points import AR, OperatingPoint, generate_replies
 from twotower.eval.tasks import Task
 
 
-def run_eval(model, tokenizer, tasks: list[Task], points: list[OperatingPoint], judge=None, batch_size: int = 8,
-             eos: list[int] | None = None, encode=None, progress: bool = True) -> dict:
+def run_eval(
+    model,
+    tokenizer,
+    tasks: list[Task],
+    points: list[OperatingPoint],
+    judge=None,
+    batch_size: int = 8,
+    eos: list[int] | None = None,
+    encode=None,
+    progress: bool = True,
+) -> dict:
     """Accuracy per category, agreement with AR, judge perplexity and distinct-2 on long-form,
     quality retention, for every operating point. points[0] must be AR greedy."""
     if points[0] != AR:
@@ -34,7 +43,8 @@ def run_eval(model, tokenizer, tasks: list[Task], points: list[OperatingPoint], 
         if reference is None:
             reference = replies
         row = {
-            "point": point.label, **asdict(point),
+            "point": point.label,
+            **asdict(point),
             "accuracy": metrics.accuracy_by_category(categories, passed),
             **metrics.agreement([r.tokens for r in replies], [r.tokens for r in reference]),
             "tokens_per_nfe": totals["new_tokens"] / max(totals["nfe"], 1),
@@ -57,5 +67,10 @@ def run_eval(model, tokenizer, tasks: list[Task], points: list[OperatingPoint], 
         row["retention"] = metrics.quality_retention(row["accuracy"], ar_row["accuracy"])
         if row.get("judge_ppl") and ar_row.get("judge_ppl"):
             row["judge_ppl_ratio"] = row["judge_ppl"] / ar_row["judge_ppl"]
-    return {"tasks": len(tasks), "categories": sorted(set(categories)), "judge": getattr(judge, "name", None),
-            "batch_size": batch_size, "points": rows}
+    return {
+        "tasks": len(tasks),
+        "categories": sorted(set(categories)),
+        "judge": getattr(judge, "name", None),
+        "batch_size": batch_size,
+        "points": rows,
+    }

@@ -16,18 +16,24 @@ def environment(dtype: torch.dtype, model_ref: str) -> dict:
     import transformers
 
     return {
-        "command": " ".join(["twotower", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("twotower")
-        else " ".join(sys.argv),
+        "command": " ".join(["twotower", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("twotower") else " ".join(sys.argv),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-        "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "dtype": str(dtype).removeprefix("torch."), "model": model_ref,
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "dtype": str(dtype).removeprefix("torch."),
+        "model": model_ref,
     }
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     """Fixed-width text table; columns: (header, key). Floats print with 3 significant places."""
+
     def cell(value):
         if value is None:
             return "-"

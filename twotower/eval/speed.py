@@ -24,12 +24,19 @@ def _time_hf_generate(backbone, prompts, batch_size, max_new_tokens, eos, pad_id
     extra = {"prompt_lookup_num_tokens": LOOKUP_TOKENS} if lookup else {}
     tokens, seconds = 0, 0.0
     for start in range(0, len(prompts), batch_size):
-        ids, mask = left_pad(prompts[start:start + batch_size], pad_id)
+        ids, mask = left_pad(prompts[start : start + batch_size], pad_id)
         begin = time.perf_counter()
-        out = backbone.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                eos_token_id=eos or None, pad_token_id=pad_id, **extra)
+        out = backbone.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos or None,
+            pad_token_id=pad_id,
+            **extra,
+        )
         seconds += time.perf_counter() - begin
-        for row in out[:, ids.shape[1]:].tolist():
+        for row in out[:, ids.shape[1] :].tolist():
             tokens += next((i + 1 for i, t in enumerate(row) if t in eos), len(row)) if eos else len(row)
     return {"new_tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / max(seconds, 1e-9)}
 
@@ -71,9 +78,18 @@ def pass_cost(model, prompt: list[int], widths=(1, 2, 4, 8, 16), repeats: int = 
     return out
 
 
-def run_bench(model, prompts: list[list[int]], points: list[OperatingPoint], batch_sizes=(1, 8),
-              max_new_tokens: int = 128, eos: list[int] | None = None, hf: bool = True, gguf: str | None = None,
-              progress: bool = True, lookup_baselines: bool | None = None) -> dict:
+def run_bench(
+    model,
+    prompts: list[list[int]],
+    points: list[OperatingPoint],
+    batch_sizes=(1, 8),
+    max_new_tokens: int = 128,
+    eos: list[int] | None = None,
+    hf: bool = True,
+    gguf: str | None = None,
+    progress: bool = True,
+    lookup_baselines: bool | None = None,
+) -> dict:
     """Tokens/s, NFE and context passes per token for every point and batch size, plus
     transformers' generate and (batch 1) llama.cpp on the same prompts; speed-ups over each.
     With verify mode among the points (or `lookup_baselines`), both baselines also run with
@@ -92,11 +108,11 @@ def run_bench(model, prompts: list[list[int]], points: list[OperatingPoint], bat
         if hf:
             baselines["hf_generate"] = _time_hf_generate(model.context_tower, prompts, batch, max_new_tokens, eos, pad)
             if batch == 1 and lookup_baselines and model.family.stateful:
-                notes.append("transformers' prompt lookup skipped: its assisted generation refuses stateful "
-                             "(Mamba) models")
+                notes.append("transformers' prompt lookup skipped: its assisted generation refuses stateful (Mamba) models")
             elif batch == 1 and lookup_baselines:  # transformers' assisted decoding is batch 1 only
-                baselines["hf_generate_lookup"] = _time_hf_generate(model.context_tower, prompts, 1, max_new_tokens,
-                                                                    eos, pad, lookup=True)
+                baselines["hf_generate_lookup"] = _time_hf_generate(
+                    model.context_tower, prompts, 1, max_new_tokens, eos, pad, lookup=True
+                )
         if batch == 1 and gguf:
             try:
                 threads = torch.get_num_threads()
@@ -113,19 +129,27 @@ def run_bench(model, prompts: list[list[int]], points: list[OperatingPoint], bat
             if point == AR:
                 ar_tps, ar_replies = tps, replies
             row = {
-                "point": point.label, **asdict(point), "batch_size": batch, "new_tokens": totals["new_tokens"],
-                "seconds": totals["seconds"], "tokens_per_second": tps,
+                "point": point.label,
+                **asdict(point),
+                "batch_size": batch,
+                "new_tokens": totals["new_tokens"],
+                "seconds": totals["seconds"],
+                "tokens_per_second": tps,
                 "nfe_per_token": totals["nfe"] / max(totals["new_tokens"], 1),
                 "context_passes_per_token": totals["context_passes"] / max(totals["new_tokens"], 1),
                 "tokens_per_nfe": totals["new_tokens"] / max(totals["nfe"], 1),
                 "speedup_vs_generate_ar": tps / ar_tps if ar_tps else None,
-                "exact_match_vs_ar": metrics.agreement([r.tokens for r in replies], [r.tokens for r in ar_replies])[
-                    "exact_match"] if ar_replies else None,
+                "exact_match_vs_ar": metrics.agreement([r.tokens for r in replies], [r.tokens for r in ar_replies])["exact_match"]
+                if ar_replies
+                else None,
             }
             if "draft_sources" in totals:  # verify mode
-                row.update(draft_sources=totals["draft_sources"], cycles=totals["cycles"],
-                           draft_acceptance=totals["accepted_drafts"] / max(totals["drafted"], 1),
-                           tokens_per_cycle=totals["new_tokens"] / max(sum(totals["draft_sources"].values()), 1))
+                row.update(
+                    draft_sources=totals["draft_sources"],
+                    cycles=totals["cycles"],
+                    draft_acceptance=totals["accepted_drafts"] / max(totals["drafted"], 1),
+                    tokens_per_cycle=totals["new_tokens"] / max(sum(totals["draft_sources"].values()), 1),
+                )
             for name, base in baselines.items():
                 row[f"speedup_vs_{name}"] = tps / base["tokens_per_second"]
             rows.append(row)
@@ -135,5 +159,4 @@ def run_bench(model, prompts: list[list[int]], points: list[OperatingPoint], bat
     bar.close()
     if gguf is None:
         notes.append("llama.cpp skipped: the model was not loaded from a GGUF file")
-    return {"rows": rows, "notes": notes, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
-            "context_pass_ms": costs}
+    return {"rows": rows, "notes": notes, "prompts": len(prompts), "max_new_tokens": max_new_tokens, "context_pass_ms": costs}

@@ -43,6 +43,17 @@ def stream(model, mode: str, input_ids, attention_mask=None, **options):
 
 
 __all__ = [
-    "GenerationResult", "StreamEvent", "MODES", "generate", "stream", "generate_ar", "generate_mock_ar",
-    "generate_mask_diffusion", "generate_verify", "ar_stream", "mock_ar_stream", "diffusion_stream", "verify_stream",
+    "GenerationResult",
+    "StreamEvent",
+    "MODES",
+    "generate",
+    "stream",
+    "generate_ar",
+    "generate_mock_ar",
+    "generate_mask_diffusion",
+    "generate_verify",
+    "ar_stream",
+    "mock_ar_stream",
+    "diffusion_stream",
+    "verify_stream",
 ]

@@ -131,8 +131,8 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for b, r in enumerate(rows):
-        ids[b, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[b, width - len(r):] = 1
+        ids[b, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[b, width - len(r) :] = 1
     return ids, mask
 
 
@@ -141,9 +141,7 @@ def _token_rows(input_ids) -> list[list[int]]:
     is_id = lambda x: isinstance(x, int) and not isinstance(x, bool)
     if isinstance(input_ids, (list, tuple)) and input_ids and all(is_id(x) for x in input_ids):
         return [list(input_ids)]
-    if isinstance(input_ids, (list, tuple)) and all(
-        isinstance(r, (list, tuple)) and all(is_id(x) for x in r) for r in input_ids
-    ):
+    if isinstance(input_ids, (list, tuple)) and all(isinstance(r, (list, tuple)) and all(is_id(x) for x in r) for r in input_ids):
         return [list(r) for r in input_ids]
     raise TwoTowerError(
         "input_ids must be token ids: a tensor (B, T), a list of ints, a list of lists of ints, or a "

@@ -31,8 +31,9 @@ def first_eos(block: torch.Tensor, masked: torch.Tensor, eos: torch.Tensor) -> t
 
 
 @torch.inference_mode()
-def diffusion_stream(model, input_ids, attention_mask=None, *, mask_token_id=None, time_conditioning=True,
-                     mode="diffusion", **options):
+def diffusion_stream(
+    model, input_ids, attention_mask=None, *, mask_token_id=None, time_conditioning=True, mode="diffusion", **options
+):
     """Yields a StreamEvent whenever a row's committed prefix grows; returns a GenerationResult.
 
     Options: GenerationSettings fields (max_new_tokens, block_size, steps_per_block,
@@ -73,7 +74,7 @@ def diffusion_stream(model, input_ids, attention_mask=None, *, mask_token_id=Non
             masked &= slots <= first_eos(block, masked, eos)[:, None]  # slots after a committed EOS are never emitted
             ready = committed_prefix(masked).tolist()
             rows = block.tolist()
-            event = run.emit([rows[b][emitted[b]:ready[b]] for b in range(batch)])
+            event = run.emit([rows[b][emitted[b] : ready[b]] for b in range(batch)])
             emitted = ready
             masked &= ~run.done.to(den)[:, None]  # a row that reached EOS stops filling its block
             yield event
@@ -94,5 +95,8 @@ def mock_ar_stream(model, input_ids, attention_mask=None, **options):
     for name in ("block_size", "steps_per_block", "confidence_threshold"):
         if name in options:
             raise TwoTowerError(f"mock-ar commits one token per pass; {name} does not apply")
-    return (yield from diffusion_stream(model, input_ids, attention_mask, time_conditioning=False, mode="mock-ar",
-                                        block_size=1, steps_per_block=1, **options))
+    return (
+        yield from diffusion_stream(
+            model, input_ids, attention_mask, time_conditioning=False, mode="mock-ar", block_size=1, steps_per_block=1, **options
+        )
+    )

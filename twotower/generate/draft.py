@@ -23,8 +23,8 @@ def lookup_draft(history: list[int], max_len: int, ngram: int = 3) -> list[int]:
     for n in range(min(ngram, len(history) - 1), 0, -1):
         tail = history[-n:]
         for start in range(len(history) - n - 1, -1, -1):
-            if history[start:start + n] == tail:
-                return history[start + n:start + n + max_len]
+            if history[start : start + n] == tail:
+                return history[start + n : start + n + max_len]
     return []
 
 
@@ -89,8 +89,15 @@ class DraftPolicy:
     twice the recent accepted run plus two (at most the room left): every drafted position
     costs the context tower (and the denoiser) work, so a draft rarely accepted stays short."""
 
-    def __init__(self, batch: int, ways: tuple[str, ...], probe_every: int = 8, decay: float = 0.7,
-                 max_wait: int = 256, first_length: int = 2):
+    def __init__(
+        self,
+        batch: int,
+        ways: tuple[str, ...],
+        probe_every: int = 8,
+        decay: float = 0.7,
+        max_wait: int = 256,
+        first_length: int = 2,
+    ):
         self.ways, self.probe_every, self.decay, self.max_wait = ways, probe_every, decay, max_wait
         self.first_length = first_length
         self.every = tuple(dict.fromkeys([*ways, "ar"]))  # a forced source still falls back to AR steps

@@ -57,7 +57,7 @@ class Drafts:
         batch, k = len(self.tokens), max(len(d) for d in self.tokens)
         ids = torch.full((batch, k), pad_id, dtype=torch.long)
         for b, d in enumerate(self.tokens):
-            ids[b, :len(d)] = torch.tensor(d, dtype=torch.long)
+            ids[b, : len(d)] = torch.tensor(d, dtype=torch.long)
         lengths = torch.tensor([len(d) for d in self.tokens])
         q = self.q
         if q is not None:
@@ -83,7 +83,7 @@ def choose_sources(cycle_way: str, active, room, history, policy, ways, draft: s
         if source[b] == "lookup":
             if not found:
                 source[b] = "ar"
-            tokens[b] = found[:policy.draft_length(b, "lookup", room[b])]
+            tokens[b] = found[: policy.draft_length(b, "lookup", room[b])]
     return Drafts(tokens, source)
 
 
@@ -97,13 +97,14 @@ def make_drafts(model, cache, pending, drafts: Drafts, room, policy, settings, r
             drafts.source[b] = "ar"
     if drafts.den_rows:
         width = max(drafts.den_rows.values())
-        tokens, drafts.q, lengths, drafts.passes = denoiser_draft(model, cache, pending, width, settings, run.generator,
-                                                                  draft_steps)
+        tokens, drafts.q, lengths, drafts.passes = denoiser_draft(
+            model, cache, pending, width, settings, run.generator, draft_steps
+        )
         run.denoiser_passes += drafts.passes
         run.count_pass(list(drafts.den_rows), drafts.passes)
         tokens, lengths = tokens.tolist(), lengths.tolist()
         for b, n in drafts.den_rows.items():
-            drafts.tokens[b] = tokens[b][:min(lengths[b], n)]
+            drafts.tokens[b] = tokens[b][: min(lengths[b], n)]
     return drafts
 
 
@@ -142,8 +143,6 @@ def accept_drafts(logits, drafts, draft_len, q, settings, generator):
     return accepted, torch.multinomial(dist, 1, generator=generator)[:, 0]
 
 
-
-
 def commit(cache, run, drafts: Drafts, active, accepted: list[int], following: list[int], history) -> list[list[int]]:
     """Step 4: keep the accepted drafts in the cache (the pending token and the accepted ones),
     drop the rest; returns the tokens each row commits (accepted drafts, then the context
@@ -154,14 +153,23 @@ def commit(cache, run, drafts: Drafts, active, accepted: list[int], following: l
     cache.keep_new(width, torch.where(is_active, 1 + torch.tensor(accepted, device=cache.valid.device), 0))
     new = [[] for _ in range(batch)]
     for b in active:
-        new[b] = [*drafts.tokens[b][:accepted[b]], following[b]][: run.settings.max_new_tokens - len(run.tokens[b])]
+        new[b] = [*drafts.tokens[b][: accepted[b]], following[b]][: run.settings.max_new_tokens - len(run.tokens[b])]
         history[b].extend(new[b])
     return new
 
 
 @torch.inference_mode()
-def verify_stream(model, input_ids, attention_mask=None, *, draft: str = "auto", draft_steps: int = 1,
-                  lookup_ngram: int = 3, probe_every: int = 16, **options):
+def verify_stream(
+    model,
+    input_ids,
+    attention_mask=None,
+    *,
+    draft: str = "auto",
+    draft_steps: int = 1,
+    lookup_ngram: int = 3,
+    probe_every: int = 16,
+    **options,
+):
     """Yields a StreamEvent per cycle; returns a GenerationResult whose details hold cycles,
     drafted and accepted tokens and how often each draft source was used.
 

@@ -30,9 +30,7 @@ class TimeConditioning(nn.Module):
     def __init__(self, hidden_size: int, num_layers: int, freq_dim: int = 256, per_layer: int = 6):
         super().__init__()
         self.freq_dim, self.per_layer = freq_dim, per_layer
-        self.t_embedder = nn.Sequential(
-            nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
-        )
+        self.t_embedder = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, per_layer * hidden_size))
         self.layer_tables = nn.Parameter(torch.zeros(num_layers, per_layer, hidden_size))
         nn.init.zeros_(self.t_block[1].weight)

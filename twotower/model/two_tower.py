@@ -66,15 +66,13 @@ class TwoTowerForCausalLM(nn.Module):
                 config.lora_targets = sorted({name for linears in layers for name in linears})
             self.lora = build_adapters(layers, config.lora_targets, config.lora_rank, config.lora_alpha)
             if not any(len(adapters) for adapters in self.lora):
-                raise TwoTowerError(f"lora_targets {config.lora_targets} name no projection of this "
-                                    f"{bcfg.model_type} backbone")
+                raise TwoTowerError(f"lora_targets {config.lora_targets} name no projection of this {bcfg.model_type} backbone")
             self.lora.to(device=device, dtype=dtype)
         # The mask token's embedding: a new learned vector, initialised to the mean embedding.
         self.mask_embedding = nn.Parameter(embed.weight.detach().float().mean(0).to(dtype))
         self.time_conditioning = None
         if config.adaln:
-            tc = TimeConditioning(bcfg.hidden_size, len(backbone.model.layers), config.time_embed_dim,
-                                  family.n_modulation)
+            tc = TimeConditioning(bcfg.hidden_size, len(backbone.model.layers), config.time_embed_dim, family.n_modulation)
             self.time_conditioning = tc.to(device=device, dtype=dtype)
 
     # ---------------------------------------------------------------- construction
@@ -198,8 +196,15 @@ class TwoTowerForCausalLM(nn.Module):
         is_mask = (block_ids == self.mask_token_id)[..., None]
         return torch.where(is_mask, self.mask_embedding.to(emb.dtype), emb)
 
-    def denoise(self, view: ContextView, block_ids: torch.Tensor, start_pos: torch.Tensor, t=None,
-                mask: torch.Tensor | None = None, blocks: int = 1) -> torch.Tensor:
+    def denoise(
+        self,
+        view: ContextView,
+        block_ids: torch.Tensor,
+        start_pos: torch.Tensor,
+        t=None,
+        mask: torch.Tensor | None = None,
+        blocks: int = 1,
+    ) -> torch.Tensor:
         """One denoiser pass over a block.
 
         view: the context K,V (and Mamba states) the block starts from, on the denoiser's device;
