@@ -197,7 +197,8 @@ def test_bench_quick_writes_a_valid_json(tmp_path, capsys):
         assert rows[("ar", batch)]["speedup_vs_generate_ar"] == 1.0
         assert rows[("hf_generate", batch)]["tokens_per_second"] > 0
         diffusion = rows[("diffusion S=16 g=0.8", batch)]
-        assert diffusion["tokens_per_second"] > 0 and diffusion["context_passes_per_token"] < 1
+        # every context pass commits at least one token (batched passes serve every row)
+        assert diffusion["tokens_per_second"] > 0 and diffusion["context_passes_per_token"] <= 1 / batch
         assert diffusion["speedup_vs_hf_generate"] > 0
         verify = rows[("verify S=16 g=0.8", batch)]
         assert verify["exact_match_vs_ar"] == 1.0  # fp32: lossless

@@ -1,5 +1,6 @@
-"""Generation modes on tiny random backbones: parity with transformers, mock-AR = AR,
-shifted-layout first tokens, batching, EOS, sampling, streaming and statistics."""
+"""Generation modes on tiny random backbones: parity with transformers, mock-AR = AR, the AR
+token that starts every diffusion block, blocks that end at their committed prefix, batching,
+EOS, sampling, streaming and statistics."""
 
 from __future__ import annotations
 
@@ -57,15 +58,41 @@ def ar_next_token(model, prefix: list[int]) -> int:
     return int(model(torch.tensor([prefix]))[0, -1].argmax())
 
 
+def assert_blocks_start_with_the_ar_token(model, prompts, result):
+    """Every block starts where a context pass ended, with that pass's own (AR) token."""
+    for prompt, out, starts in zip(prompts, result.tokens, result.details["block_starts"]):
+        assert starts[0] == 0 and starts == sorted(set(starts)) and starts[-1] < len(out)
+        for start in starts:
+            assert out[start] == ar_next_token(model, prompt + out[:start]), (prompt, start)
+
+
 @pytest.mark.parametrize("family", ["llama", "nemotron_h"])
 @pytest.mark.parametrize("threshold", [0.05, 0.8])
-def test_shifted_layout_first_token_of_every_block_is_ar_choice(denoiser_kind, threshold, family):
+@pytest.mark.parametrize("trained", [False, True])
+def test_every_context_pass_commits_the_ar_token(denoiser_kind, threshold, family, trained):
+    """The first token of every block is the context tower's own choice, however the denoiser
+    is trained: training can never make it worse."""
     model = tiny_two_tower(denoiser_kind, block_size=4, family=family)
-    for prompt in PROMPTS:
-        out = generate_mask_diffusion(model, [prompt], max_new_tokens=16, block_size=4, confidence_threshold=threshold).tokens[0]
-        assert len(out) == 16
-        for start in range(0, 16, 4):
-            assert out[start] == ar_next_token(model, prompt + out[:start]), (prompt, start)
+    if trained:
+        perturb_trained(model, scale=0.3)
+    result = generate_mask_diffusion(model, PROMPTS, max_new_tokens=16, block_size=4, confidence_threshold=threshold)
+    assert all(len(out) == 16 for out in result.tokens)
+    assert_blocks_start_with_the_ar_token(model, PROMPTS, result)
+    assert result.context_passes == result.details["cycles"]
+
+
+@pytest.mark.parametrize("family", ["llama", "nemotron_h"])
+@pytest.mark.parametrize("scale", [0.0, 0.5])
+def test_a_denoiser_that_is_never_confident_writes_the_ar_text(family, scale):
+    """No slot passes the threshold: nothing is forced into the text, every block ends at its
+    AR token, and the reply is AR's, token for token (a weak denoiser degrades to AR)."""
+    model = tiny_two_tower("lora", block_size=8, family=family)
+    perturb_trained(model, scale=scale)
+    ar = generate_ar(model, PROMPTS, max_new_tokens=14)
+    diff = generate_mask_diffusion(model, PROMPTS, max_new_tokens=14, block_size=8, confidence_threshold=1.0)
+    assert diff.tokens == ar.tokens
+    assert diff.details["cycles"] == 14  # one token per context pass
+    assert diff.row_nfe == [13] * len(PROMPTS)  # one denoiser pass per block but the last (no room left)
 
 
 @pytest.mark.parametrize("family", ["llama", "nemotron_h"])
@@ -85,53 +112,70 @@ def test_diffusion_rows_are_independent_of_batching(denoiser_kind, family):
 
 def test_diffusion_commits_several_tokens_per_pass_at_low_threshold():
     model = tiny_two_tower(block_size=8)
-    strict = generate_mask_diffusion(model, PROMPTS, max_new_tokens=16, block_size=8, confidence_threshold=1.0)
     loose = generate_mask_diffusion(model, PROMPTS, max_new_tokens=16, block_size=8, confidence_threshold=0.01)
-    assert strict.tokens_per_nfe == 1.0  # nothing is above 1.0: one commit per pass
     assert loose.tokens_per_nfe == 8.0  # everything above 0.01 in a near-uniform model: one pass per block
     assert loose.context_passes == 2  # prefill + one extension between the two blocks
+    assert loose.details["block_starts"] == [[0, 8]] * len(PROMPTS)
     few_steps = generate_mask_diffusion(
-        model, PROMPTS, max_new_tokens=16, block_size=8, steps_per_block=2, confidence_threshold=1.0
+        model, PROMPTS, max_new_tokens=16, block_size=8, steps_per_block=1, confidence_threshold=0.01
     )
-    assert few_steps.denoiser_passes == 4  # the last step of a block commits every slot left
+    assert few_steps.tokens == loose.tokens and few_steps.denoiser_passes == 2
 
 
 def test_diffusion_eos_mid_block_stops_the_row_and_truncates():
     model = tiny_two_tower(block_size=8)
-    free = generate_mask_diffusion(model, PROMPTS, max_new_tokens=16, block_size=8).tokens
+    free = generate_mask_diffusion(model, PROMPTS, max_new_tokens=16, block_size=8, confidence_threshold=0.05).tokens
     eos = free[2][3]
-    result = generate_mask_diffusion(model, PROMPTS, max_new_tokens=16, block_size=8, eos_token_id=eos)
+    result = generate_mask_diffusion(model, PROMPTS, max_new_tokens=16, block_size=8, confidence_threshold=0.05, eos_token_id=eos)
     row = result.tokens[2]
     assert row[-1] == eos and eos not in row[:-1] and len(row) <= 4
     assert result.tokens[2] == free[2][: len(row)]
 
 
-def test_diffusion_spends_no_pass_on_slots_after_a_committed_eos(monkeypatch):
-    """A stub denoiser: slot 2 predicts EOS most confidently, slots 3-7 a token with 0.8, slots
-    0-1 a token with 0.5. One commit per pass (threshold 1.0): EOS goes first; then only slots
-    0 and 1 are left to fill, because slots after a committed EOS are never emitted."""
-    model = tiny_two_tower(block_size=8)
+def _stub_denoiser(model, monkeypatch):
+    """A stub denoiser over a block [y_0, y_1, ...]: slot 1 predicts token 60 with probability
+    0.84, slot 2 EOS with 0.90, slots 3-7 token 50 with 0.89 (after normalisation)."""
 
-    def denoise(view, block_ids, start_pos, t=None):
+    def denoise(view, block_ids, start_pos, t=None, anchor_hidden=None, slots=None):
         probs = torch.full((*block_ids.shape, VOCAB), 1e-3)
-        probs[:, 2, EOS], probs[:, 3:, 50], probs[:, :2, 60] = 0.9, 0.8, 0.5
+        probs[:, 1:2, 60], probs[:, 2:3, EOS], probs[:, 3:, 50] = 0.5, 0.9, 0.8
         return probs.log()
 
     monkeypatch.setattr(model, "denoise", denoise)
-    options = dict(max_new_tokens=8, block_size=8, confidence_threshold=1.0)
+
+
+def test_diffusion_spends_no_slot_after_a_committed_eos(monkeypatch):
+    model = tiny_two_tower(block_size=8)
+    _stub_denoiser(model, monkeypatch)
+    first = generate_ar(model, [PROMPTS[0]], max_new_tokens=1).tokens[0]
+    options = dict(max_new_tokens=8, block_size=8, confidence_threshold=0.4)
     without_eos = generate_mask_diffusion(model, [PROMPTS[0]], **options)
-    assert without_eos.tokens[0] == [60, 60, EOS, 50, 50, 50, 50, 50] and without_eos.nfe == 8
+    assert without_eos.tokens[0] == [*first, 60, EOS, 50, 50, 50, 50, 50] and without_eos.nfe == 1
     with_eos = generate_mask_diffusion(model, [PROMPTS[0]], eos_token_id=EOS, **options)
-    assert with_eos.tokens[0] == [60, 60, EOS]
-    assert with_eos.nfe == 3
+    assert with_eos.tokens[0] == [*first, 60, EOS] and with_eos.nfe == 1
+
+
+def test_a_block_ends_at_its_committed_prefix(monkeypatch):
+    """Slots 2-7 pass the threshold (0.87) but slot 1 never does: the block ends after its AR
+    token and the tokens committed after the gap never reach the text."""
+    model = tiny_two_tower(block_size=8)
+    _stub_denoiser(model, monkeypatch)
+    ar = generate_ar(model, [PROMPTS[0]], max_new_tokens=6).tokens
+    result = generate_mask_diffusion(model, [PROMPTS[0]], max_new_tokens=6, block_size=8, confidence_threshold=0.87)
+    assert result.tokens == ar
+    assert result.details["block_starts"] == [list(range(6))]
+    # rooms 6, 5, 4, 3: a pass that commits slots 2.., then one that commits nothing; room 2: slot 1
+    # alone, one pass that commits nothing; room 1: no slot for the denoiser
+    assert result.nfe == 4 * 2 + 1
 
 
 def test_same_position_layout_runs_and_fills_blocks():
     model = tiny_two_tower(layout="same-position", block_size=4)
-    result = generate_mask_diffusion(model, PROMPTS, max_new_tokens=10, block_size=4)
+    result = generate_mask_diffusion(model, PROMPTS, max_new_tokens=10, block_size=4, confidence_threshold=0.01)
     assert [len(t) for t in result.tokens] == [10] * len(PROMPTS)
     assert all(0 <= tok < model.num_embeddings for row in result.tokens for tok in row)
-    assert result.context_passes == 3  # prefill + two extensions (blocks of 4, 4, 2)
+    assert result.details["block_starts"] == [[0, 4, 8]] * len(PROMPTS)  # blocks of 4, 4, 2
+    assert_blocks_start_with_the_ar_token(model, PROMPTS, result)
 
 
 @pytest.mark.parametrize("mode_fn", [generate_ar, generate_mock_ar, generate_mask_diffusion])
@@ -180,7 +224,8 @@ def test_statistics_count_passes():
     ar = generate_ar(model, [PROMPTS[0]], max_new_tokens=9)
     assert (ar.nfe, ar.context_passes, ar.denoiser_passes) == (9, 9, 0)
     diff = generate_mask_diffusion(model, [PROMPTS[0]], max_new_tokens=9, block_size=4)
-    assert diff.context_passes == 3 and diff.nfe == diff.denoiser_passes
+    assert diff.context_passes == diff.details["cycles"] == len(diff.details["block_starts"][0])
+    assert diff.nfe == diff.denoiser_passes
     assert diff.tokens_per_nfe == pytest.approx(9 / diff.nfe)
     assert diff.stats()["seconds"] > 0
 

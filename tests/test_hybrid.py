@@ -85,8 +85,9 @@ def test_going_back_past_the_tail_is_refused():
 
 def test_verify_with_blocks_wider_than_the_scan_chunks():
     """Verify passes of k+1 = 41 tokens (five scan chunks) keep the whole pass to go back
-    into: after a ragged rejection each row's states equal a prefill of its kept tokens, and
-    verify mode still reproduces AR exactly."""
+    into: after a ragged rejection each row's states equal a prefill of its kept tokens, the
+    view without each row's last token equals a prefill without it, and verify mode still
+    reproduces AR exactly."""
     model = _hybrid(block_size=40)
     rows = [[5, 6, 7], [9, 10, 11]]
     cache, _ = model.context_prefill(torch.tensor(rows), torch.ones(2, 3, dtype=torch.long))
@@ -97,8 +98,14 @@ def test_verify_with_blocks_wider_than_the_scan_chunks():
     for row in range(2):
         kept = torch.tensor([rows[row] + drafts[row, : keep[row]].tolist()])
         _assert_row_states(cache, row, model.context_prefill(kept, torch.ones_like(kept))[0])
-    with pytest.raises(ValueError, match="last slot committed"):
-        cache.view(drop_last=True)  # row 0 dropped its last slots: no shifted view of a ragged cache
+    view = cache.view(drop_last=True)  # row 0 dropped its last slots: its last valid slot is masked instead
+    for row in range(2):
+        kept = rows[row] + drafts[row, : keep[row] - 1].tolist()
+        shorter, _ = model.context_prefill(torch.tensor([kept]), torch.ones(1, len(kept), dtype=torch.long))
+        assert int(view.valid[row].sum()) == len(kept)
+        for got, ref in zip([e for e in view.kv if isinstance(e, MambaState)], _states(shorter), strict=True):
+            torch.testing.assert_close(got.conv[row], ref.conv[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got.ssm[row], ref.ssm[0], atol=1e-5, rtol=1e-5)
     perturb_trained(model, scale=0.05)  # drafts that are partly wrong: rejections mid-pass
     ar = generate_ar(model, PROMPTS, max_new_tokens=60).tokens
     result = generate_verify(model, PROMPTS, max_new_tokens=60, draft="denoiser")

@@ -354,3 +354,121 @@ def test_distill_needs_a_chat_template():
     tok.chat_template = None
     with pytest.raises(TwoTowerError, match="chat template"):
         distill(tiny_two_tower(block_size=S), tok, "unused.jsonl", rows=1, progress=False)
+
+
+# --- training that costs only the denoiser: cached frozen-tower features -----------------------
+
+
+def _shallow_model(kind="lora", family="llama"):
+    from twotower import TwoTowerForCausalLM
+
+    backbone = tiny_backbone(family, **({} if family == "nemotron_h" else {"num_hidden_layers": 3}))
+    return TwoTowerForCausalLM.from_backbone(backbone, denoiser=kind, block_size=S, lora_rank=4, denoiser_depth=2)
+
+
+@pytest.mark.parametrize("family", ["llama", "nemotron_h"])
+@pytest.mark.parametrize("shallow", [False, True])
+def test_cached_features_give_the_same_loss_and_gradient(tmp_path, family, shallow):
+    """One step on features read back from disk equals the step that runs the frozen tower:
+    the same loss (masked CE plus the distillation term) and the same gradient."""
+    from twotower.diffusion import ar_first
+    from twotower.features import build_features
+
+    model = _shallow_model("lora", family) if shallow else _model("lora", family=family)
+    perturb_trained(model)
+    ids = _sequences(5, "shifted")
+    noise = ar_first(sample_noise(5, BLOCKS, S, torch.Generator().manual_seed(3)))
+    store = build_features(model, ids, tmp_path / "features", S, top_k=8, batch_size=2, shard_size=3, progress=False)
+    assert len(store) == 5 and store.complete and len(store.index["shards"]) == 2
+
+    def loss_and_grad(features, kl_weight):
+        model.zero_grad()
+        loss, count = masked_loss_sum(model, ids, noise, features, kl_weight=kl_weight, top_k=8)
+        loss.backward()
+        return loss.detach(), count, [p.grad.clone() for p in trainable_parameters(model)]
+
+    read_ids, features = store.batch(range(5), model)
+    assert torch.equal(read_ids, ids)
+    direct = loss_and_grad(None, 0.5)
+    cached = loss_and_grad(features, 0.5)
+    assert direct[1] == cached[1] > 0
+    torch.testing.assert_close(cached[0], direct[0], rtol=1e-4, atol=1e-4)
+    for g_cached, g_direct in zip(cached[2], direct[2], strict=True):
+        torch.testing.assert_close(g_cached, g_direct, rtol=1e-3, atol=1e-5)
+    hard = loss_and_grad(None, 0.0)[0]
+    assert direct[0] > hard  # the distillation term adds a cross-entropy against the teacher
+
+
+def test_features_of_other_settings_are_refused(tmp_path):
+    from twotower.features import build_features
+
+    model = _model()
+    build_features(model, _sequences(3, "shifted"), tmp_path / "f", S, top_k=4, progress=False)
+    with pytest.raises(TwoTowerError, match="other settings \\(sequences, sequences_sha256\\)"):
+        build_features(model, _sequences(4, "shifted"), tmp_path / "f", S, top_k=4, progress=False)
+    with pytest.raises(TwoTowerError, match="top_k"):
+        build_features(model, _sequences(3, "shifted"), tmp_path / "f", S, top_k=8, progress=False)
+
+
+def test_an_interrupted_feature_build_resumes(tmp_path, monkeypatch):
+    import twotower.features as features
+
+    model = _model()
+    ids = _sequences(7, "shifted")
+    whole = features.build_features(model, ids, tmp_path / "a", S, top_k=4, shard_size=2, progress=False)
+    real, calls = features.save_file, {"n": 0}
+
+    def dies_on_the_third_shard(tensors, path):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        real(tensors, path)
+
+    monkeypatch.setattr(features, "save_file", dies_on_the_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        features.build_features(model, ids, tmp_path / "b", S, top_k=4, shard_size=2, progress=False)
+    monkeypatch.setattr(features, "save_file", real)
+    assert len(features.FeatureStore(tmp_path / "b")) == 4
+    resumed = features.build_features(model, ids, tmp_path / "b", S, top_k=4, shard_size=2, progress=False)
+    a, b = whole.batch(range(7), model)[1], resumed.batch(range(7), model)[1]
+    assert resumed.complete and torch.equal(a.teacher.ids, b.teacher.ids)
+    for x, y in zip(a.view.kv, b.view.kv, strict=True):
+        assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+
+
+@pytest.mark.parametrize("shallow", [False, True])
+def test_training_on_cached_features_equals_training_without(tmp_path, shallow):
+    """The same run with and without a features folder: the same losses (fp32), and a run on
+    features killed and resumed repeats the uninterrupted one."""
+    build = (lambda: _shallow_model()) if shallow else (lambda: _model())
+    extra = dict(kl_weight=0.5, top_k=8, eval_every=3)
+    plain = train(_config(tmp_path / "a", **extra), build(), tiny_tokenizer(), progress=False)
+    cached = train(_config(tmp_path / "b", features=str(tmp_path / "feat"), **extra), build(), tiny_tokenizer(), progress=False)
+    assert cached["losses"] == pytest.approx(plain["losses"], rel=1e-4)
+    assert cached["eval_losses"][-1][1] == pytest.approx(plain["eval_losses"][-1][1], rel=1e-4)
+    assert cached["masked_tokens"] == plain["masked_tokens"] > 0
+    train(
+        _config(tmp_path / "c", features=str(tmp_path / "feat"), **extra), build(), tiny_tokenizer(), progress=False, stop_after=3
+    )
+    resumed = train(_config(tmp_path / "c", features=str(tmp_path / "feat"), **extra), build(), tiny_tokenizer(), progress=False)
+    assert resumed["losses"] == cached["losses"]
+
+
+def test_shallow_training_moves_every_trainable_parameter_and_keeps_the_tower(tmp_path, denoiser_kind):
+    model = _shallow_model(denoiser_kind)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = {id(p) for p in trainable_parameters(model)}
+    names = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in trainable}
+    train(
+        _config(tmp_path, max_steps=4, denoiser=denoiser_kind, features=str(tmp_path / "f")),
+        model,
+        tiny_tokenizer(),
+        progress=False,
+    )
+    after = model.state_dict()
+    for key, value in before.items():
+        if key in names:
+            assert not torch.equal(value, after[key]), f"{key} did not move"
+        else:
+            assert torch.equal(value, after[key]), f"{key} changed but is not trained"
+    assert model.config.trained_tokens == 4 * 4 * (BLOCKS * S + 1)

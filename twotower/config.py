@@ -21,6 +21,7 @@ DRAFT_SOURCES = ("auto", "denoiser", "lookup", "ar")
 SHIFTED, SAME_POSITION = "shifted", "same-position"
 LAYOUTS = (SHIFTED, SAME_POSITION)
 DENOISER_KINDS = ("full", "lora")
+ALIGNMENTS = ("top", "spread")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAMBA_LORA_TARGETS = ("in_proj", "out_proj")  # Mamba-2 mixers of hybrid backbones
 
@@ -49,6 +50,18 @@ class TwoTowerConfig(PretrainedConfig):
             embedded by the denoiser only.
         adaln: add adaLN-single time conditioning (identity-initialised).
         time_embed_dim: width of the sinusoidal time embedding.
+        denoiser_depth: K, the denoiser's number of layers; None means every layer of the backbone
+            (NVIDIA's layout, the GPU default). A shallow denoiser (K < L) has K layers aligned to
+            layers of the frozen context tower: each attends to [that context layer's K,V ; its own
+            block], and its anchor slot reads the context tower's hidden state entering the first
+            aligned layer, so that an untrained shallow denoiser still predicts as AR there.
+        alignment: which context layers a shallow denoiser aligns with: "top" (the last K layers;
+            the untrained anchor output is exactly AR's) or "spread" (K layers spread over depth,
+            the last one the top layer).
+        aligned_layers: the aligned context layers, explicitly (ascending); overrides depth and
+            alignment. Filled in from them when the model is built.
+        trained_tokens: training tokens the denoiser has seen (0: untrained; the command line
+            refuses diffusion mode on an untrained denoiser, which writes garbage).
     """
 
     model_type = "twotower"
@@ -67,6 +80,10 @@ class TwoTowerConfig(PretrainedConfig):
         mask_token_id: int | None = None,
         adaln: bool = True,
         time_embed_dim: int = 256,
+        denoiser_depth: int | None = None,
+        alignment: str = "top",
+        aligned_layers: list[int] | None = None,
+        trained_tokens: int = 0,
         **kwargs,
     ):
         self.backbone_ref = backbone_ref
@@ -81,6 +98,10 @@ class TwoTowerConfig(PretrainedConfig):
         self.mask_token_id = mask_token_id
         self.adaln = adaln
         self.time_embed_dim = time_embed_dim
+        self.denoiser_depth = denoiser_depth
+        self.alignment = alignment
+        self.aligned_layers = list(aligned_layers) if aligned_layers is not None else None
+        self.trained_tokens = trained_tokens
         super().__init__(**kwargs)
 
     def validate(self) -> None:
@@ -97,6 +118,33 @@ class TwoTowerConfig(PretrainedConfig):
             unknown = sorted(set(self.lora_targets or ()) - set(known))
             if unknown:
                 raise TwoTowerError(f"unknown lora_targets {unknown}; choose from {list(known)}")
+        if self.alignment not in ALIGNMENTS:
+            raise TwoTowerError(f"alignment must be one of {ALIGNMENTS}, got {self.alignment!r}")
+        if self.denoiser_depth is not None and self.denoiser_depth < 1:
+            raise TwoTowerError(f"denoiser_depth must be >= 1, got {self.denoiser_depth}")
+
+    def resolve_aligned_layers(self, num_layers: int) -> list[int]:
+        """The context layers the denoiser's layers align with (ascending), from aligned_layers,
+        or denoiser_depth and alignment. A shallow denoiser needs the shifted layout: its anchor
+        slot is where it reads the context tower's hidden state."""
+        if self.aligned_layers is not None:
+            layers = list(self.aligned_layers)
+            if not layers or layers != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= num_layers:
+                raise TwoTowerError(f"aligned_layers must be distinct ascending layer indices in [0, {num_layers}), got {layers}")
+        else:
+            depth = num_layers if self.denoiser_depth is None else self.denoiser_depth
+            if depth > num_layers:
+                raise TwoTowerError(f"denoiser_depth {depth} is more than the backbone's {num_layers} layers")
+            if self.alignment == "top":
+                layers = list(range(num_layers - depth, num_layers))
+            else:
+                layers = [round((i + 1) * num_layers / depth) - 1 for i in range(depth)]
+        if len(layers) < num_layers and self.layout != SHIFTED:
+            raise TwoTowerError(
+                f"a shallow denoiser ({len(layers)} of {num_layers} layers) needs layout='shifted': its anchor "
+                "slot reads the context tower's hidden state"
+            )
+        return layers
 
 
 @dataclass

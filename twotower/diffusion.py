@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from twotower.model.cache import ContextView
 from twotower.model.layout import BlockLayout
 
 
@@ -52,20 +53,96 @@ def sample_noise(
     return Noise(t, coins < t[:, None, None])
 
 
+def ar_first(noise: Noise) -> Noise:
+    """The first target of every block made visible: at generation time it is the context
+    tower's own token (the AR choice after the committed text), so the denoiser never has to
+    predict it and training never scores it (it can only predict the tokens after it)."""
+    masked = noise.masked.clone()
+    masked[:, :, 0] = False
+    return Noise(noise.t, masked)
+
+
+@dataclass
+class Teacher:
+    """The AR model's next-token distribution at every context position, as its top k:
+    ids (B, n*S, k) long and log-probabilities (B, n*S, k) float (renormalised over the k)."""
+
+    ids: torch.Tensor
+    logp: torch.Tensor
+
+
+def teacher_top_k(logits: torch.Tensor, k: int) -> Teacher:
+    """logits (..., V) -> the top-k ids and their log-probabilities, renormalised over the k."""
+    top, ids = logits.float().topk(k, dim=-1)
+    return Teacher(ids, top.log_softmax(-1))
+
+
+@dataclass
+class Features:
+    """What the denoiser reads of the frozen tower for a batch of training sequences: the view
+    (its aligned layers' states), a shallow denoiser's anchors (B, n, H), and the teacher (or
+    None). Computed by the context tower each step, or read from a feature cache
+    (`twotower.features`), which stores exactly these."""
+
+    view: ContextView
+    anchors: torch.Tensor | None
+    teacher: Teacher | None
+
+
+def context_features(model, ids: torch.Tensor, n_blocks: int, block_size: int, top_k: int = 0) -> Features:
+    """One frozen context pass over the clean tokens x_0 .. x_{nS-1} (no gradient)."""
+    ctx = model.training_context(ids[:, : n_blocks * block_size], block_size)
+    teacher = None
+    if top_k:
+        with torch.no_grad():
+            teacher = teacher_top_k(model.teacher_logits(ctx.hidden), top_k)
+    return Features(ctx.view, ctx.anchors, teacher)
+
+
+def training_hidden(model, ids: torch.Tensor, noise: Noise, features: Features | None = None):
+    """One training pass. ids: (B, n*S + o) clean tokens. Returns the denoiser's final hidden
+    states over every slot (B, n*S, H), the targets (B, n*S) and the features it read."""
+    batch, n, s = noise.masked.shape
+    inputs, targets = model.layout.training_inputs(ids, noise.masked, model.mask_token_id)
+    if features is None:
+        features = context_features(model, ids, n, s)
+    mask = model.layout.training_mask(n, s, ids.device)[None, None].expand(batch, -1, -1, -1)
+    start = torch.zeros(batch, dtype=torch.long, device=ids.device)
+    hidden = model.denoise_hidden(features.view, inputs, start, noise.t, mask=mask, blocks=n, anchor_hidden=features.anchors)
+    return hidden, targets, features
+
+
 def training_logits(model, ids: torch.Tensor, noise: Noise) -> tuple[torch.Tensor, torch.Tensor]:
     """One training pass. ids: (B, n*S + o) clean tokens. Returns the denoiser logits over every
     slot (B, n*S, V) (float, mask token forbidden) and the targets (B, n*S)."""
+    hidden, targets, _ = training_hidden(model, ids, noise)
+    return model.denoiser_logits(hidden), targets
+
+
+def masked_loss_sum(
+    model, ids: torch.Tensor, noise: Noise, features: Features | None = None, kl_weight: float = 0.0, top_k: int = 0
+) -> tuple[torch.Tensor, int]:
+    """Sum over masked targets of the cross-entropy, plus kl_weight times the cross-entropy
+    against the AR teacher's top-k distribution (the same optimum as the hard targets, which
+    are the teacher's own greedy choices in self-distilled data, with less variance), and how
+    many targets there were. The LM head runs on the masked targets only. Without cached
+    features the teacher comes from this step's frozen pass (top_k tokens)."""
     batch, n, s = noise.masked.shape
-    inputs, targets = model.layout.training_inputs(ids, noise.masked, model.mask_token_id)
-    view = model.training_context(ids[:, : n * s], s)  # frozen, clean tokens, no gradient
-    mask = model.layout.training_mask(n, s, ids.device)[None, None].expand(batch, -1, -1, -1)
-    start = torch.zeros(batch, dtype=torch.long, device=ids.device)
-    return model.denoise(view, inputs, start, noise.t, mask=mask, blocks=n), targets
-
-
-def masked_loss_sum(model, ids: torch.Tensor, noise: Noise) -> tuple[torch.Tensor, int]:
-    """Sum of the cross-entropy over masked targets, and how many there were."""
-    logits, targets = training_logits(model, ids, noise)
+    if features is None:
+        features = context_features(model, ids, n, s, top_k if kl_weight else 0)
+    hidden, targets, _ = training_hidden(model, ids, noise, features)
     scored = noise.masked.reshape(targets.shape)
-    loss = F.cross_entropy(logits[scored], targets[scored], reduction="sum")
+    logp = model.denoiser_logits(hidden[scored]).log_softmax(-1)  # (M, V)
+    loss = F.nll_loss(logp, targets[scored], reduction="sum")
+    if kl_weight:
+        # Slot i predicts the token at position i + offset; the teacher's prediction of it was
+        # made at position i + offset - 1 (none for the first token of a same-position sequence).
+        at = torch.arange(n * s, device=ids.device) + model.layout.offset - 1
+        known = scored & (at >= 0)[None]
+        teacher = features.teacher
+        pick = at.clamp(min=0)[None].expand(batch, -1)[known]
+        rows = torch.arange(batch, device=ids.device)[:, None].expand(-1, n * s)[known]
+        t_ids, t_logp = teacher.ids[rows, pick], teacher.logp[rows, pick].float()  # (M', k)
+        soft = -(t_logp.exp() * logp[known[scored]].gather(-1, t_ids.long())).sum()
+        loss = loss + kl_weight * soft
     return loss, int(scored.sum())

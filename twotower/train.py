@@ -27,7 +27,8 @@ from torch import nn
 
 from twotower.config import DENOISER_KINDS, LAYOUTS, TwoTowerError
 from twotower.data import batch_indices, heldout_prompts, pack, read_rows
-from twotower.diffusion import Noise, layout_offset, masked_loss_sum, sample_noise
+from twotower.diffusion import Features, Noise, ar_first, layout_offset, masked_loss_sum, sample_noise
+from twotower.features import build_features
 
 
 def option(default, help_text: str):
@@ -45,6 +46,11 @@ class TrainConfig:
     lora_rank: int = option(16, "LoRA rank")
     lora_alpha: float = option(32.0, "LoRA alpha")
     adaln: bool = option(True, "adaLN-single time conditioning")
+    denoiser_depth: int | None = option(None, "denoiser layers K (None: all); a shallow one aligns with context layers")
+    alignment: str = option("top", "context layers a shallow denoiser aligns with: top or spread")
+    kl_weight: float = option(0.0, "weight of the distillation loss against the AR teacher's top-k law (0: off)")
+    top_k: int = option(32, "tokens of the AR teacher's distribution kept for distillation")
+    features: str = option("", "folder of cached frozen-tower features, built once and reused every epoch ('': none)")
     block_size: int = option(16, "block size S trained")
     blocks_per_sequence: int = option(8, "blocks per training sequence (L = blocks * S, + 1 in the shifted layout)")
     batch_size: int = option(8, "sequences per optimizer step (over all devices and micro-batches)")
@@ -84,6 +90,7 @@ class TrainConfig:
             (0 < self.t_min <= 1, "t_min must be in (0, 1]"),
             (self.dtype in ("fp32", "bf16"), f"dtype must be fp32 or bf16, got {self.dtype!r}"),
             (self.mixed_precision in ("auto", "bf16", "no"), "mixed_precision must be auto, bf16 or no"),
+            (self.kl_weight >= 0 and self.top_k >= 1, "kl_weight must be >= 0 and top_k >= 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -128,22 +135,24 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 
 
 class Objective(nn.Module):
-    """The model behind a forward that returns (masked CE sum, masked count), so that
-    accelerate can wrap it (DDP) and run it under autocast."""
+    """The model behind a forward that returns (masked loss sum, masked count), so that
+    accelerate can wrap it (DDP) and run it under autocast. features: the cached frozen-tower
+    features of the batch, or None (the frozen tower runs in the step)."""
 
-    def __init__(self, model):
+    def __init__(self, model, kl_weight: float = 0.0, top_k: int = 32):
         super().__init__()
-        self.model = model
+        self.model, self.kl_weight, self.top_k = model, kl_weight, top_k
 
-    def forward(self, ids: torch.Tensor, t: torch.Tensor, masked: torch.Tensor):
-        loss, count = masked_loss_sum(self.model, ids, Noise(t, masked))
+    def forward(self, ids: torch.Tensor, t: torch.Tensor, masked: torch.Tensor, features: Features | None = None):
+        loss, count = masked_loss_sum(self.model, ids, Noise(t, masked), features, self.kl_weight, self.top_k)
         return loss, torch.tensor(count, device=ids.device)
 
 
 def step_noise(config: TrainConfig, step: int, batch: int) -> Noise:
-    """The noise of step `step`: a function of (seed, step) only."""
+    """The noise of step `step`: a function of (seed, step) only. The first target of every
+    block stays visible (`ar_first`): at generation time it is the context tower's own token."""
     gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step + 1)
-    return sample_noise(batch, config.blocks_per_sequence, config.block_size, gen, config.t_min)
+    return ar_first(sample_noise(batch, config.blocks_per_sequence, config.block_size, gen, config.t_min))
 
 
 def trainable_parameters(model) -> list[nn.Parameter]:
@@ -231,6 +240,8 @@ def build_model(config: TrainConfig):
         lora_alpha=config.lora_alpha,
         adaln=config.adaln,
         block_size=config.block_size,
+        denoiser_depth=config.denoiser_depth,
+        alignment=config.alignment,
     )
 
 
@@ -254,6 +265,9 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
     rows = read_rows(config.data, config.max_rows)
     packed = pack(rows, tokenizer, config.seq_len, heldout_prompts())
     train_seqs, eval_seqs = packed.split(config.eval_sequences)
+    store = None
+    if config.features:  # the frozen tower runs once per sequence, here, instead of in every step
+        store = build_features(model, packed.sequences, config.features, config.block_size, config.top_k, progress=progress)
 
     mixed = config.mixed_precision
     if mixed == "auto":
@@ -290,7 +304,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
         state = load_checkpoint(found, model, optimizer, saved)
         _truncate_log(out / "log.jsonl", state["step"])
     model.to(accelerator.device)
-    objective, optimizer = accelerator.prepare(Objective(model), optimizer)
+    objective, optimizer = accelerator.prepare(Objective(model, config.kl_weight, config.top_k), optimizer)
     per_device = config.batch_size // world
     micro = per_device // config.grad_accum
     first = state["step"]
@@ -300,18 +314,19 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
         step, begin = state["step"], time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
-        ids = train_seqs[batch_indices(len(train_seqs), config.batch_size, step, config.seed)]
+        indices = batch_indices(len(train_seqs), config.batch_size, step, config.seed)
         noise = step_noise(config, step, config.batch_size)
         mine = slice(rank * per_device, (rank + 1) * per_device)
-        ids, noise = ids[mine], Noise(noise.t[mine], noise.masked[mine])
+        indices, noise = indices[mine], Noise(noise.t[mine], noise.masked[mine])
         total_loss = torch.zeros((), device=accelerator.device)
         total_count = torch.zeros((), device=accelerator.device, dtype=torch.long)
-        chunks = list(zip(ids.split(micro), noise.split(micro)))
+        chunks = list(zip(indices.split(micro), noise.split(micro)))
         for i, (chunk, chunk_noise) in enumerate(chunks):
             sync = i == len(chunks) - 1
+            ids, features = _read(train_seqs, store, chunk, model, accelerator.device)
             with accelerator.no_sync(objective) if not sync else contextlib.nullcontext(), accelerator.autocast():
                 loss, count = objective(
-                    chunk.to(accelerator.device), chunk_noise.t.to(accelerator.device), chunk_noise.masked.to(accelerator.device)
+                    ids, chunk_noise.t.to(accelerator.device), chunk_noise.masked.to(accelerator.device), features
                 )
             accelerator.backward(loss)
             total_loss += loss.detach()
@@ -334,6 +349,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
         state["step"] = step + 1
         state["losses"].append(value)
         state["training_tokens"] += config.batch_size * config.seq_len
+        state["masked_tokens"] = state.get("masked_tokens", 0) + int(total_count)
         state["seconds"] += time.perf_counter() - begin
         record = {
             "step": step + 1,
@@ -341,10 +357,11 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
             "grad_norm": grad_norm,
             "lr": learning_rate(config, step),
             "training_tokens": state["training_tokens"],
+            "masked_tokens": state["masked_tokens"],
             "seconds": round(state["seconds"], 3),
         }
         if config.eval_every and (step + 1) % config.eval_every == 0:
-            state["eval_losses"].append([step + 1, eval_loss(objective, eval_seqs, config, accelerator)])
+            state["eval_losses"].append([step + 1, eval_loss(objective, eval_seqs, config, accelerator, store, model)])
             record["eval_loss"] = state["eval_losses"][-1][1]
             if config.nfe_prompts and tokenizer is not None:
                 record["tokens_per_nfe"] = tokens_per_nfe(model, tokenizer, config)
@@ -353,13 +370,23 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
             with open(out / "log.jsonl", "a") as log:
                 log.write(json.dumps(record) + "\n")
             bar.update(1)
-            bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{state['training_tokens'] / max(state['seconds'], 1e-9):.0f}")
+            bar.set_postfix(loss=f"{value:.3f}", masked_tok_s=f"{state['masked_tokens'] / max(state['seconds'], 1e-9):.0f}")
+            model.config.trained_tokens = state["training_tokens"]
             if (step + 1) % config.save_every == 0 or step + 1 == config.max_steps:
                 save_checkpoint(out, model, optimizer, state)
     bar.close()
     if state["step"] == config.max_steps and accelerator.is_main_process:
         model.save_pretrained(out / "final")
     return state
+
+
+def _read(sequences: torch.Tensor, store, indices: torch.Tensor, model, device, offset: int = 0):
+    """The ids of the sequences at `indices` and their cached features (None without a store;
+    the store holds every packed sequence, these from `offset` on)."""
+    if store is None:
+        return sequences[indices].to(device), None
+    ids, features = store.batch((indices + offset).tolist(), model)
+    return ids.to(device), features
 
 
 def tokens_per_nfe(model, tokenizer, config: TrainConfig, max_new_tokens: int = 64) -> float:
@@ -381,16 +408,17 @@ def tokens_per_nfe(model, tokenizer, config: TrainConfig, max_new_tokens: int = 
 
 
 @torch.no_grad()
-def eval_loss(objective, sequences: torch.Tensor, config: TrainConfig, accelerator) -> float:
-    """Masked CE per masked target on the held-out sequences, with fixed noise."""
+def eval_loss(objective, sequences: torch.Tensor, config: TrainConfig, accelerator, store=None, model=None) -> float:
+    """The training loss per masked target on the held-out sequences (the last ones of the
+    packed data, so their cached features follow the training ones), with fixed noise."""
     gen = torch.Generator().manual_seed(config.seed + 7)
-    noise = sample_noise(len(sequences), config.blocks_per_sequence, config.block_size, gen, config.t_min)
+    noise = ar_first(sample_noise(len(sequences), config.blocks_per_sequence, config.block_size, gen, config.t_min))
     total, count = 0.0, 0
     size = max(config.batch_size // config.grad_accum, 1)
-    for chunk, chunk_noise in zip(sequences.split(size), noise.split(size)):
+    offset = 0 if store is None else len(store) - len(sequences)
+    for chunk, chunk_noise in zip(torch.arange(len(sequences)).split(size), noise.split(size)):
+        ids, features = _read(sequences, store, chunk, model, accelerator.device, offset)
         with accelerator.autocast():
-            loss, n = objective(
-                chunk.to(accelerator.device), chunk_noise.t.to(accelerator.device), chunk_noise.masked.to(accelerator.device)
-            )
+            loss, n = objective(ids, chunk_noise.t.to(accelerator.device), chunk_noise.masked.to(accelerator.device), features)
         total, count = total + float(loss), count + int(n)
     return total / max(count, 1)

@@ -6,8 +6,8 @@ family it holds:
 
 - `projections(layer)`: the linear projections of one layer a LoRA adapter may target;
 - `n_modulation`: adaLN vectors per layer (3 per sublayer: shift, scale, gate);
-- `run_layers(backbone, p)`: every layer and the final norm over one `LayerPass`, which
-  names its inputs, its past states and what state the caller wants back (`Keep`);
+- `run_layers(backbone, p)`: the layers and the final norm over one `LayerPass`, which names
+  its inputs, its past states, which layers run and what state the caller wants back (`Keep`);
 - `empty_states(backbone, batch)`: the per-layer states of no token.
 
 Below the families: the attention layers' cached state (`AttentionState`; the Mamba-2 state
@@ -17,8 +17,9 @@ lives beside its scan in `ssm.py`), and the LoRA and adaLN hooks both apply the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -65,7 +66,10 @@ class LayerPass:
     (B, T) bool, the padding of a prefill (Mamba layers zero padded inputs); blocks: n > 1
     means T = n*S tokens in n blocks, each scanned by Mamba layers from its own state (past
     states of batch B*n); modulation: None or (B, L, n_modulation, H); adapters: None or per
-    layer {projection name: LoRA}.
+    layer {projection name: LoRA}; layers: the layer modules to run (None: every layer of the
+    backbone; a shallow denoiser runs its K layers, and past, modulation and adapters then
+    hold K entries); capture: return the hidden state entering this layer (index into the
+    layers run; the shallow denoiser's anchor input).
     """
 
     hidden: torch.Tensor
@@ -77,6 +81,11 @@ class LayerPass:
     blocks: int = 1
     modulation: torch.Tensor | None = None
     adapters: nn.ModuleList | None = None
+    layers: Sequence[nn.Module] | None = None
+    capture: int | None = None
+
+    def modules(self, backbone: nn.Module) -> Sequence[nn.Module]:
+        return backbone.model.layers if self.layers is None else self.layers
 
     def layer(self, i: int):
         """(past state, modulation, adapters) of layer i."""
@@ -85,6 +94,12 @@ class LayerPass:
             None if self.modulation is None else self.modulation[:, i],
             None if self.adapters is None else self.adapters[i],
         )
+
+
+class PassOutput(NamedTuple):
+    hidden: torch.Tensor  # (B, T, H) after the final norm
+    states: list  # per layer run: the state LayerPass.keep asked for, or None
+    captured: torch.Tensor | None  # (B, T, H) the hidden state entering layer `capture`, or None
 
 
 class Family(Protocol):
@@ -96,7 +111,7 @@ class Family(Protocol):
 
     def projections(self, layer: nn.Module) -> dict[str, nn.Linear]: ...
 
-    def run_layers(self, backbone: nn.Module, p: LayerPass) -> tuple[torch.Tensor, list]: ...
+    def run_layers(self, backbone: nn.Module, p: LayerPass) -> PassOutput: ...
 
     def empty_states(self, backbone: nn.Module, batch: int) -> list: ...
 
@@ -122,8 +137,10 @@ class AttentionState:
         drops as many (cut is not None), else unchanged (the cache marks the slots invalid)."""
         return self if cut is None else AttentionState(self.k[:, :, :cut], self.v[:, :, :cut])
 
-    def drop_last(self) -> AttentionState:
-        return AttentionState(self.k[:, :, :-1], self.v[:, :, :-1])
+    def drop_last(self, cut: bool = True) -> AttentionState:
+        """Without the last slot: cut when every row's last slot is a token (cut), else unchanged
+        (the view marks each row's last valid slot invalid instead)."""
+        return AttentionState(self.k[:, :, :-1], self.v[:, :, :-1]) if cut else self
 
     def for_view(self) -> AttentionState:
         return self

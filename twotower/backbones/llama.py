@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from twotower.backbones.base import AttentionState, LayerPass, adapter_lookup, gated, modulate, project
+from twotower.backbones.base import AttentionState, LayerPass, PassOutput, adapter_lookup, gated, modulate, project
 
 # Per decoder layer, modulation holds 6 vectors: (shift, scale, gate) for attention, then MLP.
 N_MODULATION = 6
@@ -85,18 +85,20 @@ def decoder_layer(layer, x, cos, sin, past_kv, mask, modulation=None, adapters=N
     return x + gated(mlp(layer.mlp, h, adapters), gate), kv
 
 
-def run_layers(backbone, p: LayerPass):
-    """All decoder layers and the final norm over one pass (see `LayerPass`).
-    Returns the normed hidden states (B, T, H) and per layer this call's AttentionState (None
-    for every layer when p.keep asks for nothing)."""
+def run_layers(backbone, p: LayerPass) -> PassOutput:
+    """The decoder layers and the final norm over one pass (see `LayerPass`).
+    Returns the normed hidden states (B, T, H), per layer this call's AttentionState (None for
+    every layer when p.keep asks for nothing), and the captured hidden state."""
     cos, sin = rope_tables(backbone, p.positions, p.hidden.dtype)
     mask = None if p.mask is not None and bool(p.mask.all()) else p.mask  # nothing masked: run unmasked, as transformers
-    hidden, new = p.hidden, []
-    for i, layer in enumerate(backbone.model.layers):
+    hidden, new, captured = p.hidden, [], None
+    for i, layer in enumerate(p.modules(backbone)):
+        if i == p.capture:
+            captured = hidden
         past, modulation, adapters = p.layer(i)
         hidden, kv = decoder_layer(layer, hidden, cos, sin, past, mask, modulation, adapters)
         new.append(None if p.keep.kind == "none" else kv)
-    return backbone.model.norm(hidden), new
+    return PassOutput(backbone.model.norm(hidden), new, captured)
 
 
 def empty_states(backbone, batch: int) -> list:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from twotower.backbones.base import NOTHING, AttentionState, Keep, LayerPass, adapter_lookup, gated, modulate, project
+from twotower.backbones.base import NOTHING, AttentionState, Keep, LayerPass, PassOutput, adapter_lookup, gated, modulate, project
 from twotower.backbones.ssm import MambaState, ScanTail, chunked_scan, seeded_conv
 
 N_MODULATION = 3
@@ -121,17 +121,20 @@ def mamba(mixer: nn.Module, x, state: MambaState | None, valid, adapters, keep: 
     return project(mixer.out_proj, y.to(x.dtype), get("out_proj")), new
 
 
-def run_layers(backbone, p: LayerPass):
+def run_layers(backbone, p: LayerPass) -> PassOutput:
     """All layers and the final norm over one pass (see `LayerPass`: positions are unused, this
     family has no RoPE; valid, blocks and keep steer the Mamba layers).
-    Returns the normed hidden states (B, T, H) and per layer the state p.keep asks for: this
-    call's AttentionState, the Mamba state, or None (MLP / MoE layers, or keep = nothing).
+    Returns the normed hidden states (B, T, H), per layer the state p.keep asks for (this
+    call's AttentionState, the Mamba state, or None: MLP / MoE layers, or keep = nothing), and
+    the captured hidden state.
     """
     mask = None if p.mask is not None and bool(p.mask.all()) else p.mask
-    hidden = p.hidden
+    hidden, captured = p.hidden, None
     bsz, seq, width = hidden.shape
     new = []
-    for i, layer in enumerate(backbone.model.layers):
+    for i, layer in enumerate(p.modules(backbone)):
+        if i == p.capture:
+            captured = hidden
         past, modulation, adapters = p.layer(i)
         kind = layer.block_type
         h, gate = modulate(layer.norm(hidden.to(layer.norm.weight.dtype)), modulation, 0)
@@ -148,7 +151,7 @@ def run_layers(backbone, p: LayerPass):
             out = mlp(layer.mixer, h, adapters)
         hidden = hidden + gated(out, gate)
         new.append(None if p.keep.kind == "none" else entry)
-    return backbone.model.norm_f(hidden), new
+    return PassOutput(backbone.model.norm_f(hidden), new, captured)
 
 
 def empty_states(backbone, batch: int) -> list:

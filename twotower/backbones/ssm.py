@@ -169,9 +169,10 @@ class MambaState:
         """The state before the last drop[b] tokens of the last pass (per row)."""
         return self.at(self.kept - drop)
 
-    def drop_last(self) -> MambaState:
-        """The state before the last token, without a tail (a view's state)."""
-        return self.at(self.kept - 1).for_view()
+    def drop_last(self, cut: bool = True) -> MambaState:
+        """The state before each row's last kept token, without a tail (a view's state). A row
+        that kept none of its last pass (a finished row) stays at the start of the pass."""
+        return self.at((self.kept - 1).clamp(min=0)).for_view()
 
     def for_view(self) -> MambaState:
         """The state without its tail: what the denoiser starts from."""

@@ -1,9 +1,19 @@
-"""Mask-diffusion mode (and mock-AR, its one-token special case).
+"""Mask-diffusion mode, and mock-AR (the denoiser as a one-token predictor).
 
-Per block: start with every slot masked; repeat (at most steps_per_block times): t = masked
-fraction of the row's block; one denoiser pass; predict every masked slot; commit the
-confident ones (`choose_commits`); committed tokens are never revisited. Then the context
-tower reads the block in one pass and the next block starts.
+Diffusion, one cycle per context pass, in named steps:
+  1. the context pass that read the committed text gives the AR distribution of the next
+     token: its token y_0 is committed as it is (`open_block`), so every context pass commits
+     at least one exact AR token and no training can make that token worse;
+  2. `fill_block`: the denoiser fills y_1 .. y_{S-1}. Repeat (at most steps_per_block
+     times): t = the row's masked share of its block; one denoiser pass; every masked slot
+     predicted above the confidence threshold is committed; committed tokens are never
+     revisited. A row whose pass commits nothing ends its block there: a low-confidence
+     denoiser token is never forced into the text;
+  3. `extend_context`: the context tower reads each row's committed prefix [y_0 .. y_j] in one
+     pass (rows may keep different numbers), which gives the next cycle's y_0.
+Tokens committed after a row's first still-masked slot are dropped with the block: only the
+committed prefix becomes text. A weak denoiser therefore degrades to AR's text at a little
+less than AR's speed, not to garbage; a trained one commits several tokens per pass.
 
 The block layout (`twotower.model.layout.BlockLayout`, docs/METHOD.md section 3.1) says what
 the denoiser reads: shifted, [x_{n-1}, y_0 .. y_{S-2}] over the context without x_{n-1};
@@ -12,91 +22,177 @@ same-position, [y_0 .. y_{S-1}] over the whole context; output j predicts y_j ei
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from twotower.config import TwoTowerError
 from twotower.generate.common import start_run
-from twotower.generate.sampling import choose_commits, sample_tokens
+from twotower.generate.sampling import sample_tokens
 
 
-def committed_prefix(masked: torch.Tensor) -> torch.Tensor:
-    """(B, S) bool -> (B,) number of leading slots already committed."""
-    return torch.where(masked.any(1), masked.int().argmax(1), masked.shape[1])
+def committed_prefix(filled: torch.Tensor) -> torch.Tensor:
+    """(B, S) bool, True = committed -> (B,) number of leading committed slots."""
+    return filled.long().cumprod(1).sum(1)
 
 
-def first_eos(block: torch.Tensor, masked: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+def first_eos(block: torch.Tensor, filled: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
     """(B,) slot of the first committed EOS per row, or S when there is none."""
-    hit = torch.isin(block, eos) & ~masked
+    hit = torch.isin(block, eos) & filled
     return torch.where(hit.any(1), hit.int().argmax(1), block.shape[1])
 
 
+@dataclass
+class Block:
+    """One row-batch of blocks being filled. Slot j holds y_j (the mask id until committed)."""
+
+    tokens: torch.Tensor  # (B, S) long
+    filled: torch.Tensor  # (B, S) bool: committed
+    allowed: torch.Tensor  # (B, S) bool: slots the row may still commit (its room, nothing after an EOS)
+    slots: torch.Tensor  # (B, S) bool: the row's own block (its room): the denoiser attends to these only
+    emitted: list[int]  # per row: slots already streamed
+
+    @property
+    def masked(self) -> torch.Tensor:
+        return self.allowed & ~self.filled
+
+    def prefix(self) -> torch.Tensor:
+        return committed_prefix(self.filled & self.allowed)
+
+
+def open_block(run, first: torch.Tensor, size: int, mask_id: int, device) -> Block:
+    """Step 1: a block whose slot 0 is the context tower's own token; the row's other slots up
+    to its room are masked. Finished rows get no slot."""
+    batch = first.shape[0]
+    live = ~run.done.to(device)
+    room = torch.tensor([run.settings.max_new_tokens - len(t) for t in run.tokens], device=device)
+    slots = torch.arange(size, device=device)[None]
+    tokens = torch.full((batch, size), mask_id, dtype=torch.long, device=device)
+    tokens[:, 0] = first.to(device)
+    filled = (slots == 0) & live[:, None]
+    allowed = (slots < room[:, None]) & live[:, None]
+    return Block(tokens, filled, allowed, allowed | (slots == 0), [0] * batch)
+
+
+def emit_prefix(run, block: Block):
+    """Stream each row's committed prefix beyond what was streamed; a committed EOS closes the
+    slots after it."""
+    eos = run.eos.to(block.tokens.device)
+    slots = torch.arange(block.tokens.shape[1], device=block.tokens.device)[None]
+    block.allowed &= slots <= first_eos(block.tokens, block.filled & block.allowed, eos)[:, None]
+    ready = block.prefix().tolist()
+    rows = block.tokens.tolist()
+    event = run.emit([rows[b][block.emitted[b] : ready[b]] for b in range(len(rows))])
+    block.emitted = [max(e, r) for e, r in zip(block.emitted, ready)]
+    block.allowed &= ~run.done.to(block.tokens.device)[:, None] | block.filled  # a finished row fills no more
+    return event
+
+
+def fill_block(model, run, cache, block: Block):
+    """Step 2: denoiser passes over the block until no row commits anything, every slot is
+    committed, or steps_per_block passes were made. Yields a StreamEvent per pass."""
+    s, layout, den = run.settings, model.layout, model.denoiser_device
+    view = layout.view(cache).to(den)  # moved once per block, not per pass
+    start = layout.start(cache).to(den)
+    anchor = cache.anchor.to(den)
+    anchor_hidden = cache.anchor_hidden
+    anchor_hidden = None if anchor_hidden is None else anchor_hidden.to(den)
+    maskable = (block.allowed.sum(1) - 1).clamp(min=1)
+    live = block.masked.any(1)
+    for _ in range(s.steps_per_block):
+        if not live.any():
+            break
+        masked = block.masked
+        t = masked.sum(1).float() / maskable
+        inputs = layout.inputs(anchor, block.tokens)
+        logits = model.denoise(view, inputs, start, t, anchor_hidden=anchor_hidden, slots=block.slots)
+        run.denoiser_passes += 1
+        run.count_pass(live.cpu())
+        tokens, confidence = sample_tokens(logits, s.temperature, s.top_p, run.generator)
+        commit = masked & (confidence > s.confidence_threshold) & live[:, None]
+        block.tokens = torch.where(commit, tokens, block.tokens)
+        block.filled |= commit
+        event = emit_prefix(run, block)
+        live &= commit.any(1) & block.masked.any(1)
+        yield event
+
+
+def extend_context(model, run, cache, block: Block) -> torch.Tensor:
+    """Step 3: the context tower reads each row's committed prefix in one pass (the longest
+    one's width; the rest of each row is dropped from the cache again). Returns the AR logits
+    (B, V) after each row's prefix."""
+    keep = block.prefix().clamp(min=1).to(cache.valid.device)
+    width = int(keep.max())
+    tokens = block.tokens[:, :width].to(cache.valid.device)
+    slots = torch.arange(width, device=tokens.device)[None]
+    tokens = torch.where(slots < keep[:, None], tokens, run.pad_id)  # never feed the mask id to the context tower
+    logits = model.context_extend(cache, tokens, logits="all")  # (B, W, V)
+    run.context_passes += 1
+    if bool((keep < width).any()):
+        cache.keep_new(width, keep)
+    return logits[torch.arange(len(keep), device=logits.device), keep - 1]
+
+
 @torch.inference_mode()
-def diffusion_stream(
-    model, input_ids, attention_mask=None, *, mask_token_id=None, time_conditioning=True, mode="diffusion", **options
-):
-    """Yields a StreamEvent whenever a row's committed prefix grows; returns a GenerationResult.
+def diffusion_stream(model, input_ids, attention_mask=None, *, mask_token_id=None, **options):
+    """Yields a StreamEvent whenever a row's committed prefix grows; returns a GenerationResult
+    (nfe counts denoiser passes; the context passes that give each block's first token are
+    `context_passes`).
 
     Options: GenerationSettings fields (max_new_tokens, block_size, steps_per_block,
     confidence_threshold, temperature, top_p, seed, eos_token_id).
     """
-    run = start_run(model, input_ids, attention_mask, mode, options)
+    run = start_run(model, input_ids, attention_mask, "diffusion", options)
     s = run.settings
     if mask_token_id is not None and mask_token_id != model.mask_token_id:
         raise TwoTowerError(f"mask_token_id {mask_token_id} differs from the model's mask token {model.mask_token_id}")
-    mask_id, layout, den = model.mask_token_id, model.layout, model.denoiser_device
-    batch = run.ids.shape[0]
-
-    cache, _ = model.context_prefill(run.ids, run.attention_mask, logits=None)
+    cache, logits = model.context_prefill(run.ids, run.attention_mask, logits="last")
     run.context_passes += 1
-    anchor = run.ids[:, -1].to(den)  # last committed token of each row (prompts are left-padded)
-    eos = run.eos.to(den)
-    produced = 0
+    starts = [[] for _ in run.tokens]  # per row: where each block (each context pass's token) starts
     while True:
-        size = min(s.block_size, s.max_new_tokens - produced)
-        view = layout.view(cache).to(den)  # moved once per block, not per step
-        start = layout.start(cache).to(den)
-        block = torch.full((batch, size), mask_id, dtype=torch.long, device=den)
-        masked = (~run.done).to(den)[:, None].repeat(1, size)  # (B, S)
-        emitted = [0] * batch
-        slots = torch.arange(size, device=den)[None]  # (1, S)
-        for step in range(s.steps_per_block):
-            if not masked.any():
-                break
-            inputs = layout.inputs(anchor, block)
-            t = masked.sum(1).float() / size if time_conditioning else None
-            logits = model.denoise(view, inputs, start, t)  # (B, S, V)
-            run.denoiser_passes += 1
-            run.count_pass(masked.any(1).cpu())
-            tokens, confidence = sample_tokens(logits, s.temperature, s.top_p, run.generator)
-            commit = choose_commits(confidence, masked, s.confidence_threshold, s.steps_per_block - step)
-            block = torch.where(commit, tokens, block)
-            masked &= ~commit
-            masked &= slots <= first_eos(block, masked, eos)[:, None]  # slots after a committed EOS are never emitted
-            ready = committed_prefix(masked).tolist()
-            rows = block.tolist()
-            event = run.emit([rows[b][emitted[b] : ready[b]] for b in range(batch)])
-            emitted = ready
-            masked &= ~run.done.to(den)[:, None]  # a row that reached EOS stops filling its block
-            yield event
-        produced += size
-        if run.done.all() or produced >= s.max_new_tokens:
+        first, _ = sample_tokens(logits.to(model.denoiser_device), s.temperature, s.top_p, run.generator)  # (B,) AR's
+        for b, tokens in enumerate(run.tokens):
+            if not run.done[b] and len(tokens) < s.max_new_tokens:
+                starts[b].append(len(tokens))
+        longest_room = max(s.max_new_tokens - len(t) for t, d in zip(run.tokens, run.done) if not d)
+        block = open_block(run, first, min(s.block_size, longest_room), model.mask_token_id, model.denoiser_device)
+        yield emit_prefix(run, block)
+        yield from fill_block(model, run, cache, block)
+        if all(bool(d) or len(t) >= s.max_new_tokens for t, d in zip(run.tokens, run.done)):
             break
-        block = block.masked_fill(block == mask_id, run.pad_id)  # slots a finished row left unfilled
-        model.context_extend(cache, block.to(cache.valid.device), logits=None)
-        run.context_passes += 1
-        anchor = block[:, -1]
-    return run.result()
+        logits = extend_context(model, run, cache, block)
+    result = run.result()
+    result.details = {"cycles": run.context_passes, "block_starts": starts}
+    return result
 
 
+@torch.inference_mode()
 def mock_ar_stream(model, input_ids, attention_mask=None, **options):
     """Mock-AR: the denoiser as a one-token-per-pass predictor over the context caches (fed the
-    last committed token with the context view without it, no time conditioning). With an
-    untrained denoiser it reproduces AR exactly; a check that the two towers line up."""
+    last committed token with the layout's view, no time conditioning). With an untrained
+    denoiser it reproduces AR exactly; a check that the two towers line up."""
     for name in ("block_size", "steps_per_block", "confidence_threshold"):
         if name in options:
             raise TwoTowerError(f"mock-ar commits one token per pass; {name} does not apply")
-    return (
-        yield from diffusion_stream(
-            model, input_ids, attention_mask, time_conditioning=False, mode="mock-ar", block_size=1, steps_per_block=1, **options
+    run = start_run(model, input_ids, attention_mask, "mock-ar", options)
+    s, layout, den = run.settings, model.layout, model.denoiser_device
+    cache, _ = model.context_prefill(run.ids, run.attention_mask, logits=None)
+    run.context_passes += 1
+    for step in range(s.max_new_tokens):
+        mask = torch.full((run.ids.shape[0], 1), model.mask_token_id, dtype=torch.long, device=den)
+        anchor_hidden = cache.anchor_hidden
+        logits = model.denoise(
+            layout.view(cache).to(den),
+            layout.inputs(cache.anchor.to(den), mask),
+            layout.start(cache).to(den),
+            anchor_hidden=None if anchor_hidden is None else anchor_hidden.to(den),
         )
-    )
+        run.denoiser_passes += 1
+        run.count_pass(~run.done)
+        tokens, _ = sample_tokens(logits[:, 0], s.temperature, s.top_p, run.generator)
+        yield run.emit([[t] for t in tokens.tolist()])
+        if run.done.all() or step == s.max_new_tokens - 1:
+            break
+        model.context_extend(cache, tokens.masked_fill(run.done.to(tokens.device), run.pad_id)[:, None].to(cache.valid.device))
+        run.context_passes += 1
+    return run.result()

@@ -3,7 +3,8 @@ chooses between the sources per row.
 
 - `lookup_draft`: prompt lookup, the tokens that followed the latest earlier occurrence of the
   last n tokens in the prompt and reply (free: no tower pass);
-- `denoiser_draft`: the denoiser fills a block after the pending token in `steps` passes,
+- `denoiser_draft`: the denoiser fills a block after the pending token (the context tower's
+  own next token, slot 0 of the block, as in diffusion mode) in `steps` passes,
   keeping the left-to-right run of slots above the confidence threshold; with sampling it
   also returns the law each kept token was drawn from, which the accept/reject rule needs;
 - `DraftPolicy`: per row, an EMA of committed tokens per unit of cost for each source, the
@@ -40,28 +41,36 @@ def target_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torc
 
 @torch.no_grad()
 def denoiser_draft(model, cache, pending, width: int, settings, generator, steps: int):
-    """Draft `width` slots after `pending` with the denoiser, left to right: every pass keeps
-    the drafted prefix and extends it over the following slots predicted above the confidence
-    threshold (at least one). Returns tokens (B, W), their draft distributions (B, W, V) or
-    None when greedy, draft lengths (B,), and the number of passes."""
-    den, mask_id = model.denoiser_device, model.mask_token_id
+    """Draft `width` tokens after `pending` with the denoiser, left to right.
+
+    The cache holds every committed token but `pending`, the context tower's own next token. As
+    in diffusion mode, the block's slot 0 is that known token (y_0 = pending) and slots 1..width
+    are masked: in the shifted layout the denoiser reads [anchor, pending, M, ...] over the view
+    without the anchor (the cache's last token, whose hidden state a shallow denoiser reads).
+    Every pass keeps the drafted prefix and extends it over the following slots predicted above
+    the confidence threshold (at least one). Returns tokens (B, W), their draft distributions
+    (B, W, V) or None when greedy, draft lengths (B,), and the number of passes."""
+    den, mask_id, layout = model.denoiser_device, model.mask_token_id, model.layout
     batch = pending.shape[0]
-    view, start = cache.view().to(den), cache.next_pos.to(den)
-    block = torch.full((batch, width), mask_id, dtype=torch.long, device=den)
+    view, start = layout.view(cache).to(den), layout.start(cache).to(den)
+    anchor, anchor_hidden = cache.anchor.to(den), cache.anchor_hidden
+    anchor_hidden = None if anchor_hidden is None else anchor_hidden.to(den)
+    block = torch.full((batch, width + 1), mask_id, dtype=torch.long, device=den)
+    block[:, 0] = pending.to(den)
     length = torch.zeros(batch, dtype=torch.long, device=den)
     slots = torch.arange(width, device=den)[None]
     q = None
     passes = 0
     for _ in range(steps):
-        inputs = torch.cat([pending.to(den)[:, None], block[:, :-1]], dim=1)
-        logits = model.denoise(view, inputs, start, (width - length).float() / width)  # (B, W, V)
+        t = (width - length).float() / width
+        logits = model.denoise(view, layout.inputs(anchor, block), start, t, anchor_hidden=anchor_hidden)[:, 1:]  # (B, W, V)
         passes += 1
         tokens, confidence = sample_tokens(logits, settings.temperature, settings.top_p, generator)
         open_slots = slots >= length[:, None]
         forced = slots == length[:, None]
         take = (confidence > settings.confidence_threshold) | forced
         take = (take | ~open_slots).long().cumprod(1).bool() & open_slots  # contiguous from `length`
-        block = torch.where(take, tokens, block)
+        block[:, 1:] = torch.where(take, tokens, block[:, 1:])
         if settings.temperature > 0:
             probs = target_probs(logits, settings.temperature, settings.top_p)
             # A slot past the forced one is kept only when its token is confident, so the token
@@ -74,7 +83,7 @@ def denoiser_draft(model, cache, pending, width: int, settings, generator, steps
         length = length + take.sum(1)
         if bool((length >= width).all()):
             break
-    return block, q, length, passes
+    return block[:, 1:], q, length, passes
 
 
 class DraftPolicy:

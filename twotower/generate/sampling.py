@@ -40,19 +40,3 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, genera
         uniform = torch.rand(scaled.shape, generator=generator, device=scaled.device).clamp_(1e-20, 1.0)
         tokens = (scaled - torch.log(-torch.log(uniform))).argmax(-1)
     return tokens, probs.gather(-1, tokens[..., None])[..., 0]
-
-
-def choose_commits(confidence, masked, threshold: float, steps_left: int) -> torch.Tensor:
-    """Which masked slots to commit this step. confidence, masked: (B, S).
-
-    k = max(#masked above threshold, 1), raised to ceil(#masked / steps_left) (so the last
-    step commits everything), then the k most confident masked slots are committed.
-    """
-    conf = confidence.masked_fill(~masked, -1.0)
-    n_masked = masked.sum(1)
-    k = (conf > threshold).sum(1).clamp(min=1)
-    k = torch.maximum(k, torch.div(n_masked + steps_left - 1, steps_left, rounding_mode="floor"))
-    k = torch.minimum(k, n_masked)
-    order = conf.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return (rank < k[:, None]) & masked

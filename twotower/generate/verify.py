@@ -89,8 +89,13 @@ def choose_sources(cycle_way: str, active, room, history, policy, ways, draft: s
 
 def make_drafts(model, cache, pending, drafts: Drafts, room, policy, settings, run, draft_steps: int) -> Drafts:
     """Step 2: the denoiser drafts for the rows that chose it (one batched draft of the longest
-    length asked for); a row left with no room drafts nothing (an AR step)."""
-    den_rows = {b: policy.draft_length(b, "denoiser", room[b]) for b, way in drafts.source.items() if way == "denoiser"}
+    length asked for; its block holds the pending token and the drafts, so at most
+    block_size - 1 of them); a row left with no room drafts nothing (an AR step)."""
+    den_rows = {
+        b: policy.draft_length(b, "denoiser", min(room[b], settings.block_size - 1))
+        for b, way in drafts.source.items()
+        if way == "denoiser"
+    }
     drafts.den_rows = {b: n for b, n in den_rows.items() if n > 0}
     for b in den_rows:
         if b not in drafts.den_rows:

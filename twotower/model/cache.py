@@ -6,8 +6,13 @@ MoE layers keep nothing). Both state classes offer the same operations, so the c
 views are plain loops over the layers.
 
 Rows are left-padded and extended together, so slot j is the same step for every row; a
-padded slot is marked invalid instead of being removed. `next_pos` is each row's RoPE
-position of the next token (left padding does not count).
+padded slot is marked invalid instead of being removed (so are the slots a row drops when
+rows keep different numbers of a pass's tokens). `next_pos` is each row's RoPE position of
+the next token (left padding does not count).
+
+The cache also remembers its last pass (`Tail`: the ids read, and for a shallow denoiser the
+hidden states entering its first aligned layer), so that each row's last committed token, the
+anchor of the shifted layout, is known after any pass.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 from twotower.backbones.base import AttentionState
 from twotower.backbones.ssm import MambaState, ScanTail
 
-__all__ = ["AttentionState", "ContextCache", "ContextView", "MambaState", "ScanTail"]
+__all__ = ["AttentionState", "ContextCache", "ContextView", "MambaState", "ScanTail", "Tail", "TrainingContext"]
 
 
 def _typed(states: list) -> list:
@@ -54,13 +59,43 @@ class ContextView:
 
 
 @dataclass
+class Tail:
+    """What the last pass read: ids (B, W), the hidden states entering the denoiser's first
+    aligned layer (B, W, H) when a shallow denoiser needs them (else None), and which slot of
+    them is each row's last committed token (B,)."""
+
+    ids: torch.Tensor
+    hidden: torch.Tensor | None
+    last: torch.Tensor
+
+
+@dataclass
 class ContextCache:
     states: list  # per layer: AttentionState, MambaState or None; (K, V) tuples are read as AttentionState
     valid: torch.Tensor  # (B, T) bool: False on left padding
     next_pos: torch.Tensor  # (B,) long
+    tail: Tail | None = None  # the last pass (None for a cache built by hand)
 
     def __post_init__(self):
         self.states = _typed(self.states)
+
+    def read(self, ids: torch.Tensor, hidden: torch.Tensor | None) -> None:
+        """Remember the pass that just ended: ids (B, W), hidden (B, W, H) or None."""
+        self.tail = Tail(ids, hidden, torch.full((ids.shape[0],), ids.shape[1] - 1, device=ids.device))
+
+    @property
+    def anchor(self) -> torch.Tensor:
+        """(B,) each row's last committed token."""
+        return self.tail.ids.gather(1, self.tail.last[:, None])[:, 0]
+
+    @property
+    def anchor_hidden(self) -> torch.Tensor | None:
+        """(B, H) the hidden state entering the shallow denoiser's first aligned layer at each
+        row's last committed token, or None when the denoiser does not read one."""
+        if self.tail.hidden is None:
+            return None
+        rows = torch.arange(self.tail.ids.shape[0], device=self.tail.last.device)
+        return self.tail.hidden[rows, self.tail.last]
 
     @property
     def kv(self) -> list:
@@ -84,6 +119,8 @@ class ContextCache:
         slots are marked invalid, so each row's cache holds exactly its committed tokens."""
         drop = width - keep  # (B,)
         cut = self.length - int(drop[0]) if bool((keep == keep[0]).all()) else None
+        if self.tail is not None:  # a row keeping none of the pass keeps no anchor in it either (a finished row)
+            self.tail.last = (keep - 1).clamp(min=0).to(self.tail.last.device)
         self.states = [None if s is None else s.keep_new(drop, cut) for s in self.states]
         if cut is not None:
             self.valid = self.valid[:, :cut]
@@ -93,9 +130,31 @@ class ContextCache:
         self.next_pos = self.next_pos - drop
 
     def view(self, drop_last: bool = False) -> ContextView:
-        """The denoiser's view: every slot, or every slot but the last (shifted layout). Mamba
-        states come without their tail: the denoiser only starts from them."""
-        if drop_last and not bool(self.valid[:, -1].all()):
-            raise ValueError("the view without the last slot needs every row's last slot committed")
-        states = [None if s is None else s.drop_last() if drop_last else s.for_view() for s in self.states]
-        return ContextView(states, self.valid[:, :-1] if drop_last else self.valid)
+        """The denoiser's view: every slot, or every slot but each row's last committed one (the
+        shifted layout's anchor). When every row's last slot holds a token, that slot is cut;
+        otherwise (rows that kept different numbers of a pass's tokens) each row's last valid
+        slot is marked invalid. Mamba states come without their tail: the denoiser only starts
+        from them."""
+        if not drop_last:
+            return ContextView([None if s is None else s.for_view() for s in self.states], self.valid)
+        if not bool(self.valid.any(1).all()):
+            raise ValueError("the view without the last slot needs a committed token in every row")
+        cut = bool(self.valid[:, -1].all())
+        states = [None if s is None else s.drop_last(cut) for s in self.states]
+        if cut:
+            return ContextView(states, self.valid[:, :-1])
+        slots = torch.arange(self.length, device=self.valid.device)
+        last = torch.where(self.valid, slots, -1).max(1).values  # (B,) each row's last valid slot
+        return ContextView(states, self.valid & (slots[None] != last[:, None]))
+
+
+@dataclass
+class TrainingContext:
+    """What one frozen pass over clean training sequences (B, n*S) gives the denoiser: the view
+    (K,V of every position; Mamba states at every block boundary, batch B*n), a shallow
+    denoiser's anchor inputs (B, n, H) or None, and the AR model's final hidden states
+    (B, n*S, H), from which the teacher's next-token logits come."""
+
+    view: ContextView
+    anchors: torch.Tensor | None
+    hidden: torch.Tensor

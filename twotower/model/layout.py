@@ -54,8 +54,8 @@ class BlockLayout:
         anchor: (B,) the last committed token."""
         return torch.cat([anchor[:, None], block[:, :-1]], dim=1) if self.anchored else block
 
-    def block_mask(self, ctx_valid: torch.Tensor, size: int) -> torch.Tensor:
-        return masks.block_mask(ctx_valid, size, self.name)
+    def block_mask(self, ctx_valid: torch.Tensor, size: int, slots: torch.Tensor | None = None) -> torch.Tensor:
+        return masks.block_mask(ctx_valid, size, self.name, slots)
 
     # ---------------------------------------------------------------- training
     def training_mask(self, n_blocks: int, block_size: int, device=None) -> torch.Tensor:

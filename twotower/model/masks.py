@@ -45,11 +45,14 @@ def within_block(size: int, layout: str, device=None) -> torch.Tensor:
     return own
 
 
-def block_mask(ctx_valid: torch.Tensor, block_size: int, layout: str) -> torch.Tensor:
-    """Denoiser over one block: all valid context slots, then `within_block`.
-    ctx_valid: (B, P) -> (B, 1, S, P + S)."""
+def block_mask(ctx_valid: torch.Tensor, block_size: int, layout: str, slots: torch.Tensor | None = None) -> torch.Tensor:
+    """Denoiser over one block: all valid context slots, then `within_block`; with slots (B, S)
+    bool, a row's slots outside its own (shorter) block are not attended to (each query still
+    sees itself). ctx_valid: (B, P) -> (B, 1, S, P + S)."""
     ctx = ctx_valid[:, None, :].expand(-1, block_size, -1)
     own = within_block(block_size, layout, ctx_valid.device)[None].expand(ctx_valid.shape[0], -1, -1)
+    if slots is not None:
+        own = own & (slots[:, None, :] | torch.eye(block_size, dtype=torch.bool, device=own.device)[None])
     return torch.cat([ctx, own], dim=2)[:, None]
 
 

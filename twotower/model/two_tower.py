@@ -28,7 +28,7 @@ from twotower.backbones.base import Keep, LayerPass
 from twotower.backbones.llama import max_context
 from twotower.config import TwoTowerConfig, TwoTowerError
 from twotower.model.adaln import TimeConditioning
-from twotower.model.cache import ContextCache, ContextView
+from twotower.model.cache import ContextCache, ContextView, TrainingContext
 from twotower.model.layout import BlockLayout
 from twotower.model.lora import build_adapters
 from twotower.model.masks import extend_mask, prefill_mask
@@ -56,12 +56,21 @@ class TwoTowerForCausalLM(nn.Module):
         if config.backbone_fingerprint is None:
             config.backbone_fingerprint = backbone_fingerprint(backbone)
 
-        self.denoiser_tower = None  # full: own trainable copy; lora: None (shares context_tower)
+        # The context layers the denoiser's layers align with: all of them, or K of them (shallow).
+        num_layers = len(backbone.model.layers)
+        self.aligned = config.resolve_aligned_layers(num_layers)
+        config.aligned_layers = self.aligned
+        self.shallow = len(self.aligned) < num_layers
+        self.denoiser_tower = None  # full depth, full weights: own trainable copy; else None (shares context_tower)
+        self.denoiser_layers = None  # shallow, full weights: trainable copies of the aligned layers
         self.lora = None
-        if config.denoiser == "full":
+        if config.denoiser == "full" and self.shallow:
+            self.denoiser_layers = nn.ModuleList(copy.deepcopy(backbone.model.layers[a]) for a in self.aligned)
+            self.denoiser_layers.requires_grad_(True)
+        elif config.denoiser == "full":
             self.denoiser_tower = copy.deepcopy(backbone).requires_grad_(True)
         else:
-            layers = [family.projections(layer) for layer in backbone.model.layers]
+            layers = [family.projections(backbone.model.layers[a]) for a in self.aligned]
             if config.lora_targets is None:
                 config.lora_targets = sorted({name for linears in layers for name in linears})
             self.lora = build_adapters(layers, config.lora_targets, config.lora_rank, config.lora_alpha)
@@ -72,7 +81,7 @@ class TwoTowerForCausalLM(nn.Module):
         self.mask_embedding = nn.Parameter(embed.weight.detach().float().mean(0).to(dtype))
         self.time_conditioning = None
         if config.adaln:
-            tc = TimeConditioning(bcfg.hidden_size, len(backbone.model.layers), config.time_embed_dim, family.n_modulation)
+            tc = TimeConditioning(bcfg.hidden_size, len(self.aligned), config.time_embed_dim, family.n_modulation)
             self.time_conditioning = tc.to(device=device, dtype=dtype)
 
     # ---------------------------------------------------------------- construction
@@ -98,7 +107,21 @@ class TwoTowerForCausalLM(nn.Module):
     # ---------------------------------------------------------------- devices
     @property
     def denoiser_weights(self) -> nn.Module:
+        """The backbone whose embedding, final norm and LM head the denoiser uses (its own copy
+        for a full-depth full denoiser, else the context tower's, or a frozen copy of it on the
+        denoiser's device)."""
         return self.denoiser_tower if self.denoiser_tower is not None else self.context_tower
+
+    def denoiser_layer_modules(self) -> list[nn.Module]:
+        """The denoiser's layers, in order: its own copies, or the aligned context layers."""
+        if self.denoiser_layers is not None:
+            return list(self.denoiser_layers)
+        return [self.denoiser_weights.model.layers[a] for a in self.aligned]
+
+    @property
+    def capture_layer(self) -> int | None:
+        """The context layer whose input a shallow denoiser's anchor slot reads (None: full depth)."""
+        return self.aligned[0] if self.shallow else None
 
     @property
     def context_device(self) -> torch.device:
@@ -117,13 +140,13 @@ class TwoTowerForCausalLM(nn.Module):
         A LoRA denoiser on another device gets a frozen copy of the shared weights there."""
         ctx_device, den_device = torch.device(ctx_device), torch.device(den_device)
         self.context_tower.to(ctx_device)
-        if self.config.denoiser == "full":
+        if self.config.denoiser == "full" and not self.shallow:
             self.denoiser_tower.to(den_device)
         elif ctx_device != den_device:
             self.denoiser_tower = copy.deepcopy(self.context_tower).to(den_device)
         else:
             self.denoiser_tower = None
-        for module in (self.lora, self.time_conditioning):
+        for module in (self.lora, self.denoiser_layers, self.time_conditioning):
             if module is not None:
                 module.to(den_device)
         with torch.no_grad():
@@ -146,9 +169,11 @@ class TwoTowerForCausalLM(nn.Module):
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
         embeds = self.context_tower.get_input_embeddings()(input_ids)
         # A Mamba state keeps a prompt's last token to go back into: the shifted layout's view.
-        p = LayerPass(embeds, positions, prefill_mask(valid), keep=Keep.end(tail=1), valid=valid)
-        hidden, states = self.family.run_layers(self.context_tower, p)
-        return ContextCache(states, valid, valid.sum(1)), self._ar_logits(hidden, logits)
+        p = LayerPass(embeds, positions, prefill_mask(valid), keep=Keep.end(tail=1), valid=valid, capture=self.capture_layer)
+        hidden, states, captured = self.family.run_layers(self.context_tower, p)
+        cache = ContextCache(states, valid, valid.sum(1))
+        cache.read(input_ids[:, -1:], None if captured is None else captured[:, -1:])
+        return cache, self._ar_logits(hidden, logits)
 
     def empty_context(self, batch: int) -> ContextCache:
         """A cache holding no token yet (verify mode on one-token prompts)."""
@@ -166,21 +191,30 @@ class TwoTowerForCausalLM(nn.Module):
         new_valid = torch.ones_like(tokens, dtype=torch.bool)
         positions = cache.next_pos[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
         embeds = self.context_tower.get_input_embeddings()(tokens)
-        p = LayerPass(embeds, positions, extend_mask(cache.valid, new_valid), cache.states, keep=Keep.end())
-        hidden, states = self.family.run_layers(self.context_tower, p)
+        mask = extend_mask(cache.valid, new_valid)
+        p = LayerPass(embeds, positions, mask, cache.states, keep=Keep.end(), capture=self.capture_layer)
+        hidden, states, captured = self.family.run_layers(self.context_tower, p)
         cache.append(states, new_valid)
+        cache.read(tokens, captured)
         return self._ar_logits(hidden, logits)
 
     @torch.no_grad()
-    def training_context(self, clean: torch.Tensor, block_size: int) -> ContextView:
-        """The context tower over unpadded training sequences (B, n*S): K,V of every position
-        and, for Mamba layers, the state at every block boundary (folded: batch B*n)."""
+    def training_context(self, clean: torch.Tensor, block_size: int) -> TrainingContext:
+        """The context tower over unpadded training sequences (B, n*S): what the denoiser reads
+        of it (the states of its aligned layers: K,V of every position and, for Mamba layers, the
+        state at every block boundary, folded: batch B*n; a shallow denoiser's anchors), and the
+        AR model's final hidden states, from which the teacher's next-token logits come."""
         valid = torch.ones_like(clean, dtype=torch.bool)
         positions = torch.arange(clean.shape[1], device=clean.device)[None].expand(clean.shape[0], -1)
         embeds = self.context_tower.get_input_embeddings()(clean)
-        p = LayerPass(embeds, positions, prefill_mask(valid), keep=Keep.block_starts(block_size))
-        _, states = self.family.run_layers(self.context_tower, p)
-        return ContextView(states, valid)
+        p = LayerPass(embeds, positions, prefill_mask(valid), keep=Keep.block_starts(block_size), capture=self.capture_layer)
+        hidden, states, captured = self.family.run_layers(self.context_tower, p)
+        anchors = None if captured is None else captured[:, ::block_size]  # (B, n, H): the hidden state at x_{bS}
+        return TrainingContext(ContextView(states, valid), anchors, hidden)
+
+    def teacher_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The AR model's next-token logits (float) from its final hidden states (..., H)."""
+        return self.context_tower.lm_head(hidden).float()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """AR logits of the context tower over a whole sequence (B, T) -> (B, T, V), for scoring."""
@@ -204,27 +238,59 @@ class TwoTowerForCausalLM(nn.Module):
         t=None,
         mask: torch.Tensor | None = None,
         blocks: int = 1,
+        anchor_hidden: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One denoiser pass over a block.
+        """One denoiser pass over a block: float logits (B, S, V), the mask token forbidden.
+        Arguments as `denoise_hidden`."""
+        return self.denoiser_logits(self.denoise_hidden(view, block_ids, start_pos, t, mask, blocks, anchor_hidden, slots))
 
-        view: the context K,V (and Mamba states) the block starts from, on the denoiser's device;
+    def denoise_hidden(
+        self,
+        view: ContextView,
+        block_ids: torch.Tensor,
+        start_pos: torch.Tensor,
+        t=None,
+        mask: torch.Tensor | None = None,
+        blocks: int = 1,
+        anchor_hidden: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The denoiser's layers over a block: its final normed hidden states (B, S, H).
+
+        view: the context states the block starts from, on the denoiser's device (the full
+        context view; the denoiser reads the states of its aligned layers);
         block_ids: (B, S), mask id at masked slots; start_pos: (B,) RoPE position of slot 0;
         t: (B,) masking level for adaLN, or None for no time conditioning.
         mask / blocks: the training pass reads n blocks at once (B, n*S) under its own
         block-causal mask, Mamba layers seeded per block (view states of batch B*n).
-        Returns float logits (B, S, V) with the mask token forbidden.
+        anchor_hidden: a shallow denoiser's anchor input, the context tower's hidden state
+        entering the first aligned layer at each block's slot 0: (B, H), or (B, n, H) for n blocks.
+        slots: None or (B, S) bool, the slots of each row's block (a row whose block is shorter
+        than the batch's: its other slots are not attended to, so it sees what it would alone).
         """
-        tower = self.denoiser_weights
         positions = start_pos[:, None] + torch.arange(block_ids.shape[1], device=block_ids.device)
         hidden = self.embed_block(block_ids)
+        if self.shallow:
+            if anchor_hidden is None:
+                raise TwoTowerError("a shallow denoiser needs the context tower's hidden state at the anchor")
+            batch, width, size = hidden.shape[0], hidden.shape[2], block_ids.shape[1] // blocks
+            hidden = hidden.view(batch, blocks, size, width).clone()
+            hidden[:, :, 0] = anchor_hidden.reshape(batch, blocks, width).to(hidden.dtype)
+            hidden = hidden.view(batch, blocks * size, width)
         modulation = None
         if t is not None and self.time_conditioning is not None:
             modulation = self.time_conditioning(t.to(hidden.device)).to(hidden.dtype)
         if mask is None:
-            mask = self.layout.block_mask(view.valid, block_ids.shape[1])
-        p = LayerPass(hidden, positions, mask, view.states, blocks=blocks, modulation=modulation, adapters=self.lora)
-        hidden, _ = self.family.run_layers(tower, p)
-        logits = tower.lm_head(hidden).float()
+            mask = self.layout.block_mask(view.valid, block_ids.shape[1], slots)
+        past = [view.states[a] for a in self.aligned]
+        layers = self.denoiser_layer_modules()
+        p = LayerPass(hidden, positions, mask, past, blocks=blocks, modulation=modulation, adapters=self.lora, layers=layers)
+        return self.family.run_layers(self.denoiser_weights, p).hidden
+
+    def denoiser_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float logits (..., V) from the denoiser's final hidden states, the mask token forbidden."""
+        logits = self.denoiser_weights.lm_head(hidden).float()
         if self.mask_token_id < logits.shape[-1]:
             logits[..., self.mask_token_id] = float("-inf")
         return logits
@@ -236,7 +302,9 @@ class TwoTowerForCausalLM(nn.Module):
         parts = {"mask_embedding": self.mask_embedding}
         if self.time_conditioning is not None:
             parts.update({f"time_conditioning.{k}": v for k, v in self.time_conditioning.state_dict().items()})
-        if self.config.denoiser == "full":
+        if self.denoiser_layers is not None:
+            parts.update({f"denoiser_layers.{k}": v for k, v in self.denoiser_layers.state_dict().items()})
+        elif self.config.denoiser == "full":
             parts.update({f"denoiser_tower.{k}": v for k, v in self.denoiser_tower.state_dict().items()})
         else:
             parts.update({f"lora.{k}": v for k, v in self.lora.state_dict().items()})

@@ -1,0 +1,163 @@
+"""Shallow denoisers: K layers aligned to layers of the frozen context tower, the anchor slot
+reading the context tower's hidden state entering the first aligned layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import PROMPTS, perturb_trained, tiny_backbone
+
+from twotower import TwoTowerError, TwoTowerForCausalLM, generate_ar, generate_mask_diffusion, generate_mock_ar, generate_verify
+from twotower.diffusion import ar_first, sample_noise, training_logits
+from twotower.generate.common import left_pad
+from twotower.model.cache import ContextView
+
+# (family, layers of the tiny backbone, depths to test): the hybrid's top 2 layers are Mamba and
+# MLP, its top 4 add MoE and attention.
+DEPTHS = [("llama", 4, 1), ("llama", 4, 3), ("nemotron_h", 5, 2), ("nemotron_h", 5, 4)]
+
+
+def shallow(family="llama", layers=4, depth=2, denoiser="lora", block_size=4, **config):
+    overrides = {} if family == "nemotron_h" else {"num_hidden_layers": layers}
+    backbone = tiny_backbone(family, **overrides)
+    return TwoTowerForCausalLM.from_backbone(
+        backbone, denoiser=denoiser, denoiser_depth=depth, block_size=block_size, lora_rank=4, **config
+    )
+
+
+@pytest.mark.parametrize(("family", "layers", "depth"), DEPTHS)
+def test_the_denoiser_has_its_aligned_layers_only(denoiser_kind, family, layers, depth):
+    model = shallow(family, layers, depth, denoiser_kind)
+    assert model.shallow and model.aligned == list(range(layers - depth, layers))
+    assert model.config.aligned_layers == model.aligned
+    assert model.time_conditioning.layer_tables.shape[0] == depth
+    if denoiser_kind == "full":
+        assert model.denoiser_tower is None and len(model.denoiser_layers) == depth
+        assert all(p.requires_grad for p in model.denoiser_layers.parameters())
+    else:
+        assert len(model.lora) == depth
+    assert all(not p.requires_grad for p in model.context_tower.parameters())
+    trained = sum(t.numel() for t in model.trained_state_dict().values())
+    full_depth = TwoTowerForCausalLM.from_backbone(model.context_tower, denoiser=denoiser_kind, lora_rank=4)
+    assert trained < sum(t.numel() for t in full_depth.trained_state_dict().values())
+
+
+@pytest.mark.parametrize(("family", "layers", "depth"), DEPTHS)
+def test_untrained_shallow_denoiser_predicts_ar_at_the_anchor(denoiser_kind, family, layers, depth):
+    """Identity adaLN for any t and an exact copy / zero LoRA: the anchor slot, fed the context
+    tower's hidden state entering the first aligned layer, gives the AR logits there."""
+    model = shallow(family, layers, depth, denoiser_kind)
+    ids, mask = left_pad(PROMPTS, pad_id=0)
+    cache, ar = model.context_prefill(ids, mask)
+    block = torch.full((len(PROMPTS), 4), model.mask_token_id)
+    block[:, 0] = ids[:, -1]
+    with torch.no_grad():
+        logits = model.denoise(
+            cache.view(drop_last=True),
+            block,
+            cache.next_pos - 1,
+            torch.tensor([1.0, 0.5, 0.25, 0.75]),
+            anchor_hidden=cache.anchor_hidden,
+        )
+    torch.testing.assert_close(logits[:, 0], ar, rtol=1e-4, atol=1e-4)
+    assert torch.equal(cache.anchor, ids[:, -1])
+
+
+@pytest.mark.parametrize(("family", "layers", "depth"), DEPTHS)
+def test_shallow_mock_ar_and_verify_equal_ar(denoiser_kind, family, layers, depth):
+    model = shallow(family, layers, depth, denoiser_kind)
+    ar = generate_ar(model, PROMPTS, max_new_tokens=16).tokens
+    assert generate_mock_ar(model, PROMPTS, max_new_tokens=16).tokens == ar
+    perturb_trained(model, scale=0.05)
+    assert generate_mock_ar(model, PROMPTS, max_new_tokens=16).tokens != ar  # it is the denoiser that predicts
+    for draft in ("denoiser", "auto"):
+        assert generate_verify(model, PROMPTS, max_new_tokens=16, draft=draft).tokens == ar
+
+
+@pytest.mark.parametrize(("family", "layers", "depth"), DEPTHS)
+def test_shallow_diffusion_starts_every_block_with_the_ar_token(denoiser_kind, family, layers, depth):
+    from test_generation import assert_blocks_start_with_the_ar_token
+
+    model = shallow(family, layers, depth, denoiser_kind)
+    perturb_trained(model, scale=0.05)
+    options = dict(max_new_tokens=14, block_size=4, confidence_threshold=0.05)
+    result = generate_mask_diffusion(model, PROMPTS, **options)
+    assert_blocks_start_with_the_ar_token(model, PROMPTS, result)
+    for b, prompt in enumerate(PROMPTS):  # rows of a batch end their blocks independently
+        assert generate_mask_diffusion(model, [prompt], **options).tokens[0] == result.tokens[b]
+
+
+@pytest.mark.parametrize(("family", "layers", "depth"), DEPTHS)
+def test_shallow_training_pass_equals_the_generation_pass(denoiser_kind, family, layers, depth):
+    """The one-pass training forward, block by block, equals the generation-time pass over the
+    clean context before the block, with the anchor hidden state of a prefill."""
+    s, n = 4, 3
+    model = shallow(family, layers, depth, denoiser_kind, block_size=s)
+    perturb_trained(model)
+    ids = torch.randint(3, 90, (2, n * s + 1), generator=torch.Generator().manual_seed(0))
+    noise = ar_first(sample_noise(2, n, s, torch.Generator().manual_seed(1)))
+    logits, _ = training_logits(model, ids, noise)
+    for b in range(n):
+        block = torch.where(noise.masked[:, b], model.mask_token_id, ids[:, 1 + b * s : 1 + (b + 1) * s])
+        block = torch.cat([ids[:, b * s : b * s + 1], block[:, :-1]], dim=1)
+        cache, _ = model.context_prefill(ids[:, : b * s + 1], torch.ones(2, b * s + 1, dtype=torch.long))
+        view = cache.view(drop_last=True)
+        expected = model.denoise(view, block, torch.full((2,), b * s), noise.t, anchor_hidden=cache.anchor_hidden)
+        torch.testing.assert_close(logits[:, b * s : (b + 1) * s], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_anchor_follows_ragged_commits():
+    """After a pass whose rows keep different numbers of tokens, each row's anchor (token and
+    hidden state) is its last kept token's, as in a prefill of the kept tokens."""
+    model = shallow("llama", 4, 2)
+    rows = [[5, 6, 7], [9, 10, 11]]
+    cache, _ = model.context_prefill(torch.tensor(rows), torch.ones(2, 3, dtype=torch.long))
+    drafts = torch.tensor([[20, 21, 22, 23], [30, 31, 32, 33]])
+    model.context_extend(cache, drafts)
+    cache.keep_new(4, torch.tensor([1, 3]))
+    for row, kept in enumerate([[5, 6, 7, 20], [9, 10, 11, 30, 31, 32]]):
+        ref, _ = model.context_prefill(torch.tensor([kept]), torch.ones(1, len(kept), dtype=torch.long))
+        assert int(cache.anchor[row]) == kept[-1]
+        torch.testing.assert_close(cache.anchor_hidden[row], ref.anchor_hidden[0], rtol=1e-5, atol=1e-5)
+
+
+def test_shallow_save_load_round_trip(tmp_path, denoiser_kind):
+    model = shallow("llama", 4, 2, denoiser_kind)
+    perturb_trained(model)
+    model.save_pretrained(tmp_path)
+    loaded = TwoTowerForCausalLM.from_pretrained(tmp_path, backbone=model.context_tower)
+    assert loaded.aligned == model.aligned and loaded.shallow
+    for name, tensor in model.trained_state_dict().items():
+        assert torch.equal(loaded.trained_state_dict()[name], tensor), name
+    assert generate_mock_ar(loaded, PROMPTS, max_new_tokens=8).tokens == generate_mock_ar(model, PROMPTS, max_new_tokens=8).tokens
+
+
+def test_spread_alignment_and_explicit_layers():
+    model = shallow("llama", 4, 2, alignment="spread")
+    assert model.aligned == [1, 3]
+    explicit = shallow("llama", 4, None, aligned_layers=[0, 2])
+    assert explicit.aligned == [0, 2] and explicit.shallow
+    assert generate_verify(explicit, PROMPTS, max_new_tokens=8).tokens == generate_ar(explicit, PROMPTS, max_new_tokens=8).tokens
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (dict(denoiser_depth=5), "more than the backbone's 4 layers"),
+        (dict(denoiser_depth=0), "denoiser_depth must be"),
+        (dict(denoiser_depth=2, layout="same-position"), "needs layout='shifted'"),
+        (dict(aligned_layers=[2, 1]), "ascending"),
+        (dict(alignment="middle"), "alignment must be"),
+    ],
+)
+def test_bad_depth_settings_are_refused(config, match):
+    with pytest.raises(TwoTowerError, match=match):
+        TwoTowerForCausalLM.from_backbone(tiny_backbone("llama", num_hidden_layers=4), **config)
+
+
+def test_a_shallow_denoiser_needs_the_anchor_hidden_state():
+    model = shallow("llama", 4, 2)
+    cache, _ = model.context_prefill(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long))
+    view = ContextView(cache.view(drop_last=True).states, torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(TwoTowerError, match="hidden state at the anchor"):
+        model.denoise(view, torch.tensor([[7, model.mask_token_id]]), torch.tensor([2]))
