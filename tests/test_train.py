@@ -238,8 +238,8 @@ def test_nan_loss_stops_clearly_without_saving(tmp_path, monkeypatch):
     real = trainer.masked_loss_sum
     calls = {"n": 0}
 
-    def poisoned(model, ids, noise):
-        loss, count = real(model, ids, noise)
+    def poisoned(model, ids, noise, *rest):
+        loss, count = real(model, ids, noise, *rest)
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] > 3 else loss), count
 
