@@ -472,3 +472,19 @@ def test_shallow_training_moves_every_trainable_parameter_and_keeps_the_tower(tm
         else:
             assert torch.equal(value, after[key]), f"{key} changed but is not trained"
     assert model.config.trained_tokens == 4 * 4 * (BLOCKS * S + 1)
+
+
+def test_sparse_cross_entropy_is_the_weighted_cross_entropy_and_its_gradient():
+    from twotower.diffusion import sparse_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(300, 11, dtype=torch.double, generator=g, requires_grad=True)  # two row chunks
+    idx = torch.randint(0, 11, (300, 3), generator=g)
+    weights = torch.rand(300, 3, dtype=torch.double, generator=g)
+    expected = -(weights * logits.log_softmax(-1).gather(1, idx)).sum()
+    torch.testing.assert_close(sparse_cross_entropy(logits, idx, weights), expected)
+    small = logits[:7].detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: sparse_cross_entropy(x, idx[:7], weights[:7]), (small,))
+    (grad,) = torch.autograd.grad(sparse_cross_entropy(logits, idx, weights), logits)
+    (reference,) = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(grad, reference)

@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from twotower.model.cache import ContextView
 from twotower.model.layout import BlockLayout
@@ -132,17 +131,54 @@ def masked_loss_sum(
         features = context_features(model, ids, n, s, top_k if kl_weight else 0)
     hidden, targets, _ = training_hidden(model, ids, noise, features)
     scored = noise.masked.reshape(targets.shape)
-    logp = model.denoiser_logits(hidden[scored]).log_softmax(-1)  # (M, V)
-    loss = F.nll_loss(logp, targets[scored], reduction="sum")
+    logits = model.denoiser_logits(hidden[scored], float32=False)  # (M, V), the LM head on masked targets only
+    idx, weights = targets[scored][:, None], torch.ones(len(logits), 1, device=logits.device)
     if kl_weight:
         # Slot i predicts the token at position i + offset; the teacher's prediction of it was
         # made at position i + offset - 1 (none for the first token of a same-position sequence).
-        at = torch.arange(n * s, device=ids.device) + model.layout.offset - 1
-        known = scored & (at >= 0)[None]
+        at = (torch.arange(n * s, device=ids.device) + model.layout.offset - 1)[None].expand(batch, -1)[scored]
+        rows = torch.arange(batch, device=ids.device)[:, None].expand(-1, n * s)[scored]
         teacher = features.teacher
-        pick = at.clamp(min=0)[None].expand(batch, -1)[known]
-        rows = torch.arange(batch, device=ids.device)[:, None].expand(-1, n * s)[known]
-        t_ids, t_logp = teacher.ids[rows, pick], teacher.logp[rows, pick].float()  # (M', k)
-        soft = -(t_logp.exp() * logp[known[scored]].gather(-1, t_ids.long())).sum()
-        loss = loss + kl_weight * soft
-    return loss, int(scored.sum())
+        t_ids, t_logp = teacher.ids[rows, at.clamp(min=0)], teacher.logp[rows, at.clamp(min=0)].float()  # (M, k)
+        t_weights = kl_weight * t_logp.exp() * (at >= 0)[:, None]
+        idx, weights = torch.cat([idx, t_ids.long()], dim=1), torch.cat([weights, t_weights], dim=1)
+    return sparse_cross_entropy(logits, idx, weights), int(scored.sum())
+
+
+class _SparseCrossEntropy(torch.autograd.Function):
+    """sum_m sum_j w[m, j] * -log_softmax(logits[m])[idx[m, j]] for (M, V) logits of any float
+    dtype, computed in fp32 row chunks; the backward writes one (M, V) gradient in place
+    (softmax * sum_j w - scatter(w)) instead of the several full-vocabulary tensors that
+    log_softmax, gather and their backwards allocate."""
+
+    CHUNK = 256
+
+    @staticmethod
+    def forward(ctx, logits, idx, weights):
+        wide = torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 for a gradient check
+        weights = weights.to(wide)
+        lse = logits.new_zeros(len(logits), dtype=wide)
+        for lo in range(0, len(logits), _SparseCrossEntropy.CHUNK):
+            part = slice(lo, lo + _SparseCrossEntropy.CHUNK)
+            lse[part] = logits[part].to(wide).logsumexp(-1)
+        picked = logits.gather(1, idx).to(wide)
+        ctx.save_for_backward(logits, idx, weights, lse)
+        return (weights.sum(1) * lse - (weights * picked).sum(1)).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, idx, weights, lse = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        total = weights.sum(1)
+        for lo in range(0, len(logits), _SparseCrossEntropy.CHUNK):
+            part = slice(lo, lo + _SparseCrossEntropy.CHUNK)
+            g = (logits[part].to(lse.dtype) - lse[part, None]).exp_().mul_(total[part, None])
+            g.scatter_add_(1, idx[part], -weights[part])
+            out[part] = g.mul_(grad)
+        return out, None, None
+
+
+def sparse_cross_entropy(logits: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of logits (M, V) against sparse target distributions: the ids idx
+    (M, J) with weights (M, J) (a hard target is one id of weight 1)."""
+    return _SparseCrossEntropy.apply(logits, idx, weights)

@@ -69,7 +69,7 @@ class TrainConfig:
     nfe_threshold: float = option(0.8, "confidence threshold of that measurement")
     t_min: float = option(1e-3, "smallest masking level t")
     seed: int = option(0, "seed of data order, noise and initialisation")
-    dtype: str = option("fp32", "weights dtype: fp32 or bf16 (bf16 autocast is mixed_precision)")
+    dtype: str = option("fp32", "backbone weights: fp32 or bf16 (LoRA, adaLN, mask embedding stay fp32)")
     mixed_precision: str = option("auto", "auto (bf16 on CUDA, none on CPU), bf16 or no")
     max_rows: int | None = option(None, "use at most this many data rows")
 
@@ -226,12 +226,14 @@ def _truncate_log(log: Path, step: int) -> None:
 # ------------------------------------------------------------------ the loop
 def build_model(config: TrainConfig):
     """A backbone wrapped as a new two-tower model with the config's denoiser settings, or a
-    twotower checkpoint to go on from (load_model tells them apart; a checkpoint keeps its own)."""
+    twotower checkpoint to go on from (load_model tells them apart; a checkpoint keeps its own).
+    With a bf16 backbone the small trained tensors (LoRA, adaLN, the mask embedding) are kept in
+    fp32, so that AdamW's updates are not rounded away."""
     from twotower.model.two_tower import load_model
 
     dtype = torch.float32 if config.dtype == "fp32" else torch.bfloat16
     torch.manual_seed(config.seed)  # LoRA A matrices
-    return load_model(
+    model, tokenizer = load_model(
         config.model,
         dtype=dtype,
         denoiser=config.denoiser,
@@ -243,6 +245,11 @@ def build_model(config: TrainConfig):
         denoiser_depth=config.denoiser_depth,
         alignment=config.alignment,
     )
+    for module in (model.lora, model.time_conditioning):
+        if module is not None:
+            module.float()
+    model.mask_embedding.data = model.mask_embedding.data.float()
+    return model, tokenizer
 
 
 def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True, stop_after: int | None = None) -> dict:

@@ -288,9 +288,11 @@ class TwoTowerForCausalLM(nn.Module):
         p = LayerPass(hidden, positions, mask, past, blocks=blocks, modulation=modulation, adapters=self.lora, layers=layers)
         return self.family.run_layers(self.denoiser_weights, p).hidden
 
-    def denoiser_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float logits (..., V) from the denoiser's final hidden states, the mask token forbidden."""
-        logits = self.denoiser_weights.lm_head(hidden).float()
+    def denoiser_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """Logits (..., V) from the denoiser's final hidden states, the mask token forbidden: fp32,
+        or in the LM head's dtype (float32=False: the training loss reads them in fp32 chunks)."""
+        logits = self.denoiser_weights.lm_head(hidden)
+        logits = logits.float() if float32 else logits
         if self.mask_token_id < logits.shape[-1]:
             logits[..., self.mask_token_id] = float("-inf")
         return logits
