@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import tiny_backbone, tiny_tokenizer
 
 from twotower.cli import build_parser, main
@@ -18,14 +19,29 @@ def tiny_folder(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def trained_folder(tmp_path_factory, tiny_folder):
+    """A twotower checkpoint over the tiny backbone folder whose denoiser counts as trained."""
+    from conftest import perturb_trained
+
+    from twotower import load_model
+
+    model, _ = load_model(str(tiny_folder), dtype=torch.float32, block_size=8)
+    perturb_trained(model, scale=0.01)
+    model.config.trained_tokens = 1
+    folder = tmp_path_factory.mktemp("tiny-trained")
+    model.save_pretrained(folder)
+    return folder
+
+
 def run_json(capsys, *args):
     assert main(["generate", "--json", "--dtype", "fp32", *args]) == 0
     return json.loads(capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("mode", ["ar", "mock-ar", "diffusion"])
-def test_generate_json(capsys, tiny_folder, mode):
-    out = run_json(capsys, "--model", str(tiny_folder), "--mode", mode, "--max-new-tokens", "12", "w5 w6 w7")
+def test_generate_json(capsys, trained_folder, mode):
+    out = run_json(capsys, "--model", str(trained_folder), "--mode", mode, "--max-new-tokens", "12", "w5 w6 w7")
     assert set(out) == {"text", "new_tokens", "nfe", "tokens_per_nfe", "seconds", "mode"}
     assert out["mode"] == mode and 1 <= out["new_tokens"] <= 12 and out["nfe"] >= 1
     assert out["text"].strip()
@@ -38,8 +54,14 @@ def test_mock_ar_text_equals_ar_text_and_no_chat_differs(capsys, tiny_folder):
     assert run_json(capsys, "--no-chat", *args)["text"] != ar["text"]
 
 
-def test_stream_prints_the_same_text(capsys, tiny_folder):
-    args = ["--model", str(tiny_folder), "--mode", "diffusion", "--max-new-tokens", "12", "--dtype", "fp32", "w5"]
+def test_diffusion_mode_refuses_an_untrained_denoiser_in_one_line(capsys, tiny_folder):
+    assert main(["generate", "--model", str(tiny_folder), "--mode", "diffusion", "w5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no trained denoiser" in err and "--mode verify" in err
+
+
+def test_stream_prints_the_same_text(capsys, trained_folder):
+    args = ["--model", str(trained_folder), "--mode", "diffusion", "--max-new-tokens", "12", "--dtype", "fp32", "w5"]
     assert main(["generate", *args]) == 0
     plain = capsys.readouterr().out
     assert main(["generate", "--stream", *args]) == 0
@@ -63,8 +85,8 @@ def test_invalid_options_exit_2_with_a_message(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_library_errors_are_reported_without_traceback(capsys, tiny_folder):
-    code = main(["generate", "--model", str(tiny_folder), "--mode", "diffusion", "--block-size", "32", "w5"])
+def test_library_errors_are_reported_without_traceback(capsys, tiny_folder, trained_folder):
+    code = main(["generate", "--model", str(trained_folder), "--mode", "diffusion", "--block-size", "32", "w5"])
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("twotower: error:") and "Traceback" not in err

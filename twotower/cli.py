@@ -275,6 +275,10 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _int_list(text: str) -> list[int]:
     return [_positive_int(part) for part in text.split(",") if part.strip()]
 
@@ -336,12 +340,18 @@ def cmd_generate(args) -> int:
     import torch
 
     from twotower import load_model, stream
+    from twotower.config import TwoTowerError
     from twotower.generate import drain
     from twotower.text import encode_prompt, eos_token_ids
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, dtype=getattr(torch, DTYPES[args.dtype]))
+    if args.mode == "diffusion" and not model.config.trained_tokens:
+        raise TwoTowerError(
+            f"no trained denoiser for {args.model}: diffusion mode would write garbage; use --mode ar or --mode verify "
+            "(lossless), or train one with `twotower train` (README: Train the denoiser)"
+        )
     ids = encode_prompt(tokenizer, args.prompt, chat=not args.no_chat)
     options = dict(
         max_new_tokens=args.max_new_tokens,
@@ -390,6 +400,7 @@ def cmd_eval(args) -> int:
         not args.no_judge,
         getattr(torch, DTYPES[args.dtype]),
         args.out,
+        suites=args.suite,
     )
     return 0
 

