@@ -341,6 +341,30 @@ def test_distill_is_seeded_resumable_and_keeps_heldout_prompts_out(tmp_path, mon
     assert all(normalise_prompt(p) != banned for p in kept) and result["skipped"]["heldout"] >= 1
 
 
+def test_distill_to_token_shards_resumes_and_feeds_training(tmp_path):
+    """A folder output: rows.jsonl as the JSONL output, plus token shards of every row's
+    chat-formatted ids that training reads without tokenising; a run stopped early (here by
+    its row target, as a time limit would) and resumed gives the same shards."""
+    from twotower.data import TokenShards, row_tokens
+    from twotower.distill import distill
+
+    model, tok = tiny_two_tower(block_size=S), tiny_tokenizer()
+    options = dict(batch_size=4, seed=3, max_prompt_tokens=5, max_answer_tokens=6, progress=False, shard_rows=5)
+    whole = distill(model, tok, tmp_path / "a", rows=12, **options)
+    assert whole["tokens_per_second"] > 0 and whole["complete"]
+    shards = TokenShards(tmp_path / "a")
+    assert shards.dtype == torch.uint16 and [s["rows"] for s in shards.index["shards"]] == [5, 5, 2]
+    rows = read_rows(tmp_path / "a")
+    assert len(rows) == 12 and all(r["ids"] == row_tokens({k: r[k] for k in ("prompt", "response")}, tok) for r in rows)
+    distill(model, tok, tmp_path / "b", rows=7, **options)
+    distill(model, tok, tmp_path / "b", rows=12, **options)
+    assert read_rows(tmp_path / "b") == rows
+    for name in ("shard-00000.safetensors", "shard-00002.safetensors"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    packed = pack(rows, tok, seq_len=9)
+    assert torch.equal(packed.sequences, pack(read_rows(tmp_path / "a" / "rows.jsonl"), tok, seq_len=9).sequences)
+
+
 def normalise_prompt(text):
     from twotower.data import normalise
 
@@ -488,3 +512,14 @@ def test_sparse_cross_entropy_is_the_weighted_cross_entropy_and_its_gradient():
     (grad,) = torch.autograd.grad(sparse_cross_entropy(logits, idx, weights), logits)
     (reference,) = torch.autograd.grad(expected, logits)
     torch.testing.assert_close(grad, reference)
+
+
+def test_a_time_limited_run_stops_with_a_checkpoint_and_resumes(tmp_path):
+    """max_minutes: the step that passes the limit ends the call, with a checkpoint of that
+    step; the same command goes on and repeats the uninterrupted losses (the GPU script's
+    steps of a few minutes)."""
+    whole = train(_config(tmp_path / "a"), _model(), tiny_tokenizer(), progress=False)
+    first = train(_config(tmp_path / "b", max_minutes=1e-9), _model(), tiny_tokenizer(), progress=False)
+    assert first["step"] == 1 and (tmp_path / "b" / "run" / "latest").read_text() == "step-1"
+    resumed = train(_config(tmp_path / "b"), _model(), tiny_tokenizer(), progress=False)
+    assert resumed["losses"] == whole["losses"]

@@ -191,7 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
         "user header), then answers them greedily. Batched, seeded, resumable (run the same command "
         "again); held-out evaluation prompts are left out. Writes JSONL for `twotower train`.",
     )
-    di.add_argument("--out", required=True, metavar="FILE.jsonl", help="output file (appended to when resuming)")
+    di.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE.jsonl|FOLDER",
+        help="output: a JSONL file, or a folder (rows.jsonl plus token shards that `twotower train` "
+        "reads without tokenising); appended to when resuming",
+    )
     di.add_argument("--rows", type=_positive_int, default=1000, metavar="N", help="rows to reach (default: %(default)s)")
     di.add_argument(
         "--model",
@@ -208,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-answer-tokens", type=_positive_int, default=256, metavar="N", help="longest answer (default: %(default)s)"
     )
     di.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype (default: %(default)s)")
+    di.add_argument(
+        "--max-minutes",
+        type=float,
+        default=0.0,
+        metavar="M",
+        help="stop after the batch that passes M minutes; the same command goes on (default: no limit)",
+    )
     di.set_defaults(func=cmd_distill)
     return parser
 
@@ -220,7 +233,15 @@ def cmd_distill(args) -> int:
 
     model, tokenizer = load_model(args.model, dtype=getattr(torch, DTYPES[args.dtype]))
     summary = distill(
-        model, tokenizer, args.out, args.rows, args.batch_size, args.seed, args.max_prompt_tokens, args.max_answer_tokens
+        model,
+        tokenizer,
+        args.out,
+        args.rows,
+        args.batch_size,
+        args.seed,
+        args.max_prompt_tokens,
+        args.max_answer_tokens,
+        max_minutes=args.max_minutes,
     )
     print(json.dumps(summary))
     return 0

@@ -1,9 +1,12 @@
 """Training data: local files read with `datasets`, chat-formatted, tokenised and packed.
 
-Accepted rows (jsonl / json / parquet / text files, or a folder written by `datasets`):
+Accepted rows (jsonl / json / parquet / text files, a folder written by `datasets`, or a
+token-shard folder written by `twotower distill --out FOLDER`):
   {"prompt", "response"}   one user turn and the answer (what `twotower distill` writes)
   {"messages": [...]}      a chat, [{"role", "content"}, ...]
   {"text"}                 plain text (no chat template)
+  token shards             `shard-NNNNN.safetensors` of each row's chat-formatted token ids
+                           (uint16 where the vocabulary fits), with rows.jsonl and index.json
 Chat rows go through the tokenizer's chat template. Every row's tokens are concatenated and
 cut into sequences of exactly `seq_len` tokens (the remainder is dropped). Rows whose user
 prompt is a held-out evaluation prompt are refused (dropped and counted), so training never
@@ -13,6 +16,9 @@ sees what `twotower eval` measures.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +46,15 @@ def heldout_prompts() -> set[str]:
 
 
 def read_rows(path: str | Path, max_rows: int | None = None) -> list[dict]:
-    """Rows of a local data file or `datasets` folder (no network)."""
+    """Rows of a local data file, `datasets` folder or token-shard folder (no network). Rows of
+    token shards carry their ids ("ids") next to their text."""
     import datasets
 
     path = Path(path).expanduser()
     if not path.exists():
         raise TwoTowerError(f"training data {path} does not exist")
+    if path.is_dir() and (path / SHARD_INDEX).is_file():
+        return TokenShards(path).rows(max_rows)
     if path.is_dir():
         data = datasets.load_from_disk(str(path))
         if isinstance(data, datasets.DatasetDict):
@@ -72,7 +81,9 @@ def user_prompt(row: dict) -> str | None:
 
 
 def row_tokens(row: dict, tokenizer) -> list[int]:
-    """Token ids of one row (chat template for chat rows)."""
+    """Token ids of one row (chat template for chat rows; the stored ids of a token-shard row)."""
+    if "ids" in row:
+        return list(row["ids"])
     if "messages" in row or ("prompt" in row and "response" in row):
         messages = row.get("messages") or [
             {"role": "user", "content": row["prompt"]},
@@ -134,3 +145,78 @@ def batch_indices(n_sequences: int, batch_size: int, step: int, seed: int) -> to
     epoch, index = divmod(step, per_epoch)
     order = torch.randperm(n_sequences, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     return order[index * batch_size : (index + 1) * batch_size]
+
+
+# ------------------------------------------------------------------ token shards
+SHARD_INDEX = "index.json"
+SHARD_ROWS_FILE = "rows.jsonl"
+
+
+class TokenShards:
+    """A folder of tokenised rows: rows.jsonl (the text, one row per line), `shard-NNNNN.safetensors`
+    (a shard's rows' token ids concatenated, "ids", and where each row starts, "offsets"; ids are
+    uint16 where the vocabulary fits, else int32), and index.json (kind, vocabulary size, rows per
+    shard, the shards). A shard covers rows [k * shard_rows, (k + 1) * shard_rows); only the last
+    one may be shorter, and it is rewritten when rows are added."""
+
+    KIND = "twotower-token-shards"
+
+    def __init__(self, folder: str | Path, vocab_size: int | None = None, shard_rows: int = 1024):
+        self.folder = Path(folder)
+        index = self.folder / SHARD_INDEX
+        if index.is_file():
+            try:
+                self.index = json.loads(index.read_text())
+            except ValueError as err:
+                raise TwoTowerError(f"{index} is corrupt: {err}") from err
+            if self.index.get("kind") != self.KIND:
+                raise TwoTowerError(f"{index} is not a token-shard index")
+        else:
+            if vocab_size is None:
+                raise TwoTowerError(f"{self.folder} holds no token shards ({SHARD_INDEX} is missing)")
+            self.index = {"kind": self.KIND, "vocab_size": vocab_size, "shard_rows": shard_rows, "shards": []}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.uint16 if self.index["vocab_size"] <= 2**16 else torch.int32
+
+    def write(self, token_rows: list[list[int]]) -> None:
+        """Write the shards of every row given (rows.jsonl order), keeping complete shards that exist."""
+        from safetensors.torch import save_file
+
+        size = self.index["shard_rows"]
+        complete = [s for s in self.index["shards"] if s["rows"] == size]
+        for k in range(len(complete), -(-len(token_rows) // size)):
+            part = token_rows[k * size : (k + 1) * size]
+            lengths = torch.tensor([len(r) for r in part], dtype=torch.int64)
+            offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+            ids = torch.tensor([t for r in part for t in r], dtype=torch.int64).to(self.dtype)
+            name = f"shard-{k:05d}.safetensors"
+            tmp = self.folder / f".tmp-{name}"
+            save_file({"ids": ids, "offsets": offsets}, str(tmp))
+            os.replace(tmp, self.folder / name)
+            complete.append({"file": name, "rows": len(part), "tokens": int(offsets[-1])})
+        self.index["shards"] = complete
+        self.index["rows"] = sum(s["rows"] for s in complete)
+        self.index["tokens"] = sum(s["tokens"] for s in complete)
+        tmp = self.folder / f".tmp-{SHARD_INDEX}"
+        tmp.write_text(json.dumps(self.index, indent=1))
+        os.replace(tmp, self.folder / SHARD_INDEX)
+
+    def rows(self, max_rows: int | None = None) -> list[dict]:
+        """Every row: its text fields (rows.jsonl) and its token ids ("ids")."""
+        from safetensors.torch import load_file
+
+        texts = [json.loads(line) for line in (self.folder / SHARD_ROWS_FILE).read_text().splitlines() if line.strip()]
+        out = []
+        for shard in self.index["shards"]:
+            try:
+                tensors = load_file(str(self.folder / shard["file"]))
+            except Exception as err:  # safetensors raises several kinds on a damaged file
+                raise TwoTowerError(f"{self.folder / shard['file']} is corrupt: {err}") from err
+            ids, offsets = tensors["ids"].to(torch.int64).tolist(), tensors["offsets"].tolist()
+            for a, b in itertools.pairwise(offsets):
+                out.append({**texts[len(out)], "ids": ids[a:b]})
+                if max_rows is not None and len(out) >= max_rows:
+                    return out
+        return out

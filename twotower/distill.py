@@ -7,20 +7,25 @@ imitate: this backbone's own replies, a user's own fine-tune included.
 
 Batched and seeded: batch k depends only on (seed, k), so a killed run resumed with the same
 command writes the same file as an uninterrupted one. Output: JSONL, one object per line,
-{"id", "prompt", "response", "response_tokens"}, readable by `twotower train` (and `datasets`).
-User turns equal to a held-out evaluation prompt, empty or repeated ones are left out.
+{"id", "prompt", "response", "response_tokens"}, readable by `twotower train` (and `datasets`);
+or, when `out` names a folder (no .jsonl suffix), that JSONL as FOLDER/rows.jsonl plus token
+shards of every row's chat-formatted ids (`twotower.data.TokenShards`), which `twotower train`
+reads without tokenising again. User turns equal to a held-out evaluation prompt, empty or
+repeated ones are left out. `max_minutes` stops after the batch that crosses the limit (the
+same command goes on from there): the runs of a GPU script come in steps of a few minutes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
 
 from twotower.config import TwoTowerError
-from twotower.data import heldout_prompts, normalise
+from twotower.data import SHARD_ROWS_FILE, TokenShards, heldout_prompts, normalise, row_tokens
 from twotower.generate import generate_ar
 from twotower.text import encode_prompt, eos_token_ids
 
@@ -60,13 +65,21 @@ def distill(
     temperature: float = 1.0,
     top_p: float = 0.95,
     progress: bool = True,
+    max_minutes: float = 0.0,
+    shard_rows: int = 1024,
 ) -> dict:
-    """Append rows to `out` until it holds `rows` rows. Returns counts of what was kept and skipped."""
+    """Append rows to `out` until it holds `rows` rows (or max_minutes pass). Returns counts of
+    what was kept and skipped, and the answer tokens per second of this call."""
     from tqdm.auto import tqdm
 
     if rows < 1 or batch_size < 1 or max_prompt_tokens < 1 or max_answer_tokens < 1:
         raise TwoTowerError("rows, batch_size, max_prompt_tokens and max_answer_tokens must be >= 1")
+    shards = None
     path = Path(out)
+    if path.suffix != ".jsonl":  # a folder: rows.jsonl and token shards
+        path.mkdir(parents=True, exist_ok=True)
+        shards = TokenShards(path, vocab_size=model.num_embeddings, shard_rows=shard_rows)
+        path = path / SHARD_ROWS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     done = _complete_lines(path)
     seen = {normalise(r["prompt"]) for r in done}
@@ -76,7 +89,9 @@ def distill(
     header = user_header(tokenizer)
     eos = eos_token_ids(model, tokenizer)
     bar = tqdm(total=rows, initial=len(done), desc="distill", unit="row", disable=not progress)
-    while len(done) < rows:
+    begin, new_tokens = time.perf_counter(), 0
+    token_rows = [row_tokens(r, tokenizer) for r in done] if shards is not None else None
+    while len(done) < rows and not (max_minutes > 0 and time.perf_counter() - begin > 60 * max_minutes):
         k = state["batches"]
         g = torch.Generator().manual_seed(seed * 1_000_003 + k)
         verbs = [
@@ -124,6 +139,9 @@ def distill(
                     }
                     f.write(json.dumps(row) + "\n")
                     done.append(row)
+                    new_tokens += len(toks)
+                    if token_rows is not None:
+                        token_rows.append(row_tokens(row, tokenizer))
                     bar.update(1)
                 f.flush()
                 os.fsync(f.fileno())
@@ -131,5 +149,21 @@ def distill(
         tmp = state_file.with_name(state_file.name + ".tmp")
         tmp.write_text(json.dumps(state))
         os.replace(tmp, state_file)
+        if shards is not None and len(token_rows) // shard_rows > len(shards.index["shards"]):
+            shards.write(token_rows)  # the shards completed so far
+        seconds = time.perf_counter() - begin
+        bar.set_postfix(tok_s=f"{new_tokens / max(seconds, 1e-9):.0f}")
     bar.close()
-    return {"rows": len(done), "batches": state["batches"], "skipped": state["skipped"], "out": str(path)}
+    if shards is not None:
+        shards.write(token_rows)
+    seconds = time.perf_counter() - begin
+    return {
+        "rows": len(done),
+        "complete": len(done) >= rows,
+        "batches": state["batches"],
+        "skipped": state["skipped"],
+        "answer_tokens": new_tokens,
+        "seconds": round(seconds, 1),
+        "tokens_per_second": round(new_tokens / max(seconds, 1e-9), 1),
+        "out": str(out),
+    }

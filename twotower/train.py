@@ -72,6 +72,7 @@ class TrainConfig:
     dtype: str = option("fp32", "backbone weights: fp32 or bf16 (LoRA, adaLN, mask embedding stay fp32)")
     mixed_precision: str = option("auto", "auto (bf16 on CUDA, none on CPU), bf16 or no")
     max_rows: int | None = option(None, "use at most this many data rows")
+    max_minutes: float = option(0.0, "stop after this many minutes of training, with a checkpoint (0: no limit; rerun resumes)")
 
     def validate(self) -> None:
         checks = [
@@ -318,6 +319,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
     first = state["step"]
     last = config.max_steps if stop_after is None else min(config.max_steps, first + stop_after)
     bar = tqdm(total=config.max_steps, initial=first, desc="train", disable=not (progress and accelerator.is_main_process))
+    deadline = time.monotonic() + 60 * config.max_minutes if config.max_minutes > 0 else None
     while state["step"] < last:
         step, begin = state["step"], time.perf_counter()
         for group in optimizer.param_groups:
@@ -374,18 +376,27 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
             if config.nfe_prompts and tokenizer is not None:
                 record["tokens_per_nfe"] = tokens_per_nfe(model, tokenizer, config)
                 state.setdefault("nfe_curve", []).append([state["training_tokens"], record["tokens_per_nfe"]])
+        out_of_time = deadline is not None and _agree(accelerator, time.monotonic() > deadline)
         if accelerator.is_main_process:
             with open(out / "log.jsonl", "a") as log:
                 log.write(json.dumps(record) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{value:.3f}", masked_tok_s=f"{state['masked_tokens'] / max(state['seconds'], 1e-9):.0f}")
             model.config.trained_tokens = state["training_tokens"]
-            if (step + 1) % config.save_every == 0 or step + 1 == config.max_steps:
+            if (step + 1) % config.save_every == 0 or step + 1 == config.max_steps or out_of_time:
                 save_checkpoint(out, model, optimizer, state)
+        if out_of_time:
+            break
     bar.close()
     if state["step"] == config.max_steps and accelerator.is_main_process:
         model.save_pretrained(out / "final")
     return state
+
+
+def _agree(accelerator, flag: bool) -> bool:
+    """The same decision on every process (the main one's clock decides)."""
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(value, "max").item() > 0) if accelerator.num_processes > 1 else flag
 
 
 def _read(sequences: torch.Tensor, store, indices: torch.Tensor, model, device, offset: int = 0):

@@ -393,8 +393,7 @@ def shipped_denoiser() -> Path | None:
     return SHIPPED if (SHIPPED / WEIGHTS_NAME).is_file() else None
 
 
-def load_model(ref: str | os.PathLike | None = None, dtype: torch.dtype = torch.bfloat16, shipped: bool = True,
-               **config_kwargs):
+def load_model(ref: str | os.PathLike | None = None, dtype: torch.dtype = torch.bfloat16, shipped: bool = True, **config_kwargs):
     """Load what a user names: a twotower checkpoint folder; "default", the default backbone with
     the denoiser that ships for it (shipped=False, or any config_kwargs: a new untrained one); or
     a backbone (a folder, a .gguf file) wrapped as an untrained two-tower model with config_kwargs.
