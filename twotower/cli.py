@@ -281,6 +281,8 @@ def cmd_train(args) -> int:
     config = load_config(args.config, overrides)
     state = train(config)
     losses = state["losses"]
+    if not state.get("main_process", True):
+        return 0
     print(
         json.dumps(
             {

@@ -72,6 +72,7 @@ class TrainConfig:
     dtype: str = option("fp32", "backbone weights: fp32 or bf16 (LoRA, adaLN, mask embedding stay fp32)")
     mixed_precision: str = option("auto", "auto (bf16 on CUDA, none on CPU), bf16 or no")
     max_rows: int | None = option(None, "use at most this many data rows")
+    fsdp: bool = option(False, "with several processes: FSDP (shard the trained weights) instead of DDP (replicate them)")
     max_minutes: float = option(0.0, "stop after this many minutes of training, with a checkpoint (0: no limit; rerun resumes)")
 
     def validate(self) -> None:
@@ -92,6 +93,10 @@ class TrainConfig:
             (self.dtype in ("fp32", "bf16"), f"dtype must be fp32 or bf16, got {self.dtype!r}"),
             (self.mixed_precision in ("auto", "bf16", "no"), "mixed_precision must be auto, bf16 or no"),
             (self.kl_weight >= 0 and self.top_k >= 1, "kl_weight must be >= 0 and top_k >= 1"),
+            (
+                not self.fsdp or torch.cuda.is_available(),
+                "fsdp needs GPUs (accelerate's FSDP has no CPU backend); without it, several CPU processes use DDP",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -281,7 +286,16 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
     mixed = config.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() else "no"
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    plugin = None
+    if config.fsdp:  # shard the trained weights over the processes instead of replicating them
+        from accelerate import FullyShardedDataParallelPlugin
+
+        if not torch.cuda.is_available():
+            raise TwoTowerError(
+                "fsdp needs GPUs (accelerate's FSDP has no CPU backend); without it, several CPU processes use DDP"
+            )
+        plugin = FullyShardedDataParallelPlugin(use_orig_params=True, sync_module_states=True)
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(), fsdp_plugin=plugin)
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % (world * config.grad_accum):
         raise TwoTowerError(
@@ -390,7 +404,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
     bar.close()
     if state["step"] == config.max_steps and accelerator.is_main_process:
         model.save_pretrained(out / "final")
-    return state
+    return {**state, "main_process": accelerator.is_main_process}
 
 
 def _agree(accelerator, flag: bool) -> bool:
