@@ -222,7 +222,66 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop after the batch that passes M minutes; the same command goes on (default: no limit)",
     )
     di.set_defaults(func=cmd_distill)
+
+    co = sub.add_parser(
+        "convert",
+        help="dequantise a GGUF backbone once into the safetensors cache",
+        description="Dequantise a .gguf file (or the default backbone) into the safetensors cache that later "
+        "loads read (~20 s once); prints the cache folder.",
+    )
+    co.add_argument("model", nargs="?", default="default", metavar="MODEL", help="a .gguf file or 'default'")
+    co.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype (default: %(default)s)")
+    co.set_defaults(func=cmd_convert)
+
+    sp = sub.add_parser(
+        "split",
+        help="cut a checkpoint folder into files of at most N MiB (for machines that hand files back in pieces)",
+        description="Cut every file of a checkpoint folder into parts of at most --max-mb MiB, with parts.json "
+        "(sizes and SHA-256); `twotower reassemble` joins them back.",
+    )
+    sp.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint folder")
+    sp.add_argument("--out", required=True, metavar="DIR", help="folder for the parts")
+    sp.add_argument("--max-mb", type=float, default=16.0, metavar="N", help="largest part, MiB (default: %(default)s)")
+    sp.set_defaults(func=cmd_split)
+
+    ra = sub.add_parser(
+        "reassemble",
+        help="join the parts written by `twotower split` back into a checkpoint folder (hashes checked)",
+        description="Join the parts listed in DIR/parts.json into a checkpoint folder; a missing or damaged part "
+        "is an error that names it.",
+    )
+    ra.add_argument("parts", metavar="DIR", help="the folder of parts")
+    ra.add_argument("--out", required=True, metavar="CHECKPOINT", help="the checkpoint folder to write")
+    ra.set_defaults(func=cmd_reassemble)
     return parser
+
+
+def cmd_convert(args) -> int:
+    import torch
+
+    from twotower.backbones import convert_gguf, resolve_backbone_path
+    from twotower.config import TwoTowerError
+
+    path = resolve_backbone_path(args.model)
+    if path.suffix != ".gguf":
+        raise TwoTowerError(f"{path} is not a .gguf file: a Hugging Face folder needs no conversion")
+    print(convert_gguf(path, getattr(torch, DTYPES[args.dtype])))
+    return 0
+
+
+def cmd_split(args) -> int:
+    from twotower.parts import split
+
+    manifest = split(args.checkpoint, args.out, args.max_mb)
+    print(json.dumps({"out": args.out, "parts": sum(len(e["parts"]) for e in manifest["files"].values())}))
+    return 0
+
+
+def cmd_reassemble(args) -> int:
+    from twotower.parts import reassemble
+
+    print(reassemble(args.parts, args.out))
+    return 0
 
 
 def cmd_distill(args) -> int:

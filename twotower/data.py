@@ -47,14 +47,14 @@ def heldout_prompts() -> set[str]:
 
 def read_rows(path: str | Path, max_rows: int | None = None) -> list[dict]:
     """Rows of a local data file, `datasets` folder or token-shard folder (no network). Rows of
-    token shards carry their ids ("ids") next to their text."""
-    import datasets
-
+    token shards carry their ids ("ids") next to their text; reading them needs no `datasets`."""
     path = Path(path).expanduser()
     if not path.exists():
         raise TwoTowerError(f"training data {path} does not exist")
     if path.is_dir() and (path / SHARD_INDEX).is_file():
         return TokenShards(path).rows(max_rows)
+    import datasets
+
     if path.is_dir():
         data = datasets.load_from_disk(str(path))
         if isinstance(data, datasets.DatasetDict):
