@@ -80,6 +80,6 @@ def test_reassemble_refuses_missing_or_damaged_parts(tmp_path):
     with pytest.raises(TwoTowerError, match="does not match its manifest"):
         reassemble(tmp_path / "parts", tmp_path / "again")
     damaged.unlink()
-    with pytest.raises(TwoTowerError, match="part a.bin.part003 of a.bin is missing"):
+    with pytest.raises(TwoTowerError, match=r"part a\.bin\.part003 of a\.bin is missing"):
         reassemble(tmp_path / "parts", tmp_path / "again")
     assert not (tmp_path / "again").exists()
