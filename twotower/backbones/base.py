@@ -116,9 +116,13 @@ class Family(Protocol):
     def empty_states(self, backbone: nn.Module, batch: int) -> list: ...
 
 
-@dataclass
 class AttentionState:
     """An attention layer's cache: post-RoPE keys and values, (B, Hkv, T, D) each.
+
+    Static: the keys and values live in pre-allocated buffers of some capacity, and the context
+    tower writes each pass's own K,V into them in place (`extend`), instead of concatenating
+    the whole cache every step; a buffer grows (doubling) only when it is full. `k` and `v` are
+    views of the slots in use.
 
     The same operations as `ssm.MambaState`, so that a cache is a plain loop over its layers:
     `append` a pass, `keep_new` (verify mode drops rejected drafts), `drop_last` (the shifted
@@ -126,30 +130,85 @@ class AttentionState:
     row's dropped slots are marked invalid by the cache, and cut when every row drops as many.
     """
 
-    k: torch.Tensor
-    v: torch.Tensor
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, length: int | None = None):
+        self.buf_k, self.buf_v = k, v
+        self.length = k.shape[2] if length is None else length
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.buf_k[:, :, : self.length]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.buf_v[:, :, : self.length]
+
+    @property
+    def capacity(self) -> int:
+        return self.buf_k.shape[2]
+
+    def reserve(self, slots: int) -> None:
+        """Room for `slots` more keys without reallocating."""
+        need = self.length + slots
+        if need <= self.capacity:
+            return
+        size = max(need, 2 * self.capacity, 64)
+        grown_k = self.buf_k.new_empty(*self.buf_k.shape[:2], size, self.buf_k.shape[3])
+        grown_v = self.buf_v.new_empty(*self.buf_v.shape[:2], size, self.buf_v.shape[3])
+        grown_k[:, :, : self.length] = self.k
+        grown_v[:, :, : self.length] = self.v
+        self.buf_k, self.buf_v = grown_k, grown_v
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write a pass's own K,V (B, Hkv, n, D) after the slots in use, in place; returns the
+        keys and values over every slot now in use."""
+        n = k.shape[2]
+        self.reserve(n)
+        self.buf_k[:, :, self.length : self.length + n] = k
+        self.buf_v[:, :, self.length : self.length + n] = v
+        self.length += n
+        return self.k, self.v
 
     def append(self, new: AttentionState) -> AttentionState:
+        """This state after a pass: itself when the pass extended it in place, else a copy with
+        the pass's K,V after its own."""
+        if new is self:
+            return self
         return AttentionState(torch.cat([self.k, new.k], dim=2), torch.cat([self.v, new.v], dim=2))
 
     def keep_new(self, drop: torch.Tensor, cut: int | None) -> AttentionState:
         """After dropping the last drop[b] slots of each row: cut to `cut` slots when every row
-        drops as many (cut is not None), else unchanged (the cache marks the slots invalid)."""
-        return self if cut is None else AttentionState(self.k[:, :, :cut], self.v[:, :, :cut])
+        drops as many (cut is not None: the next pass writes over them), else unchanged (the
+        cache marks the slots invalid)."""
+        if cut is not None:
+            self.length = cut
+        return self
 
     def drop_last(self, cut: bool = True) -> AttentionState:
         """Without the last slot: cut when every row's last slot is a token (cut), else unchanged
         (the view marks each row's last valid slot invalid instead)."""
-        return AttentionState(self.k[:, :, :-1], self.v[:, :, :-1]) if cut else self
+        return AttentionState(self.k[:, :, :-1], self.v[:, :, :-1]) if cut else self.for_view()
 
     def for_view(self) -> AttentionState:
-        return self
+        """The slots in use now (a view: the cache's later writes go after them)."""
+        return AttentionState(self.k, self.v)
 
     def to(self, device) -> AttentionState:
         return AttentionState(self.k.to(device), self.v.to(device))
 
     def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.k, self.v)
+
+
+def attend_over(past: AttentionState | None, k: torch.Tensor, v: torch.Tensor, in_place: bool):
+    """Keys and values over [past slots ; this call's own] and the state this call leaves: the
+    past state extended in place (the context tower), or this call's own K,V alone (the
+    denoiser, whose past is a view it must not write into)."""
+    if past is None:
+        return k, v, AttentionState(k, v)
+    if in_place:
+        keys, values = past.extend(k, v)
+        return keys, values, past
+    return torch.cat([past.k, k], dim=2), torch.cat([past.v, v], dim=2), AttentionState(k, v)
 
 
 # ------------------------------------------------------------------ hooks shared by the families

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from twotower.backbones.base import AttentionState, LayerPass, PassOutput, adapter_lookup, gated, modulate, project
+from twotower.backbones.base import AttentionState, LayerPass, PassOutput, adapter_lookup, attend_over, gated, modulate, project
 
 # Per decoder layer, modulation holds 6 vectors: (shift, scale, gate) for attention, then MLP.
 N_MODULATION = 6
@@ -36,12 +36,13 @@ def rope_tables(backbone: nn.Module, positions: torch.Tensor, dtype: torch.dtype
     return backbone.model.rotary_emb(probe, positions)
 
 
-def attention(attn: nn.Module, x, cos, sin, past_kv, mask, adapters):
+def attention(attn: nn.Module, x, cos, sin, past_kv, mask, adapters, in_place: bool = False):
     """Self-attention of one layer over [past K,V ; own K,V].
 
     x: (B, T, H); past_kv: None or an AttentionState, K and V (B, Hkv, P, D) post-RoPE;
     mask: None or (B, 1, T, P + T) bool, True = may attend.
-    Returns the output (B, T, H) and this call's own post-RoPE K,V (B, Hkv, T, D) as an AttentionState.
+    Returns the output (B, T, H) and the state this call leaves: past_kv with this call's
+    post-RoPE K,V written into it (in_place: the context tower), else those K,V alone.
     """
     bsz, seq, _ = x.shape
     hd = attn.head_dim
@@ -52,10 +53,7 @@ def attention(attn: nn.Module, x, cos, sin, past_kv, mask, adapters):
     if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (B, Hq|Hkv, T, D)
-    if past_kv is not None:
-        keys, values = torch.cat([past_kv.k, k], dim=2), torch.cat([past_kv.v, v], dim=2)
-    else:
-        keys, values = k, v
+    keys, values, state = attend_over(past_kv, k, v, in_place)
     n_kv = keys.shape[1]
     if seq == 1 and mask is not None and q.shape[1] != n_kv:
         # One query with padding: fold the query heads of each KV group into the query axis,
@@ -65,7 +63,7 @@ def attention(attn: nn.Module, x, cos, sin, past_kv, mask, adapters):
     else:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
         out = out.transpose(1, 2).reshape(bsz, seq, -1)  # (B, T, Hq * D)
-    return project(attn.o_proj, out, get("o_proj")), AttentionState(k, v)
+    return project(attn.o_proj, out, get("o_proj")), state
 
 
 def mlp(block: nn.Module, x: torch.Tensor, adapters) -> torch.Tensor:
@@ -75,11 +73,11 @@ def mlp(block: nn.Module, x: torch.Tensor, adapters) -> torch.Tensor:
     return project(block.down_proj, block.act_fn(gate) * up, get("down_proj"))
 
 
-def decoder_layer(layer, x, cos, sin, past_kv, mask, modulation=None, adapters=None):
+def decoder_layer(layer, x, cos, sin, past_kv, mask, modulation=None, adapters=None, in_place: bool = False):
     """One pre-norm decoder layer. modulation: None or (B, 6, H) = shift/scale/gate-1 for
     attention then MLP (gate stored as an offset from 1 so zeros are the identity)."""
     h, gate = modulate(layer.input_layernorm(x), modulation, 0)
-    a, kv = attention(layer.self_attn, h, cos, sin, past_kv, mask, adapters)
+    a, kv = attention(layer.self_attn, h, cos, sin, past_kv, mask, adapters, in_place)
     x = x + gated(a, gate)
     h, gate = modulate(layer.post_attention_layernorm(x), modulation, 3)
     return x + gated(mlp(layer.mlp, h, adapters), gate), kv
@@ -96,7 +94,7 @@ def run_layers(backbone, p: LayerPass) -> PassOutput:
         if i == p.capture:
             captured = hidden
         past, modulation, adapters = p.layer(i)
-        hidden, kv = decoder_layer(layer, hidden, cos, sin, past, mask, modulation, adapters)
+        hidden, kv = decoder_layer(layer, hidden, cos, sin, past, mask, modulation, adapters, p.keep.kind == "end")
         new.append(None if p.keep.kind == "none" else kv)
     return PassOutput(backbone.model.norm(hidden), new, captured)
 

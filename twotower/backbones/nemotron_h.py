@@ -24,7 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from twotower.backbones.base import NOTHING, AttentionState, Keep, LayerPass, PassOutput, adapter_lookup, gated, modulate, project
+from twotower.backbones.base import (
+    NOTHING,
+    AttentionState,
+    Keep,
+    LayerPass,
+    PassOutput,
+    adapter_lookup,
+    attend_over,
+    gated,
+    modulate,
+    project,
+)
 from twotower.backbones.ssm import MambaState, ScanTail, chunked_scan, seeded_conv
 
 N_MODULATION = 3
@@ -40,18 +51,19 @@ def projections(layer: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in owner.named_children() if isinstance(m, nn.Linear)}
 
 
-def attention(attn: nn.Module, x, past_kv, mask, adapters):
+def attention(attn: nn.Module, x, past_kv, mask, adapters, in_place: bool = False):
     """x: (B, T, H); past_kv: None or an AttentionState, K and V (B, Hkv, P, D); mask: None or
-    (B, 1, T, P+T) bool. Returns the output (B, T, H) and this call's own K,V (an AttentionState)."""
+    (B, 1, T, P+T) bool. Returns the output (B, T, H) and the state this call leaves (past_kv
+    extended in place when in_place, else this call's own K,V)."""
     bsz, seq, _ = x.shape
     get = adapter_lookup(adapters)
     hd = attn.head_dim
     q = project(attn.q_proj, x, get("q_proj")).view(bsz, seq, -1, hd).transpose(1, 2)
     k = project(attn.k_proj, x, get("k_proj")).view(bsz, seq, -1, hd).transpose(1, 2)
     v = project(attn.v_proj, x, get("v_proj")).view(bsz, seq, -1, hd).transpose(1, 2)
-    keys, values = (k, v) if past_kv is None else (torch.cat([past_kv.k, k], 2), torch.cat([past_kv.v, v], 2))
+    keys, values, state = attend_over(past_kv, k, v, in_place)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
-    return project(attn.o_proj, out.transpose(1, 2).reshape(bsz, seq, -1), get("o_proj")), AttentionState(k, v)
+    return project(attn.o_proj, out.transpose(1, 2).reshape(bsz, seq, -1), get("o_proj")), state
 
 
 def mlp(block: nn.Module, x, adapters):
@@ -144,7 +156,7 @@ def run_layers(backbone, p: LayerPass) -> PassOutput:
             out, entry = mamba(layer.mixer, folded, past, p.valid, adapters, p.keep)
             out = out.reshape(bsz, seq, width)
         elif kind in ATTENTION_KINDS:
-            out, entry = attention(layer.mixer, h, past, mask, adapters)
+            out, entry = attention(layer.mixer, h, past, mask, adapters, p.keep.kind == "end")
         elif kind == "moe":
             out = moe(layer.mixer, h, adapters)
         else:

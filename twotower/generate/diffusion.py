@@ -126,11 +126,11 @@ def extend_context(model, run, cache, block: Block) -> torch.Tensor:
     tokens = block.tokens[:, :width].to(cache.valid.device)
     slots = torch.arange(width, device=tokens.device)[None]
     tokens = torch.where(slots < keep[:, None], tokens, run.pad_id)  # never feed the mask id to the context tower
-    logits = model.context_extend(cache, tokens, logits="all")  # (B, W, V)
+    logits = model.context_extend(cache, tokens, logits=keep - 1)  # (B, V): the LM head at each row's last kept slot
     run.context_passes += 1
     if bool((keep < width).any()):
         cache.keep_new(width, keep)
-    return logits[torch.arange(len(keep), device=logits.device), keep - 1]
+    return logits
 
 
 @torch.inference_mode()

@@ -154,10 +154,14 @@ class TwoTowerForCausalLM(nn.Module):
         return self
 
     # ---------------------------------------------------------------- context tower
-    def _ar_logits(self, hidden: torch.Tensor, which: str | None):
+    def _ar_logits(self, hidden: torch.Tensor, which):
+        """The LM head only where logits are read: None, "last" (B, V), "all" (B, T, V), or a
+        (B,) tensor of positions, one per row (B, V)."""
         if which is None:
             return None
-        if which == "last":
+        if isinstance(which, torch.Tensor):
+            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), which.to(hidden.device)]
+        elif which == "last":
             hidden = hidden[:, -1]
         return self.context_tower.lm_head(hidden).float()
 
@@ -185,9 +189,10 @@ class TwoTowerForCausalLM(nn.Module):
         )
 
     @torch.no_grad()
-    def context_extend(self, cache: ContextCache, tokens: torch.Tensor, logits: str | None = None):
+    def context_extend(self, cache: ContextCache, tokens: torch.Tensor, logits=None):
         """Read S committed tokens (B, S) in one pass and append their states to the cache (a
-        Mamba state keeps the whole pass as its tail: verify may drop any of the pass's drafts)."""
+        Mamba state keeps the whole pass as its tail: verify may drop any of the pass's drafts).
+        logits: None, "last", "all", or (B,) positions (see `_ar_logits`)."""
         new_valid = torch.ones_like(tokens, dtype=torch.bool)
         positions = cache.next_pos[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
         embeds = self.context_tower.get_input_embeddings()(tokens)
