@@ -195,6 +195,24 @@ class AttentionState:
     def to(self, device) -> AttentionState:
         return AttentionState(self.k.to(device), self.v.to(device))
 
+    def join(self, other: AttentionState, left_self: int, left_other: int) -> AttentionState:
+        """Both states' rows in one (self's first), each left-padded by so many empty slots that
+        their slots line up (the cache marks the padding invalid)."""
+        length = left_self + self.length
+        if left_other + other.length != length:
+            raise ValueError("joined attention states must line up to one length")
+        batch = self.k.shape[0] + other.k.shape[0]
+        k = self.buf_k.new_zeros(batch, self.k.shape[1], max(length, 64), self.k.shape[3])
+        v = torch.zeros_like(k)
+        for first, state, left in ((0, self, left_self), (self.k.shape[0], other, left_other)):
+            rows = slice(first, first + state.k.shape[0])
+            k[rows, :, left:length], v[rows, :, left:length] = state.k, state.v
+        return AttentionState(k, v, length)
+
+    def select(self, rows: torch.Tensor, drop_front: int = 0) -> AttentionState:
+        """Only these rows (a (R,) index), without the first `drop_front` slots."""
+        return AttentionState(self.k[rows, :, drop_front:], self.v[rows, :, drop_front:])
+
     def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.k, self.v)
 

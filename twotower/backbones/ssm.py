@@ -134,6 +134,15 @@ class ScanTail:
     B: torch.Tensor  # (B, w, G, N)
     A: torch.Tensor  # (H,)
 
+    def widened(self, width: int) -> ScanTail:
+        """The same tail with zero steps appended up to `width` tokens (a step with dt = 0 leaves
+        the state as it is), so that tails of different passes can share one batch."""
+        extra = width - self.x.shape[1]
+        if extra <= 0:
+            return self
+        pad = lambda t, dim: torch.cat([t, t.new_zeros(*t.shape[:dim], extra, *t.shape[dim + 1 :])], dim=dim)
+        return ScanTail(pad(self.window, 2), self.h_start, pad(self.x, 1), pad(self.dt, 1), pad(self.B, 1), self.A)
+
 
 @dataclass
 class MambaState:
@@ -182,3 +191,20 @@ class MambaState:
         if self.tail is not None:
             raise ValueError("a Mamba state moves without its tail (take the cache's view)")
         return MambaState(self.conv.to(device), self.ssm.to(device))
+
+    def join(self, other: MambaState, left_self: int = 0, left_other: int = 0) -> MambaState:
+        """Both states' rows in one (self's first); their tails are widened to the longer one."""
+        if self.tail is None or other.tail is None:
+            raise ValueError("joined Mamba states need the tails of their last passes")
+        width = max(self.tail.x.shape[1], other.tail.x.shape[1])
+        a, b = self.tail.widened(width), other.tail.widened(width)
+        cat = lambda x, y: torch.cat([x, y.to(x.device)])
+        tail = ScanTail(cat(a.window, b.window), cat(a.h_start, b.h_start), cat(a.x, b.x), cat(a.dt, b.dt), cat(a.B, b.B), a.A)
+        return MambaState(cat(self.conv, other.conv), cat(self.ssm, other.ssm), tail, cat(self.kept, other.kept))
+
+    def select(self, rows: torch.Tensor, drop_front: int = 0) -> MambaState:
+        """Only these rows (a (R,) index); a state has no slots to drop."""
+        tail = self.tail
+        if tail is not None:
+            tail = ScanTail(tail.window[rows], tail.h_start[rows], tail.x[rows], tail.dt[rows], tail.B[rows], tail.A)
+        return MambaState(self.conv[rows], self.ssm[rows], tail, None if self.kept is None else self.kept[rows])

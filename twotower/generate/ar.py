@@ -5,8 +5,40 @@ from __future__ import annotations
 
 import torch
 
-from twotower.generate.common import start_run
+from twotower.generate.common import Decoder, drive, select_rows, start_run
 from twotower.generate.sampling import sample_tokens
+
+
+class ARDecoder(Decoder):
+    """One cycle: each live row samples its next token from the logits of the last context pass
+    (the prefill's at first), and the context tower reads those tokens unless every row is
+    finished. Between cycles every row holds its next-token logits, so rows join by stacking."""
+
+    def start(self):
+        run = self.run
+        self.cache, self.logits = self.model.context_prefill(run.ids, run.attention_mask, logits="last")  # (B, V)
+        run.context_passes += 1
+        yield from ()
+
+    def cycle(self):
+        run, s = self.run, self.run.settings
+        tokens, _ = sample_tokens(self.logits, s.temperature, s.top_p, run.generator)  # (B,)
+        run.count_pass(run.live_rows())
+        event = run.emit([[t] for t in tokens.tolist()])
+        if not run.finished:
+            live = torch.zeros_like(tokens, dtype=torch.bool)
+            live[run.live_rows()] = True
+            self.logits = self.model.context_extend(self.cache, tokens.masked_fill(~live, run.pad_id)[:, None], logits="last")
+            run.context_passes += 1
+        yield event
+
+    def join(self, other: ARDecoder) -> None:
+        self.cache.join(other.cache)
+        self.logits = torch.cat([self.logits, other.logits.to(self.logits.device)])
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.cache.select(rows)
+        self.logits = select_rows(self.logits, rows)
 
 
 @torch.inference_mode()
@@ -14,16 +46,4 @@ def ar_stream(model, input_ids, attention_mask=None, **options):
     """Yields a StreamEvent per token; returns a GenerationResult. Options: GenerationSettings
     fields (max_new_tokens, temperature, top_p, seed, eos_token_id)."""
     run = start_run(model, input_ids, attention_mask, "ar", options)
-    s = run.settings
-    cache, logits = model.context_prefill(run.ids, run.attention_mask, logits="last")  # (B, V)
-    run.context_passes += 1
-    for step in range(s.max_new_tokens):
-        tokens, _ = sample_tokens(logits, s.temperature, s.top_p, run.generator)  # (B,)
-        run.count_pass(~run.done)
-        yield run.emit([[t] for t in tokens.tolist()])
-        if run.done.all() or step == s.max_new_tokens - 1:
-            break
-        tokens = tokens.masked_fill(run.done, run.pad_id)
-        logits = model.context_extend(cache, tokens[:, None], logits="last")
-        run.context_passes += 1
-    return run.result()
+    return (yield from drive(ARDecoder(model, run)))

@@ -78,17 +78,49 @@ class Run:
     done: torch.Tensor | None = None  # (B,) bool
     denoiser_passes: int = 0
     context_passes: int = 0
+    max_new: list[int] = field(default_factory=list)  # per row: most tokens (settings.max_new_tokens unless set)
 
     def __post_init__(self):
         batch = self.ids.shape[0]
         self.tokens = [[] for _ in range(batch)]
         self.row_nfe = [0] * batch
         self.done = torch.zeros(batch, dtype=torch.bool, device=self.ids.device)
+        self.max_new = self.max_new or [self.settings.max_new_tokens] * batch
+
+    @property
+    def batch(self) -> int:
+        return len(self.tokens)
 
     @property
     def generated(self) -> int:
         """Steps taken so far (the longest row's length)."""
         return max(len(t) for t in self.tokens)
+
+    def room(self, b: int) -> int:
+        """Tokens row b may still write (0 once it is finished)."""
+        return 0 if bool(self.done[b]) else self.max_new[b] - len(self.tokens[b])
+
+    def live_rows(self) -> list[int]:
+        return [b for b in range(self.batch) if self.room(b) > 0]
+
+    @property
+    def finished(self) -> bool:
+        return not self.live_rows()
+
+    def join(self, other: Run) -> None:
+        """Take the rows of another run of the same mode and settings (continuous batching)."""
+        self.tokens += other.tokens
+        self.row_nfe += other.row_nfe
+        self.max_new += other.max_new
+        self.done = torch.cat([self.done, other.done.to(self.done.device)])
+        self.ids = self.attention_mask = None  # prompts are read at the start of a run only
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only these rows, in this order (finished or cancelled rows leave)."""
+        self.tokens = [self.tokens[b] for b in rows]
+        self.row_nfe = [self.row_nfe[b] for b in rows]
+        self.max_new = [self.max_new[b] for b in rows]
+        self.done = self.done[torch.tensor(rows, dtype=torch.long, device=self.done.device)]
 
     def count_pass(self, rows, passes: int = 1) -> None:
         """Credit token-predicting passes to each row in `rows` (a (B,) bool mask or row indices)."""
@@ -98,13 +130,13 @@ class Run:
             self.row_nfe[b] += passes
 
     def emit(self, new: list[list[int]]) -> StreamEvent:
-        """Append final tokens per row, cutting each row after its first EOS."""
+        """Append final tokens per row, cutting each row after its first EOS and at its most tokens."""
         eos = set(self.eos.tolist())
         out = []
         for b, toks in enumerate(new):
             taken = []
             if not self.done[b]:
-                for tok in toks:
+                for tok in toks[: self.max_new[b] - len(self.tokens[b])]:
                     taken.append(tok)
                     if tok in eos:
                         self.done[b] = True
@@ -218,6 +250,50 @@ def start_run(model, input_ids, attention_mask, mode: str, options: dict) -> Run
         generator=make_generator(settings.seed, model.denoiser_device if mode != "ar" else device),
         mode=mode,
     )
+
+
+class Decoder:
+    """A mode as cycles over a run's rows, so that the library's streams, the benchmarks and the
+    server (which lets rows join and leave between cycles) drive one implementation.
+
+    start(): read the prompts (the prefill); may yield StreamEvents. cycle(): one cycle for every
+    live row (a context pass, and denoiser passes where the mode drafts); yields StreamEvents.
+    join(other): take the rows of another decoder of the same mode and settings (its `start`
+    has run). keep_rows(rows): keep only these rows. details(): the mode's statistics.
+    """
+
+    def __init__(self, model, run: Run):
+        self.model, self.run = model, run
+
+    def start(self):
+        raise NotImplementedError
+
+    def cycle(self):
+        raise NotImplementedError
+
+    def join(self, other: Decoder) -> None:
+        raise NotImplementedError
+
+    def keep_rows(self, rows: list[int]) -> None:
+        raise NotImplementedError
+
+    def details(self) -> dict:
+        return {}
+
+
+def select_rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Rows of a batch-first tensor, in this order."""
+    return t[torch.tensor(rows, dtype=torch.long, device=t.device)]
+
+
+def drive(decoder: Decoder):
+    """A decoder's stream: start, then cycles until every row is finished; returns the result."""
+    yield from decoder.start()
+    while not decoder.run.finished:
+        yield from decoder.cycle()
+    result = decoder.run.result()
+    result.details = decoder.details()
+    return result
 
 
 def drain(stream) -> GenerationResult:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from twotower.config import TwoTowerError
-from twotower.generate.common import start_run
+from twotower.generate.common import Decoder, drive, select_rows, start_run
 from twotower.generate.sampling import sample_tokens
 
 
@@ -64,8 +64,8 @@ def open_block(run, first: torch.Tensor, size: int, mask_id: int, device) -> Blo
     """Step 1: a block whose slot 0 is the context tower's own token; the row's other slots up
     to its room are masked. Finished rows get no slot."""
     batch = first.shape[0]
-    live = ~run.done.to(device)
-    room = torch.tensor([run.settings.max_new_tokens - len(t) for t in run.tokens], device=device)
+    room = torch.tensor([run.room(b) for b in range(batch)], device=device)
+    live = room > 0
     slots = torch.arange(size, device=device)[None]
     tokens = torch.full((batch, size), mask_id, dtype=torch.long, device=device)
     tokens[:, 0] = first.to(device)
@@ -133,6 +133,85 @@ def extend_context(model, run, cache, block: Block) -> torch.Tensor:
     return logits
 
 
+class DiffusionDecoder(Decoder):
+    """One cycle per context pass: the pass's own token opens each live row's block, the
+    denoiser fills the block, and the context tower reads each row's committed prefix (unless
+    every row is finished). Between cycles every row holds its next-token logits."""
+
+    def start(self):
+        run = self.run
+        self.cache, self.logits = self.model.context_prefill(run.ids, run.attention_mask, logits="last")
+        run.context_passes += 1
+        self.starts = [[] for _ in run.tokens]  # per row: where each block (each context pass's token) starts
+        yield from ()
+
+    def cycle(self):
+        model, run, s = self.model, self.run, self.run.settings
+        first, _ = sample_tokens(self.logits.to(model.denoiser_device), s.temperature, s.top_p, run.generator)  # AR's
+        live = run.live_rows()
+        for b in live:
+            self.starts[b].append(len(run.tokens[b]))
+        size = min(s.block_size, max(run.room(b) for b in live))
+        block = open_block(run, first, size, model.mask_token_id, model.denoiser_device)
+        yield emit_prefix(run, block)
+        yield from fill_block(model, run, self.cache, block)
+        if not run.finished:
+            self.logits = extend_context(model, run, self.cache, block)
+
+    def join(self, other: DiffusionDecoder) -> None:
+        self.cache.join(other.cache)
+        self.logits = torch.cat([self.logits, other.logits.to(self.logits.device)])
+        self.starts += other.starts
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.cache.select(rows)
+        self.logits = select_rows(self.logits, rows)
+        self.starts = [self.starts[b] for b in rows]
+
+    def details(self) -> dict:
+        return {"cycles": self.run.context_passes, "block_starts": self.starts}
+
+
+class MockARDecoder(Decoder):
+    """One cycle: the denoiser, fed each row's last committed token with the layout's view and
+    no time conditioning, predicts the next token; the context tower reads it (unless every
+    row is finished)."""
+
+    def start(self):
+        run = self.run
+        self.cache, _ = self.model.context_prefill(run.ids, run.attention_mask, logits=None)
+        run.context_passes += 1
+        yield from ()
+
+    def cycle(self):
+        model, run, s = self.model, self.run, self.run.settings
+        layout, den, cache = model.layout, model.denoiser_device, self.cache
+        mask = torch.full((run.batch, 1), model.mask_token_id, dtype=torch.long, device=den)
+        anchor_hidden = cache.anchor_hidden
+        logits = model.denoise(
+            layout.view(cache).to(den),
+            layout.inputs(cache.anchor.to(den), mask),
+            layout.start(cache).to(den),
+            anchor_hidden=None if anchor_hidden is None else anchor_hidden.to(den),
+        )
+        run.denoiser_passes += 1
+        run.count_pass(run.live_rows())
+        tokens, _ = sample_tokens(logits[:, 0], s.temperature, s.top_p, run.generator)
+        event = run.emit([[t] for t in tokens.tolist()])
+        if not run.finished:
+            live = torch.zeros_like(tokens, dtype=torch.bool)
+            live[run.live_rows()] = True
+            model.context_extend(cache, tokens.masked_fill(~live, run.pad_id)[:, None].to(cache.valid.device))
+            run.context_passes += 1
+        yield event
+
+    def join(self, other: MockARDecoder) -> None:
+        self.cache.join(other.cache)
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.cache.select(rows)
+
+
 @torch.inference_mode()
 def diffusion_stream(model, input_ids, attention_mask=None, *, mask_token_id=None, **options):
     """Yields a StreamEvent whenever a row's committed prefix grows; returns a GenerationResult
@@ -143,27 +222,9 @@ def diffusion_stream(model, input_ids, attention_mask=None, *, mask_token_id=Non
     confidence_threshold, temperature, top_p, seed, eos_token_id).
     """
     run = start_run(model, input_ids, attention_mask, "diffusion", options)
-    s = run.settings
     if mask_token_id is not None and mask_token_id != model.mask_token_id:
         raise TwoTowerError(f"mask_token_id {mask_token_id} differs from the model's mask token {model.mask_token_id}")
-    cache, logits = model.context_prefill(run.ids, run.attention_mask, logits="last")
-    run.context_passes += 1
-    starts = [[] for _ in run.tokens]  # per row: where each block (each context pass's token) starts
-    while True:
-        first, _ = sample_tokens(logits.to(model.denoiser_device), s.temperature, s.top_p, run.generator)  # (B,) AR's
-        for b, tokens in enumerate(run.tokens):
-            if not run.done[b] and len(tokens) < s.max_new_tokens:
-                starts[b].append(len(tokens))
-        longest_room = max(s.max_new_tokens - len(t) for t, d in zip(run.tokens, run.done) if not d)
-        block = open_block(run, first, min(s.block_size, longest_room), model.mask_token_id, model.denoiser_device)
-        yield emit_prefix(run, block)
-        yield from fill_block(model, run, cache, block)
-        if all(bool(d) or len(t) >= s.max_new_tokens for t, d in zip(run.tokens, run.done)):
-            break
-        logits = extend_context(model, run, cache, block)
-    result = run.result()
-    result.details = {"cycles": run.context_passes, "block_starts": starts}
-    return result
+    return (yield from drive(DiffusionDecoder(model, run)))
 
 
 @torch.inference_mode()
@@ -175,24 +236,4 @@ def mock_ar_stream(model, input_ids, attention_mask=None, **options):
         if name in options:
             raise TwoTowerError(f"mock-ar commits one token per pass; {name} does not apply")
     run = start_run(model, input_ids, attention_mask, "mock-ar", options)
-    s, layout, den = run.settings, model.layout, model.denoiser_device
-    cache, _ = model.context_prefill(run.ids, run.attention_mask, logits=None)
-    run.context_passes += 1
-    for step in range(s.max_new_tokens):
-        mask = torch.full((run.ids.shape[0], 1), model.mask_token_id, dtype=torch.long, device=den)
-        anchor_hidden = cache.anchor_hidden
-        logits = model.denoise(
-            layout.view(cache).to(den),
-            layout.inputs(cache.anchor.to(den), mask),
-            layout.start(cache).to(den),
-            anchor_hidden=None if anchor_hidden is None else anchor_hidden.to(den),
-        )
-        run.denoiser_passes += 1
-        run.count_pass(~run.done)
-        tokens, _ = sample_tokens(logits[:, 0], s.temperature, s.top_p, run.generator)
-        yield run.emit([[t] for t in tokens.tolist()])
-        if run.done.all() or step == s.max_new_tokens - 1:
-            break
-        model.context_extend(cache, tokens.masked_fill(run.done.to(tokens.device), run.pad_id)[:, None].to(cache.valid.device))
-        run.context_passes += 1
-    return run.result()
+    return (yield from drive(MockARDecoder(model, run)))

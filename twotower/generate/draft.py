@@ -116,6 +116,16 @@ class DraftPolicy:
         self.wait = [dict.fromkeys(self.every, probe_every) for _ in range(batch)]
         self.cycles = [0] * batch
 
+    def join(self, other: DraftPolicy) -> None:
+        """Take the rows of another policy (continuous batching)."""
+        for name in ("rates", "accepted", "last_used", "wait", "cycles"):
+            getattr(self, name).extend(getattr(other, name))
+
+    def keep_rows(self, rows: list[int]) -> None:
+        for name in ("rates", "accepted", "last_used", "wait", "cycles"):
+            values = getattr(self, name)
+            setattr(self, name, [values[b] for b in rows])
+
     def _best(self, row: int, ways) -> str:
         rate = self.rates[row]
         return max(ways, key=lambda w: -1.0 if rate[w] is None else rate[w])

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from twotower.config import DRAFT_SOURCES, TwoTowerError
-from twotower.generate.common import start_run
+from twotower.generate.common import Decoder, drive, select_rows, start_run
 from twotower.generate.draft import DraftPolicy, denoiser_draft, lookup_draft, one_hot_law, target_probs
 from twotower.generate.sampling import sample_tokens
 
@@ -158,9 +158,101 @@ def commit(cache, run, drafts: Drafts, active, accepted: list[int], following: l
     cache.keep_new(width, torch.where(is_active, 1 + torch.tensor(accepted, device=cache.valid.device), 0))
     new = [[] for _ in range(batch)]
     for b in active:
-        new[b] = [*drafts.tokens[b][: accepted[b]], following[b]][: run.settings.max_new_tokens - len(run.tokens[b])]
+        new[b] = [*drafts.tokens[b][: accepted[b]], following[b]][: run.room(b)]
         history[b].extend(new[b])
     return new
+
+
+class VerifyDecoder(Decoder):
+    """Verify mode in cycles (module docstring). Between cycles the cache holds every committed
+    token but each row's last one, `pending`, which the next verify pass reads first."""
+
+    def __init__(self, model, run, draft: str = "auto", draft_steps: int = 1, lookup_ngram: int = 3, probe_every: int = 16):
+        super().__init__(model, run)
+        if draft not in DRAFT_SOURCES:
+            raise TwoTowerError(f"draft must be one of {DRAFT_SOURCES}, got {draft!r}")
+        if not isinstance(draft_steps, int) or draft_steps < 1:
+            raise TwoTowerError(f"draft_steps must be an integer >= 1, got {draft_steps!r}")
+        if draft == "denoiser" and not model.layout.anchored:
+            raise TwoTowerError("verify mode drafts with the denoiser only in the shifted layout")
+        self.draft, self.draft_steps, self.lookup_ngram, self.probe_every = draft, draft_steps, lookup_ngram, probe_every
+        self.ways = tuple(w for w in WAYS[draft] if w != "denoiser" or model.layout.anchored)
+        self.counts = dict.fromkeys(("denoiser", "lookup", "ar"), 0)
+        self.cycles = self.drafted = self.accepted = 0
+
+    def start(self):
+        # The first token comes from the prefill, exactly as in AR mode.
+        run, s = self.run, self.run.settings
+        self.cache, logits = self.model.context_prefill(run.ids, run.attention_mask, logits="last")
+        run.context_passes += 1
+        self.pending, _ = sample_tokens(logits, s.temperature, s.top_p, run.generator)
+        run.count_pass(~run.done)
+        self.history = [row[mask.bool()].tolist() for row, mask in zip(run.ids, run.attention_mask)]
+        for b, token in enumerate(self.pending.tolist()):
+            self.history[b].append(token)
+        self.policy = DraftPolicy(run.batch, self.ways, self.probe_every)
+        # With several rows, one pass serves them all and its cost grows with the longest draft,
+        # so a batch-level gate (the same rule over "draft" and "ar" cycles, measured in committed
+        # tokens of the whole batch per second) decides whether a cycle drafts at all.
+        self.batch_gate = DraftPolicy(1, ("draft", "ar"), self.probe_every) if self.draft == "auto" else None
+        yield run.emit([[t] for t in self.pending.tolist()])
+
+    def cycle(self):
+        model, run, s = self.model, self.run, self.run.settings
+        active = run.live_rows()
+        begin = time.perf_counter()
+        room = {b: min(s.block_size, run.room(b) - 1) for b in active}
+        gate = self.batch_gate if run.batch > 1 else None
+        cycle_way = gate.choose(0) if gate is not None else "draft"
+        drafts = choose_sources(cycle_way, active, room, self.history, self.policy, self.ways, self.draft, self.lookup_ngram)
+        drafts = make_drafts(model, self.cache, self.pending, drafts, room, self.policy, s, run, self.draft_steps)
+        draft_ids, draft_len, q = drafts.padded(run.pad_id, self.pending.device)
+        logits = verify_pass(model, self.cache, self.pending, draft_ids)
+        run.context_passes += 1
+        run.count_pass(active)
+        accepted, following = accept_drafts(logits, draft_ids, draft_len, q, s, run.generator)
+        accepted, following = accepted.tolist(), following.tolist()
+        new = commit(self.cache, run, drafts, active, accepted, following, self.history)
+        for b in active:
+            self.counts[drafts.source[b]] += 1
+            self.drafted += len(drafts.tokens[b])
+            self.accepted += accepted[b]
+        self.pending = torch.tensor(
+            [following[b] if b in active else run.pad_id for b in range(run.batch)], device=self.pending.device
+        )
+        self.cycles += 1
+        event = run.emit(new)
+        # cost of the cycle: wall time; with a seed, tower passes (so a seeded run is reproducible)
+        cost = time.perf_counter() - begin if run.generator is None else None
+        if gate is not None:
+            gate.record(0, cycle_way, sum(len(new[b]) for b in active), cost if cost is not None else 1 + drafts.passes)
+        if cycle_way == "draft":
+            for b in active:
+                passes = 1 + (drafts.passes if drafts.source[b] == "denoiser" else 0)
+                self.policy.record(b, drafts.source[b], len(new[b]), cost if cost is not None else passes, accepted[b])
+        yield event
+
+    def join(self, other: VerifyDecoder) -> None:
+        self.cache.join(other.cache)
+        self.pending = torch.cat([self.pending, other.pending.to(self.pending.device)])
+        self.history += other.history
+        self.policy.join(other.policy)
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.cache.select(rows)
+        self.pending = select_rows(self.pending, rows)
+        self.history = [self.history[b] for b in rows]
+        self.policy.keep_rows(rows)
+
+    def details(self) -> dict:
+        return {
+            "cycles": self.cycles,
+            "drafted": self.drafted,
+            "accepted_drafts": self.accepted,
+            "accepted_per_cycle": round(self.accepted / max(sum(self.counts.values()), 1), 4),
+            "draft_acceptance": round(self.accepted / max(self.drafted, 1), 4),
+            "draft_sources": self.counts,
+        }
 
 
 @torch.inference_mode()
@@ -183,73 +275,5 @@ def verify_stream(
     confidence_threshold truncates denoiser drafts, steps_per_block is unused (draft_steps
     denoiser passes per draft).
     """
-    if draft not in DRAFT_SOURCES:
-        raise TwoTowerError(f"draft must be one of {DRAFT_SOURCES}, got {draft!r}")
-    if not isinstance(draft_steps, int) or draft_steps < 1:
-        raise TwoTowerError(f"draft_steps must be an integer >= 1, got {draft_steps!r}")
     run = start_run(model, input_ids, attention_mask, "verify", options)
-    s = run.settings
-    if draft == "denoiser" and not model.layout.anchored:
-        raise TwoTowerError("verify mode drafts with the denoiser only in the shifted layout")
-    ways = tuple(w for w in WAYS[draft] if w != "denoiser" or model.layout.anchored)
-    batch, ctx_device = run.ids.shape[0], run.ids.device
-
-    # The first token comes from the prefill, exactly as in AR mode; from then on the cache holds
-    # every committed token but the last one (`pending`), which the next cycle reads first.
-    cache, logits = model.context_prefill(run.ids, run.attention_mask, logits="last")
-    run.context_passes += 1
-    pending, _ = sample_tokens(logits, s.temperature, s.top_p, run.generator)
-    run.count_pass(~run.done)
-    history = [row[mask.bool()].tolist() for row, mask in zip(run.ids, run.attention_mask)]
-    for b, token in enumerate(pending.tolist()):
-        history[b].append(token)
-    yield run.emit([[t] for t in pending.tolist()])
-    policy = DraftPolicy(batch, ways, probe_every)
-    # With several rows, one pass serves them all and its cost grows with the longest draft, so
-    # a batch-level gate (the same rule over "draft" and "ar" cycles, measured in committed
-    # tokens of the whole batch per second) decides whether this cycle drafts at all.
-    gate = DraftPolicy(1, ("draft", "ar"), probe_every) if batch > 1 and draft == "auto" else None
-    counts = dict.fromkeys(("denoiser", "lookup", "ar"), 0)
-    cycles, drafted_total, accepted_total = 0, 0, 0
-    while True:
-        active = [b for b in range(batch) if not run.done[b] and len(run.tokens[b]) < s.max_new_tokens]
-        if not active:
-            break
-        begin = time.perf_counter()
-        room = {b: min(s.block_size, s.max_new_tokens - len(run.tokens[b]) - 1) for b in active}
-        cycle_way = gate.choose(0) if gate is not None else "draft"
-        drafts = choose_sources(cycle_way, active, room, history, policy, ways, draft, lookup_ngram)
-        drafts = make_drafts(model, cache, pending, drafts, room, policy, s, run, draft_steps)
-        draft_ids, draft_len, q = drafts.padded(run.pad_id, ctx_device)
-        logits = verify_pass(model, cache, pending, draft_ids)
-        run.context_passes += 1
-        run.count_pass(active)
-        accepted, following = accept_drafts(logits, draft_ids, draft_len, q, s, run.generator)
-        accepted, following = accepted.tolist(), following.tolist()
-        new = commit(cache, run, drafts, active, accepted, following, history)
-        for b in active:
-            counts[drafts.source[b]] += 1
-            drafted_total += len(drafts.tokens[b])
-            accepted_total += accepted[b]
-        pending = torch.tensor([following[b] if b in active else run.pad_id for b in range(batch)], device=ctx_device)
-        cycles += 1
-        event = run.emit(new)
-        # cost of the cycle: wall time; with a seed, tower passes (so a seeded run is reproducible)
-        cost = time.perf_counter() - begin if run.generator is None else None
-        if gate is not None:
-            gate.record(0, cycle_way, sum(len(new[b]) for b in active), cost if cost is not None else 1 + drafts.passes)
-        if cycle_way == "draft":
-            for b in active:
-                passes = 1 + (drafts.passes if drafts.source[b] == "denoiser" else 0)
-                policy.record(b, drafts.source[b], len(new[b]), cost if cost is not None else passes, accepted[b])
-        yield event
-    result = run.result()
-    result.details = {
-        "cycles": cycles,
-        "drafted": drafted_total,
-        "accepted_drafts": accepted_total,
-        "accepted_per_cycle": round(accepted_total / max(sum(counts.values()), 1), 4),
-        "draft_acceptance": round(accepted_total / max(drafted_total, 1), 4),
-        "draft_sources": counts,
-    }
-    return result
+    return (yield from drive(VerifyDecoder(model, run, draft, draft_steps, lookup_ngram, probe_every)))

@@ -68,6 +68,12 @@ class Tail:
     hidden: torch.Tensor | None
     last: torch.Tensor
 
+    def anchor_only(self) -> Tail:
+        """The tail reduced to each row's last committed token (width 1)."""
+        rows = torch.arange(self.ids.shape[0], device=self.last.device)
+        hidden = None if self.hidden is None else self.hidden[rows, self.last][:, None]
+        return Tail(self.ids[rows, self.last][:, None], hidden, torch.zeros_like(self.last))
+
 
 @dataclass
 class ContextCache:
@@ -105,6 +111,34 @@ class ContextCache:
     @property
     def length(self) -> int:
         return self.valid.shape[1]
+
+    def join(self, other: ContextCache) -> None:
+        """Take another cache's rows (continuous batching: a request joins the running batch at a
+        cycle boundary). The shorter one is left-padded with invalid slots so that slot j is one
+        step for every row; each row keeps its own positions. Both tails shrink to their anchors."""
+        length = max(self.length, other.length)
+        left_self, left_other = length - self.length, length - other.length
+        self.states = [
+            None if a is None else a.join(b, left_self, left_other) for a, b in zip(self.states, other.states, strict=True)
+        ]
+        pad = lambda valid, left: torch.cat([valid.new_zeros(valid.shape[0], left), valid], dim=1)
+        self.valid = torch.cat([pad(self.valid, left_self), pad(other.valid.to(self.valid.device), left_other)])
+        self.next_pos = torch.cat([self.next_pos, other.next_pos.to(self.next_pos.device)])
+        a, b = self.tail.anchor_only(), other.tail.anchor_only()
+        hidden = None if a.hidden is None else torch.cat([a.hidden, b.hidden.to(a.hidden.device)])
+        self.tail = Tail(torch.cat([a.ids, b.ids.to(a.ids.device)]), hidden, torch.cat([a.last, b.last.to(a.last.device)]))
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only these rows, in this order (finished or cancelled requests leave at once);
+        slots that no row still holds are dropped from the front."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.valid.device)
+        valid = self.valid[index]
+        held = valid.any(0)
+        front = int(held.int().argmax()) if bool(held.any()) else valid.shape[1]
+        self.states = [None if s is None else s.select(index, front) for s in self.states]
+        self.valid, self.next_pos = valid[:, front:], self.next_pos[index]
+        t = self.tail
+        self.tail = Tail(t.ids[index], None if t.hidden is None else t.hidden[index], t.last[index])
 
     def append(self, new_states: list, new_valid: torch.Tensor) -> None:
         """Add what a pass over S new slots left per layer (K,V (B, Hkv, S, D) are appended, a
