@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import EOS, FAMILIES, PROMPTS, VOCAB, perturb_trained, tiny_two_tower
 
-from twotower import generate_ar, generate_mask_diffusion, generate_mock_ar, stream
+from twotower import generate, generate_ar, generate_mask_diffusion, generate_mock_ar, stream
 from twotower.generate.common import left_pad
 
 
@@ -235,3 +235,13 @@ def test_eos_at_the_first_token():
     first = generate_ar(model, PROMPTS, max_new_tokens=5).tokens[0][0]
     for fn in (generate_ar, generate_mock_ar, generate_mask_diffusion):
         assert fn(model, PROMPTS, max_new_tokens=5, eos_token_id=[first, EOS]).tokens[0] == [first]
+
+
+def test_a_top_p_that_underflows_keeps_the_likeliest_token():
+    """top_p = 5e-324 is 0 in fp32 (found by the server's schema fuzzing): sampling stays greedy
+    instead of sampling from an empty set."""
+    model = tiny_two_tower()
+    greedy = generate_ar(model, PROMPTS, max_new_tokens=6).tokens
+    assert generate_ar(model, PROMPTS, max_new_tokens=6, temperature=1.0, top_p=5e-324, seed=0).tokens == greedy
+    for mode in ("ar", "verify"):  # a temperature below 1e-5 would overflow logits / T: it is greedy
+        assert generate(model, mode, PROMPTS, max_new_tokens=6, temperature=5e-324, seed=0).tokens == greedy

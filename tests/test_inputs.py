@@ -24,6 +24,7 @@ from twotower.generate.common import left_pad
         (dict(temperature=-1.0), "temperature must be"),
         (dict(top_p=0.0), "top_p must be"),
         (dict(thresold=0.5), "unknown generation option"),
+        (dict(seed=2**64, temperature=1.0), "seed must be an integer that fits in 64 bits"),
     ],
 )
 def test_bad_diffusion_options(options, match):

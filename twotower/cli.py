@@ -253,7 +253,69 @@ def build_parser() -> argparse.ArgumentParser:
     ra.add_argument("parts", metavar="DIR", help="the folder of parts")
     ra.add_argument("--out", required=True, metavar="CHECKPOINT", help="the checkpoint folder to write")
     ra.set_defaults(func=cmd_reassemble)
+
+    se = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server (chat and completions, streaming, continuous batching)",
+        description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics. Every running "
+        "request shares the tower passes of the others with its settings; requests join and leave between "
+        "cycles. Needs the serve extra: pip install -e '.[serve]'.",
+    )
+    se.add_argument(
+        "--model",
+        default="default",
+        metavar="PATH",
+        help="twotower checkpoint, HF backbone folder, .gguf file, or 'default' (default: %(default)s)",
+    )
+    se.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    se.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    se.add_argument(
+        "--mode",
+        choices=list(MODES),
+        default=None,
+        help="default mode of a request (default: verify with a trained denoiser, else ar)",
+    )
+    se.add_argument(
+        "--max-batch", type=_positive_int, default=8, metavar="N", help="requests running at once (default: %(default)s)"
+    )
+    se.add_argument(
+        "--max-queue",
+        type=_positive_int,
+        default=64,
+        metavar="N",
+        help="requests waiting for a row; more are answered 429 (default: %(default)s)",
+    )
+    se.add_argument(
+        "--timeout", type=float, default=300.0, metavar="S", help="most seconds one request may run (default: %(default)s)"
+    )
+    se.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype (default: %(default)s)")
+    se.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch CPU threads")
+    se.set_defaults(func=cmd_serve)
     return parser
+
+
+def cmd_serve(args) -> int:
+    import torch
+
+    from twotower.config import TwoTowerError
+
+    try:
+        from twotower.serve.app import serve
+    except ImportError as err:
+        raise TwoTowerError(f"twotower serve needs the serve extra ({err.name} is missing): pip install -e '.[serve]'") from err
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    serve(
+        args.model,
+        args.host,
+        args.port,
+        args.mode,
+        args.max_batch,
+        args.max_queue,
+        args.timeout,
+        getattr(torch, DTYPES[args.dtype]),
+    )
+    return 0
 
 
 def cmd_convert(args) -> int:

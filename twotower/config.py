@@ -182,6 +182,8 @@ class GenerationSettings:
             raise TwoTowerError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not (0.0 < self.top_p <= 1.0):
             raise TwoTowerError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**63):
+            raise TwoTowerError(f"seed must be an integer that fits in 64 bits, got {self.seed!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -4,12 +4,13 @@ GenerationResult; each `generate_*` runs it to the end."""
 from __future__ import annotations
 
 from twotower.config import MODES, TwoTowerError
-from twotower.generate.ar import ar_stream
+from twotower.generate.ar import ARDecoder, ar_stream
 from twotower.generate.common import GenerationResult, StreamEvent, drain
-from twotower.generate.diffusion import diffusion_stream, mock_ar_stream
-from twotower.generate.verify import verify_stream
+from twotower.generate.diffusion import DiffusionDecoder, MockARDecoder, diffusion_stream, mock_ar_stream
+from twotower.generate.verify import VerifyDecoder, verify_stream
 
 STREAMS = dict(zip(MODES, (ar_stream, mock_ar_stream, diffusion_stream, verify_stream), strict=True))
+DECODERS = dict(zip(MODES, (ARDecoder, MockARDecoder, DiffusionDecoder, VerifyDecoder), strict=True))
 
 
 def generate_ar(model, input_ids, attention_mask=None, **options) -> GenerationResult:

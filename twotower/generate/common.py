@@ -181,6 +181,9 @@ def _token_rows(input_ids) -> list[list[int]]:
     )
 
 
+MIN_TEMPERATURE = 1e-5
+
+
 def resolve_settings(model, mode: str, options: dict) -> GenerationSettings:
     """The settings of one generation, checked and resolved against the model's config once:
     unknown options are refused, and modes that work in blocks get the trained block size by
@@ -192,6 +195,8 @@ def resolve_settings(model, mode: str, options: dict) -> GenerationSettings:
         raise TwoTowerError(f"unknown generation option(s) {sorted(unknown)}")
     settings = GenerationSettings(eos_token_id=eos, **options)
     settings.validate()
+    if settings.temperature < MIN_TEMPERATURE:  # logits / T would overflow: that small a temperature is greedy
+        settings.temperature = 0.0
     if mode in BLOCK_MODES:
         settings.block_size = resolve_block_size(settings.block_size, model.config.block_size)
     return settings

@@ -15,12 +15,14 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability mass reaches top_p; -inf elsewhere."""
+    """Keep the smallest set of tokens whose probability mass reaches top_p; -inf elsewhere. The
+    likeliest token is always kept (a top_p that rounds to 0 in the logits' dtype keeps it alone)."""
     if top_p >= 1.0:
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     cum = sorted_logits.softmax(-1).cumsum(-1)
     drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p  # mass before this token already enough
+    drop_sorted[..., 0] = False
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

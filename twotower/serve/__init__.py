@@ -1,0 +1,1 @@
+"""`twotower serve`: an OpenAI-compatible server with block-level continuous batching."""
