@@ -10,6 +10,10 @@ import sys
 from twotower.config import DRAFT_SOURCES, MODES
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+DTYPE_HELP = (
+    "weight dtype; auto: bf16, or fp32 for diffusion / verify on a CPU without native bf16 (twotower/machine.py) "
+    "(default: %(default)s)"
+)
 
 
 def _checked(convert, ok, requirement: str):
@@ -102,7 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--top-p", type=_threshold, default=1.0, metavar="P", help="nucleus sampling mass when sampling (default: %(default)s)"
     )
     gen.add_argument("--seed", type=int, default=None, metavar="N", help="sampling seed (default: random)")
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype (default: %(default)s)")
+    gen.add_argument(
+        "--dtype",
+        choices=["auto", *sorted(DTYPES)],
+        default="auto",
+        help=DTYPE_HELP,
+    )
     gen.add_argument(
         "--threads", type=_positive_int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)"
     )
@@ -288,7 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument(
         "--timeout", type=float, default=300.0, metavar="S", help="most seconds one request may run (default: %(default)s)"
     )
-    se.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype (default: %(default)s)")
+    se.add_argument(
+        "--dtype",
+        choices=["auto", *sorted(DTYPES)],
+        default="auto",
+        help=DTYPE_HELP,
+    )
     se.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch CPU threads")
     se.set_defaults(func=cmd_serve)
     return parser
@@ -313,7 +327,7 @@ def cmd_serve(args) -> int:
         args.max_batch,
         args.max_queue,
         args.timeout,
-        getattr(torch, DTYPES[args.dtype]),
+        _dtype(args, args.mode),
     )
     return 0
 
@@ -344,6 +358,15 @@ def cmd_reassemble(args) -> int:
 
     print(reassemble(args.parts, args.out))
     return 0
+
+
+def _dtype(args, mode: str | None = None):
+    """The weight dtype a command asked for; auto: the machine's rule for the mode."""
+    import torch
+
+    from twotower.machine import auto_dtype
+
+    return auto_dtype(mode) if args.dtype == "auto" else getattr(torch, DTYPES[args.dtype])
 
 
 def cmd_distill(args) -> int:
@@ -475,7 +498,12 @@ def _measure_options(p: argparse.ArgumentParser) -> None:
         metavar="G,...",
         help="diffusion confidence thresholds (default: 0.8)",
     )
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype (default: %(default)s)")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", *sorted(DTYPES)],
+        default="auto",
+        help=DTYPE_HELP,
+    )
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch CPU threads")
     p.add_argument("--out", default=None, metavar="FILE.json", help="write every figure to this JSON file")
 
@@ -490,7 +518,7 @@ def cmd_generate(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, DTYPES[args.dtype]))
+    model, tokenizer = load_model(args.model, dtype=_dtype(args, args.mode))
     if args.mode == "diffusion" and not model.config.trained_tokens:
         raise TwoTowerError(
             f"no trained denoiser for {args.model}: diffusion mode would write garbage; use --mode ar or --mode verify "
@@ -542,7 +570,7 @@ def cmd_eval(args) -> int:
         args.batch_size,
         args.tasks_per_category,
         not args.no_judge,
-        getattr(torch, DTYPES[args.dtype]),
+        _dtype(args),
         args.out,
         suites=args.suite,
     )
@@ -571,7 +599,7 @@ def cmd_bench(args) -> int:
         args.quick,
         not args.no_hf,
         not args.no_llama_cpp,
-        getattr(torch, DTYPES[args.dtype]),
+        _dtype(args),
         args.out,
     )
     return 0

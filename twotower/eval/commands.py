@@ -196,12 +196,10 @@ def benchmark(
     report["notes"] = notes + report["notes"]
     report["environment"] = environment(dtype, str(model_ref))
     print(format_table(report["rows"], BENCH_COLUMNS))
-    costs = report["context_pass_ms"]
-    print(
-        "context-tower pass, ms by new positions (batch 1): "
-        + ", ".join(f"{w}: {ms}" for w, ms in costs.items())
-        + f"  ({costs[max(costs)] / costs[min(costs)]:.1f}x from {min(costs)} to {max(costs)})"
-    )
+    report["pass_cost_ms"] = pass_costs(model, model_ref, prompts[0], dtype, report["context_pass_ms"], both=not quick)
+    print()
+    print(format_table(report["pass_cost_ms"], PASS_COLUMNS))
+    print("ms of one batch-1 pass: the context tower over N new positions (logits of each), and the denoiser over a block")
     if sweep:
         if quick:
             tasks, encode = None, None
@@ -232,6 +230,31 @@ def benchmark(
         write_json(out, report)
         print(f"wrote {out}")
     return report
+
+
+PASS_COLUMNS = [("dtype", "dtype"), *[(f"ctx {w}", str(w)) for w in (1, 2, 4, 8, 16, 17)], ("17 / 1", "ratio_17_1"),
+                ("denoiser block", "denoiser")]  # fmt: skip
+
+
+def pass_costs(model, model_ref, prompt, dtype, measured: dict, both: bool = True) -> list[dict]:
+    """The pass-cost table (positions x dtype): the benchmark's own dtype (already measured), and
+    with `both` the other of bf16 / fp32 from a second copy of the model loaded for it."""
+    from twotower.eval.speed import denoiser_pass_cost, pass_cost
+
+    rows = [{"dtype": str(dtype).removeprefix("torch."), **measured, "denoiser": denoiser_pass_cost(model, prompt)}]
+    if both and dtype in (torch.bfloat16, torch.float32):
+        from twotower.model.two_tower import load_model
+
+        other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+        twin, _ = load_model(model_ref, dtype=other)
+        rows.append(
+            {"dtype": str(other).removeprefix("torch."), **pass_cost(twin, prompt), "denoiser": denoiser_pass_cost(twin, prompt)}
+        )
+        del twin
+    for row in rows:
+        row.update({str(k): v for k, v in list(row.items()) if isinstance(k, int)})
+        row["ratio_17_1"] = round(row[17] / row[1], 2) if 17 in row and 1 in row else None
+    return [{k: v for k, v in row.items() if not isinstance(k, int)} for row in rows]
 
 
 def _join_sweep(speed_rows: list[dict], quality_rows: list[dict], batch: int) -> list[dict]:

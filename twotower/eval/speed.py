@@ -61,7 +61,32 @@ def _time_llama_cpp(gguf: str, prompts, max_new_tokens: int, threads: int, looku
     return {"new_tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / max(seconds, 1e-9)}
 
 
-def pass_cost(model, prompt: list[int], widths=(1, 2, 4, 8, 16), repeats: int = 3) -> dict[int, float]:
+PASS_WIDTHS = (1, 2, 4, 8, 16, 17)
+
+
+def denoiser_pass_cost(model, prompt: list[int], repeats: int = 3) -> float:
+    """Milliseconds of one denoiser pass over a block of the trained size (batch 1, best of
+    `repeats`), logits of every slot included: what a draft or a diffusion step costs."""
+    from twotower.generate.common import start_run
+    from twotower.generate.diffusion import DiffusionDecoder
+
+    best = float("inf")
+    for _ in range(repeats):
+        run = start_run(model, [prompt], None, "diffusion", {"max_new_tokens": 2 * model.config.block_size})
+        decoder = DiffusionDecoder(model, run)
+        for _ in decoder.start():
+            pass
+        cache, layout = decoder.cache, model.layout
+        block = torch.full((1, model.config.block_size), model.mask_token_id)
+        block[:, 0] = decoder.logits.argmax(-1)
+        begin = time.perf_counter()
+        model.denoise(layout.view(cache), layout.inputs(cache.anchor, block), layout.start(cache), torch.ones(1),
+                      anchor_hidden=cache.anchor_hidden)  # fmt: skip
+        best = min(best, time.perf_counter() - begin)
+    return round(best * 1000, 2)
+
+
+def pass_cost(model, prompt: list[int], widths=PASS_WIDTHS, repeats: int = 3) -> dict[int, float]:
     """Milliseconds of one context-tower pass over `width` new positions after `prompt`
     (batch 1, best of `repeats`). Whether parallel positions are nearly free (GPU, CPUs with
     native bf16) or cost in proportion (CPUs without) decides what drafting can gain."""
