@@ -15,6 +15,8 @@ import torch
 def environment(dtype: torch.dtype, model_ref: str) -> dict:
     import transformers
 
+    from twotower.machine import describe
+
     return {
         "command": " ".join(["twotower", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("twotower") else " ".join(sys.argv),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -28,6 +30,7 @@ def environment(dtype: torch.dtype, model_ref: str) -> dict:
         "transformers": transformers.__version__,
         "dtype": str(dtype).removeprefix("torch."),
         "model": model_ref,
+        **describe(),
     }
 
 
