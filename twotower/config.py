@@ -18,6 +18,8 @@ from transformers import PretrainedConfig
 MODES = ("ar", "mock-ar", "diffusion", "verify")
 BLOCK_MODES = ("diffusion", "verify")  # modes that take block_size / confidence_threshold
 DRAFT_SOURCES = ("auto", "denoiser", "lookup", "ar")
+# The built-in eval suites (twotower eval --suite).
+EVAL_SUITES = ("builtin", "humaneval")
 SHIFTED, SAME_POSITION = "shifted", "same-position"
 LAYOUTS = (SHIFTED, SAME_POSITION)
 DENOISER_KINDS = ("full", "lora")

