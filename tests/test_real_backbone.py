@@ -16,6 +16,7 @@ from twotower import (
 from twotower.backbones import convert_gguf, default_gguf_path
 from twotower.cli import main
 from twotower.generate.common import left_pad
+from twotower.model.two_tower import shipped_denoiser
 from twotower.text import encode_prompt
 
 pytestmark = pytest.mark.slow
@@ -80,8 +81,12 @@ def test_prompt_longer_than_context_is_refused(smol):
 
 
 def test_cli_answers_the_main_command(capsys):
-    assert main(["generate", "What is the capital of France?"]) == 0
-    assert "Paris" in capsys.readouterr().out
+    """README's main command (verify mode on the default model, with the shipped denoiser when
+    one ships) answers, and gives AR's answer."""
+    assert main(["generate", "--mode", "verify", "--dtype", "fp32", "What is the capital of France?"]) == 0
+    verify = capsys.readouterr().out
+    assert main(["generate", "--dtype", "fp32", "What is the capital of France?"]) == 0
+    assert "Paris" in verify and verify == capsys.readouterr().out
 
 
 def test_judge_prefers_fluent_text():
@@ -93,11 +98,13 @@ def test_judge_prefers_fluent_text():
     assert judge.nll_per_token("Write about the ocean.", fluent) < judge.nll_per_token("Write about the ocean.", shuffled)
 
 
-def test_eval_mock_ar_retains_everything_on_the_real_backbone(tmp_path, capsys):
+def test_eval_untrained_mock_ar_retains_everything_on_the_real_backbone(tmp_path, capsys):
     import json
 
     out = tmp_path / "eval.json"
-    assert main(["eval", "--modes", "mock-ar", "--tasks-per-category", "1", "--no-judge", "--out", str(out)]) == 0
+    untrained = str(default_gguf_path())  # the bare backbone: an untrained (identity) denoiser
+    argv = ["eval", "--model", untrained, "--modes", "mock-ar", "--tasks-per-category", "1", "--no-judge"]
+    assert main([*argv, "--out", str(out)]) == 0
     ar, mock = json.loads(out.read_text())["points"]
     assert ar["overall_accuracy"] > 0
     assert mock["retention"] == 1.0 and mock["exact_match"] == 1.0
@@ -116,3 +123,17 @@ def test_greedy_verify_equals_ar_in_fp32():
         result = generate_verify(model, prompts, max_new_tokens=32, draft=draft)
         assert result.tokens == ar.tokens, draft
         assert result.details["draft_sources"][draft if draft != "auto" else "denoiser"] > 0
+
+
+@pytest.mark.skipif(shipped_denoiser() is None, reason="no trained denoiser ships in this checkout")
+def test_the_shipped_denoiser_loads_and_diffusion_answers():
+    """The denoiser in twotower/checkpoints/ matches the default backbone, is trained, and
+    diffusion mode with it answers the main question (its first token of every block is AR's)."""
+    from twotower import eos_token_ids, load_model
+
+    model, tokenizer = load_model("default", dtype=torch.float32)
+    assert model.config.trained_tokens > 0 and model.config.denoiser_depth is not None
+    prompt = encode_prompt(tokenizer, QUESTIONS[0], chat=True)
+    eos = eos_token_ids(model, tokenizer)
+    out = generate_mask_diffusion(model, [prompt], max_new_tokens=32, confidence_threshold=0.8, eos_token_id=eos)
+    assert "Paris" in tokenizer.decode(out.tokens[0])

@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="ar",
         help="ar: context tower, one token per pass; mock-ar: denoiser, one token per pass; "
         "diffusion: denoiser fills blocks by mask diffusion; verify: drafts (denoiser or prompt lookup) "
-        "checked by the context tower, output identical to ar (default: %(default)s, until a trained "
-        "denoiser ships)",
+        "checked by the context tower, output identical to ar in fp32 (default: %(default)s: the shipped "
+        "denoiser does not yet make the other modes faster than ar on a CPU, see its MODEL_CARD.md)",
     )
     gen.add_argument(
         "--draft",
