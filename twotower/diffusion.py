@@ -94,7 +94,7 @@ def context_features(model, ids: torch.Tensor, n_blocks: int, block_size: int, t
     teacher = None
     if top_k:
         with torch.no_grad():
-            teacher = teacher_top_k(model.teacher_logits(ctx.hidden), top_k)
+            teacher = teacher_top_k(model.ar_logits(ctx.hidden, "all"), top_k)
     return Features(ctx.view, ctx.anchors, teacher)
 
 

@@ -287,13 +287,9 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() else "no"
     plugin = None
-    if config.fsdp:  # shard the trained weights over the processes instead of replicating them
+    if config.fsdp:  # shard the trained weights over the processes instead of replicating them (validate: GPUs only)
         from accelerate import FullyShardedDataParallelPlugin
 
-        if not torch.cuda.is_available():
-            raise TwoTowerError(
-                "fsdp needs GPUs (accelerate's FSDP has no CPU backend); without it, several CPU processes use DDP"
-            )
         plugin = FullyShardedDataParallelPlugin(use_orig_params=True, sync_module_states=True)
     accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(), fsdp_plugin=plugin)
     world, rank = accelerator.num_processes, accelerator.process_index

@@ -76,12 +76,11 @@ def denoiser_pass_cost(model, prompt: list[int], repeats: int = 3) -> float:
         decoder = DiffusionDecoder(model, run)
         for _ in decoder.start():
             pass
-        cache, layout = decoder.cache, model.layout
-        block = torch.full((1, model.config.block_size), model.mask_token_id)
-        block[:, 0] = decoder.logits.argmax(-1)
+        den = model.denoiser_device
+        block = torch.full((1, model.config.block_size), model.mask_token_id, device=den)
+        block[:, 0] = decoder.logits.argmax(-1).to(den)
         begin = time.perf_counter()
-        model.denoise(layout.view(cache), layout.inputs(cache.anchor, block), layout.start(cache), torch.ones(1),
-                      anchor_hidden=cache.anchor_hidden)  # fmt: skip
+        model.denoise_block(model.layout.reads(decoder.cache, den), block, torch.ones(1, device=den))
         best = min(best, time.perf_counter() - begin)
     return round(best * 1000, 2)
 

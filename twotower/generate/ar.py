@@ -5,20 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from twotower.generate.common import Decoder, drive, select_rows, start_run
+from twotower.generate.common import NextTokenDecoder, drive, start_run
 from twotower.generate.sampling import sample_tokens
 
 
-class ARDecoder(Decoder):
+class ARDecoder(NextTokenDecoder):
     """One cycle: each live row samples its next token from the logits of the last context pass
     (the prefill's at first), and the context tower reads those tokens unless every row is
     finished. Between cycles every row holds its next-token logits, so rows join by stacking."""
-
-    def start(self):
-        run = self.run
-        self.cache, self.logits = self.model.context_prefill(run.ids, run.attention_mask, logits="last")  # (B, V)
-        run.context_passes += 1
-        yield from ()
 
     def cycle(self):
         run, s = self.run, self.run.settings
@@ -26,19 +20,9 @@ class ARDecoder(Decoder):
         run.count_pass(run.live_rows())
         event = run.emit([[t] for t in tokens.tolist()])
         if not run.finished:
-            live = torch.zeros_like(tokens, dtype=torch.bool)
-            live[run.live_rows()] = True
-            self.logits = self.model.context_extend(self.cache, tokens.masked_fill(~live, run.pad_id)[:, None], logits="last")
+            self.logits = self.model.context_extend(self.cache, run.context_inputs(tokens), logits="last")
             run.context_passes += 1
         yield event
-
-    def join(self, other: ARDecoder) -> None:
-        self.cache.join(other.cache)
-        self.logits = torch.cat([self.logits, other.logits.to(self.logits.device)])
-
-    def keep_rows(self, rows: list[int]) -> None:
-        self.cache.select(rows)
-        self.logits = select_rows(self.logits, rows)
 
 
 @torch.inference_mode()

@@ -120,7 +120,14 @@ class Run:
         self.tokens = [self.tokens[b] for b in rows]
         self.row_nfe = [self.row_nfe[b] for b in rows]
         self.max_new = [self.max_new[b] for b in rows]
-        self.done = self.done[torch.tensor(rows, dtype=torch.long, device=self.done.device)]
+        self.done = select_rows(self.done, rows)
+
+    def context_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Each row's next token (B,) as the context tower's next input (B, 1): the pad id in the
+        rows that are finished (the pass still runs over the whole batch)."""
+        live = torch.zeros_like(tokens, dtype=torch.bool)
+        live[self.live_rows()] = True
+        return tokens.masked_fill(~live, self.pad_id)[:, None]
 
     def count_pass(self, rows, passes: int = 1) -> None:
         """Credit token-predicting passes to each row in `rows` (a (B,) bool mask or row indices)."""
@@ -284,6 +291,25 @@ class Decoder:
 
     def details(self) -> dict:
         return {}
+
+
+class NextTokenDecoder(Decoder):
+    """A decoder whose rows hold, between cycles, the context cache and each row's next-token
+    logits from the last context pass (the prefill's at first): AR and diffusion mode."""
+
+    def start(self):
+        run = self.run
+        self.cache, self.logits = self.model.context_prefill(run.ids, run.attention_mask, logits="last")  # (B, V)
+        run.context_passes += 1
+        yield from ()
+
+    def join(self, other: NextTokenDecoder) -> None:
+        self.cache.join(other.cache)
+        self.logits = torch.cat([self.logits, other.logits.to(self.logits.device)])
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.cache.select(rows)
+        self.logits = select_rows(self.logits, rows)
 
 
 def select_rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:

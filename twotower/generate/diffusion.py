@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from twotower.config import TwoTowerError
-from twotower.generate.common import Decoder, drive, select_rows, start_run
+from twotower.generate.common import Decoder, NextTokenDecoder, drive, start_run
 from twotower.generate.sampling import sample_tokens
 
 
@@ -91,12 +91,8 @@ def emit_prefix(run, block: Block):
 def fill_block(model, run, cache, block: Block):
     """Step 2: denoiser passes over the block until no row commits anything, every slot is
     committed, or steps_per_block passes were made. Yields a StreamEvent per pass."""
-    s, layout, den = run.settings, model.layout, model.denoiser_device
-    view = layout.view(cache).to(den)  # moved once per block, not per pass
-    start = layout.start(cache).to(den)
-    anchor = cache.anchor.to(den)
-    anchor_hidden = cache.anchor_hidden
-    anchor_hidden = None if anchor_hidden is None else anchor_hidden.to(den)
+    s = run.settings
+    reads = model.layout.reads(cache, model.denoiser_device)
     maskable = (block.allowed.sum(1) - 1).clamp(min=1)
     live = block.masked.any(1)
     for _ in range(s.steps_per_block):
@@ -104,8 +100,7 @@ def fill_block(model, run, cache, block: Block):
             break
         masked = block.masked
         t = masked.sum(1).float() / maskable
-        inputs = layout.inputs(anchor, block.tokens)
-        logits = model.denoise(view, inputs, start, t, anchor_hidden=anchor_hidden, slots=block.slots)
+        logits = model.denoise_block(reads, block.tokens, t, slots=block.slots)
         run.denoiser_passes += 1
         run.count_pass(live.cpu())
         tokens, confidence = sample_tokens(logits, s.temperature, s.top_p, run.generator)
@@ -133,17 +128,14 @@ def extend_context(model, run, cache, block: Block) -> torch.Tensor:
     return logits
 
 
-class DiffusionDecoder(Decoder):
+class DiffusionDecoder(NextTokenDecoder):
     """One cycle per context pass: the pass's own token opens each live row's block, the
     denoiser fills the block, and the context tower reads each row's committed prefix (unless
     every row is finished). Between cycles every row holds its next-token logits."""
 
     def start(self):
-        run = self.run
-        self.cache, self.logits = self.model.context_prefill(run.ids, run.attention_mask, logits="last")
-        run.context_passes += 1
-        self.starts = [[] for _ in run.tokens]  # per row: where each block (each context pass's token) starts
-        yield from ()
+        yield from super().start()
+        self.starts = [[] for _ in self.run.tokens]  # per row: where each block (each context pass's token) starts
 
     def cycle(self):
         model, run, s = self.model, self.run, self.run.settings
@@ -159,13 +151,11 @@ class DiffusionDecoder(Decoder):
             self.logits = extend_context(model, run, self.cache, block)
 
     def join(self, other: DiffusionDecoder) -> None:
-        self.cache.join(other.cache)
-        self.logits = torch.cat([self.logits, other.logits.to(self.logits.device)])
+        super().join(other)
         self.starts += other.starts
 
     def keep_rows(self, rows: list[int]) -> None:
-        self.cache.select(rows)
-        self.logits = select_rows(self.logits, rows)
+        super().keep_rows(rows)
         self.starts = [self.starts[b] for b in rows]
 
     def details(self) -> dict:
@@ -185,23 +175,15 @@ class MockARDecoder(Decoder):
 
     def cycle(self):
         model, run, s = self.model, self.run, self.run.settings
-        layout, den, cache = model.layout, model.denoiser_device, self.cache
+        den, cache = model.denoiser_device, self.cache
         mask = torch.full((run.batch, 1), model.mask_token_id, dtype=torch.long, device=den)
-        anchor_hidden = cache.anchor_hidden
-        logits = model.denoise(
-            layout.view(cache).to(den),
-            layout.inputs(cache.anchor.to(den), mask),
-            layout.start(cache).to(den),
-            anchor_hidden=None if anchor_hidden is None else anchor_hidden.to(den),
-        )
+        logits = model.denoise_block(model.layout.reads(cache, den), mask)
         run.denoiser_passes += 1
         run.count_pass(run.live_rows())
         tokens, _ = sample_tokens(logits[:, 0], s.temperature, s.top_p, run.generator)
         event = run.emit([[t] for t in tokens.tolist()])
         if not run.finished:
-            live = torch.zeros_like(tokens, dtype=torch.bool)
-            live[run.live_rows()] = True
-            model.context_extend(cache, tokens.masked_fill(~live, run.pad_id)[:, None].to(cache.valid.device))
+            model.context_extend(cache, run.context_inputs(tokens).to(cache.valid.device))
             run.context_passes += 1
         yield event
 

@@ -50,11 +50,9 @@ def denoiser_draft(model, cache, pending, width: int, settings, generator, steps
     Every pass keeps the drafted prefix and extends it over the following slots predicted above
     the confidence threshold (at least one). Returns tokens (B, W), their draft distributions
     (B, W, V) or None when greedy, draft lengths (B,), and the number of passes."""
-    den, mask_id, layout = model.denoiser_device, model.mask_token_id, model.layout
+    den, mask_id = model.denoiser_device, model.mask_token_id
     batch = pending.shape[0]
-    view, start = layout.view(cache).to(den), layout.start(cache).to(den)
-    anchor, anchor_hidden = cache.anchor.to(den), cache.anchor_hidden
-    anchor_hidden = None if anchor_hidden is None else anchor_hidden.to(den)
+    reads = model.layout.reads(cache, den)
     block = torch.full((batch, width + 1), mask_id, dtype=torch.long, device=den)
     block[:, 0] = pending.to(den)
     length = torch.zeros(batch, dtype=torch.long, device=den)
@@ -63,7 +61,7 @@ def denoiser_draft(model, cache, pending, width: int, settings, generator, steps
     passes = 0
     for _ in range(steps):
         t = (width - length).float() / width
-        logits = model.denoise(view, layout.inputs(anchor, block), start, t, anchor_hidden=anchor_hidden)[:, 1:]  # (B, W, V)
+        logits = model.denoise_block(reads, block, t)[:, 1:]  # (B, W, V)
         passes += 1
         tokens, confidence = sample_tokens(logits, settings.temperature, settings.top_p, generator)
         open_slots = slots >= length[:, None]
@@ -116,13 +114,15 @@ class DraftPolicy:
         self.wait = [dict.fromkeys(self.every, probe_every) for _ in range(batch)]
         self.cycles = [0] * batch
 
+    ROW_FIELDS = ("rates", "accepted", "last_used", "wait", "cycles")  # one entry per row each
+
     def join(self, other: DraftPolicy) -> None:
         """Take the rows of another policy (continuous batching)."""
-        for name in ("rates", "accepted", "last_used", "wait", "cycles"):
+        for name in self.ROW_FIELDS:
             getattr(self, name).extend(getattr(other, name))
 
     def keep_rows(self, rows: list[int]) -> None:
-        for name in ("rates", "accepted", "last_used", "wait", "cycles"):
+        for name in self.ROW_FIELDS:
             values = getattr(self, name)
             setattr(self, name, [values[b] for b in rows])
 

@@ -14,11 +14,23 @@ n*S + `offset` tokens: the shifted layout needs one more, the first block's anch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from twotower.config import LAYOUTS, SHIFTED, TwoTowerError
 from twotower.model import masks
+
+
+class BlockReads(NamedTuple):
+    """What a denoiser pass over the next block reads of a context cache: the view, the
+    position of slot 0 (B,), each row's anchor (last committed token, B) and a shallow
+    denoiser's anchor input (B, H) or None."""
+
+    view: object  # ContextView
+    start: torch.Tensor
+    anchor: torch.Tensor
+    anchor_hidden: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,17 @@ class BlockLayout:
     def start(self, cache) -> torch.Tensor:
         """(B,) position of slot 0."""
         return cache.next_pos - self.offset
+
+    def reads(self, cache, device) -> BlockReads:
+        """Everything a denoiser pass over the next block reads of `cache`, moved to `device`
+        (once per block, not per pass)."""
+        hidden = cache.anchor_hidden
+        return BlockReads(
+            self.view(cache).to(device),
+            self.start(cache).to(device),
+            cache.anchor.to(device),
+            None if hidden is None else hidden.to(device),
+        )
 
     def inputs(self, anchor: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
         """The denoiser's input (B, S) for a block (B, S) of committed ids and mask ids;

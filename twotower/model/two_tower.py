@@ -154,8 +154,9 @@ class TwoTowerForCausalLM(nn.Module):
         return self
 
     # ---------------------------------------------------------------- context tower
-    def _ar_logits(self, hidden: torch.Tensor, which):
-        """The LM head only where logits are read: None, "last" (B, V), "all" (B, T, V), or a
+    def ar_logits(self, hidden: torch.Tensor, which):
+        """The AR model's float next-token logits from the context tower's final hidden states
+        (B, T, H), with the LM head only where they are read: None, "last" (B, V), "all" (B, T, V), or a
         (B,) tensor of positions, one per row (B, V)."""
         if which is None:
             return None
@@ -177,7 +178,7 @@ class TwoTowerForCausalLM(nn.Module):
         hidden, states, captured = self.family.run_layers(self.context_tower, p)
         cache = ContextCache(states, valid, valid.sum(1))
         cache.read(input_ids[:, -1:], None if captured is None else captured[:, -1:])
-        return cache, self._ar_logits(hidden, logits)
+        return cache, self.ar_logits(hidden, logits)
 
     def empty_context(self, batch: int) -> ContextCache:
         """A cache holding no token yet (verify mode on one-token prompts)."""
@@ -192,7 +193,7 @@ class TwoTowerForCausalLM(nn.Module):
     def context_extend(self, cache: ContextCache, tokens: torch.Tensor, logits=None):
         """Read S committed tokens (B, S) in one pass and append their states to the cache (a
         Mamba state keeps the whole pass as its tail: verify may drop any of the pass's drafts).
-        logits: None, "last", "all", or (B,) positions (see `_ar_logits`)."""
+        logits: None, "last", "all", or (B,) positions (see `ar_logits`)."""
         new_valid = torch.ones_like(tokens, dtype=torch.bool)
         positions = cache.next_pos[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
         embeds = self.context_tower.get_input_embeddings()(tokens)
@@ -201,7 +202,7 @@ class TwoTowerForCausalLM(nn.Module):
         hidden, states, captured = self.family.run_layers(self.context_tower, p)
         cache.append(states, new_valid)
         cache.read(tokens, captured)
-        return self._ar_logits(hidden, logits)
+        return self.ar_logits(hidden, logits)
 
     @torch.no_grad()
     def training_context(self, clean: torch.Tensor, block_size: int) -> TrainingContext:
@@ -217,10 +218,6 @@ class TwoTowerForCausalLM(nn.Module):
         anchors = None if captured is None else captured[:, ::block_size]  # (B, n, H): the hidden state at x_{bS}
         return TrainingContext(ContextView(states, valid), anchors, hidden)
 
-    def teacher_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The AR model's next-token logits (float) from its final hidden states (..., H)."""
-        return self.context_tower.lm_head(hidden).float()
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """AR logits of the context tower over a whole sequence (B, T) -> (B, T, V), for scoring."""
         if attention_mask is None:
@@ -235,20 +232,17 @@ class TwoTowerForCausalLM(nn.Module):
         is_mask = (block_ids == self.mask_token_id)[..., None]
         return torch.where(is_mask, self.mask_embedding.to(emb.dtype), emb)
 
-    def denoise(
-        self,
-        view: ContextView,
-        block_ids: torch.Tensor,
-        start_pos: torch.Tensor,
-        t=None,
-        mask: torch.Tensor | None = None,
-        blocks: int = 1,
-        anchor_hidden: torch.Tensor | None = None,
-        slots: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def denoise(self, *args, **kwargs) -> torch.Tensor:
         """One denoiser pass over a block: float logits (B, S, V), the mask token forbidden.
         Arguments as `denoise_hidden`."""
-        return self.denoiser_logits(self.denoise_hidden(view, block_ids, start_pos, t, mask, blocks, anchor_hidden, slots))
+        return self.denoiser_logits(self.denoise_hidden(*args, **kwargs))
+
+    def denoise_block(self, reads, block: torch.Tensor, t=None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """One denoiser pass over the next block after a cache: reads = `layout.reads(cache,
+        denoiser_device)`, block (B, S) the block's committed ids and mask ids (slot j = y_j),
+        t (B,) or None, slots as `denoise_hidden`. Returns logits (B, S, V), output j for y_j."""
+        inputs = self.layout.inputs(reads.anchor, block)
+        return self.denoise(reads.view, inputs, reads.start, t, anchor_hidden=reads.anchor_hidden, slots=slots)
 
     def denoise_hidden(
         self,
