@@ -211,6 +211,23 @@ def test_bench_quick_writes_a_valid_json(tmp_path, capsys):
     assert "tok/s" in capsys.readouterr().out
 
 
+def test_a_llama_cpp_that_crashes_is_a_note_not_the_end_of_the_bench(tmp_path, monkeypatch):
+    """llama.cpp runs in a child process: one killed by SIGILL (a build for CPU features the
+    machine refuses) leaves a note, and the benchmark's own rows."""
+    from twotower.eval.speed import run_bench
+
+    fake = tmp_path / "llama_cpp"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "import os, signal\n\nclass Llama:\n    def __init__(self, **kwargs):\n        os.kill(os.getpid(), signal.SIGILL)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))  # a spawned child starts from the parent's sys.path
+    prompts = [p for p in PROMPTS[:2]]
+    report = run_bench(tiny_two_tower(), prompts, [AR], (1,), 4, hf=False, gguf=str(tmp_path / "m.gguf"), progress=False)
+    assert any("llama.cpp skipped: it crashed" in n for n in report["notes"])
+    assert report["rows"][0]["tokens_per_second"] > 0
+
+
 def test_sweep_plot_is_drawn(tmp_path):
     pytest.importorskip("matplotlib")
     points = [{"mode": "ar", "block_size": None, "threshold": 0.8, "retention": 1.0, "tokens_per_second": 20.0}]

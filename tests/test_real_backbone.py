@@ -137,3 +137,39 @@ def test_the_shipped_denoiser_loads_and_diffusion_answers():
     eos = eos_token_ids(model, tokenizer)
     out = generate_mask_diffusion(model, [prompt], max_new_tokens=32, confidence_threshold=0.8, eos_token_id=eos)
     assert "Paris" in tokenizer.decode(out.tokens[0])
+
+
+def test_int4_holds_the_gguf_weights_exactly():
+    """The default GGUF stores every linear projection as Q4_1: int4 in groups of 32 gives back
+    its own weights (dequantised in fp32) exactly."""
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize
+    from torch import nn
+
+    from twotower.quant import Int4Linear
+
+    reader = gguf.GGUFReader(default_gguf_path())
+    tensors = [t for t in reader.tensors if t.tensor_type.name == "Q4_1"]
+    assert len(tensors) == 210  # 7 projections x 30 layers
+    for t in tensors[::29]:
+        weight = torch.from_numpy(dequantize(t.data, t.tensor_type).astype(np.float32))  # (N, K)
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        linear.weight.data = weight
+        assert torch.equal(Int4Linear(linear).dequantized(), weight), t.name
+
+
+def test_int4_weights_answer_as_the_dense_model(smol):
+    """int4 (bf16) answers the main question, starts its reply as the dense model does, and its
+    verify mode with lookup drafts answers too."""
+    from twotower import generate_verify
+
+    model, tokenizer, prompts = smol
+    backbone, _ = load_backbone("default", torch.bfloat16)
+    quantized = TwoTowerForCausalLM.from_backbone(backbone, tokenizer).quantize("int4")
+    ar = generate_ar(quantized, prompts, max_new_tokens=24)
+    assert "Paris" in tokenizer.decode(ar.tokens[0])
+    dense = generate_ar(model, prompts, max_new_tokens=24)
+    assert ar.tokens[0][:6] == dense.tokens[0][:6]
+    verify = generate_verify(quantized, prompts[:1], max_new_tokens=24, draft="lookup")
+    assert "Paris" in tokenizer.decode(verify.tokens[0])

@@ -7,12 +7,16 @@ import json
 import os
 import sys
 
-from twotower.config import DRAFT_SOURCES, EVAL_SUITES, MODES
+from twotower.config import DRAFT_SOURCES, EVAL_SUITES, MODES, WEIGHT_FORMATS
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 DTYPE_HELP = (
     "weight dtype; auto: bf16, or fp32 for diffusion / verify on a CPU without native bf16 (twotower/machine.py) "
     "(default: %(default)s)"
+)
+WEIGHTS_HELP = (
+    "how the linear weights are stored: dense (as loaded), or weight-only int8 / int4 for CPU inference with bf16 "
+    "(int4 holds the default GGUF's own Q4_1 weights; twotower/quant.py, README: Quantised weights) (default: %(default)s)"
 )
 
 
@@ -112,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help=DTYPE_HELP,
     )
+    gen.add_argument("--weights", choices=list(WEIGHT_FORMATS), default="dense", help=WEIGHTS_HELP)
     gen.add_argument(
         "--threads", type=_positive_int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)"
     )
@@ -311,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help=DTYPE_HELP,
     )
+    se.add_argument("--weights", choices=list(WEIGHT_FORMATS), default="dense", help=WEIGHTS_HELP)
     se.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch CPU threads")
     se.set_defaults(func=cmd_serve)
     return parser
@@ -336,6 +342,7 @@ def cmd_serve(args) -> int:
         args.max_queue,
         args.timeout,
         _dtype(args, args.mode),
+        weights=args.weights,
     )
     return 0
 
@@ -520,6 +527,7 @@ def _measure_options(p: argparse.ArgumentParser) -> None:
         default="auto",
         help=DTYPE_HELP,
     )
+    p.add_argument("--weights", choices=list(WEIGHT_FORMATS), default="dense", help=WEIGHTS_HELP)
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch CPU threads")
     p.add_argument("--out", default=None, metavar="FILE.json", help="write every figure to this JSON file")
 
@@ -534,7 +542,7 @@ def cmd_generate(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, dtype=_dtype(args, args.mode))
+    model, tokenizer = load_model(args.model, dtype=_dtype(args, args.mode), weights=args.weights)
     if args.mode == "diffusion" and not model.config.trained_tokens:
         raise TwoTowerError(
             f"no trained denoiser for {args.model}: diffusion mode would write garbage; use --mode ar or --mode verify "
@@ -589,6 +597,7 @@ def cmd_eval(args) -> int:
         _dtype(args),
         args.out,
         suites=args.suite,
+        weights=args.weights,
     )
     return 0
 
@@ -617,6 +626,7 @@ def cmd_bench(args) -> int:
         not args.no_llama_cpp,
         _dtype(args),
         args.out,
+        weights=args.weights,
     )
     return 0
 

@@ -23,6 +23,8 @@ EVAL_SUITES = ("builtin", "humaneval")
 SHIFTED, SAME_POSITION = "shifted", "same-position"
 LAYOUTS = (SHIFTED, SAME_POSITION)
 DENOISER_KINDS = ("full", "lora")
+# How inference stores the linear weights (twotower/quant.py): as loaded, or weight-only int8 / int4 on CPU.
+WEIGHT_FORMATS = ("dense", "int8", "int4")
 ALIGNMENTS = ("top", "spread")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAMBA_LORA_TARGETS = ("in_proj", "out_proj")  # Mamba-2 mixers of hybrid backbones

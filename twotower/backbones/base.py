@@ -108,6 +108,9 @@ class Family(Protocol):
     name: str
     n_modulation: int
     stateful: bool  # has recurrent (Mamba) state, which cannot drop tokens like K,V slots
+    # Projections of one input that quantised inference stacks into one matmul:
+    # (sublayer attribute, name of the stacked projection, the projections' names).
+    fusions: tuple[tuple[str, str, tuple[str, ...]], ...]
 
     def projections(self, layer: nn.Module) -> dict[str, nn.Linear]: ...
 
@@ -243,6 +246,17 @@ def project(linear: nn.Linear, x: torch.Tensor, adapter: nn.Module | None) -> to
     if adapter is not None:
         out = out + adapter(x)
     return out
+
+
+def project_together(parent: nn.Module, fused: str, names: tuple[str, ...], x: torch.Tensor, get) -> list[torch.Tensor]:
+    """Projections of one input (q, k, v; gate, up), each plus its LoRA delta: one matmul over
+    their stacked weights when the layer holds them fused under `fused` (quantised inference,
+    twotower/quant.py), else one per projection."""
+    stacked = getattr(parent, fused, None)
+    if stacked is None:
+        return [project(getattr(parent, name), x, get(name)) for name in names]
+    outs = stacked(x).split(stacked.sizes, dim=-1)
+    return [out if get(name) is None else out + get(name)(x) for out, name in zip(outs, names, strict=True)]
 
 
 def modulate(h: torch.Tensor, modulation: torch.Tensor | None, first: int):

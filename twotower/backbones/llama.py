@@ -18,10 +18,23 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from twotower.backbones.base import AttentionState, LayerPass, PassOutput, adapter_lookup, attend_over, gated, modulate, project
+from twotower.backbones.base import (
+    AttentionState,
+    LayerPass,
+    PassOutput,
+    adapter_lookup,
+    attend_over,
+    gated,
+    modulate,
+    project,
+    project_together,
+)
 
 # Per decoder layer, modulation holds 6 vectors: (shift, scale, gate) for attention, then MLP.
 N_MODULATION = 6
+QKV = ("q_proj", "k_proj", "v_proj")
+GATE_UP = ("gate_proj", "up_proj")
+FUSIONS = (("self_attn", "qkv_proj", QKV), ("mlp", "gate_up_proj", GATE_UP))  # see base.Family.fusions
 
 
 def projections(layer: nn.Module) -> dict[str, nn.Linear]:
@@ -47,9 +60,8 @@ def attention(attn: nn.Module, x, cos, sin, past_kv, mask, adapters, in_place: b
     bsz, seq, _ = x.shape
     hd = attn.head_dim
     get = adapter_lookup(adapters)
-    q = project(attn.q_proj, x, get("q_proj")).view(bsz, seq, -1, hd)
-    k = project(attn.k_proj, x, get("k_proj")).view(bsz, seq, -1, hd)
-    v = project(attn.v_proj, x, get("v_proj")).view(bsz, seq, -1, hd).transpose(1, 2)
+    q, k, v = (t.reshape(bsz, seq, -1, hd) for t in project_together(attn, "qkv_proj", QKV, x, get))
+    v = v.transpose(1, 2)
     if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (B, Hq|Hkv, T, D)
@@ -68,8 +80,7 @@ def attention(attn: nn.Module, x, cos, sin, past_kv, mask, adapters, in_place: b
 
 def mlp(block: nn.Module, x: torch.Tensor, adapters) -> torch.Tensor:
     get = adapter_lookup(adapters)
-    gate = project(block.gate_proj, x, get("gate_proj"))
-    up = project(block.up_proj, x, get("up_proj"))
+    gate, up = project_together(block, "gate_up_proj", GATE_UP, x, get)
     return project(block.down_proj, block.act_fn(gate) * up, get("down_proj"))
 
 
@@ -124,6 +135,7 @@ class _Llama:
     model_types = ("llama", "mistral", "qwen2", "qwen3")
     n_modulation = N_MODULATION
     stateful = False
+    fusions = FUSIONS
     projections = staticmethod(projections)
     run_layers = staticmethod(run_layers)
     empty_states = staticmethod(empty_states)

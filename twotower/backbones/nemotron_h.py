@@ -195,6 +195,7 @@ class _NemotronH:
     model_types = ("nemotron_h",)
     n_modulation = N_MODULATION
     stateful = True
+    fusions = ()  # its projections of one input already are one matmul (in_proj)
     projections = staticmethod(projections)
     run_layers = staticmethod(run_layers)
     empty_states = staticmethod(empty_states)

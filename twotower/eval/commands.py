@@ -56,11 +56,11 @@ def select_tasks(tasks: list[Task], per_category: int | None) -> list[Task]:
     return chosen
 
 
-def _load(model_ref: str, dtype: torch.dtype):
+def _load(model_ref: str, dtype: torch.dtype, weights: str = "dense"):
     from twotower.model.two_tower import load_model
     from twotower.text import encode_prompt, eos_token_ids
 
-    model, tokenizer = load_model(model_ref, dtype=dtype)
+    model, tokenizer = load_model(model_ref, dtype=dtype, weights=weights)
     return model, tokenizer, (lambda text: encode_prompt(tokenizer, text, chat=True)), eos_token_ids(model, tokenizer)
 
 
@@ -90,8 +90,12 @@ def evaluate(
     out=None,
     progress=True,
     suites=("builtin",),
+    weights="dense",
 ) -> dict:
-    model, tokenizer, encode, eos = _load(model_ref, dtype)
+    """weights int8 / int4: the modes run on the quantised model, and AR greedy on the dense
+    weights is the reference (row "ar dense"), so the quantised AR's row shows its retention."""
+    model, tokenizer, encode, eos = _load(model_ref, dtype, weights)
+    dense = None if weights == "dense" else _load(model_ref, dtype)[0]
     tasks = select_tasks(load_prompts(prompts_file) if prompts_file else suite_tasks(suites), per_category)
     points = operating_points(modes, block_sizes, thresholds, temperatures, model.config.block_size)
     judge_model, notes = None, []
@@ -103,8 +107,8 @@ def evaluate(
             judge_model = Judge.load_default()
         except TwoTowerError as err:
             notes.append(f"judge skipped: {err}")
-    report = run_eval(model, tokenizer, tasks, points, judge_model, batch_size, eos, encode, progress)
-    report.update(environment=environment(dtype, str(model_ref)), notes=notes)
+    report = run_eval(model, tokenizer, tasks, points, judge_model, batch_size, eos, encode, progress, reference_model=dense)
+    report.update(environment=environment(dtype, str(model_ref), weights), notes=notes)
     print(format_table(report["points"], EVAL_COLUMNS))
     categories = report["categories"]
     print()
@@ -170,17 +174,18 @@ def benchmark(
     dtype=torch.bfloat16,
     out=None,
     progress=True,
+    weights="dense",
 ) -> dict:
     notes = []
     if quick:
-        model, dtype, eos = tiny_random_model(), torch.float32, []
+        model, dtype, eos = tiny_random_model().quantize(weights), torch.float32, []
         gen = torch.Generator().manual_seed(0)
         prompts = [torch.randint(2, 256, (int(n),), generator=gen).tolist() for n in torch.randint(4, 24, (8,), generator=gen)]
         max_new_tokens, tokenizer, encode, model_ref = min(max_new_tokens, 32), None, None, "tiny-random-llama (--quick)"
         gguf = None
         notes.append("--quick: tiny random model, figures are for plumbing only")
     else:
-        model, tokenizer, encode, eos = _load(model_ref, dtype)
+        model, tokenizer, encode, eos = _load(model_ref, dtype, weights)
         tasks = load_prompts(prompts_file) if prompts_file else builtin_tasks()
         chosen = interleave_categories(tasks)[:num_prompts]
         prompts = [encode(t.prompt) for t in chosen]
@@ -192,9 +197,11 @@ def benchmark(
     points = operating_points(modes, block_sizes, thresholds, (0.0,), model.config.block_size)
     report = run_bench(model, prompts, points, batch_sizes, max_new_tokens, eos, hf, gguf, progress)
     report["notes"] = notes + report["notes"]
-    report["environment"] = environment(dtype, str(model_ref))
+    report["environment"] = environment(dtype, str(model_ref), weights)
     print(format_table(report["rows"], BENCH_COLUMNS))
-    report["pass_cost_ms"] = pass_costs(model, model_ref, prompts[0], dtype, report["context_pass_ms"], both=not quick)
+    report["pass_cost_ms"] = pass_costs(
+        model, model_ref, prompts[0], dtype, report["context_pass_ms"], both=not quick, weights=weights
+    )
     print()
     print(format_table(report["pass_cost_ms"], PASS_COLUMNS))
     print("ms of one batch-1 pass: the context tower over N new positions (logits of each), and the denoiser over a block")
@@ -230,23 +237,25 @@ def benchmark(
     return report
 
 
-PASS_COLUMNS = [("dtype", "dtype"), *[(f"ctx {w}", str(w)) for w in (1, 2, 4, 8, 16, 17)], ("17 / 1", "ratio_17_1"),
-                ("denoiser block", "denoiser")]  # fmt: skip
+PASS_COLUMNS = [("dtype", "dtype"), ("weights", "weights"), *[(f"ctx {w}", str(w)) for w in (1, 2, 4, 8, 16, 17)],
+                ("17 / 1", "ratio_17_1"), ("denoiser block", "denoiser")]  # fmt: skip
 
 
-def pass_costs(model, model_ref, prompt, dtype, measured: dict, both: bool = True) -> list[dict]:
-    """The pass-cost table (positions x dtype): the benchmark's own dtype (already measured), and
-    with `both` the other of bf16 / fp32 from a second copy of the model loaded for it."""
+def pass_costs(model, model_ref, prompt, dtype, measured: dict, both: bool = True, weights: str = "dense") -> list[dict]:
+    """The pass-cost table (positions x dtype x weights): the benchmark's own (already measured),
+    and with `both` one more from a second copy of the model loaded for it: the dense weights
+    of a quantised benchmark, else the other of bf16 / fp32."""
     from twotower.eval.speed import denoiser_pass_cost, pass_cost
 
-    rows = [{"dtype": str(dtype).removeprefix("torch."), **measured, "denoiser": denoiser_pass_cost(model, prompt)}]
+    name = lambda d: str(d).removeprefix("torch.")
+    rows = [{"dtype": name(dtype), "weights": weights, **measured, "denoiser": denoiser_pass_cost(model, prompt)}]
     if both and dtype in (torch.bfloat16, torch.float32):
         from twotower.model.two_tower import load_model
 
-        other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+        other = dtype if weights != "dense" else torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
         twin, _ = load_model(model_ref, dtype=other)
         rows.append(
-            {"dtype": str(other).removeprefix("torch."), **pass_cost(twin, prompt), "denoiser": denoiser_pass_cost(twin, prompt)}
+            {"dtype": name(other), "weights": "dense", **pass_cost(twin, prompt), "denoiser": denoiser_pass_cost(twin, prompt)}
         )
         del twin
     for row in rows:

@@ -25,9 +25,13 @@ def run_eval(
     eos: list[int] | None = None,
     encode=None,
     progress: bool = True,
+    reference_model=None,
 ) -> dict:
     """Accuracy per category, agreement with AR, judge perplexity and distinct-2 on long-form,
-    quality retention, for every operating point. points[0] must be AR greedy."""
+    quality retention, for every operating point. points[0] must be AR greedy.
+    reference_model: another model (the dense weights of a quantised `model`) whose AR greedy
+    replies are the reference instead, as a first row "ar dense": every row's retention and
+    agreement are then against it, the quantised AR's included."""
     if points[0] != AR:
         raise TwoTowerError("the first operating point must be AR greedy (the reference)")
     prompts = [encode(t.prompt) for t in tasks]
@@ -35,15 +39,18 @@ def run_eval(
     categories = [t.category for t in tasks]
     long_form = [i for i, t in enumerate(tasks) if t.check == "none"]
     rows, reference = [], None
-    bar = tqdm(total=len(points) * len(tasks), desc="eval", unit="prompt", disable=not progress)
-    for point in points:
-        bar.set_postfix_str(point.label)
-        replies, totals = generate_replies(model, tokenizer, prompts, max_new, point, batch_size, eos or [], bar)
+    runs = [(model, point, point.label) for point in points]
+    if reference_model is not None:
+        runs.insert(0, (reference_model, AR, "ar dense"))
+    bar = tqdm(total=len(runs) * len(tasks), desc="eval", unit="prompt", disable=not progress)
+    for runner, point, label in runs:
+        bar.set_postfix_str(label)
+        replies, totals = generate_replies(runner, tokenizer, prompts, max_new, point, batch_size, eos or [], bar)
         passed = [score(task, reply.text) for task, reply in zip(tasks, replies)]
         if reference is None:
             reference = replies
         row = {
-            "point": point.label,
+            "point": label,
             **asdict(point),
             "accuracy": metrics.accuracy_by_category(categories, passed),
             **metrics.agreement([r.tokens for r in replies], [r.tokens for r in reference]),

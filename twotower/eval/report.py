@@ -12,7 +12,7 @@ import sys
 import torch
 
 
-def environment(dtype: torch.dtype, model_ref: str) -> dict:
+def environment(dtype: torch.dtype, model_ref: str, weights: str = "dense") -> dict:
     import transformers
 
     from twotower.machine import describe
@@ -29,6 +29,7 @@ def environment(dtype: torch.dtype, model_ref: str) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "dtype": str(dtype).removeprefix("torch."),
+        "weights": weights,
         "model": model_ref,
         **describe(),
     }

@@ -61,6 +61,20 @@ def _time_llama_cpp(gguf: str, prompts, max_new_tokens: int, threads: int, looku
     return {"new_tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / max(seconds, 1e-9)}
 
 
+def _llama_cpp_baselines(gguf: str, prompts, max_new_tokens: int, threads: int, lookup: bool) -> dict:
+    """llama.cpp greedy, and with `lookup` its prompt-lookup draft too, timed in a child process:
+    llama.cpp's native code can die of an instruction the machine refuses (a build for AMX on a
+    VM that does not grant it: SIGILL), which must not take the benchmark with it."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        found = {"llama_cpp": pool.submit(_time_llama_cpp, gguf, prompts, max_new_tokens, threads).result()}
+        if lookup:
+            found["llama_cpp_lookup"] = pool.submit(_time_llama_cpp, gguf, prompts, max_new_tokens, threads, True).result()
+    return found
+
+
 PASS_WIDTHS = (1, 2, 4, 8, 16, 17)
 
 
@@ -138,13 +152,17 @@ def run_bench(
                     model.context_tower, prompts, 1, max_new_tokens, eos, pad, lookup=True
                 )
         if batch == 1 and gguf:
+            from concurrent.futures.process import BrokenProcessPool
+
             try:
-                threads = torch.get_num_threads()
-                baselines["llama_cpp"] = _time_llama_cpp(gguf, prompts, max_new_tokens, threads)
-                if lookup_baselines:
-                    baselines["llama_cpp_lookup"] = _time_llama_cpp(gguf, prompts, max_new_tokens, threads, lookup=True)
+                baselines.update(_llama_cpp_baselines(gguf, prompts, max_new_tokens, torch.get_num_threads(), lookup_baselines))
             except ImportError:
                 notes.append("llama.cpp skipped: llama-cpp-python is not installed (pip install 'twotower[bench]')")
+            except BrokenProcessPool:
+                notes.append(
+                    "llama.cpp skipped: it crashed (an instruction this CPU or VM refuses, e.g. a build for AMX where "
+                    "AMX is not granted: rebuild with CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX512=ON', README: Measure)"
+                )
         ar_tps, ar_replies = None, None
         for point in points:
             bar.set_postfix_str(f"{point.label} batch={batch}")

@@ -46,6 +46,7 @@ class TwoTowerForCausalLM(nn.Module):
         self.family = family = family_of(bcfg.model_type)  # how the backbone's layers run (backbones.base.Family)
         self.layout = BlockLayout(config.layout)
         self.config = config
+        self.weights = "dense"  # how the linear weights are stored: config.WEIGHT_FORMATS
         self.context_tower = backbone.eval().requires_grad_(False)
         embed = backbone.get_input_embeddings()
         dtype, device = embed.weight.dtype, embed.weight.device
@@ -151,6 +152,22 @@ class TwoTowerForCausalLM(nn.Module):
                 module.to(den_device)
         with torch.no_grad():
             self.mask_embedding.data = self.mask_embedding.data.to(den_device)
+        return self
+
+    def quantize(self, weights: str) -> TwoTowerForCausalLM:
+        """Weight-only int8 / int4 linear layers for CPU inference, in place (twotower/quant.py):
+        both towers' projections and LM heads; LoRA, adaLN and the embeddings stay as they are.
+        "dense" leaves the model unchanged. A quantised model does not train or save."""
+        if weights == "dense":
+            return self
+        from twotower.quant import quantize_backbone, quantize_linears
+
+        quantize_backbone(self.context_tower, weights, self.family.fusions)
+        if self.denoiser_tower is not None:
+            quantize_backbone(self.denoiser_tower, weights, self.family.fusions)
+        if self.denoiser_layers is not None:
+            quantize_linears(self.denoiser_layers, weights)
+        self.weights = weights
         return self
 
     # ---------------------------------------------------------------- context tower
@@ -319,6 +336,8 @@ class TwoTowerForCausalLM(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write config.json and denoiser.safetensors (atomically: temp file, then rename)."""
+        if self.weights != "dense":
+            raise TwoTowerError(f"this model's weights are {self.weights} (quantised for inference); save the model as loaded")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(path)
@@ -392,11 +411,23 @@ def shipped_denoiser() -> Path | None:
     return SHIPPED if (SHIPPED / WEIGHTS_NAME).is_file() else None
 
 
-def load_model(ref: str | os.PathLike | None = None, dtype: torch.dtype = torch.bfloat16, shipped: bool = True, **config_kwargs):
+def load_model(
+    ref: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    shipped: bool = True,
+    weights: str = "dense",
+    **config_kwargs,
+):
     """Load what a user names: a twotower checkpoint folder; "default", the default backbone with
     the denoiser that ships for it (shipped=False, or any config_kwargs: a new untrained one); or
     a backbone (a folder, a .gguf file) wrapped as an untrained two-tower model with config_kwargs.
+    weights: "dense", or "int8" / "int4" weight-only linear layers for CPU inference.
     Returns (model, tokenizer)."""
+    model, tokenizer = _load(ref, dtype, shipped, **config_kwargs)
+    return model.quantize(weights), tokenizer
+
+
+def _load(ref, dtype, shipped, **config_kwargs):
     path = Path(ref).expanduser() if ref not in (None, "default") else None
     if path is not None and (path / "config.json").is_file() and (path / WEIGHTS_NAME).is_file():
         model = TwoTowerForCausalLM.from_pretrained(path, dtype=dtype)

@@ -332,14 +332,16 @@ def serve(
     max_queue: int = 64,
     request_timeout: float = 300.0,
     dtype=None,
+    weights: str = "dense",
 ) -> None:
-    """Load the model and run the server until interrupted (`twotower serve`)."""
+    """Load the model and run the server until interrupted (`twotower serve`); weights: dense,
+    or int8 / int4 weight-only linear layers (CPU)."""
     import torch
     import uvicorn
 
     from twotower.model.two_tower import load_model
 
-    model, tokenizer = load_model(model_ref, dtype=dtype or torch.bfloat16)
+    model, tokenizer = load_model(model_ref, dtype=dtype or torch.bfloat16, weights=weights)
     name = "twotower-" + ("smollm2-135m" if model_ref in (None, "default") else str(model_ref).rstrip("/").split("/")[-1])
     app = create_app(model, tokenizer, name, mode, max_batch, max_queue, request_timeout)
     uvicorn.run(app, host=host, port=port, log_level="warning")
