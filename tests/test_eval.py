@@ -211,6 +211,25 @@ def test_bench_quick_writes_a_valid_json(tmp_path, capsys):
     assert "tok/s" in capsys.readouterr().out
 
 
+def test_bench_takes_the_points_in_turn_on_each_batch_of_prompts(monkeypatch):
+    """A B A B ...: a machine whose speed drifts moves every point alike."""
+    from twotower.eval import speed
+
+    calls = []
+    real = speed.generate_replies
+
+    def recording(model, tokenizer, prompts, *args, **kwargs):
+        calls.append((args[1].mode, len(prompts)))
+        return real(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(speed, "generate_replies", recording)
+    points = [AR, OperatingPoint("mock-ar")]
+    found = speed.interleaved(tiny_two_tower(), PROMPTS[:3], points, 2, 4, [])
+    assert calls == [("ar", 2), ("mock-ar", 2), ("ar", 1), ("mock-ar", 1)]
+    assert [len(found[p][0]) for p in points] == [3, 3]
+    assert found[AR][1]["new_tokens"] == sum(len(r.tokens) for r in found[AR][0])
+
+
 def test_a_llama_cpp_that_crashes_is_a_note_not_the_end_of_the_bench(tmp_path, monkeypatch):
     """llama.cpp runs in a child process: one killed by SIGILL (a build for CPU features the
     machine refuses) leaves a note, and the benchmark's own rows."""

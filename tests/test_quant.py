@@ -32,7 +32,7 @@ def test_int4_holds_grouped_4bit_weights_exactly_and_computes_with_them():
     linear, weight = grouped_4bit_linear()
     quantized = Int4Linear(linear)
     assert torch.equal(quantized.dequantized(), weight)
-    x = torch.randn(2, 2, 96)  # 4 rows: the quantised weights
+    x = torch.randn(1, QUANTISED_ROWS, 96)  # the quantised weights
     assert torch.allclose(quantized(x), x @ weight.T, atol=1e-4)
 
 

@@ -341,6 +341,38 @@ def test_draft_policy_prefers_the_faster_way_and_probes_the_others_less_and_less
     assert policy.choose(1) == "denoiser" and policy.rates[1]["ar"] is None
 
 
+def test_a_policy_with_a_prior_starts_on_the_best_way_it_knows_and_still_probes():
+    prior = {"ar": (10.0, 0.0, 4), "denoiser": (4.0, 1.5, 2)}  # lookup never measured
+    policy = DraftPolicy(batch=1, ways=("denoiser", "lookup", "ar"), probe_every=4, prior=prior)
+    assert policy.draft_length(0, "denoiser", room=16) == 5  # from the prior's accepted run
+    picks = [policy.choose(0, lookup_available=False) for _ in range(1)]
+    assert picks == ["ar"]  # no first try of every way: the prior's best
+    assert policy.choose(0, lookup_available=True) == "lookup"  # an unmeasured way is still tried
+    for _ in range(6):
+        way = policy.choose(0, lookup_available=False)
+        picks.append(way)
+        policy.record(0, way, tokens=1, cost=0.1 if way == "ar" else 0.3)
+    assert "denoiser" in picks  # probed after probe_every cycles
+    waited = DraftPolicy(batch=1, ways=("denoiser", "ar"), probe_every=4, prior={**prior, "denoiser": (4.0, 1.5, 64)})
+    assert waited.wait[0] == {"denoiser": 64, "ar": 4}  # a way that kept losing is probed as rarely as it ended
+
+
+def test_unseeded_verify_runs_leave_their_measurements_to_the_next_and_seeded_runs_neither_read_nor_write():
+    model = tiny_two_tower()
+    perturb_trained(model)
+    ids, mask = left_pad(PROMPTS, 0)
+    seeded = dict(max_new_tokens=12, temperature=0.8, seed=3)
+    first = generate_verify(model, ids, mask, **seeded)
+    assert getattr(model, "draft_memory", None) is None
+    generate_verify(model, ids[:1], mask[:1], max_new_tokens=12)
+    memory = model.draft_memory
+    (key,) = [k for k in memory.seen if k[0] == "rows"]
+    assert key[-1] == 1 and set(memory.seen[key]) <= {"denoiser", "lookup", "ar"} and memory.seen[key]
+    again = generate_verify(model, ids[:1], mask[:1], max_new_tokens=12)  # greedy: the same tokens
+    assert again.tokens == generate_ar(model, ids[:1], mask[:1], max_new_tokens=12).tokens
+    assert generate_verify(model, ids, mask, **seeded).tokens == first.tokens
+
+
 def test_draft_length_follows_the_accepted_run():
     policy = DraftPolicy(batch=1, ways=("denoiser", "lookup", "ar"))
     assert policy.draft_length(0, "denoiser", room=16) == 2  # untried: a short first draft

@@ -15,11 +15,13 @@ The kernels are PyTorch's own CPU ones (`aten._weight_int4pack_mm_for_cpu`,
 `aten._weight_int8pack_mm`, as gpt-fast and torchao use them), so there is nothing to build.
 They unpack the weights again for every row of the input, so their cost grows with the rows
 of a pass (measured on 2 Sapphire Rapids cores, a 576 x 1536 projection in bf16: int4 78 us at
-1 row, 120 at 4, 217 at 8, 494 at 17, where dense bf16 takes 160-230 us at any of these). A
-quantised layer therefore keeps the dense weights too and uses them for passes of more than
-`QUANTISED_ROWS` rows (verify mode's passes over a draft, batches): the quantised weights
-serve what is bound by reading weights (one token of one or a few rows), the dense ones what
-is bound by arithmetic. Inference only: a quantised model neither trains nor saves.
+1 row, 120 at 4, 217 at 8, 494 at 17, where dense bf16 takes 160-230 us at any of these; a
+whole context pass of the default model with int4: 20.3 ms over 1 position, 23.3 over 2, 46.1
+over 4, where dense took 45-48 ms over each). A quantised layer therefore keeps the dense
+weights too and uses them for passes of more than `QUANTISED_ROWS` rows (verify mode's
+passes over a draft, batches): the quantised weights serve what is bound by reading weights
+(one token of one or two rows), the dense ones what is bound by arithmetic. Inference only:
+a quantised model neither trains nor saves.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from twotower.config import WEIGHT_FORMATS, TwoTowerError
 
 GROUP = 32  # int4 group along the input axis (the GGUF's Q4_1 block)
 ROWS = 16  # the int4 kernel packs output channels in sixteens
-QUANTISED_ROWS = 4  # passes of at most this many rows (batch x positions) use the quantised weights
+QUANTISED_ROWS = 2  # passes of at most this many rows (batch x positions) use the quantised weights (measured above)
 
 
 def fits_int4(linear: nn.Linear) -> bool:

@@ -75,6 +75,33 @@ def _llama_cpp_baselines(gguf: str, prompts, max_new_tokens: int, threads: int, 
     return found
 
 
+def interleaved(model, prompts, points, batch: int, max_new_tokens: int, eos, bar=None) -> dict:
+    """Every point over the prompts, in batches of `batch`, taking the points in turn on each
+    batch of prompts (A B A B ...), so that a machine whose speed drifts during the run moves
+    every point alike and their ratios stay meaningful. Returns point -> (replies, totals)."""
+    found = {point: ([], {}) for point in points}
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
+        for point in points:
+            if bar is not None:
+                bar.set_postfix_str(f"{point.label} batch={batch}")
+            replies, totals = generate_replies(model, None, chunk, [max_new_tokens] * len(chunk), point, batch, eos)
+            found[point][0].extend(replies)
+            _sum_into(found[point][1], totals)
+            if bar is not None:
+                bar.update(1)
+    return found
+
+
+def _sum_into(total: dict, part: dict) -> None:
+    """Add a batch's figures (numbers, and dicts of them: verify's draft sources) into a total."""
+    for key, value in part.items():
+        if isinstance(value, dict):
+            _sum_into(total.setdefault(key, {}), value)
+        else:
+            total[key] = total.get(key, 0) + value
+
+
 PASS_WIDTHS = (1, 2, 4, 8, 16, 17)
 
 
@@ -137,8 +164,8 @@ def run_bench(
     eos = eos or []
     pad = eos[0] if eos else 0
     rows, notes = [], []
-    steps = len(points) * len(batch_sizes)
-    bar = tqdm(total=steps, desc="bench", unit="run", disable=not progress)
+    steps = len(points) * sum(len(range(0, len(prompts), b)) for b in batch_sizes)
+    bar = tqdm(total=steps, desc="bench", unit="batch", disable=not progress)
     generate(model, "ar", prompts[:1], max_new_tokens=4)  # warm-up (allocator, threads)
     costs = pass_cost(model, prompts[0])
     for batch in batch_sizes:
@@ -164,9 +191,9 @@ def run_bench(
                     "AMX is not granted: rebuild with CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX512=ON', README: Measure)"
                 )
         ar_tps, ar_replies = None, None
+        measured = interleaved(model, prompts, points, batch, max_new_tokens, eos, bar)
         for point in points:
-            bar.set_postfix_str(f"{point.label} batch={batch}")
-            replies, totals = generate_replies(model, None, prompts, [max_new_tokens] * len(prompts), point, batch, eos)
+            replies, totals = measured[point]
             tps = totals["new_tokens"] / max(totals["seconds"], 1e-9)
             if point == AR:
                 ar_tps, ar_replies = tps, replies
@@ -195,7 +222,6 @@ def run_bench(
             for name, base in baselines.items():
                 row[f"speedup_vs_{name}"] = tps / base["tokens_per_second"]
             rows.append(row)
-            bar.update(1)
         for name, base in baselines.items():
             rows.append({"point": name, "mode": name, "batch_size": batch, **base})
     bar.close()

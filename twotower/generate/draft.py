@@ -9,6 +9,8 @@ chooses between the sources per row.
   also returns the law each kept token was drawn from, which the accept/reject rule needs;
 - `DraftPolicy`: per row, an EMA of committed tokens per unit of cost for each source, the
   fastest used, the others re-tried with a doubling wait; draft lengths follow the accepted run.
+  A row may start from what earlier requests measured (`DraftMemory`) instead of trying every
+  source first, which on a short reply costs more than it can gain.
 """
 
 from __future__ import annotations
@@ -84,6 +86,39 @@ def denoiser_draft(model, cache, pending, width: int, settings, generator, steps
     return block[:, 1:], q, length, passes
 
 
+class DraftMemory:
+    """What earlier requests measured of each way, per setting (the ways, block size, threshold
+    and batch size; kept on the model): the mean of the rates, accepted runs and probe waits
+    their rows ended with, so that a request neither tries again every way nor probes a way
+    that keeps losing as often as a first request must. Only for unseeded runs, whose costs
+    are wall-clock seconds anyway (a seeded run must not depend on what ran before it)."""
+
+    def __init__(self):
+        self.seen: dict[tuple, dict[str, tuple[float, float, float]]] = {}
+
+    def prior(self, key) -> dict[str, tuple[float, float, float]]:
+        """way -> (rate, accepted, wait) measured under this setting so far (empty: none)."""
+        return dict(self.seen.get(key, {}))
+
+    def add(self, key, rates: dict, accepted: dict, waits: dict, weight: float = 0.5) -> None:
+        """Fold in one finished row's rates, accepted runs and waits (ways it never used are skipped)."""
+        known = self.seen.setdefault(key, {})
+        for way, rate in rates.items():
+            if rate is None:
+                continue
+            new = (rate, accepted.get(way) or 0.0, float(waits[way]))
+            old = known.get(way)
+            known[way] = new if old is None else tuple(weight * o + (1 - weight) * n for o, n in zip(old, new))
+
+
+def draft_memory(model) -> DraftMemory:
+    """The model's DraftMemory (made on first use)."""
+    memory = getattr(model, "draft_memory", None)
+    if memory is None:
+        memory = model.draft_memory = DraftMemory()
+    return memory
+
+
 class DraftPolicy:
     """Per row, for each way of drafting ("denoiser", "lookup", "ar" = no draft): an EMA of
     committed tokens per unit of cost (seconds), and an EMA of accepted drafts per cycle.
@@ -94,7 +129,9 @@ class DraftPolicy:
     wait (up to `max_wait`), so probing costs little once the best way is clear, and a way
     that wins a probe is back in use at once. Drafts start at 2 tokens and then are as long as
     twice the recent accepted run plus two (at most the room left): every drafted position
-    costs the context tower (and the denoiser) work, so a draft rarely accepted stays short."""
+    costs the context tower (and the denoiser) work, so a draft rarely accepted stays short.
+    prior: way -> (rate, accepted, wait) that every row starts from (`DraftMemory.prior`); a
+    way in it counts as tried, and waits as long as earlier rows ended up waiting for it."""
 
     def __init__(
         self,
@@ -104,14 +141,17 @@ class DraftPolicy:
         decay: float = 0.7,
         max_wait: int = 256,
         first_length: int = 2,
+        prior: dict[str, tuple[float, float, float]] | None = None,
     ):
         self.ways, self.probe_every, self.decay, self.max_wait = ways, probe_every, decay, max_wait
         self.first_length = first_length
         self.every = tuple(dict.fromkeys([*ways, "ar"]))  # a forced source still falls back to AR steps
-        self.rates = [dict.fromkeys(self.every) for _ in range(batch)]
-        self.accepted = [dict.fromkeys(self.every) for _ in range(batch)]
+        prior = {w: v for w, v in (prior or {}).items() if w in self.every}
+        self.rates = [{w: prior[w][0] if w in prior else None for w in self.every} for _ in range(batch)]
+        self.accepted = [{w: prior[w][1] if w in prior else None for w in self.every} for _ in range(batch)]
         self.last_used = [dict.fromkeys(self.every, -1) for _ in range(batch)]
-        self.wait = [dict.fromkeys(self.every, probe_every) for _ in range(batch)]
+        start_wait = {w: max(probe_every, int(prior[w][2])) if w in prior else probe_every for w in self.every}
+        self.wait = [dict(start_wait) for _ in range(batch)]
         self.cycles = [0] * batch
 
     ROW_FIELDS = ("rates", "accepted", "last_used", "wait", "cycles")  # one entry per row each

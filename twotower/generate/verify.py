@@ -33,7 +33,7 @@ import torch
 
 from twotower.config import DRAFT_SOURCES, TwoTowerError
 from twotower.generate.common import Decoder, drive, select_rows, start_run
-from twotower.generate.draft import DraftPolicy, denoiser_draft, lookup_draft, one_hot_law, target_probs
+from twotower.generate.draft import DraftPolicy, denoiser_draft, draft_memory, lookup_draft, one_hot_law, target_probs
 from twotower.generate.sampling import sample_tokens
 
 __all__ = ["DRAFT_SOURCES", "DraftPolicy", "accept_drafts", "lookup_draft", "target_probs", "verify_stream"]
@@ -190,11 +190,17 @@ class VerifyDecoder(Decoder):
         self.history = [row[mask.bool()].tolist() for row, mask in zip(run.ids, run.attention_mask)]
         for b, token in enumerate(self.pending.tolist()):
             self.history[b].append(token)
-        self.policy = DraftPolicy(run.batch, self.ways, self.probe_every)
+        # Unseeded, a row starts from what earlier requests with these settings measured.
+        self.memory = draft_memory(self.model) if run.generator is None else None
+        key = (self.ways, s.block_size, s.confidence_threshold, run.batch)
+        self.memory_keys = {"rows": ("rows", *key), "gate": ("gate", *key)}
+        prior = lambda name: self.memory.prior(self.memory_keys[name]) if self.memory is not None else None
+        self.policy = DraftPolicy(run.batch, self.ways, self.probe_every, prior=prior("rows"))
         # With several rows, one pass serves them all and its cost grows with the longest draft,
         # so a batch-level gate (the same rule over "draft" and "ar" cycles, measured in committed
         # tokens of the whole batch per second) decides whether a cycle drafts at all.
-        self.batch_gate = DraftPolicy(1, ("draft", "ar"), self.probe_every) if self.draft == "auto" else None
+        gate = DraftPolicy(1, ("draft", "ar"), self.probe_every, prior=prior("gate")) if self.draft == "auto" else None
+        self.batch_gate = gate
         yield run.emit([[t] for t in self.pending.tolist()])
 
     def cycle(self):
@@ -230,7 +236,19 @@ class VerifyDecoder(Decoder):
             for b in active:
                 passes = 1 + (drafts.passes if drafts.source[b] == "denoiser" else 0)
                 self.policy.record(b, drafts.source[b], len(new[b]), cost if cost is not None else passes, accepted[b])
+        self.remember([b for b in active if run.room(b) == 0])
         yield event
+
+    def remember(self, rows: list[int]) -> None:
+        """Rows that just finished leave what they measured to the model's DraftMemory (the
+        batch gate's, with the last row of the batch)."""
+        if self.memory is None:
+            return
+        for b in rows:
+            self.memory.add(self.memory_keys["rows"], self.policy.rates[b], self.policy.accepted[b], self.policy.wait[b])
+        gate = self.batch_gate
+        if gate is not None and rows and self.run.finished:
+            self.memory.add(self.memory_keys["gate"], gate.rates[0], gate.accepted[0], gate.wait[0])
 
     def join(self, other: VerifyDecoder) -> None:
         self.cache.join(other.cache)
