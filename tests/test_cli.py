@@ -191,4 +191,5 @@ def test_weights_option_quantises_generate_and_eval_compares_with_the_dense_ar(t
     report = json.loads(report_file.read_text())
     assert [p["point"] for p in report["points"]] == ["ar dense", "ar", "mock-ar"]
     assert report["points"][0]["exact_match"] == 1.0 and report["environment"]["weights"] == "int8"
+    assert any("--batch-size 1 measures the int8 weights alone" in n for n in report["notes"])  # batch 8: a mix
     capsys.readouterr()

@@ -93,12 +93,21 @@ def evaluate(
     weights="dense",
 ) -> dict:
     """weights int8 / int4: the modes run on the quantised model, and AR greedy on the dense
-    weights is the reference (row "ar dense"), so the quantised AR's row shows its retention."""
+    weights is the reference (row "ar dense"), so the quantised AR's row shows its retention
+    (batch_size 1 or 2: wider passes run on the dense weights, twotower/quant.py)."""
+    from twotower.quant import QUANTISED_ROWS
+
     model, tokenizer, encode, eos = _load(model_ref, dtype, weights)
     dense = None if weights == "dense" else _load(model_ref, dtype)[0]
+    notes = []
+    if dense is not None and batch_size > QUANTISED_ROWS:
+        notes.append(
+            f"batch size {batch_size}: passes of more than {QUANTISED_ROWS} rows run on the dense weights, so the "
+            f"{weights} rows measure a mix; --batch-size 1 measures the {weights} weights alone"
+        )
     tasks = select_tasks(load_prompts(prompts_file) if prompts_file else suite_tasks(suites), per_category)
     points = operating_points(modes, block_sizes, thresholds, temperatures, model.config.block_size)
-    judge_model, notes = None, []
+    judge_model = None
     if judge and any(t.check == "none" for t in tasks):
         from twotower.config import TwoTowerError
         from twotower.eval.judge import Judge
