@@ -90,16 +90,18 @@ def generate_replies(
                 replies[i] = Reply(toks, text, result.row_nfe[row])
             for key in ("seconds", "new_tokens", "nfe", "denoiser_passes", "context_passes"):
                 totals[key] += getattr(result, key)
-            _add_counts(totals, result.details)
+            add_counts(totals, result.details)
             if bar is not None:
                 bar.update(len(group))
     return replies, totals
 
 
-def _add_counts(totals: dict, details: dict) -> None:
-    """Sum a mode's integer statistics (verify: cycles, drafted, draft sources) over batches."""
-    for key, value in details.items():
-        if isinstance(value, int):
+def add_counts(totals: dict, part: dict, numbers=(int,)) -> None:
+    """Sum a part's numbers of these types, and dicts of them, into a total; other values are
+    left out (a mode's integer statistics, verify's cycles, drafted and draft sources, summed
+    over batches without its ratios; the benchmark sums whole totals, seconds included)."""
+    for key, value in part.items():
+        if isinstance(value, dict):
+            add_counts(totals.setdefault(key, {}), value, numbers)
+        elif isinstance(value, numbers):
             totals[key] = totals.get(key, 0) + value
-        elif isinstance(value, dict):
-            _add_counts(totals.setdefault(key, {}), value)

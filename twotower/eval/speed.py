@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from twotower.eval import metrics
-from twotower.eval.points import AR, OperatingPoint, generate_replies
+from twotower.eval.points import AR, OperatingPoint, add_counts, generate_replies
 from twotower.generate import generate
 
 LOOKUP_TOKENS = 10  # draft length of the prompt-lookup baselines (transformers' and llama.cpp's default)
@@ -87,19 +87,10 @@ def interleaved(model, prompts, points, batch: int, max_new_tokens: int, eos, ba
                 bar.set_postfix_str(f"{point.label} batch={batch}")
             replies, totals = generate_replies(model, None, chunk, [max_new_tokens] * len(chunk), point, batch, eos)
             found[point][0].extend(replies)
-            _sum_into(found[point][1], totals)
+            add_counts(found[point][1], totals, numbers=(int, float))
             if bar is not None:
                 bar.update(1)
     return found
-
-
-def _sum_into(total: dict, part: dict) -> None:
-    """Add a batch's figures (numbers, and dicts of them: verify's draft sources) into a total."""
-    for key, value in part.items():
-        if isinstance(value, dict):
-            _sum_into(total.setdefault(key, {}), value)
-        else:
-            total[key] = total.get(key, 0) + value
 
 
 PASS_WIDTHS = (1, 2, 4, 8, 16, 17)

@@ -192,15 +192,14 @@ class VerifyDecoder(Decoder):
             self.history[b].append(token)
         # Unseeded, a row starts from what earlier requests with these settings measured.
         self.memory = draft_memory(self.model) if run.generator is None else None
-        key = (self.ways, s.block_size, s.confidence_threshold, run.batch)
-        self.memory_keys = {"rows": ("rows", *key), "gate": ("gate", *key)}
-        prior = lambda name: self.memory.prior(self.memory_keys[name]) if self.memory is not None else None
-        self.policy = DraftPolicy(run.batch, self.ways, self.probe_every, prior=prior("rows"))
+        self.setting = (self.ways, s.block_size, s.confidence_threshold, run.batch)  # what the memory is kept by
+        self.policy = DraftPolicy(run.batch, self.ways, self.probe_every, prior=self.prior("rows"))
         # With several rows, one pass serves them all and its cost grows with the longest draft,
         # so a batch-level gate (the same rule over "draft" and "ar" cycles, measured in committed
         # tokens of the whole batch per second) decides whether a cycle drafts at all.
-        gate = DraftPolicy(1, ("draft", "ar"), self.probe_every, prior=prior("gate")) if self.draft == "auto" else None
-        self.batch_gate = gate
+        self.batch_gate = None
+        if self.draft == "auto":
+            self.batch_gate = DraftPolicy(1, ("draft", "ar"), self.probe_every, prior=self.prior("gate"))
         yield run.emit([[t] for t in self.pending.tolist()])
 
     def cycle(self):
@@ -239,16 +238,21 @@ class VerifyDecoder(Decoder):
         self.remember([b for b in active if run.room(b) == 0])
         yield event
 
+    def prior(self, kind: str):
+        """What the model's DraftMemory holds for this setting: of the rows ("rows") or of the
+        batch gate ("gate"); None for a seeded run."""
+        return None if self.memory is None else self.memory.prior((kind, *self.setting))
+
     def remember(self, rows: list[int]) -> None:
         """Rows that just finished leave what they measured to the model's DraftMemory (the
         batch gate's, with the last row of the batch)."""
         if self.memory is None:
             return
+        policy, gate = self.policy, self.batch_gate
         for b in rows:
-            self.memory.add(self.memory_keys["rows"], self.policy.rates[b], self.policy.accepted[b], self.policy.wait[b])
-        gate = self.batch_gate
+            self.memory.add(("rows", *self.setting), policy.rates[b], policy.accepted[b], policy.wait[b])
         if gate is not None and rows and self.run.finished:
-            self.memory.add(self.memory_keys["gate"], gate.rates[0], gate.accepted[0], gate.wait[0])
+            self.memory.add(("gate", *self.setting), gate.rates[0], gate.accepted[0], gate.wait[0])
 
     def join(self, other: VerifyDecoder) -> None:
         self.cache.join(other.cache)
