@@ -13,6 +13,7 @@ from conftest import PROMPTS, VOCAB, perturb_trained, tiny_two_tower
 
 from twotower import GenerationSettings, TwoTowerError, generate_ar, generate_verify
 from twotower.generate.common import left_pad
+from twotower.generate.draft import DraftMemory, static_cost
 from twotower.generate.verify import DraftPolicy, accept_drafts, lookup_draft, target_probs
 
 DRAFTS = ["auto", "denoiser", "lookup", "ar"]
@@ -49,10 +50,10 @@ def test_greedy_verify_batch_one_equals_ar(draft):
 
 
 def test_verify_with_an_untrained_denoiser_accepts_its_drafts_first_token():
-    """Shifted layout: an untrained denoiser's first draft token is the AR choice, so every
-    denoiser cycle accepts at least that token; a perturbed one gets rejections too, and
-    the output is still AR's."""
-    untrained = generate_verify(_model(), PROMPTS[:1], max_new_tokens=24, draft="denoiser")
+    """Shifted layout: in a one-token draft (block size 2) an untrained denoiser reads
+    [anchor, pending], as the context tower does, so its draft is the AR choice and every
+    denoiser cycle accepts it; a perturbed one gets rejections too, and the output is still AR's."""
+    untrained = generate_verify(_model(), PROMPTS[:1], max_new_tokens=24, draft="denoiser", block_size=2)
     assert untrained.details["draft_sources"]["denoiser"] > 0
     assert untrained.details["accepted_drafts"] >= untrained.details["draft_sources"]["denoiser"]
     perturbed_model = _model(trained=True)
@@ -342,9 +343,12 @@ def test_draft_policy_prefers_the_faster_way_and_probes_the_others_less_and_less
 
 
 def test_a_policy_with_a_prior_starts_on_the_best_way_it_knows_and_still_probes():
-    prior = {"ar": (10.0, 0.0, 4), "denoiser": (4.0, 1.5, 2)}  # lookup never measured
+    prior = {"ar": (10.0, None, 4), "denoiser": (4.0, 0.9, 2)}  # lookup never measured
     policy = DraftPolicy(batch=1, ways=("denoiser", "lookup", "ar"), probe_every=4, prior=prior)
-    assert policy.draft_length(0, "denoiser", room=16) == 5  # from the prior's accepted run
+    doubtful = DraftPolicy(batch=1, ways=("denoiser", "ar"), prior={**prior, "denoiser": (4.0, 0.05, 2)})
+    # from the prior's acceptance: drafts that were accepted are long at once, the others short
+    fresh = DraftPolicy(1, ("denoiser",)).draft_length(0, "denoiser", 16)
+    assert policy.draft_length(0, "denoiser", room=16) > fresh > doubtful.draft_length(0, "denoiser", room=16)
     picks = [policy.choose(0, lookup_available=False) for _ in range(1)]
     assert picks == ["ar"]  # no first try of every way: the prior's best
     assert policy.choose(0, lookup_available=True) == "lookup"  # an unmeasured way is still tried
@@ -353,7 +357,7 @@ def test_a_policy_with_a_prior_starts_on_the_best_way_it_knows_and_still_probes(
         picks.append(way)
         policy.record(0, way, tokens=1, cost=0.1 if way == "ar" else 0.3)
     assert "denoiser" in picks  # probed after probe_every cycles
-    waited = DraftPolicy(batch=1, ways=("denoiser", "ar"), probe_every=4, prior={**prior, "denoiser": (4.0, 1.5, 64)})
+    waited = DraftPolicy(batch=1, ways=("denoiser", "ar"), probe_every=4, prior={**prior, "denoiser": (4.0, 0.9, 64)})
     assert waited.wait[0] == {"denoiser": 64, "ar": 4}  # a way that kept losing is probed as rarely as it ended
 
 
@@ -373,16 +377,45 @@ def test_unseeded_verify_runs_leave_their_measurements_to_the_next_and_seeded_ru
     assert generate_verify(model, ids, mask, **seeded).tokens == first.tokens
 
 
-def test_draft_length_follows_the_accepted_run():
-    policy = DraftPolicy(batch=1, ways=("denoiser", "lookup", "ar"))
-    assert policy.draft_length(0, "denoiser", room=16) == 2  # untried: a short first draft
-    assert policy.draft_length(0, "ar", room=16) == 0
-    policy.record(0, "denoiser", tokens=1, cost=1.0, accepted=0)
-    assert policy.draft_length(0, "denoiser", room=16) == 2  # rejected drafts stay short
-    for _ in range(10):
-        policy.record(0, "denoiser", tokens=9, cost=1.0, accepted=8)
-    assert policy.draft_length(0, "denoiser", room=16) == 16
-    assert policy.draft_length(0, "denoiser", room=5) == 5
+def test_a_draft_is_as_long_as_pays_for_what_a_wider_pass_costs():
+    dear = lambda width, denoiser: 1.0 if width <= 2 else 2.2  # int4 weights: 3+ positions take the dense ones
+    cheap = lambda width, denoiser: 1.0 + (width - 1) / 100  # wide passes nearly free
+    policies = {
+        name: DraftPolicy(batch=1, ways=("denoiser", "lookup", "ar"), cost=cost)
+        for name, cost in (("dear", dear), ("cheap", cheap))
+    }
+    for policy in policies.values():
+        assert policy.draft_length(0, "ar", room=16) == 0
+        assert policy.draft_length(0, "lookup", room=0) == 0
+    assert policies["dear"].draft_length(0, "lookup", room=16) == 1  # acceptance unknown (1/2): not worth 2.2x
+    assert policies["cheap"].draft_length(0, "lookup", room=16) > 4
+    for policy in policies.values():
+        for _ in range(10):
+            policy.record(0, "lookup", tokens=9, cost=1.0, accepted=8, drafted=8)
+        assert policy.draft_length(0, "lookup", room=16) == 16  # accepted every time: as long as there is room
+        assert policy.draft_length(0, "lookup", room=5) == 5
+        for _ in range(10):
+            policy.record(0, "lookup", tokens=1, cost=1.0, accepted=0, drafted=4)
+        assert policy.acceptance(0, "lookup") < 0.5  # a recent rejection counts more than an old acceptance
+    assert policies["dear"].draft_length(0, "lookup", room=16) == 1  # rejected: one token, the cheapest probe
+    assert policies["cheap"].draft_length(0, "lookup", room=16) < 8
+
+
+def test_the_draft_memory_measures_what_each_pass_width_costs():
+    memory = DraftMemory()
+    assert memory.cycle_cost(1) is static_cost  # nothing measured yet: counted in passes
+    assert static_cost(17, False) == 2.0 and static_cost(1, True) == 2.0
+    memory.add_cycle(1, 1, 0.020, None)
+    memory.add_cycle(1, 9, 0.040, None)
+    cost = memory.cycle_cost(1)
+    assert cost(1, False) == 0.020 and cost(9, False) == 0.040
+    assert cost(5, False) == pytest.approx(0.030)  # between measured widths: linear
+    assert cost(17, False) == 0.040  # past them: flat, so that a wider pass gets tried
+    assert cost(1, True) == pytest.approx(0.040)  # a denoiser draft, until measured, as dear as a one-position pass
+    memory.add_cycle(1, 1, 0.030, 0.005)
+    assert cost(1, False) == pytest.approx(0.7 * 0.020 + 0.3 * 0.030)  # a mean that follows the machine
+    assert cost(1, True) == pytest.approx(cost(1, False) + 0.005)
+    assert memory.cycle_cost(8) is static_cost  # per batch size
 
 
 def test_accept_rule_greedy_counts_the_matching_prefix():

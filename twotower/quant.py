@@ -14,13 +14,15 @@ make it faster:
 The kernels are PyTorch's own CPU ones (`aten._weight_int4pack_mm_for_cpu`,
 `aten._weight_int8pack_mm`, as gpt-fast and torchao use them), so there is nothing to build.
 They unpack the weights again for every row of the input, so their cost grows with the rows
-of a pass (measured on 2 Sapphire Rapids cores, a 576 x 1536 projection in bf16: int4 78 us at
-1 row, 120 at 4, 217 at 8, 494 at 17, where dense bf16 takes 160-230 us at any of these; a
-whole context pass of the default model with int4: 20.3 ms over 1 position, 23.3 over 2, 46.1
-over 4, where dense took 45-48 ms over each). A quantised layer therefore keeps the dense
-weights too and uses them for passes of more than `QUANTISED_ROWS` rows (verify mode's
-passes over a draft, batches): the quantised weights serve what is bound by reading weights
-(one token of one or two rows), the dense ones what is bound by arithmetic. Inference only:
+of a pass. Measured on 2 Sapphire Rapids cores in bf16, a whole context pass of the default
+model: int4 21 ms over 1 position, 24-27 over 2-4, 37-40 over 5-8, 54-65 over 9-16, where
+dense took 44-49 ms over each of these. A quantised layer therefore keeps the dense weights
+too and uses them for passes of more than `QUANTISED_ROWS` rows (long drafts, wide batches,
+prompts): the quantised weights serve what is bound by reading weights, the dense ones what
+is bound by arithmetic. A pass of at most that many rows gives every row the logits of a
+one-row pass, bit for bit (each row is unpacked and summed alike), so verify mode keeps its
+passes that narrow on a quantised model and stays token for token its AR output
+(`TwoTowerForCausalLM.exact_rows`). Inference only:
 a quantised model neither trains nor saves.
 """
 
@@ -34,7 +36,7 @@ from twotower.config import WEIGHT_FORMATS, TwoTowerError
 
 GROUP = 32  # int4 group along the input axis (the GGUF's Q4_1 block)
 ROWS = 16  # the int4 kernel packs output channels in sixteens
-QUANTISED_ROWS = 2  # passes of at most this many rows (batch x positions) use the quantised weights (measured above)
+QUANTISED_ROWS = 8  # passes of at most this many rows (batch x positions) use the quantised weights (measured above)
 
 
 def fits_int4(linear: nn.Linear) -> bool:

@@ -119,6 +119,19 @@ class Family(Protocol):
     def empty_states(self, backbone: nn.Module, batch: int) -> list: ...
 
 
+KEY_WINDOW = 64
+
+
+def key_window(slots: int) -> int:
+    """How many key slots a context-tower pass over a cache of `slots` slots attends over: the
+    slots rounded up to a multiple of KEY_WINDOW, the ones past them masked. The kernels reduce
+    a query over its keys in an order that depends on how many keys there are, but not on how
+    many queries share the pass (measured: bf16 SDPA and matmuls on CPU). So a position's
+    logits are the same, bit for bit, in a one-token AR step and in a verify pass over a draft,
+    as long as both see the same window: verify mode keeps its passes inside one window."""
+    return -(-slots // KEY_WINDOW) * KEY_WINDOW
+
+
 class AttentionState:
     """An attention layer's cache: post-RoPE keys and values, (B, Hkv, T, D) each.
 
@@ -150,26 +163,29 @@ class AttentionState:
         return self.buf_k.shape[2]
 
     def reserve(self, slots: int) -> None:
-        """Room for `slots` more keys without reallocating."""
-        need = self.length + slots
+        """Room for `slots` more keys, and for the key window over them, without reallocating.
+        Slots past the ones in use hold zeros or dropped drafts: finite, and masked."""
+        need = key_window(self.length + slots)
         if need <= self.capacity:
             return
-        size = max(need, 2 * self.capacity, 64)
-        grown_k = self.buf_k.new_empty(*self.buf_k.shape[:2], size, self.buf_k.shape[3])
-        grown_v = self.buf_v.new_empty(*self.buf_v.shape[:2], size, self.buf_v.shape[3])
+        size = max(need, key_window(2 * self.capacity))
+        grown_k = self.buf_k.new_zeros(*self.buf_k.shape[:2], size, self.buf_k.shape[3])
+        grown_v = self.buf_v.new_zeros(*self.buf_v.shape[:2], size, self.buf_v.shape[3])
         grown_k[:, :, : self.length] = self.k
         grown_v[:, :, : self.length] = self.v
         self.buf_k, self.buf_v = grown_k, grown_v
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write a pass's own K,V (B, Hkv, n, D) after the slots in use, in place; returns the
-        keys and values over every slot now in use."""
+        keys and values over the key window of the slots now in use (`key_window`: the pass's
+        mask hides the slots past them)."""
         n = k.shape[2]
         self.reserve(n)
         self.buf_k[:, :, self.length : self.length + n] = k
         self.buf_v[:, :, self.length : self.length + n] = v
         self.length += n
-        return self.k, self.v
+        window = key_window(self.length)
+        return self.buf_k[:, :, :window], self.buf_v[:, :, :window]
 
     def append(self, new: AttentionState) -> AttentionState:
         """This state after a pass: itself when the pass extended it in place, else a copy with
@@ -205,7 +221,7 @@ class AttentionState:
         if left_other + other.length != length:
             raise ValueError("joined attention states must line up to one length")
         batch = self.k.shape[0] + other.k.shape[0]
-        k = self.buf_k.new_zeros(batch, self.k.shape[1], max(length, 64), self.k.shape[3])
+        k = self.buf_k.new_zeros(batch, self.k.shape[1], key_window(length), self.k.shape[3])
         v = torch.zeros_like(k)
         for first, state, left in ((0, self, left_self), (self.k.shape[0], other, left_other)):
             rows = slice(first, first + state.k.shape[0])

@@ -94,7 +94,7 @@ def evaluate(
 ) -> dict:
     """weights int8 / int4: the modes run on the quantised model, and AR greedy on the dense
     weights is the reference (row "ar dense"), so the quantised AR's row shows its retention
-    (batch_size 1 or 2: wider passes run on the dense weights, twotower/quant.py)."""
+    (passes of more than quant.QUANTISED_ROWS rows run on the dense weights, twotower/quant.py)."""
     from twotower.quant import QUANTISED_ROWS
 
     model, tokenizer, encode, eos = _load(model_ref, dtype, weights)

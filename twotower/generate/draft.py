@@ -8,9 +8,11 @@ chooses between the sources per row.
   keeping the left-to-right run of slots above the confidence threshold; with sampling it
   also returns the law each kept token was drawn from, which the accept/reject rule needs;
 - `DraftPolicy`: per row, an EMA of committed tokens per unit of cost for each source, the
-  fastest used, the others re-tried with a doubling wait; draft lengths follow the accepted run.
-  A row may start from what earlier requests measured (`DraftMemory`) instead of trying every
-  source first, which on a short reply costs more than it can gain.
+  fastest used, the others re-tried with a doubling wait; a draft is as long as pays, from how
+  often the source's tokens are accepted and what a pass over so many positions costs.
+  A row may start from what earlier requests measured (`DraftMemory`: rates, acceptance, the
+  seconds of each pass width) instead of trying every source first, which on a short reply
+  costs more than it can gain.
 """
 
 from __future__ import annotations
@@ -86,29 +88,84 @@ def denoiser_draft(model, cache, pending, width: int, settings, generator, steps
     return block[:, 1:], q, length, passes
 
 
-class DraftMemory:
-    """What earlier requests measured of each way, per setting (the ways, block size, threshold
-    and batch size; kept on the model): the mean of the rates, accepted runs and probe waits
-    their rows ended with, so that a request neither tries again every way nor probes a way
-    that keeps losing as often as a first request must. Only for unseeded runs, whose costs
-    are wall-clock seconds anyway (a seeded run must not depend on what ran before it)."""
+def static_cost(width: int, denoiser: bool) -> float:
+    """A cycle's cost in one-position passes where no seconds are measured (a seeded run, or
+    a model's first cycles): the verify pass over `width` positions, a wider one a little
+    dearer (17 positions as 2 one-position passes), plus one pass of the denoiser."""
+    return 1.0 + (width - 1) / 16 + float(denoiser)
 
-    def __init__(self):
+
+def interpolate(points: dict[int, float], x: int) -> float:
+    """Linear between the nearest measured widths; flat past the first and the last."""
+    below = [w for w in points if w <= x]
+    above = [w for w in points if w >= x]
+    if not below or not above:
+        return points[min(above)] if above else points[max(below)]
+    lo, hi = max(below), min(above)
+    if lo == hi:
+        return points[lo]
+    return points[lo] + (points[hi] - points[lo]) * (x - lo) / (hi - lo)
+
+
+class DraftMemory:
+    """What earlier requests measured (kept on the model), for requests that neither try every
+    way again nor probe a way that keeps losing as often as a first request must, and that
+    draft only as far as pays:
+
+    - per setting (the ways, block size, threshold and batch size): the mean of the rates,
+      acceptance and probe waits the rows ended with;
+    - per batch size: the seconds of a verify pass over each width, and of a denoiser draft.
+      A pass's cost depends on the machine, the dtype and the weights (measured, 2 CPU cores,
+      int4 weights: 1.2x a one-position pass over 2 positions, 2.2x over 3, when it turns to
+      the dense weights; dense bf16: 1.0-1.3x over any width up to 17), so it is measured,
+      not assumed.
+
+    Only for unseeded runs, whose costs are wall-clock seconds anyway (a seeded run must not
+    depend on what ran before it)."""
+
+    def __init__(self, decay: float = 0.7):
+        self.decay = decay
         self.seen: dict[tuple, dict[str, tuple[float, float, float]]] = {}
+        self.passes: dict[int, dict[int, float]] = {}  # batch -> width -> seconds of a verify pass
+        self.drafting: dict[int, float] = {}  # batch -> seconds of a denoiser draft
 
     def prior(self, key) -> dict[str, tuple[float, float, float]]:
-        """way -> (rate, accepted, wait) measured under this setting so far (empty: none)."""
+        """way -> (rate, acceptance, wait) measured under this setting so far (empty: none)."""
         return dict(self.seen.get(key, {}))
 
-    def add(self, key, rates: dict, accepted: dict, waits: dict, weight: float = 0.5) -> None:
-        """Fold in one finished row's rates, accepted runs and waits (ways it never used are skipped)."""
+    def add(self, key, rates: dict, acceptance: dict, waits: dict, weight: float = 0.5) -> None:
+        """Fold in one finished row's rates, acceptance and waits (ways it never used are skipped)."""
         known = self.seen.setdefault(key, {})
         for way, rate in rates.items():
             if rate is None:
                 continue
-            new = (rate, accepted.get(way) or 0.0, float(waits[way]))
-            old = known.get(way)
-            known[way] = new if old is None else tuple(weight * o + (1 - weight) * n for o, n in zip(old, new))
+            new = (rate, acceptance[way], float(waits[way]))
+            old = known.get(way, new)
+            mean = lambda o, n: n if o is None else o if n is None else weight * o + (1 - weight) * n
+            known[way] = tuple(mean(o, n) for o, n in zip(old, new))
+
+    def add_cycle(self, batch: int, width: int, pass_seconds: float, draft_seconds: float | None) -> None:
+        """One cycle's verify pass over `width` positions, and its denoiser draft (None: none)."""
+        mean = lambda old, new: new if old is None else self.decay * old + (1 - self.decay) * new
+        widths = self.passes.setdefault(batch, {})
+        widths[width] = mean(widths.get(width), pass_seconds)
+        if draft_seconds is not None:
+            self.drafting[batch] = mean(self.drafting.get(batch), draft_seconds)
+
+    def cycle_cost(self, batch: int):
+        """(width, denoiser) -> seconds of such a cycle at this batch size: the verify pass over
+        `width` positions, interpolated between the widths measured (flat past them, so that an
+        unmeasured width is tried rather than assumed dear), plus a denoiser draft (as dear as a
+        one-position pass until one is measured); `static_cost` while nothing is measured."""
+        widths = self.passes.get(batch)
+        if not widths:
+            return static_cost
+
+        def cost(width: int, denoiser: bool) -> float:
+            drafting = self.drafting.get(batch, interpolate(widths, 1)) if denoiser else 0.0
+            return interpolate(widths, width) + drafting
+
+        return cost
 
 
 def draft_memory(model) -> DraftMemory:
@@ -119,19 +176,31 @@ def draft_memory(model) -> DraftMemory:
     return memory
 
 
+def expected_tokens(acceptance: float, drafts: int) -> float:
+    """Tokens a cycle commits when each of `drafts` draft tokens is accepted with probability
+    `acceptance` given the ones before it: the accepted run plus the context tower's own token."""
+    return sum(acceptance**i for i in range(drafts + 1))
+
+
 class DraftPolicy:
     """Per row, for each way of drafting ("denoiser", "lookup", "ar" = no draft): an EMA of
-    committed tokens per unit of cost (seconds), and an EMA of accepted drafts per cycle.
+    committed tokens per unit of cost (seconds), and how often a drafted token is accepted.
 
     Every way is tried once; then each cycle uses the way with the best rate among those
     available (lookup only when the history offers a match). A way that is not the best is
     re-tried (probed) after `probe_every` cycles; each probe that leaves it behind doubles its
     wait (up to `max_wait`), so probing costs little once the best way is clear, and a way
-    that wins a probe is back in use at once. Drafts start at 2 tokens and then are as long as
-    twice the recent accepted run plus two (at most the room left): every drafted position
-    costs the context tower (and the denoiser) work, so a draft rarely accepted stays short.
-    prior: way -> (rate, accepted, wait) that every row starts from (`DraftMemory.prior`); a
+    that wins a probe is back in use at once.
+
+    A draft is as long as pays best: the length n that makes the most tokens per second, the
+    expected tokens of n drafts (`expected_tokens`, from the row's acceptance of that way) over
+    the cost of a cycle over n + 1 positions, `cost(width, denoiser)` (measured seconds,
+    `DraftMemory.cycle_cost`, or `static_cost`). Where a wider pass is dear (quantised weights)
+    drafts stay short unless they are accepted often; where it is nearly free they grow.
+    prior: way -> (rate, acceptance, wait) that every row starts from (`DraftMemory.prior`); a
     way in it counts as tried, and waits as long as earlier rows ended up waiting for it."""
+
+    PRIOR_TRIALS = 4.0  # how many drafted tokens a prior's acceptance counts as
 
     def __init__(
         self,
@@ -140,21 +209,24 @@ class DraftPolicy:
         probe_every: int = 8,
         decay: float = 0.7,
         max_wait: int = 256,
-        first_length: int = 2,
         prior: dict[str, tuple[float, float, float]] | None = None,
+        cost=static_cost,
+        acceptance_decay: float = 0.7,
     ):
         self.ways, self.probe_every, self.decay, self.max_wait = ways, probe_every, decay, max_wait
-        self.first_length = first_length
+        self.cost, self.acceptance_decay = cost, acceptance_decay
         self.every = tuple(dict.fromkeys([*ways, "ar"]))  # a forced source still falls back to AR steps
         prior = {w: v for w, v in (prior or {}).items() if w in self.every}
         self.rates = [{w: prior[w][0] if w in prior else None for w in self.every} for _ in range(batch)]
-        self.accepted = [{w: prior[w][1] if w in prior else None for w in self.every} for _ in range(batch)]
+        # per way: decayed counts of accepted draft tokens and of draft tokens judged
+        known = {w: (prior[w][1] * self.PRIOR_TRIALS, self.PRIOR_TRIALS) for w in prior if prior[w][1] is not None}
+        self.counts = [{w: known.get(w, (0.0, 0.0)) for w in self.every} for _ in range(batch)]
         self.last_used = [dict.fromkeys(self.every, -1) for _ in range(batch)]
         start_wait = {w: max(probe_every, int(prior[w][2])) if w in prior else probe_every for w in self.every}
         self.wait = [dict(start_wait) for _ in range(batch)]
         self.cycles = [0] * batch
 
-    ROW_FIELDS = ("rates", "accepted", "last_used", "wait", "cycles")  # one entry per row each
+    ROW_FIELDS = ("rates", "counts", "last_used", "wait", "cycles")  # one entry per row each
 
     def join(self, other: DraftPolicy) -> None:
         """Take the rows of another policy (continuous batching)."""
@@ -180,21 +252,36 @@ class DraftPolicy:
         due = [w for w in ways if w != best and now - last[w] >= wait[w]]
         return min(due, key=last.get) if due else best
 
+    def acceptance(self, row: int, way: str) -> float:
+        """How often a drafted token of this way is accepted when the ones before it were
+        (one accepted and one rejected token assumed besides those judged)."""
+        hits, trials = self.counts[row][way]
+        return (hits + 1.0) / (trials + 2.0)
+
     def draft_length(self, row: int, way: str, room: int) -> int:
         if way == "ar" or room <= 0:
             return 0
-        seen = self.accepted[row][way]
-        length = self.first_length if seen is None else int(2 * seen) + 2
-        return max(1, min(room, length))
+        alpha, denoiser = self.acceptance(row, way), way == "denoiser"
+        pays = [expected_tokens(alpha, n) / self.cost(n + 1, denoiser) for n in range(1, room + 1)]
+        return 1 + max(range(len(pays)), key=pays.__getitem__)  # the shortest of the best
 
-    def record(self, row: int, way: str, tokens: int, cost: float, accepted: int = 0) -> None:
-        """A cycle of `way` committed `tokens` (accepting `accepted` drafts) at `cost`."""
+    def record(self, row: int, way: str, tokens: int, cost: float, accepted: int = 0, drafted: int = 0) -> None:
+        """A cycle of `way` committed `tokens` at `cost`, accepting `accepted` of `drafted` drafts."""
         self.last_used[row][way] = self.cycles[row]
         self.cycles[row] += 1
-        for table, value in ((self.rates, tokens / max(cost, 1e-9)), (self.accepted, float(accepted))):
-            old = table[row][way]
-            table[row][way] = value if old is None else self.decay * old + (1 - self.decay) * value
+        old = self.rates[row][way]
+        rate = tokens / max(cost, 1e-9)
+        self.rates[row][way] = rate if old is None else self.decay * old + (1 - self.decay) * rate
+        if drafted:
+            hits, trials = self.counts[row][way]
+            judged = accepted + (1 if accepted < drafted else 0)  # the run, and the token that broke it
+            d = self.acceptance_decay
+            self.counts[row][way] = (d * hits + accepted, d * trials + judged)
         if self._best(row, self.every) == way:
             self.wait[row][way] = self.probe_every
         else:
             self.wait[row][way] = min(2 * self.wait[row][way], self.max_wait)
+
+    def measured_acceptance(self, row: int) -> dict[str, float | None]:
+        """way -> this row's acceptance, None for a way whose drafts were never judged."""
+        return {w: self.acceptance(row, w) if self.counts[row][w][1] else None for w in self.every}

@@ -33,7 +33,15 @@ import torch
 
 from twotower.config import DRAFT_SOURCES, TwoTowerError
 from twotower.generate.common import Decoder, drive, select_rows, start_run
-from twotower.generate.draft import DraftPolicy, denoiser_draft, draft_memory, lookup_draft, one_hot_law, target_probs
+from twotower.generate.draft import (
+    DraftPolicy,
+    denoiser_draft,
+    draft_memory,
+    lookup_draft,
+    one_hot_law,
+    static_cost,
+    target_probs,
+)
 from twotower.generate.sampling import sample_tokens
 
 __all__ = ["DRAFT_SOURCES", "DraftPolicy", "accept_drafts", "lookup_draft", "target_probs", "verify_stream"]
@@ -193,7 +201,9 @@ class VerifyDecoder(Decoder):
         # Unseeded, a row starts from what earlier requests with these settings measured.
         self.memory = draft_memory(self.model) if run.generator is None else None
         self.setting = (self.ways, s.block_size, s.confidence_threshold, run.batch)  # what the memory is kept by
-        self.policy = DraftPolicy(run.batch, self.ways, self.probe_every, prior=self.prior("rows"))
+        # What a cycle of each width costs: measured seconds (unseeded), else counted in passes.
+        cost = static_cost if self.memory is None else self.memory.cycle_cost(run.batch)
+        self.policy = DraftPolicy(run.batch, self.ways, self.probe_every, prior=self.prior("rows"), cost=cost)
         # With several rows, one pass serves them all and its cost grows with the longest draft,
         # so a batch-level gate (the same rule over "draft" and "ar" cycles, measured in committed
         # tokens of the whole batch per second) decides whether a cycle drafts at all.
@@ -206,17 +216,21 @@ class VerifyDecoder(Decoder):
         model, run, s = self.model, self.run, self.run.settings
         active = run.live_rows()
         begin = time.perf_counter()
-        room = {b: min(s.block_size, run.room(b) - 1) for b in active}
+        room = {b: min(s.block_size, run.room(b) - 1, self.exact_room) for b in active}
         gate = self.batch_gate if run.batch > 1 else None
         cycle_way = gate.choose(0) if gate is not None else "draft"
         drafts = choose_sources(cycle_way, active, room, self.history, self.policy, self.ways, self.draft, self.lookup_ngram)
         drafts = make_drafts(model, self.cache, self.pending, drafts, room, self.policy, s, run, self.draft_steps)
+        drafted = time.perf_counter()
         draft_ids, draft_len, q = drafts.padded(run.pad_id, self.pending.device)
         logits = verify_pass(model, self.cache, self.pending, draft_ids)
         run.context_passes += 1
         run.count_pass(active)
         accepted, following = accept_drafts(logits, draft_ids, draft_len, q, s, run.generator)
         accepted, following = accepted.tolist(), following.tolist()
+        if self.memory is not None:  # what the pass over this width cost, and the denoiser's draft
+            verified = time.perf_counter() - drafted
+            self.memory.add_cycle(run.batch, draft_ids.shape[1] + 1, verified, drafted - begin if drafts.passes else None)
         new = commit(self.cache, run, drafts, active, accepted, following, self.history)
         for b in active:
             self.counts[drafts.source[b]] += 1
@@ -234,9 +248,22 @@ class VerifyDecoder(Decoder):
         if cycle_way == "draft":
             for b in active:
                 passes = 1 + (drafts.passes if drafts.source[b] == "denoiser" else 0)
-                self.policy.record(b, drafts.source[b], len(new[b]), cost if cost is not None else passes, accepted[b])
+                tokens, spent = len(new[b]), cost if cost is not None else passes
+                self.policy.record(b, drafts.source[b], tokens, spent, accepted[b], len(drafts.tokens[b]))
         self.remember([b for b in active if run.room(b) == 0])
         yield event
+
+    @property
+    def exact_room(self) -> int:
+        """The most drafts a pass may hold and still give every position the logits of a
+        one-token AR step bit for bit: the pass stays inside one key window (`key_window`; near
+        a window's end drafts are shorter), and on quantised weights inside the rows they serve
+        (`exact_rows`)."""
+        window = self.cache.key_window(1)
+        room = self.run.settings.block_size if window is None else window - self.cache.length - 1
+        if self.model.exact_rows is not None:
+            room = min(room, self.model.exact_rows // self.run.batch - 1)
+        return max(room, 0)
 
     def prior(self, kind: str):
         """What the model's DraftMemory holds for this setting: of the rows ("rows") or of the
@@ -250,9 +277,9 @@ class VerifyDecoder(Decoder):
             return
         policy, gate = self.policy, self.batch_gate
         for b in rows:
-            self.memory.add(("rows", *self.setting), policy.rates[b], policy.accepted[b], policy.wait[b])
+            self.memory.add(("rows", *self.setting), policy.rates[b], policy.measured_acceptance(b), policy.wait[b])
         if gate is not None and rows and self.run.finished:
-            self.memory.add(("gate", *self.setting), gate.rates[0], gate.accepted[0], gate.wait[0])
+            self.memory.add(("gate", *self.setting), gate.rates[0], gate.measured_acceptance(0), gate.wait[0])
 
     def join(self, other: VerifyDecoder) -> None:
         self.cache.join(other.cache)

@@ -154,6 +154,15 @@ class TwoTowerForCausalLM(nn.Module):
             self.mask_embedding.data = self.mask_embedding.data.to(den_device)
         return self
 
+    @property
+    def exact_rows(self) -> int | None:
+        """The most rows (batch x positions) a context pass may hold and still give each row the
+        logits of a one-row pass bit for bit: quantised weights serve only so many
+        (`quant.QUANTISED_ROWS`), wider passes take the dense ones; None: any."""
+        from twotower.quant import QUANTISED_ROWS
+
+        return None if self.weights == "dense" else QUANTISED_ROWS
+
     def quantize(self, weights: str) -> TwoTowerForCausalLM:
         """Weight-only int8 / int4 linear layers for CPU inference, in place (twotower/quant.py):
         both towers' projections and LM heads; LoRA, adaLN and the embeddings stay as they are.
@@ -214,7 +223,7 @@ class TwoTowerForCausalLM(nn.Module):
         new_valid = torch.ones_like(tokens, dtype=torch.bool)
         positions = cache.next_pos[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
         embeds = self.context_tower.get_input_embeddings()(tokens)
-        mask = extend_mask(cache.valid, new_valid)
+        mask = extend_mask(cache.valid, new_valid, cache.key_window(tokens.shape[1]))
         p = LayerPass(embeds, positions, mask, cache.states, keep=Keep.end(), capture=self.capture_layer)
         hidden, states, captured = self.family.run_layers(self.context_tower, p)
         cache.append(states, new_valid)
