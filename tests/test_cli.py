@@ -179,7 +179,9 @@ def test_bench_command_runs_end_to_end_and_writes_json(tmp_path, capsys, trained
     assert json.loads(out.read_text()) and capsys.readouterr().out.strip()
 
 
-def test_weights_option_quantises_generate_and_eval_compares_with_the_dense_ar(tmp_path, capsys, trained_folder, prompts_file):
+def test_weights_option_quantises_generate_and_eval_compares_with_the_dense_ar(
+    tmp_path, capsys, monkeypatch, trained_folder, prompts_file
+):
     out = run_json(capsys, "--model", str(trained_folder), "--weights", "int8", "--max-new-tokens", "8", "w5 w6 w7")
     assert 1 <= out["new_tokens"] <= 8 and out["text"].strip()
     with pytest.raises(SystemExit):
@@ -187,6 +189,7 @@ def test_weights_option_quantises_generate_and_eval_compares_with_the_dense_ar(t
     assert "invalid choice: 'int3'" in capsys.readouterr().err
     report_file = tmp_path / "eval.json"
     argv = ["eval", "--model", str(trained_folder), "--prompts", str(prompts_file), "--modes", "mock-ar", "--weights", "int8"]
+    monkeypatch.setattr("twotower.quant.QUANTISED_ROWS", 4)  # so that the batch of 8 is wider
     assert main([*argv, "--no-judge", "--dtype", "fp32", "--out", str(report_file)]) == 0
     report = json.loads(report_file.read_text())
     assert [p["point"] for p in report["points"]] == ["ar dense", "ar", "mock-ar"]

@@ -13,7 +13,7 @@ from conftest import PROMPTS, VOCAB, perturb_trained, tiny_two_tower
 
 from twotower import GenerationSettings, TwoTowerError, generate_ar, generate_verify
 from twotower.generate.common import left_pad
-from twotower.generate.draft import DraftMemory, static_cost
+from twotower.generate.draft import DraftMemory, batch_bucket, static_cost
 from twotower.generate.verify import DraftPolicy, accept_drafts, lookup_draft, target_probs
 
 DRAFTS = ["auto", "denoiser", "lookup", "ar"]
@@ -60,6 +60,37 @@ def test_verify_with_an_untrained_denoiser_accepts_its_drafts_first_token():
     perturbed = generate_verify(perturbed_model, PROMPTS, max_new_tokens=24, draft="denoiser")
     assert perturbed.details["draft_acceptance"] < 1.0
     assert perturbed.tokens == generate_ar(perturbed_model, PROMPTS, max_new_tokens=24).tokens
+
+
+@pytest.mark.parametrize("weights", ["dense", "int8"])
+def test_in_bf16_a_positions_logits_do_not_depend_on_the_width_of_its_pass(weights):
+    """bf16 kernels sum in an order that depends on how many keys a query reads: context passes
+    read a key window (64-slot multiples), so a pass over k tokens gives each position the
+    logits of a one-token pass bit for bit, also on quantised weights within the rows they serve."""
+    model = tiny_two_tower().to(torch.bfloat16).quantize(weights)
+    prompt = torch.tensor([PROMPTS[0]])
+    tokens = torch.tensor([[5, 9, 13, 2, 7, 11, 3, 8]])
+    cache, _ = model.context_prefill(prompt, torch.ones_like(prompt), logits=None)
+    one = torch.cat([model.context_extend(cache, tokens[:, i : i + 1], logits="all") for i in range(tokens.shape[1])], 1)
+    for width in (2, 5, 8):
+        cache, _ = model.context_prefill(prompt, torch.ones_like(prompt), logits=None)
+        assert torch.equal(model.context_extend(cache, tokens[:, :width], logits="all"), one[:, :width]), width
+
+
+@pytest.mark.parametrize("weights", ["dense", "int8"])
+def test_greedy_verify_equals_ar_in_bf16_at_batch_one(weights):
+    """With drafts rejected now and then, across key windows (a 100-token reply), bf16 verify
+    output is AR's token for token (on quantised weights too: its passes stay within the rows
+    the quantised weights serve)."""
+    model = tiny_two_tower()
+    perturb_trained(model)
+    model = model.to(torch.bfloat16).quantize(weights)
+    for prompt in PROMPTS:
+        ar = generate_ar(model, [prompt], max_new_tokens=100)
+        for draft in ("denoiser", "lookup", "auto"):
+            result = generate_verify(model, [prompt], max_new_tokens=100, draft=draft)
+            assert result.tokens == ar.tokens, draft
+            assert result.details["drafted"] > 0
 
 
 def test_lookup_drafts_commit_several_tokens_per_context_pass():
@@ -415,7 +446,10 @@ def test_the_draft_memory_measures_what_each_pass_width_costs():
     memory.add_cycle(1, 1, 0.030, 0.005)
     assert cost(1, False) == pytest.approx(0.7 * 0.020 + 0.3 * 0.030)  # a mean that follows the machine
     assert cost(1, True) == pytest.approx(cost(1, False) + 0.005)
-    assert memory.cycle_cost(8) is static_cost  # per batch size
+    assert memory.cycle_cost(8) is static_cost  # per batch size, in powers of two
+    memory.add_cycle(6, 1, 0.050, None)
+    assert memory.cycle_cost(8)(1, False) == 0.050 and memory.cycle_cost(5)(1, False) == 0.050
+    assert [batch_bucket(n) for n in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
 
 
 def test_accept_rule_greedy_counts_the_matching_prefix():

@@ -107,12 +107,18 @@ def interpolate(points: dict[int, float], x: int) -> float:
     return points[lo] + (points[hi] - points[lo]) * (x - lo) / (hi - lo)
 
 
+def batch_bucket(rows: int) -> int:
+    """The batch sizes the memory keeps apart: powers of two (a pass over 6 rows costs about
+    what one over 8 does, and a server's batch size changes from request to request)."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
 class DraftMemory:
     """What earlier requests measured (kept on the model), for requests that neither try every
     way again nor probe a way that keeps losing as often as a first request must, and that
     draft only as far as pays:
 
-    - per setting (the ways, block size, threshold and batch size): the mean of the rates,
+    - per setting (the ways, block size, threshold and batch size, `batch_bucket`): the mean of the rates,
       acceptance and probe waits the rows ended with;
     - per batch size: the seconds of a verify pass over each width, and of a denoiser draft.
       A pass's cost depends on the machine, the dtype and the weights (measured, 2 CPU cores,
@@ -147,6 +153,7 @@ class DraftMemory:
     def add_cycle(self, batch: int, width: int, pass_seconds: float, draft_seconds: float | None) -> None:
         """One cycle's verify pass over `width` positions, and its denoiser draft (None: none)."""
         mean = lambda old, new: new if old is None else self.decay * old + (1 - self.decay) * new
+        batch = batch_bucket(batch)
         widths = self.passes.setdefault(batch, {})
         widths[width] = mean(widths.get(width), pass_seconds)
         if draft_seconds is not None:
@@ -157,6 +164,7 @@ class DraftMemory:
         `width` positions, interpolated between the widths measured (flat past them, so that an
         unmeasured width is tried rather than assumed dear), plus a denoiser draft (as dear as a
         one-position pass until one is measured); `static_cost` while nothing is measured."""
+        batch = batch_bucket(batch)
         widths = self.passes.get(batch)
         if not widths:
             return static_cost

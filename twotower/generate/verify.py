@@ -35,6 +35,7 @@ from twotower.config import DRAFT_SOURCES, TwoTowerError
 from twotower.generate.common import Decoder, drive, select_rows, start_run
 from twotower.generate.draft import (
     DraftPolicy,
+    batch_bucket,
     denoiser_draft,
     draft_memory,
     lookup_draft,
@@ -200,7 +201,7 @@ class VerifyDecoder(Decoder):
             self.history[b].append(token)
         # Unseeded, a row starts from what earlier requests with these settings measured.
         self.memory = draft_memory(self.model) if run.generator is None else None
-        self.setting = (self.ways, s.block_size, s.confidence_threshold, run.batch)  # what the memory is kept by
+        self.setting = (self.ways, s.block_size, s.confidence_threshold, batch_bucket(run.batch))  # what the memory is kept by
         # What a cycle of each width costs: measured seconds (unseeded), else counted in passes.
         cost = static_cost if self.memory is None else self.memory.cycle_cost(run.batch)
         self.policy = DraftPolicy(run.batch, self.ways, self.probe_every, prior=self.prior("rows"), cost=cost)
