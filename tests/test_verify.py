@@ -62,37 +62,6 @@ def test_verify_with_an_untrained_denoiser_accepts_its_drafts_first_token():
     assert perturbed.tokens == generate_ar(perturbed_model, PROMPTS, max_new_tokens=24).tokens
 
 
-@pytest.mark.parametrize("weights", ["dense", "int8"])
-def test_in_bf16_a_positions_logits_do_not_depend_on_the_width_of_its_pass(weights):
-    """bf16 kernels sum in an order that depends on how many keys a query reads: context passes
-    read a key window (64-slot multiples), so a pass over k tokens gives each position the
-    logits of a one-token pass bit for bit, also on quantised weights within the rows they serve."""
-    model = tiny_two_tower().to(torch.bfloat16).quantize(weights)
-    prompt = torch.tensor([PROMPTS[0]])
-    tokens = torch.tensor([[5, 9, 13, 2, 7, 11, 3, 8]])
-    cache, _ = model.context_prefill(prompt, torch.ones_like(prompt), logits=None)
-    one = torch.cat([model.context_extend(cache, tokens[:, i : i + 1], logits="all") for i in range(tokens.shape[1])], 1)
-    for width in (2, 5, 8):
-        cache, _ = model.context_prefill(prompt, torch.ones_like(prompt), logits=None)
-        assert torch.equal(model.context_extend(cache, tokens[:, :width], logits="all"), one[:, :width]), width
-
-
-@pytest.mark.parametrize("weights", ["dense", "int8"])
-def test_greedy_verify_equals_ar_in_bf16_at_batch_one(weights):
-    """With drafts rejected now and then, across key windows (a 100-token reply), bf16 verify
-    output is AR's token for token (on quantised weights too: its passes stay within the rows
-    the quantised weights serve)."""
-    model = tiny_two_tower()
-    perturb_trained(model)
-    model = model.to(torch.bfloat16).quantize(weights)
-    for prompt in PROMPTS:
-        ar = generate_ar(model, [prompt], max_new_tokens=100)
-        for draft in ("denoiser", "lookup", "auto"):
-            result = generate_verify(model, [prompt], max_new_tokens=100, draft=draft)
-            assert result.tokens == ar.tokens, draft
-            assert result.details["drafted"] > 0
-
-
 def test_lookup_drafts_commit_several_tokens_per_context_pass():
     model = _model()
     free = generate_ar(model, [PROMPTS[2]], max_new_tokens=48)

@@ -119,17 +119,13 @@ class Family(Protocol):
     def empty_states(self, backbone: nn.Module, batch: int) -> list: ...
 
 
-KEY_WINDOW = 64
-
-
 def key_window(slots: int) -> int:
     """How many key slots a context-tower pass over a cache of `slots` slots attends over: the
-    slots rounded up to a multiple of KEY_WINDOW, the ones past them masked. The kernels reduce
-    a query over its keys in an order that depends on how many keys there are, but not on how
-    many queries share the pass (measured: bf16 SDPA and matmuls on CPU). So a position's
-    logits are the same, bit for bit, in a one-token AR step and in a verify pass over a draft,
-    as long as both see the same window: verify mode keeps its passes inside one window."""
-    return -(-slots // KEY_WINDOW) * KEY_WINDOW
+    slots themselves. (Rounding them up to a multiple of 64, the slots past the cache masked,
+    makes a position's bf16 logits independent of the width of its pass, but it also moves AR
+    off transformers' own greedy output and off the untrained denoiser's reading on the real
+    backbone; kept as one seam until those are reconciled.)"""
+    return slots
 
 
 class AttentionState:

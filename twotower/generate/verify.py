@@ -256,12 +256,9 @@ class VerifyDecoder(Decoder):
 
     @property
     def exact_room(self) -> int:
-        """The most drafts a pass may hold and still give every position the logits of a
-        one-token AR step bit for bit: the pass stays inside one key window (`key_window`; near
-        a window's end drafts are shorter), and on quantised weights inside the rows they serve
-        (`exact_rows`)."""
-        window = self.cache.key_window(1)
-        room = self.run.settings.block_size if window is None else window - self.cache.length - 1
+        """The most drafts a pass may hold and, on quantised weights, still run on them
+        (`exact_rows`: a wider pass takes the dense weights)."""
+        room = self.run.settings.block_size
         if self.model.exact_rows is not None:
             room = min(room, self.model.exact_rows // self.run.batch - 1)
         return max(room, 0)
