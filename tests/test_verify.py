@@ -62,6 +62,42 @@ def test_verify_with_an_untrained_denoiser_accepts_its_drafts_first_token():
     assert perturbed.tokens == generate_ar(perturbed_model, PROMPTS, max_new_tokens=24).tokens
 
 
+@pytest.mark.parametrize("family", ["llama", "nemotron_h"])
+@pytest.mark.parametrize("weights", ["dense", "int8"])
+def test_in_bf16_an_exact_pass_gives_each_position_a_one_token_passs_logits(weights, family):
+    """bf16 kernels sum a query's keys in an order that depends on how many keys it reads: an
+    exact pass (verify's) attends one query at a time over the keys an AR step reads, so each
+    position's logits are a one-token pass's bit for bit, on quantised weights too within the
+    rows they serve. (Llama: every other op is row by row; the hybrid's Mamba scan is not, so
+    there only the first position is checked.)"""
+    model = tiny_two_tower(family=family).to(torch.bfloat16).quantize(weights)
+    prompt = torch.tensor([PROMPTS[0]])
+    tokens = torch.tensor([[5, 9, 13, 2, 7, 11, 3, 8]])
+    cache, _ = model.context_prefill(prompt, torch.ones_like(prompt), logits=None)
+    one = torch.cat([model.context_extend(cache, tokens[:, i : i + 1], logits="all") for i in range(tokens.shape[1])], 1)
+    checked = slice(None) if family == "llama" else slice(0, 1)
+    for width in (2, 5, 8):
+        cache, _ = model.context_prefill(prompt, torch.ones_like(prompt), logits=None)
+        wide = model.context_extend(cache, tokens[:, :width], logits="all", exact=True)
+        assert torch.equal(wide[:, checked], one[:, :width][:, checked]), width
+
+
+@pytest.mark.parametrize("weights", ["dense", "int8"])
+def test_greedy_verify_equals_ar_in_bf16_at_batch_one(weights):
+    """With drafts rejected now and then, over 100-token replies, bf16 verify output is AR's
+    token for token (on quantised weights too: its passes stay within the rows the quantised
+    weights serve)."""
+    model = tiny_two_tower()
+    perturb_trained(model)
+    model = model.to(torch.bfloat16).quantize(weights)
+    for prompt in PROMPTS:
+        ar = generate_ar(model, [prompt], max_new_tokens=100)
+        for draft in ("denoiser", "lookup", "auto"):
+            result = generate_verify(model, [prompt], max_new_tokens=100, draft=draft)
+            assert result.tokens == ar.tokens, draft
+            assert result.details["drafted"] > 0
+
+
 def test_lookup_drafts_commit_several_tokens_per_context_pass():
     model = _model()
     free = generate_ar(model, [PROMPTS[2]], max_new_tokens=48)

@@ -69,7 +69,8 @@ class LayerPass:
     layer {projection name: LoRA}; layers: the layer modules to run (None: every layer of the
     backbone; a shallow denoiser runs its K layers, and past, modulation and adapters then
     hold K entries); capture: return the hidden state entering this layer (index into the
-    layers run; the shallow denoiser's anchor input).
+    layers run; the shallow denoiser's anchor input); exact: attention one query at a time
+    (`one_query_at_a_time`), so that each position gets the logits of a one-token pass.
     """
 
     hidden: torch.Tensor
@@ -83,6 +84,7 @@ class LayerPass:
     adapters: nn.ModuleList | None = None
     layers: Sequence[nn.Module] | None = None
     capture: int | None = None
+    exact: bool = False
 
     def modules(self, backbone: nn.Module) -> Sequence[nn.Module]:
         return backbone.model.layers if self.layers is None else self.layers
@@ -119,15 +121,6 @@ class Family(Protocol):
     def empty_states(self, backbone: nn.Module, batch: int) -> list: ...
 
 
-def key_window(slots: int) -> int:
-    """How many key slots a context-tower pass over a cache of `slots` slots attends over: the
-    slots themselves. (Rounding them up to a multiple of 64, the slots past the cache masked,
-    makes a position's bf16 logits independent of the width of its pass, but it also moves AR
-    off transformers' own greedy output and off the untrained denoiser's reading on the real
-    backbone; kept as one seam until those are reconciled.)"""
-    return slots
-
-
 class AttentionState:
     """An attention layer's cache: post-RoPE keys and values, (B, Hkv, T, D) each.
 
@@ -159,29 +152,26 @@ class AttentionState:
         return self.buf_k.shape[2]
 
     def reserve(self, slots: int) -> None:
-        """Room for `slots` more keys, and for the key window over them, without reallocating.
-        Slots past the ones in use hold zeros or dropped drafts: finite, and masked."""
-        need = key_window(self.length + slots)
+        """Room for `slots` more keys without reallocating."""
+        need = self.length + slots
         if need <= self.capacity:
             return
-        size = max(need, key_window(2 * self.capacity))
-        grown_k = self.buf_k.new_zeros(*self.buf_k.shape[:2], size, self.buf_k.shape[3])
-        grown_v = self.buf_v.new_zeros(*self.buf_v.shape[:2], size, self.buf_v.shape[3])
+        size = max(need, 2 * self.capacity, 64)
+        grown_k = self.buf_k.new_empty(*self.buf_k.shape[:2], size, self.buf_k.shape[3])
+        grown_v = self.buf_v.new_empty(*self.buf_v.shape[:2], size, self.buf_v.shape[3])
         grown_k[:, :, : self.length] = self.k
         grown_v[:, :, : self.length] = self.v
         self.buf_k, self.buf_v = grown_k, grown_v
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write a pass's own K,V (B, Hkv, n, D) after the slots in use, in place; returns the
-        keys and values over the key window of the slots now in use (`key_window`: the pass's
-        mask hides the slots past them)."""
+        keys and values over every slot now in use."""
         n = k.shape[2]
         self.reserve(n)
         self.buf_k[:, :, self.length : self.length + n] = k
         self.buf_v[:, :, self.length : self.length + n] = v
         self.length += n
-        window = key_window(self.length)
-        return self.buf_k[:, :, :window], self.buf_v[:, :, :window]
+        return self.k, self.v
 
     def append(self, new: AttentionState) -> AttentionState:
         """This state after a pass: itself when the pass extended it in place, else a copy with
@@ -217,7 +207,7 @@ class AttentionState:
         if left_other + other.length != length:
             raise ValueError("joined attention states must line up to one length")
         batch = self.k.shape[0] + other.k.shape[0]
-        k = self.buf_k.new_zeros(batch, self.k.shape[1], key_window(length), self.k.shape[3])
+        k = self.buf_k.new_zeros(batch, self.k.shape[1], max(length, 64), self.k.shape[3])
         v = torch.zeros_like(k)
         for first, state, left in ((0, self, left_self), (self.k.shape[0], other, left_other)):
             rows = slice(first, first + state.k.shape[0])
@@ -242,6 +232,26 @@ def attend_over(past: AttentionState | None, k: torch.Tensor, v: torch.Tensor, i
         keys, values = past.extend(k, v)
         return keys, values, past
     return torch.cat([past.k, k], dim=2), torch.cat([past.v, v], dim=2), AttentionState(k, v)
+
+
+def one_query_at_a_time(sdpa, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask):
+    """Attention of each of a pass's T queries (B, Hq, T, D) over exactly the keys a one-token
+    pass at its position reads: the slots up to its own (the last T are the pass's own), under
+    its row of the mask, which is dropped when nothing in it is masked (as `run_layers` drops a
+    one-token pass's). The kernels sum a query's keys in an order that depends on how many keys
+    there are, not on how many queries share the call, so in bf16 a position attended to alone
+    rounds as in a one-token AR step and one attended to in a wider call may not (verify mode
+    asks for this, so that its output is AR's token for token). sdpa(q, keys, values, mask) is
+    the family's attention; returns (B, Hq, T, D)."""
+    seq, slots = q.shape[2], keys.shape[2]
+    outs = []
+    for i in range(seq):
+        upto = slots - seq + i + 1
+        own = None if mask is None else mask[:, :, i : i + 1, :upto]
+        if own is not None and bool(own.all()):
+            own = None
+        outs.append(sdpa(q[:, :, i : i + 1], keys[:, :, :upto], values[:, :, :upto], own))
+    return torch.cat(outs, dim=2)
 
 
 # ------------------------------------------------------------------ hooks shared by the families

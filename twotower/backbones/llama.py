@@ -26,6 +26,7 @@ from twotower.backbones.base import (
     attend_over,
     gated,
     modulate,
+    one_query_at_a_time,
     project,
     project_together,
 )
@@ -49,11 +50,24 @@ def rope_tables(backbone: nn.Module, positions: torch.Tensor, dtype: torch.dtype
     return backbone.model.rotary_emb(probe, positions)
 
 
-def attention(attn: nn.Module, x, cos, sin, past_kv, mask, adapters, in_place: bool = False):
+def sdpa(q, keys, values, mask, scale):
+    """q (B, Hq, T, D) over keys and values (B, Hkv, P, D) -> (B, Hq, T, D). One query with
+    padding: the query heads of each KV group are folded into the query axis, (B, Hq, 1, D) ->
+    (B, Hkv, Hq/Hkv, D), the kernel transformers uses there, bit for bit."""
+    bsz, heads, seq, hd = q.shape
+    n_kv = keys.shape[1]
+    if seq == 1 and mask is not None and heads != n_kv:
+        out = F.scaled_dot_product_attention(q.reshape(bsz, n_kv, -1, hd), keys, values, attn_mask=mask, scale=scale)
+        return out.reshape(bsz, heads, 1, hd)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def attention(attn: nn.Module, x, cos, sin, past_kv, mask, adapters, in_place: bool = False, exact: bool = False):
     """Self-attention of one layer over [past K,V ; own K,V].
 
     x: (B, T, H); past_kv: None or an AttentionState, K and V (B, Hkv, P, D) post-RoPE;
-    mask: None or (B, 1, T, P + T) bool, True = may attend.
+    mask: None or (B, 1, T, P + T) bool, True = may attend; exact: one query at a time
+    (`base.one_query_at_a_time`).
     Returns the output (B, T, H) and the state this call leaves: past_kv with this call's
     post-RoPE K,V written into it (in_place: the context tower), else those K,V alone.
     """
@@ -66,15 +80,9 @@ def attention(attn: nn.Module, x, cos, sin, past_kv, mask, adapters, in_place: b
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (B, Hq|Hkv, T, D)
     keys, values, state = attend_over(past_kv, k, v, in_place)
-    n_kv = keys.shape[1]
-    if seq == 1 and mask is not None and q.shape[1] != n_kv:
-        # One query with padding: fold the query heads of each KV group into the query axis,
-        # (B, Hq, 1, D) -> (B, Hkv, Hq/Hkv, D); the kernel transformers uses here, bit for bit.
-        out = F.scaled_dot_product_attention(q.reshape(bsz, n_kv, -1, hd), keys, values, attn_mask=mask, scale=attn.scaling)
-        out = out.reshape(bsz, 1, -1)
-    else:
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
-        out = out.transpose(1, 2).reshape(bsz, seq, -1)  # (B, T, Hq * D)
+    one = lambda q, keys, values, mask: sdpa(q, keys, values, mask, attn.scaling)
+    out = one_query_at_a_time(one, q, keys, values, mask) if exact and seq > 1 else one(q, keys, values, mask)
+    out = out.transpose(1, 2).reshape(bsz, seq, -1)  # (B, T, Hq * D)
     return project(attn.o_proj, out, get("o_proj")), state
 
 
@@ -84,11 +92,11 @@ def mlp(block: nn.Module, x: torch.Tensor, adapters) -> torch.Tensor:
     return project(block.down_proj, block.act_fn(gate) * up, get("down_proj"))
 
 
-def decoder_layer(layer, x, cos, sin, past_kv, mask, modulation=None, adapters=None, in_place: bool = False):
+def decoder_layer(layer, x, cos, sin, past_kv, mask, modulation=None, adapters=None, in_place: bool = False, exact=False):
     """One pre-norm decoder layer. modulation: None or (B, 6, H) = shift/scale/gate-1 for
     attention then MLP (gate stored as an offset from 1 so zeros are the identity)."""
     h, gate = modulate(layer.input_layernorm(x), modulation, 0)
-    a, kv = attention(layer.self_attn, h, cos, sin, past_kv, mask, adapters, in_place)
+    a, kv = attention(layer.self_attn, h, cos, sin, past_kv, mask, adapters, in_place, exact)
     x = x + gated(a, gate)
     h, gate = modulate(layer.post_attention_layernorm(x), modulation, 3)
     return x + gated(mlp(layer.mlp, h, adapters), gate), kv
@@ -105,7 +113,7 @@ def run_layers(backbone, p: LayerPass) -> PassOutput:
         if i == p.capture:
             captured = hidden
         past, modulation, adapters = p.layer(i)
-        hidden, kv = decoder_layer(layer, hidden, cos, sin, past, mask, modulation, adapters, p.keep.kind == "end")
+        hidden, kv = decoder_layer(layer, hidden, cos, sin, past, mask, modulation, adapters, p.keep.kind == "end", p.exact)
         new.append(None if p.keep.kind == "none" else kv)
     return PassOutput(backbone.model.norm(hidden), new, captured)
 

@@ -34,6 +34,7 @@ from twotower.backbones.base import (
     attend_over,
     gated,
     modulate,
+    one_query_at_a_time,
     project,
 )
 from twotower.backbones.ssm import MambaState, ScanTail, chunked_scan, seeded_conv
@@ -51,7 +52,7 @@ def projections(layer: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in owner.named_children() if isinstance(m, nn.Linear)}
 
 
-def attention(attn: nn.Module, x, past_kv, mask, adapters, in_place: bool = False):
+def attention(attn: nn.Module, x, past_kv, mask, adapters, in_place: bool = False, exact: bool = False):
     """x: (B, T, H); past_kv: None or an AttentionState, K and V (B, Hkv, P, D); mask: None or
     (B, 1, T, P+T) bool. Returns the output (B, T, H) and the state this call leaves (past_kv
     extended in place when in_place, else this call's own K,V)."""
@@ -62,7 +63,8 @@ def attention(attn: nn.Module, x, past_kv, mask, adapters, in_place: bool = Fals
     k = project(attn.k_proj, x, get("k_proj")).view(bsz, seq, -1, hd).transpose(1, 2)
     v = project(attn.v_proj, x, get("v_proj")).view(bsz, seq, -1, hd).transpose(1, 2)
     keys, values, state = attend_over(past_kv, k, v, in_place)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+    one = lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=attn.scaling, enable_gqa=True)
+    out = one_query_at_a_time(one, q, keys, values, mask) if exact and seq > 1 else one(q, keys, values, mask)
     return project(attn.o_proj, out.transpose(1, 2).reshape(bsz, seq, -1), get("o_proj")), state
 
 
@@ -156,7 +158,7 @@ def run_layers(backbone, p: LayerPass) -> PassOutput:
             out, entry = mamba(layer.mixer, folded, past, p.valid, adapters, p.keep)
             out = out.reshape(bsz, seq, width)
         elif kind in ATTENTION_KINDS:
-            out, entry = attention(layer.mixer, h, past, mask, adapters, p.keep.kind == "end")
+            out, entry = attention(layer.mixer, h, past, mask, adapters, p.keep.kind == "end", p.exact)
         elif kind == "moe":
             out = moe(layer.mixer, h, adapters)
         else:

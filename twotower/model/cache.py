@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from twotower.backbones.base import AttentionState, key_window
+from twotower.backbones.base import AttentionState
 from twotower.backbones.ssm import MambaState, ScanTail
 
 __all__ = ["AttentionState", "ContextCache", "ContextView", "MambaState", "ScanTail", "Tail", "TrainingContext"]
@@ -111,12 +111,6 @@ class ContextCache:
     @property
     def length(self) -> int:
         return self.valid.shape[1]
-
-    def key_window(self, new: int) -> int | None:
-        """How many key slots a pass over `new` more slots attends over (`key_window`), or None
-        when no layer attends (the keys are then the slots themselves)."""
-        attends = any(isinstance(s, AttentionState) for s in self.states)
-        return key_window(self.length + new) if attends else None
 
     def join(self, other: ContextCache) -> None:
         """Take another cache's rows (continuous batching: a request joins the running batch at a

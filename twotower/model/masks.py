@@ -26,16 +26,14 @@ def prefill_mask(valid: torch.Tensor) -> torch.Tensor:
     return mask[:, None]
 
 
-def extend_mask(ctx_valid: torch.Tensor, new_valid: torch.Tensor, keys: int | None = None) -> torch.Tensor:
-    """Context tower reading S new slots: all valid cached slots, causal among the new ones,
-    none of the slots past them up to `keys` (the key window; default P + S).
-    ctx_valid: (B, P), new_valid: (B, S) -> (B, 1, S, keys)."""
-    batch, s = new_valid.shape
+def extend_mask(ctx_valid: torch.Tensor, new_valid: torch.Tensor) -> torch.Tensor:
+    """Context tower reading S new slots: all valid cached slots, causal among the new ones.
+    ctx_valid: (B, P), new_valid: (B, S) -> (B, 1, S, P + S)."""
+    s = new_valid.shape[1]
     ctx = ctx_valid[:, None, :].expand(-1, s, -1)
     own = torch.ones(s, s, dtype=torch.bool, device=ctx_valid.device).tril()[None] & new_valid[:, None, :]
     own |= torch.eye(s, dtype=torch.bool, device=ctx_valid.device)[None]
-    past = ctx.new_zeros(batch, s, max(0, (keys or 0) - ctx_valid.shape[1] - s))
-    return torch.cat([ctx, own, past], dim=2)[:, None]
+    return torch.cat([ctx, own], dim=2)[:, None]
 
 
 def within_block(size: int, layout: str, device=None) -> torch.Tensor:

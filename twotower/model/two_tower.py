@@ -216,15 +216,17 @@ class TwoTowerForCausalLM(nn.Module):
         )
 
     @torch.no_grad()
-    def context_extend(self, cache: ContextCache, tokens: torch.Tensor, logits=None):
+    def context_extend(self, cache: ContextCache, tokens: torch.Tensor, logits=None, exact: bool = False):
         """Read S committed tokens (B, S) in one pass and append their states to the cache (a
         Mamba state keeps the whole pass as its tail: verify may drop any of the pass's drafts).
-        logits: None, "last", "all", or (B,) positions (see `ar_logits`)."""
+        logits: None, "last", "all", or (B,) positions (see `ar_logits`); exact: attention one
+        query at a time, so that each position's logits are a one-token pass's bit for bit
+        (`backbones.base.one_query_at_a_time`; Llama family, whose other ops are row by row)."""
         new_valid = torch.ones_like(tokens, dtype=torch.bool)
         positions = cache.next_pos[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
         embeds = self.context_tower.get_input_embeddings()(tokens)
-        mask = extend_mask(cache.valid, new_valid, cache.key_window(tokens.shape[1]))
-        p = LayerPass(embeds, positions, mask, cache.states, keep=Keep.end(), capture=self.capture_layer)
+        mask = extend_mask(cache.valid, new_valid)
+        p = LayerPass(embeds, positions, mask, cache.states, keep=Keep.end(), capture=self.capture_layer, exact=exact)
         hidden, states, captured = self.family.run_layers(self.context_tower, p)
         cache.append(states, new_valid)
         cache.read(tokens, captured)
