@@ -9,9 +9,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import PROMPTS, VOCAB, perturb_trained, tiny_two_tower
 
 from twotower import GenerationSettings, TwoTowerError, generate_ar, generate_verify
+from twotower.backbones.base import exact_attention, key_block
 from twotower.generate.common import left_pad
 from twotower.generate.draft import DraftMemory, batch_bucket, static_cost
 from twotower.generate.verify import DraftPolicy, accept_drafts, lookup_draft, target_probs
@@ -66,7 +68,7 @@ def test_verify_with_an_untrained_denoiser_accepts_its_drafts_first_token():
 @pytest.mark.parametrize("weights", ["dense", "int8"])
 def test_in_bf16_an_exact_pass_gives_each_position_a_one_token_passs_logits(weights, family):
     """bf16 kernels sum a query's keys in an order that depends on how many keys it reads: an
-    exact pass (verify's) attends one query at a time over the keys an AR step reads, so each
+    exact pass (verify's) attends each query over as many keys as an AR step reads, so each
     position's logits are a one-token pass's bit for bit, on quantised weights too within the
     rows they serve. (Llama: every other op is row by row; the hybrid's Mamba scan is not, so
     there only the first position is checked.)"""
@@ -80,6 +82,35 @@ def test_in_bf16_an_exact_pass_gives_each_position_a_one_token_passs_logits(weig
         cache, _ = model.context_prefill(prompt, torch.ones_like(prompt), logits=None)
         wide = model.context_extend(cache, tokens[:, :width], logits="all", exact=True)
         assert torch.equal(wide[:, checked], one[:, :width][:, checked]), width
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_exact_attention_gives_each_query_what_it_gets_alone(dtype):
+    """Batch 2 with left padding in one row, 9 queries after 40 slots: each query's output is,
+    bit for bit, one query's attention over the slots up to its own (unmasked when nothing in
+    its row is masked, as in an AR step)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 9, 16, generator=g).to(dtype)
+    keys, values = (torch.randn(2, 2, 49, 16, generator=g).to(dtype) for _ in range(2))
+    valid = torch.ones(2, 49, dtype=torch.bool)
+    valid[1, :5] = False  # row 1 is left-padded
+    mask = (valid[:, None, :] & (torch.arange(49)[None, :] <= torch.arange(40, 49)[:, None])[None])[:, None]
+    key_block.cache_clear()
+    out = exact_attention(q, keys, values, mask, 0.25)
+    assert key_block("cpu", dtype, 6, 2, 16) >= 1
+    for i in range(9):
+        upto = 41 + i
+        for b in range(2):
+            row = mask[b : b + 1, :, i : i + 1, :upto]
+            alone = F.scaled_dot_product_attention(
+                q[b : b + 1, :, i : i + 1],
+                keys[b : b + 1, :, :upto],
+                values[b : b + 1, :, :upto],
+                attn_mask=None if bool(row.all()) else row,
+                scale=0.25,
+                enable_gqa=True,
+            )
+            assert torch.equal(out[b : b + 1, :, i : i + 1], alone), (i, b)
 
 
 @pytest.mark.parametrize("weights", ["dense", "int8"])

@@ -17,11 +17,13 @@ lives beside its scan in `ssm.py`), and the LoRA and adaLN hooks both apply the 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -69,8 +71,8 @@ class LayerPass:
     layer {projection name: LoRA}; layers: the layer modules to run (None: every layer of the
     backbone; a shallow denoiser runs its K layers, and past, modulation and adapters then
     hold K entries); capture: return the hidden state entering this layer (index into the
-    layers run; the shallow denoiser's anchor input); exact: attention one query at a time
-    (`one_query_at_a_time`), so that each position gets the logits of a one-token pass.
+    layers run; the shallow denoiser's anchor input); exact: attention that gives each
+    position what a one-token pass gives it (`exact_attention`).
     """
 
     hidden: torch.Tensor
@@ -234,23 +236,66 @@ def attend_over(past: AttentionState | None, k: torch.Tensor, v: torch.Tensor, i
     return torch.cat([past.k, k], dim=2), torch.cat([past.v, v], dim=2), AttentionState(k, v)
 
 
-def one_query_at_a_time(sdpa, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask):
-    """Attention of each of a pass's T queries (B, Hq, T, D) over exactly the keys a one-token
-    pass at its position reads: the slots up to its own (the last T are the pass's own), under
-    its row of the mask, which is dropped when nothing in it is masked (as `run_layers` drops a
-    one-token pass's). The kernels sum a query's keys in an order that depends on how many keys
-    there are, not on how many queries share the call, so in bf16 a position attended to alone
-    rounds as in a one-token AR step and one attended to in a wider call may not (verify mode
-    asks for this, so that its output is AR's token for token). sdpa(q, keys, values, mask) is
-    the family's attention; returns (B, Hq, T, D)."""
-    seq, slots = q.shape[2], keys.shape[2]
-    outs = []
-    for i in range(seq):
-        upto = slots - seq + i + 1
-        own = None if mask is None else mask[:, :, i : i + 1, :upto]
+@functools.cache
+def key_block(device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> int:
+    """How many key counts this machine's attention kernel treats alike: a query over n keys
+    gets the same result, bit for bit, as over more keys with the ones past n masked, while the
+    count stays in the same block of this size (n // block). Measured once per kind of call on
+    random data (16 on AVX-512 CPUs in bf16, whose kernels sum keys in sixteens), checking
+    blocks of 16, 8, 4 and 2; 1 when none holds (one query per call)."""
+    g = torch.Generator().manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    def alike(block: int) -> bool:
+        q, k, v = make(1, heads, 1, head_dim), make(1, kv_heads, 7 * block, head_dim), make(1, kv_heads, 7 * block, head_dim)
+        attend = lambda n, mask: F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], attn_mask=mask, enable_gqa=True)
+        for n in range(block, 6 * block):
+            alone = attend(n, None)
+            for more in range(n + 1, (n // block + 1) * block):
+                if not torch.equal(attend(more, (torch.arange(more, device=device) < n)[None, None, None]), alone):
+                    return False
+        return True
+
+    return next((block for block in (16, 8, 4, 2) if alike(block)), 1)
+
+
+def side_by_side(t: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, ...) -> (B*n, ...), each row n times in a row (at batch 1 a view, no copy)."""
+    if t.shape[0] == 1:
+        return t.expand(n, *t.shape[1:])
+    return t[:, None].expand(t.shape[0], n, *t.shape[1:]).flatten(0, 1)
+
+
+def exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask, scale: float):
+    """Attention of a pass's T queries (B, Hq, T, D) that gives each the result of a one-token
+    pass at its position bit for bit. The kernels sum a query's keys in an order that depends
+    on how many keys there are and, now and then, on how many queries share the call (measured,
+    bf16 on CPU), so a query of a wide pass may round otherwise than in an AR step, which is
+    one query over the slots up to its own. So every query is attended as one query: the
+    queries of a group, whose own key counts lie in one `key_block`, go side by side along the
+    batch axis in one call, each over the keys up to the group's last slot and under its own
+    row of the mask (dropped when nothing in the call is masked, as `run_layers` drops a
+    one-token pass's): 1-2 calls for a pass of up to 17 positions on this project's CPUs.
+    Each call is the kernel's one-query form (grouped-query heads as heads, as in an unpadded
+    AR step); returns (B, Hq, T, D)."""
+    batch, heads, seq, dim = q.shape
+    slots = keys.shape[2]
+    block = key_block(str(q.device), q.dtype, heads, keys.shape[1], dim)
+    counts = [slots - seq + i + 1 for i in range(seq)]  # the keys each query reads in an AR step
+    outs, first = [], 0
+    while first < seq:
+        last = first
+        while last + 1 < seq and counts[last + 1] // block == counts[first] // block:
+            last += 1
+        n, upto = last - first + 1, counts[last]
+        rows = q[:, :, first : last + 1].transpose(1, 2).reshape(batch * n, heads, 1, dim)
+        own = None if mask is None else mask[:, :, first : last + 1, :upto].transpose(1, 2).reshape(batch * n, 1, 1, upto)
         if own is not None and bool(own.all()):
             own = None
-        outs.append(sdpa(q[:, :, i : i + 1], keys[:, :, :upto], values[:, :, :upto], own))
+        k, v = side_by_side(keys[:, :, :upto], n), side_by_side(values[:, :, :upto], n)
+        out = F.scaled_dot_product_attention(rows, k, v, attn_mask=own, scale=scale, enable_gqa=True)  # (B*n, Hq, 1, D)
+        outs.append(out.reshape(batch, n, heads, dim).transpose(1, 2))
+        first = last + 1
     return torch.cat(outs, dim=2)
 
 

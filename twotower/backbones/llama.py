@@ -24,9 +24,9 @@ from twotower.backbones.base import (
     PassOutput,
     adapter_lookup,
     attend_over,
+    exact_attention,
     gated,
     modulate,
-    one_query_at_a_time,
     project,
     project_together,
 )
@@ -66,8 +66,8 @@ def attention(attn: nn.Module, x, cos, sin, past_kv, mask, adapters, in_place: b
     """Self-attention of one layer over [past K,V ; own K,V].
 
     x: (B, T, H); past_kv: None or an AttentionState, K and V (B, Hkv, P, D) post-RoPE;
-    mask: None or (B, 1, T, P + T) bool, True = may attend; exact: one query at a time
-    (`base.one_query_at_a_time`).
+    mask: None or (B, 1, T, P + T) bool, True = may attend; exact: as a one-token pass
+    at each position (`base.exact_attention`).
     Returns the output (B, T, H) and the state this call leaves: past_kv with this call's
     post-RoPE K,V written into it (in_place: the context tower), else those K,V alone.
     """
@@ -80,8 +80,10 @@ def attention(attn: nn.Module, x, cos, sin, past_kv, mask, adapters, in_place: b
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (B, Hq|Hkv, T, D)
     keys, values, state = attend_over(past_kv, k, v, in_place)
-    one = lambda q, keys, values, mask: sdpa(q, keys, values, mask, attn.scaling)
-    out = one_query_at_a_time(one, q, keys, values, mask) if exact and seq > 1 else one(q, keys, values, mask)
+    if exact and seq > 1:
+        out = exact_attention(q, keys, values, mask, attn.scaling)
+    else:
+        out = sdpa(q, keys, values, mask, attn.scaling)
     out = out.transpose(1, 2).reshape(bsz, seq, -1)  # (B, T, Hq * D)
     return project(attn.o_proj, out, get("o_proj")), state
 

@@ -32,9 +32,9 @@ from twotower.backbones.base import (
     PassOutput,
     adapter_lookup,
     attend_over,
+    exact_attention,
     gated,
     modulate,
-    one_query_at_a_time,
     project,
 )
 from twotower.backbones.ssm import MambaState, ScanTail, chunked_scan, seeded_conv
@@ -63,8 +63,10 @@ def attention(attn: nn.Module, x, past_kv, mask, adapters, in_place: bool = Fals
     k = project(attn.k_proj, x, get("k_proj")).view(bsz, seq, -1, hd).transpose(1, 2)
     v = project(attn.v_proj, x, get("v_proj")).view(bsz, seq, -1, hd).transpose(1, 2)
     keys, values, state = attend_over(past_kv, k, v, in_place)
-    one = lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=attn.scaling, enable_gqa=True)
-    out = one_query_at_a_time(one, q, keys, values, mask) if exact and seq > 1 else one(q, keys, values, mask)
+    if exact and seq > 1:
+        out = exact_attention(q, keys, values, mask, attn.scaling)
+    else:
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
     return project(attn.o_proj, out.transpose(1, 2).reshape(bsz, seq, -1), get("o_proj")), state
 
 

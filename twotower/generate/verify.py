@@ -124,7 +124,7 @@ def make_drafts(model, cache, pending, drafts: Drafts, room, policy, settings, r
 
 def verify_pass(model, cache, pending: torch.Tensor, draft_ids: torch.Tensor) -> torch.Tensor:
     """Step 3: the context tower reads [pending, drafts] (B, k+1) in one pass, appending them to
-    the cache, its attention one query at a time (`exact`: in bf16 too, each position gets the
+    the cache, its attention exact (`base.exact_attention`: in bf16 too, each position gets the
     logits an AR step gives it). Returns its logits (B, k+1, V): the AR choice after every prefix."""
     return model.context_extend(cache, torch.cat([pending[:, None], draft_ids], dim=1), logits="all", exact=True)
 
