@@ -124,9 +124,15 @@ def make_drafts(model, cache, pending, drafts: Drafts, room, policy, settings, r
 
 def verify_pass(model, cache, pending: torch.Tensor, draft_ids: torch.Tensor) -> torch.Tensor:
     """Step 3: the context tower reads [pending, drafts] (B, k+1) in one pass, appending them to
-    the cache, its attention exact (`base.exact_attention`: in bf16 too, each position gets the
-    logits an AR step gives it). Returns its logits (B, k+1, V): the AR choice after every prefix."""
-    return model.context_extend(cache, torch.cat([pending[:, None], draft_ids], dim=1), logits="all", exact=True)
+    the cache. Returns its logits (B, k+1, V): the AR choice after every prefix.
+
+    At batch 1 its attention is exact (`base.exact_attention`): in bf16 too, each position gets
+    the logits an AR step gives it, so the output is AR's token for token. With more rows it is
+    not: rows that keep different numbers of drafts leave masked slots at different places, so
+    a row's keys lie otherwise than in an AR batch anyway, and the exact form would cost a copy
+    of the keys per query (see README, "Verify mode")."""
+    tokens = torch.cat([pending[:, None], draft_ids], dim=1)
+    return model.context_extend(cache, tokens, logits="all", exact=tokens.shape[0] == 1)
 
 
 def accept_drafts(logits, drafts, draft_len, q, settings, generator):
