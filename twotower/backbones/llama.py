@@ -94,7 +94,7 @@ def mlp(block: nn.Module, x: torch.Tensor, adapters) -> torch.Tensor:
     return project(block.down_proj, block.act_fn(gate) * up, get("down_proj"))
 
 
-def decoder_layer(layer, x, cos, sin, past_kv, mask, modulation=None, adapters=None, in_place: bool = False, exact=False):
+def decoder_layer(layer, x, cos, sin, past_kv, mask, modulation=None, adapters=None, in_place: bool = False, exact: bool = False):
     """One pre-norm decoder layer. modulation: None or (B, 6, H) = shift/scale/gate-1 for
     attention then MLP (gate stored as an offset from 1 so zeros are the identity)."""
     h, gate = modulate(layer.input_layernorm(x), modulation, 0)
