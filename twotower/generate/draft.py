@@ -88,6 +88,14 @@ def denoiser_draft(model, cache, pending, width: int, settings, generator, steps
     return block[:, 1:], q, length, passes
 
 
+def ema(old: float | None, new: float | None, decay: float) -> float | None:
+    """An exponential moving average's next value: the new value alone when there is no old
+    one, the old one kept when there is no new one."""
+    if old is None or new is None:
+        return new if old is None else old
+    return decay * old + (1 - decay) * new
+
+
 def static_cost(width: int, denoiser: bool) -> float:
     """A cycle's cost in one-position passes where no seconds are measured (a seeded run, or
     a model's first cycles): the verify pass over `width` positions, a wider one a little
@@ -122,9 +130,9 @@ class DraftMemory:
       acceptance and probe waits the rows ended with;
     - per batch size: the seconds of a verify pass over each width, and of a denoiser draft.
       A pass's cost depends on the machine, the dtype and the weights (measured, 2 CPU cores,
-      int4 weights: 1.2x a one-position pass over 2 positions, 2.2x over 3, when it turns to
-      the dense weights; dense bf16: 1.0-1.3x over any width up to 17), so it is measured,
-      not assumed.
+      int4 weights: 1.2x a one-position pass over 2 positions, about 1.8x over 5-8, more past
+      8, where it turns to the dense weights; dense bf16: 1.0-1.3x over any width up to 17),
+      so it is measured, not assumed.
 
     Only for unseeded runs, whose costs are wall-clock seconds anyway (a seeded run must not
     depend on what ran before it)."""
@@ -146,18 +154,15 @@ class DraftMemory:
             if rate is None:
                 continue
             new = (rate, acceptance[way], float(waits[way]))
-            old = known.get(way, new)
-            mean = lambda o, n: n if o is None else o if n is None else weight * o + (1 - weight) * n
-            known[way] = tuple(mean(o, n) for o, n in zip(old, new))
+            known[way] = tuple(ema(o, n, weight) for o, n in zip(known.get(way, new), new))
 
     def add_cycle(self, batch: int, width: int, pass_seconds: float, draft_seconds: float | None) -> None:
         """One cycle's verify pass over `width` positions, and its denoiser draft (None: none)."""
-        mean = lambda old, new: new if old is None else self.decay * old + (1 - self.decay) * new
         batch = batch_bucket(batch)
         widths = self.passes.setdefault(batch, {})
-        widths[width] = mean(widths.get(width), pass_seconds)
+        widths[width] = ema(widths.get(width), pass_seconds, self.decay)
         if draft_seconds is not None:
-            self.drafting[batch] = mean(self.drafting.get(batch), draft_seconds)
+            self.drafting[batch] = ema(self.drafting.get(batch), draft_seconds, self.decay)
 
     def cycle_cost(self, batch: int):
         """(width, denoiser) -> seconds of such a cycle at this batch size: the verify pass over
@@ -277,9 +282,7 @@ class DraftPolicy:
         """A cycle of `way` committed `tokens` at `cost`, accepting `accepted` of `drafted` drafts."""
         self.last_used[row][way] = self.cycles[row]
         self.cycles[row] += 1
-        old = self.rates[row][way]
-        rate = tokens / max(cost, 1e-9)
-        self.rates[row][way] = rate if old is None else self.decay * old + (1 - self.decay) * rate
+        self.rates[row][way] = ema(self.rates[row][way], tokens / max(cost, 1e-9), self.decay)
         if drafted:
             hits, trials = self.counts[row][way]
             judged = accepted + (1 if accepted < drafted else 0)  # the run, and the token that broke it

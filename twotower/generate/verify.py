@@ -224,7 +224,8 @@ class VerifyDecoder(Decoder):
         model, run, s = self.model, self.run, self.run.settings
         active = run.live_rows()
         begin = time.perf_counter()
-        room = {b: min(s.block_size, run.room(b) - 1, self.exact_room) for b in active}
+        longest = self.longest_draft()
+        room = {b: min(longest, run.room(b) - 1) for b in active}
         gate = self.batch_gate if run.batch > 1 else None
         cycle_way = gate.choose(0) if gate is not None else "draft"
         drafts = choose_sources(cycle_way, active, room, self.history, self.policy, self.ways, self.draft, self.lookup_ngram)
@@ -261,14 +262,13 @@ class VerifyDecoder(Decoder):
         self.remember([b for b in active if run.room(b) == 0])
         yield event
 
-    @property
-    def exact_room(self) -> int:
-        """The most drafts a pass may hold and, on quantised weights, still run on them
-        (`exact_rows`: a wider pass takes the dense weights)."""
-        room = self.run.settings.block_size
+    def longest_draft(self) -> int:
+        """The most drafts a row's pass may hold: the block size, and on quantised weights as
+        many as keep the pass on them (`exact_rows`: a wider pass takes the dense weights)."""
+        longest = self.run.settings.block_size
         if self.model.exact_rows is not None:
-            room = min(room, self.model.exact_rows // self.run.batch - 1)
-        return max(room, 0)
+            longest = min(longest, self.model.exact_rows // self.run.batch - 1)
+        return max(longest, 0)
 
     def prior(self, kind: str):
         """What the model's DraftMemory holds for this setting: of the rows ("rows") or of the

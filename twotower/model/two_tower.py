@@ -219,9 +219,10 @@ class TwoTowerForCausalLM(nn.Module):
     def context_extend(self, cache: ContextCache, tokens: torch.Tensor, logits=None, exact: bool = False):
         """Read S committed tokens (B, S) in one pass and append their states to the cache (a
         Mamba state keeps the whole pass as its tail: verify may drop any of the pass's drafts).
-        logits: None, "last", "all", or (B,) positions (see `ar_logits`); exact: attention one
-        query at a time, so that each position's logits are a one-token pass's bit for bit
-        (`backbones.base.exact_attention`; Llama family, whose other ops are row by row)."""
+        logits: None, "last", "all", or (B,) positions (see `ar_logits`); exact: each query
+        attended over exactly the keys a one-token pass at its position reads, so that each
+        position's logits are a one-token pass's bit for bit (`backbones.base.exact_attention`;
+        Llama family, whose other ops are row by row)."""
         new_valid = torch.ones_like(tokens, dtype=torch.bool)
         positions = cache.next_pos[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
         embeds = self.context_tower.get_input_embeddings()(tokens)
