@@ -230,6 +230,30 @@ def test_bench_takes_the_points_in_turn_on_each_batch_of_prompts(monkeypatch):
     assert found[AR][1]["new_tokens"] == sum(len(r.tokens) for r in found[AR][0])
 
 
+def test_bench_batches_never_mix_categories_and_reports_each():
+    """With a category per prompt, a batch holds one category, and every point gets a row per
+    category whose counts add up to its overall row; AR's own rows are the reference."""
+    from twotower.eval import speed
+
+    labels = ["a", "a", "a", "b", "c", "c"]
+    chunks = speed.batches(list(range(6)), labels, 2)
+    assert chunks == [([0, 1], "a"), ([2], "a"), ([3], "b"), ([4, 5], "c")]
+    points = [AR, OperatingPoint("verify", threshold=0.5)]
+    prompts = [*PROMPTS, [30, 31], [50, 51, 52]]
+    with pytest.raises(TwoTowerError, match="a label per prompt"):
+        speed.run_bench(tiny_two_tower(), prompts, points, (2,), 6, hf=False, progress=False, labels=labels[:5])
+    report = speed.run_bench(tiny_two_tower(), prompts, points, (2,), 6, hf=False, progress=False, labels=labels)
+    rows = report["category_rows"]
+    assert [(r["category"], r["point"]) for r in rows] == [(c, p.label) for p in points for c in "abc"]
+    for point in points:
+        overall = next(r for r in report["rows"] if r["point"] == point.label)
+        mine = [r for r in rows if r["point"] == point.label]
+        assert sum(r["new_tokens"] for r in mine) == overall["new_tokens"]
+        assert sum(r["seconds"] for r in mine) == pytest.approx(overall["seconds"])
+    assert all(r["speedup_vs_generate_ar"] == 1.0 and r["exact_match_vs_ar"] == 1.0 for r in rows if r["point"] == AR.label)
+    assert all(r["exact_match_vs_ar"] == 1.0 for r in rows)  # fp32 verify is AR's output
+
+
 def test_a_llama_cpp_that_crashes_is_a_note_not_the_end_of_the_bench(tmp_path, monkeypatch):
     """llama.cpp runs in a child process: one killed by SIGILL (a build for CPU features the
     machine refuses) leaves a note, and the benchmark's own rows."""

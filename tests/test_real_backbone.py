@@ -159,17 +159,42 @@ def test_int4_holds_the_gguf_weights_exactly():
         assert torch.equal(Int4Linear(linear).dequantized(), weight), t.name
 
 
-def test_int4_weights_answer_as_the_dense_model(smol):
+@pytest.fixture(scope="module")
+def smol_int4(smol):
+    backbone, _ = load_backbone("default", torch.bfloat16)
+    return TwoTowerForCausalLM.from_backbone(backbone, smol[1]).quantize("int4")
+
+
+def test_int4_weights_answer_as_the_dense_model(smol, smol_int4):
     """int4 (bf16) answers the main question, starts its reply as the dense model does, and its
     verify mode with lookup drafts answers too."""
     from twotower import generate_verify
 
     model, tokenizer, prompts = smol
-    backbone, _ = load_backbone("default", torch.bfloat16)
-    quantized = TwoTowerForCausalLM.from_backbone(backbone, tokenizer).quantize("int4")
+    quantized = smol_int4
     ar = generate_ar(quantized, prompts, max_new_tokens=24)
     assert "Paris" in tokenizer.decode(ar.tokens[0])
     dense = generate_ar(model, prompts, max_new_tokens=24)
     assert ar.tokens[0][:6] == dense.tokens[0][:6]
     verify = generate_verify(quantized, prompts[:1], max_new_tokens=24, draft="lookup")
     assert "Paris" in tokenizer.decode(verify.tokens[0])
+
+
+def test_int4_verify_at_batch_eight_is_ar_while_rows_finish_apart(smol, smol_int4):
+    """Eight unpadded prompts (built-in facts questions of one length) whose replies end at
+    different steps: int4 verify at batch 8, which has no room to draft within the rows int4
+    serves, is AR's output token for token (a finished row keeps its pad token as in AR, so no
+    hole turns the attention kernels to their masked form)."""
+    from twotower import eos_token_ids, generate_verify
+    from twotower.eval.tasks import builtin_tasks
+
+    tokenizer = smol[1]
+    prompts = [encode_prompt(tokenizer, t.prompt, chat=True) for t in builtin_tasks() if t.category == "facts"]
+    length = max(set(map(len, prompts)), key=[len(p) for p in prompts].count)
+    prompts = [p for p in prompts if len(p) == length][:8]
+    assert len(prompts) == 8
+    eos = eos_token_ids(smol_int4, tokenizer)
+    ar = generate_ar(smol_int4, prompts, max_new_tokens=64, eos_token_id=eos)
+    assert len({len(row) for row in ar.tokens}) > 1  # rows finish apart
+    verify = generate_verify(smol_int4, prompts, max_new_tokens=64, eos_token_id=eos)
+    assert verify.tokens == ar.tokens

@@ -129,6 +129,33 @@ def test_greedy_verify_equals_ar_in_bf16_at_batch_one(weights):
             assert result.details["drafted"] > 0
 
 
+def test_a_cycle_without_drafts_leaves_the_cache_as_an_ar_step_does(monkeypatch):
+    """Unpadded prompts, one row stopping early at its EOS: verify cycles without drafts must
+    give every pass the cache an AR step gives it (the finished row's pad token kept), or the
+    next passes read a mask with a hole, which the attention kernels round otherwise in bf16
+    (the real backbone's test: int4 verify at batch 8), and the other rows drift from AR."""
+    model = tiny_two_tower()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16], [20, 21, 22, 23, 24, 25], [30, 31, 32, 33, 34, 35]]
+    free = generate_ar(model, prompts, max_new_tokens=40)
+    first, others = free.tokens[0], free.tokens[1:]
+    stop = next(i for i, t in enumerate(first) if i >= 2 and t not in first[:i] and all(t not in r[: i + 8] for r in others))
+    seen, extend = [], model.context_extend
+
+    def recording(cache, tokens, **kwargs):
+        seen.append((cache.valid.clone(), cache.next_pos.clone()))
+        return extend(cache, tokens, **kwargs)
+
+    monkeypatch.setattr(model, "context_extend", recording)
+    ar = generate_ar(model, prompts, max_new_tokens=40, eos_token_id=first[stop])  # row 0 stops there
+    assert len(ar.tokens[0]) == stop + 1 and min(len(row) for row in ar.tokens[1:]) > stop + 8
+    ar_seen, seen[:] = list(seen), []
+    verify = generate_verify(model, prompts, max_new_tokens=40, eos_token_id=first[stop], draft="ar")
+    assert verify.tokens == ar.tokens
+    assert len(seen) == len(ar_seen)
+    for (valid, pos), (ar_valid, ar_pos) in zip(seen, ar_seen):
+        assert torch.equal(valid, ar_valid) and torch.equal(pos, ar_pos)
+
+
 def test_lookup_drafts_commit_several_tokens_per_context_pass():
     model = _model()
     free = generate_ar(model, [PROMPTS[2]], max_new_tokens=48)

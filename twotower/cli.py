@@ -173,7 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     _measure_options(be)
     be.add_argument("--batch-sizes", type=_int_list, default=[1, 8], metavar="N,...", help="batch sizes to time (default: 1,8)")
     be.add_argument(
-        "--num-prompts", type=_positive_int, default=8, metavar="N", help="prompts to time, taken across categories (default: 8)"
+        "--num-prompts",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="prompts to time, taken across categories; with --by-category, per category (default: 8)",
     )
     be.add_argument(
         "--max-new-tokens",
@@ -200,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     be.add_argument(
         "--quick", action="store_true", help="a tiny random model, 8 prompts, 32 tokens: checks the plumbing in under a minute"
+    )
+    be.add_argument(
+        "--by-category",
+        action="store_true",
+        help="--num-prompts prompts of every category, batched by category, and each point's speed-up over AR per category",
     )
     be.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
     be.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp")
@@ -627,6 +636,7 @@ def cmd_bench(args) -> int:
         _dtype(args),
         args.out,
         weights=args.weights,
+        by_category=args.by_category,
     )
     return 0
 

@@ -184,8 +184,11 @@ def benchmark(
     out=None,
     progress=True,
     weights="dense",
+    by_category=False,
 ) -> dict:
-    notes = []
+    """`twotower bench`. by_category: num_prompts prompts of every category (batches of one
+    category each) and a table of every point's speed-up over AR per category."""
+    notes, labels = [], None
     if quick:
         model, dtype, eos = tiny_random_model().quantize(weights), torch.float32, []
         gen = torch.Generator().manual_seed(0)
@@ -196,7 +199,12 @@ def benchmark(
     else:
         model, tokenizer, encode, eos = _load(model_ref, dtype, weights)
         tasks = load_prompts(prompts_file) if prompts_file else builtin_tasks()
-        chosen = interleave_categories(tasks)[:num_prompts]
+        if by_category:
+            chosen = [t for category in dict.fromkeys(t.category for t in tasks) for t in tasks if t.category == category]
+            chosen = select_tasks(chosen, num_prompts)
+            labels = [t.category for t in chosen]
+        else:
+            chosen = interleave_categories(tasks)[:num_prompts]
         prompts = [encode(t.prompt) for t in chosen]
         gguf = _gguf_of(model_ref) if llama_cpp else None
     if sweep:
@@ -204,10 +212,13 @@ def benchmark(
         block_sizes = tuple(s for s in SWEEP_BLOCK_SIZES if s <= model.config.block_size)
         thresholds = SWEEP_THRESHOLDS
     points = operating_points(modes, block_sizes, thresholds, (0.0,), model.config.block_size)
-    report = run_bench(model, prompts, points, batch_sizes, max_new_tokens, eos, hf, gguf, progress)
+    report = run_bench(model, prompts, points, batch_sizes, max_new_tokens, eos, hf, gguf, progress, labels=labels)
     report["notes"] = notes + report["notes"]
     report["environment"] = environment(dtype, str(model_ref), weights)
     print(format_table(report["rows"], BENCH_COLUMNS))
+    if "category_rows" in report:
+        print()
+        print(format_table(report["category_rows"], CATEGORY_COLUMNS))
     report["pass_cost_ms"] = pass_costs(
         model, model_ref, prompts[0], dtype, report["context_pass_ms"], both=not quick, weights=weights
     )
@@ -245,6 +256,10 @@ def benchmark(
         print(f"wrote {out}")
     return report
 
+
+CATEGORY_COLUMNS = [("category", "category"), ("point", "point"), ("batch", "batch_size"),
+                    ("tok/s", "tokens_per_second"), ("ctx/tok", "context_passes_per_token"),
+                    ("=AR", "exact_match_vs_ar"), ("x AR", "speedup_vs_generate_ar")]  # fmt: skip
 
 PASS_COLUMNS = [("dtype", "dtype"), ("weights", "weights"), *[(f"ctx {w}", str(w)) for w in (1, 2, 4, 8, 16, 17)],
                 ("17 / 1", "ratio_17_1"), ("denoiser block", "denoiser")]  # fmt: skip

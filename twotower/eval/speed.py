@@ -10,6 +10,7 @@ from dataclasses import asdict
 import torch
 from tqdm.auto import tqdm
 
+from twotower.config import TwoTowerError
 from twotower.eval import metrics
 from twotower.eval.points import AR, OperatingPoint, add_counts, generate_replies
 from twotower.generate import generate
@@ -75,22 +76,37 @@ def _llama_cpp_baselines(gguf: str, prompts, max_new_tokens: int, threads: int, 
     return found
 
 
-def interleaved(model, prompts, points, batch: int, max_new_tokens: int, eos, bar=None) -> dict:
+def interleaved(model, prompts, points, batch: int, max_new_tokens: int, eos, bar=None, labels=None) -> dict:
     """Every point over the prompts, in batches of `batch`, taking the points in turn on each
     batch of prompts (A B A B ...), so that a machine whose speed drifts during the run moves
-    every point alike and their ratios stay meaningful. Returns point -> (replies, totals)."""
-    found = {point: ([], {}) for point in points}
-    for start in range(0, len(prompts), batch):
-        chunk = prompts[start : start + batch]
+    every point alike and their ratios stay meaningful. labels: one per prompt (its category):
+    a batch holds prompts of one label only, and each point's totals are also kept per label.
+    Returns point -> (replies, totals, {label: totals})."""
+    labels = labels or [None] * len(prompts)
+    found = {point: ([], {}, {}) for point in points}
+    for chunk, label in batches(prompts, labels, batch):
         for point in points:
             if bar is not None:
                 bar.set_postfix_str(f"{point.label} batch={batch}")
             replies, totals = generate_replies(model, None, chunk, [max_new_tokens] * len(chunk), point, batch, eos)
             found[point][0].extend(replies)
             add_counts(found[point][1], totals, numbers=(int, float))
+            add_counts(found[point][2].setdefault(label, {}), totals, numbers=(int, float))
             if bar is not None:
                 bar.update(1)
     return found
+
+
+def batches(prompts: list, labels: list, batch: int) -> list[tuple[list, object]]:
+    """The prompts in order, in batches of at most `batch` that never span two labels."""
+    out, start = [], 0
+    while start < len(prompts):
+        end = start + 1
+        while end < len(prompts) and end - start < batch and labels[end] == labels[start]:
+            end += 1
+        out.append((prompts[start:end], labels[start]))
+        start = end
+    return out
 
 
 PASS_WIDTHS = (1, 2, 4, 8, 16, 17)
@@ -145,17 +161,22 @@ def run_bench(
     gguf: str | None = None,
     progress: bool = True,
     lookup_baselines: bool | None = None,
+    labels: list[str] | None = None,
 ) -> dict:
     """Tokens/s, NFE and context passes per token for every point and batch size, plus
     transformers' generate and (batch 1) llama.cpp on the same prompts; speed-ups over each.
     With verify mode among the points (or `lookup_baselines`), both baselines also run with
-    their prompt-lookup drafts (batch 1)."""
+    their prompt-lookup drafts (batch 1). labels: a category per prompt; then batches hold one
+    category each and "category_rows" gives every point's figures per category too."""
     if lookup_baselines is None:
         lookup_baselines = any(p.mode == "verify" for p in points)
     eos = eos or []
     pad = eos[0] if eos else 0
-    rows, notes = [], []
-    steps = len(points) * sum(len(range(0, len(prompts), b)) for b in batch_sizes)
+    rows, category_rows, notes = [], [], []
+    labels = labels or [None] * len(prompts)
+    if len(labels) != len(prompts):
+        raise TwoTowerError(f"a label per prompt: {len(labels)} labels for {len(prompts)} prompts")
+    steps = len(points) * sum(len(batches(prompts, labels, b)) for b in batch_sizes)
     bar = tqdm(total=steps, desc="bench", unit="batch", disable=not progress)
     generate(model, "ar", prompts[:1], max_new_tokens=4)  # warm-up (allocator, threads)
     costs = pass_cost(model, prompts[0])
@@ -181,41 +202,52 @@ def run_bench(
                     "llama.cpp skipped: it crashed (an instruction this CPU or VM refuses, e.g. a build for AMX where "
                     "AMX is not granted: rebuild with CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX512=ON', README: Measure)"
                 )
-        ar_tps, ar_replies = None, None
-        measured = interleaved(model, prompts, points, batch, max_new_tokens, eos, bar)
+        measured = interleaved(model, prompts, points, batch, max_new_tokens, eos, bar, labels)
+        ar = measured.get(AR)
         for point in points:
-            replies, totals = measured[point]
-            tps = totals["new_tokens"] / max(totals["seconds"], 1e-9)
-            if point == AR:
-                ar_tps, ar_replies = tps, replies
-            row = {
-                "point": point.label,
-                **asdict(point),
-                "batch_size": batch,
-                "new_tokens": totals["new_tokens"],
-                "seconds": totals["seconds"],
-                "tokens_per_second": tps,
-                "nfe_per_token": totals["nfe"] / max(totals["new_tokens"], 1),
-                "context_passes_per_token": totals["context_passes"] / max(totals["new_tokens"], 1),
-                "tokens_per_nfe": totals["new_tokens"] / max(totals["nfe"], 1),
-                "speedup_vs_generate_ar": tps / ar_tps if ar_tps else None,
-                "exact_match_vs_ar": metrics.agreement([r.tokens for r in replies], [r.tokens for r in ar_replies])["exact_match"]
-                if ar_replies
-                else None,
-            }
-            if "draft_sources" in totals:  # verify mode
-                row.update(
-                    draft_sources=totals["draft_sources"],
-                    cycles=totals["cycles"],
-                    draft_acceptance=totals["accepted_drafts"] / max(totals["drafted"], 1),
-                    tokens_per_cycle=totals["new_tokens"] / max(sum(totals["draft_sources"].values()), 1),
-                )
+            replies, totals, by_label = measured[point]
+            row = {"point": point.label, **asdict(point), "batch_size": batch, **speed_figures(replies, totals, ar and ar[:2])}
             for name, base in baselines.items():
-                row[f"speedup_vs_{name}"] = tps / base["tokens_per_second"]
+                row[f"speedup_vs_{name}"] = row["tokens_per_second"] / base["tokens_per_second"]
             rows.append(row)
+            for label in by_label if labels[0] is not None else ():
+                mine = [r for r, lab in zip(replies, labels) if lab == label]
+                theirs = None if ar is None else ([r for r, lab in zip(ar[0], labels) if lab == label], ar[2][label])
+                figures = speed_figures(mine, by_label[label], theirs)
+                category_rows.append({"category": label, "point": point.label, "batch_size": batch, **figures})
         for name, base in baselines.items():
             rows.append({"point": name, "mode": name, "batch_size": batch, **base})
     bar.close()
     if gguf is None:
         notes.append("llama.cpp skipped: the model was not loaded from a GGUF file")
-    return {"rows": rows, "notes": notes, "prompts": len(prompts), "max_new_tokens": max_new_tokens, "context_pass_ms": costs}
+    report = {"rows": rows, "notes": notes, "prompts": len(prompts), "max_new_tokens": max_new_tokens, "context_pass_ms": costs}
+    if category_rows:
+        report["category_rows"] = category_rows
+    return report
+
+
+def speed_figures(replies, totals: dict, ar=None) -> dict:
+    """A point's figures from its replies and summed totals; ar: AR's (replies, totals) on the
+    same prompts, for the speed-up and the exact matches (None: AR did not run)."""
+    tps = totals["new_tokens"] / max(totals["seconds"], 1e-9)
+    ar_tps = None if ar is None else ar[1]["new_tokens"] / max(ar[1]["seconds"], 1e-9)
+    row = {
+        "new_tokens": totals["new_tokens"],
+        "seconds": totals["seconds"],
+        "tokens_per_second": tps,
+        "nfe_per_token": totals["nfe"] / max(totals["new_tokens"], 1),
+        "context_passes_per_token": totals["context_passes"] / max(totals["new_tokens"], 1),
+        "tokens_per_nfe": totals["new_tokens"] / max(totals["nfe"], 1),
+        "speedup_vs_generate_ar": tps / ar_tps if ar_tps else None,
+        "exact_match_vs_ar": metrics.agreement([r.tokens for r in replies], [r.tokens for r in ar[0]])["exact_match"]
+        if ar is not None
+        else None,
+    }
+    if "draft_sources" in totals:  # verify mode
+        row.update(
+            draft_sources=totals["draft_sources"],
+            cycles=totals["cycles"],
+            draft_acceptance=totals["accepted_drafts"] / max(totals["drafted"], 1),
+            tokens_per_cycle=totals["new_tokens"] / max(sum(totals["draft_sources"].values()), 1),
+        )
+    return row

@@ -167,11 +167,14 @@ def accept_drafts(logits, drafts, draft_len, q, settings, generator):
 def commit(cache, run, drafts: Drafts, active, accepted: list[int], following: list[int], history) -> list[list[int]]:
     """Step 4: keep the accepted drafts in the cache (the pending token and the accepted ones),
     drop the rest; returns the tokens each row commits (accepted drafts, then the context
-    tower's own token), cut at max_new_tokens."""
+    tower's own token), cut at max_new_tokens. A finished row keeps the pad token it read, as
+    it does in an AR step: a cycle without drafts leaves the cache as an AR step leaves it,
+    so that the passes after it are AR's (a hole in a row's mask turns the attention kernels
+    to their masked form, which rounds otherwise in bf16, in every row of the batch)."""
     batch = len(drafts.tokens)
     width = max(len(d) for d in drafts.tokens) + 1
     is_active = torch.tensor([b in active for b in range(batch)], device=cache.valid.device)
-    cache.keep_new(width, torch.where(is_active, 1 + torch.tensor(accepted, device=cache.valid.device), 0))
+    cache.keep_new(width, torch.where(is_active, 1 + torch.tensor(accepted, device=cache.valid.device), 1))
     new = [[] for _ in range(batch)]
     for b in active:
         new[b] = [*drafts.tokens[b][: accepted[b]], following[b]][: run.room(b)]
