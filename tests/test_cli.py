@@ -177,6 +177,12 @@ def test_bench_command_runs_end_to_end_and_writes_json(tmp_path, capsys, trained
     argv += ["--batch-sizes", "1", "--max-new-tokens", "6", "--no-hf", "--no-llama-cpp", "--dtype", "fp32"]
     assert main([*argv, "--out", str(out)]) == 0
     assert json.loads(out.read_text()) and capsys.readouterr().out.strip()
+    # per category, each prompt twice: a row per category and point, over twice the prompts
+    assert main([*argv, "--by-category", "--num-prompts", "1", "--repeats", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["prompts"] == 2 and report["repeats"] == 2
+    assert [(r["category"], r["point"]) for r in report["category_rows"]] == [("qa", "ar"), ("qa", "mock-ar")]
+    assert "category" in capsys.readouterr().out
 
 
 def test_weights_option_quantises_generate_and_eval_compares_with_the_dense_ar(

@@ -495,6 +495,31 @@ def test_a_draft_is_as_long_as_pays_for_what_a_wider_pass_costs():
     assert policies["cheap"].draft_length(0, "lookup", room=16) < 8
 
 
+def test_a_way_whose_drafts_would_lose_drafts_nothing_except_when_probed():
+    """skip_unpaid (draft="auto"): a draft's expected tokens are weighed against a plain AR
+    step's too, so a way that is rarely accepted, where a wider pass is dear, takes AR steps;
+    a probe of it still drafts (or its acceptance could never be measured again), and a way
+    the caller forced always drafts."""
+    dear = lambda width, denoiser: 1.0 if width == 1 else 1.8 + float(denoiser)
+    prior = {"lookup": (10.0, 0.1, 4), "ar": (9.0, None, 4)}  # lookup was the faster, but is rarely accepted
+    policy = DraftPolicy(batch=1, ways=("lookup", "ar"), probe_every=4, prior=prior, cost=dear, skip_unpaid=True)
+    forced = DraftPolicy(batch=1, ways=("lookup", "ar"), probe_every=4, prior=prior, cost=dear)
+    assert policy.choose(0) == "lookup" and not policy.probing[0]
+    assert policy.draft_length(0, "lookup", room=8) == 0 and forced.draft_length(0, "lookup", room=8) >= 1
+    policy.record(0, "ar", tokens=1, cost=0.05)  # an AR step is now the faster way
+    probes = []
+    for _ in range(12):
+        way = policy.choose(0)
+        if way == "lookup":
+            assert policy.probing[0]
+            probes.append(policy.draft_length(0, "lookup", room=8))
+        policy.record(0, way, tokens=1, cost=0.1)
+    assert probes and all(n >= 1 for n in probes)
+    cheap = DraftPolicy(batch=1, ways=("lookup", "ar"), prior=prior, cost=lambda w, d: 1.0 + (w - 1) / 100, skip_unpaid=True)
+    cheap.choose(0)
+    assert cheap.draft_length(0, "lookup", room=8) >= 1  # nearly free passes: even rare acceptance pays
+
+
 def test_the_draft_memory_measures_what_each_pass_width_costs():
     memory = DraftMemory()
     assert memory.cycle_cost(1) is static_cost  # nothing measured yet: counted in passes

@@ -210,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="--num-prompts prompts of every category, batched by category, and each point's speed-up over AR per category",
     )
+    be.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=1,
+        metavar="R",
+        help="time the prompts R times over, in order: more samples where the machine's speed is noisy (default: 1)",
+    )
     be.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
     be.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp")
     be.set_defaults(func=cmd_bench)
@@ -637,6 +644,7 @@ def cmd_bench(args) -> int:
         args.out,
         weights=args.weights,
         by_category=args.by_category,
+        repeats=args.repeats,
     )
     return 0
 

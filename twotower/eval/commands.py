@@ -185,9 +185,11 @@ def benchmark(
     progress=True,
     weights="dense",
     by_category=False,
+    repeats=1,
 ) -> dict:
     """`twotower bench`. by_category: num_prompts prompts of every category (batches of one
-    category each) and a table of every point's speed-up over AR per category."""
+    category each) and a table of every point's speed-up over AR per category. repeats: the
+    prompts that many times over, in order (more samples of a machine whose speed is noisy)."""
     notes, labels = [], None
     if quick:
         model, dtype, eos = tiny_random_model().quantize(weights), torch.float32, []
@@ -207,6 +209,7 @@ def benchmark(
             chosen = interleave_categories(tasks)[:num_prompts]
         prompts = [encode(t.prompt) for t in chosen]
         gguf = _gguf_of(model_ref) if llama_cpp else None
+    prompts, labels = prompts * repeats, None if labels is None else labels * repeats
     if sweep:
         modes = tuple(dict.fromkeys([*modes, "mock-ar", "diffusion"]))
         block_sizes = tuple(s for s in SWEEP_BLOCK_SIZES if s <= model.config.block_size)
@@ -214,7 +217,7 @@ def benchmark(
     points = operating_points(modes, block_sizes, thresholds, (0.0,), model.config.block_size)
     report = run_bench(model, prompts, points, batch_sizes, max_new_tokens, eos, hf, gguf, progress, labels=labels)
     report["notes"] = notes + report["notes"]
-    report["environment"] = environment(dtype, str(model_ref), weights)
+    report["environment"], report["repeats"] = environment(dtype, str(model_ref), weights), repeats
     print(format_table(report["rows"], BENCH_COLUMNS))
     if "category_rows" in report:
         print()

@@ -209,7 +209,9 @@ class DraftPolicy:
     expected tokens of n drafts (`expected_tokens`, from the row's acceptance of that way) over
     the cost of a cycle over n + 1 positions, `cost(width, denoiser)` (measured seconds,
     `DraftMemory.cycle_cost`, or `static_cost`). Where a wider pass is dear (quantised weights)
-    drafts stay short unless they are accepted often; where it is nearly free they grow.
+    drafts stay short unless they are accepted often; where it is nearly free they grow. With
+    `skip_unpaid`, n = 0 (a plain AR step) is among the lengths: a way whose drafts are
+    expected to cost more than they gain drafts nothing, except when it is probed.
     prior: way -> (rate, acceptance, wait) that every row starts from (`DraftMemory.prior`); a
     way in it counts as tried, and waits as long as earlier rows ended up waiting for it."""
 
@@ -225,9 +227,10 @@ class DraftPolicy:
         prior: dict[str, tuple[float, float, float]] | None = None,
         cost=static_cost,
         acceptance_decay: float = 0.7,
+        skip_unpaid: bool = False,
     ):
         self.ways, self.probe_every, self.decay, self.max_wait = ways, probe_every, decay, max_wait
-        self.cost, self.acceptance_decay = cost, acceptance_decay
+        self.cost, self.acceptance_decay, self.skip_unpaid = cost, acceptance_decay, skip_unpaid
         self.every = tuple(dict.fromkeys([*ways, "ar"]))  # a forced source still falls back to AR steps
         prior = {w: v for w, v in (prior or {}).items() if w in self.every}
         self.rates = [{w: prior[w][0] if w in prior else None for w in self.every} for _ in range(batch)]
@@ -238,8 +241,9 @@ class DraftPolicy:
         start_wait = {w: max(probe_every, int(prior[w][2])) if w in prior else probe_every for w in self.every}
         self.wait = [dict(start_wait) for _ in range(batch)]
         self.cycles = [0] * batch
+        self.probing = [False] * batch  # whether the way chosen last is tried or probed, not the best
 
-    ROW_FIELDS = ("rates", "counts", "last_used", "wait", "cycles")  # one entry per row each
+    ROW_FIELDS = ("rates", "counts", "last_used", "wait", "cycles", "probing")  # one entry per row each
 
     def join(self, other: DraftPolicy) -> None:
         """Take the rows of another policy (continuous batching)."""
@@ -258,11 +262,13 @@ class DraftPolicy:
     def choose(self, row: int, lookup_available: bool = True) -> str:
         ways = [w for w in self.ways if w != "lookup" or lookup_available]
         untried = [w for w in ways if self.rates[row][w] is None]
+        self.probing[row] = True
         if untried:
             return untried[0]
         best = self._best(row, ways)
         now, last, wait = self.cycles[row], self.last_used[row], self.wait[row]
         due = [w for w in ways if w != best and now - last[w] >= wait[w]]
+        self.probing[row] = bool(due)
         return min(due, key=last.get) if due else best
 
     def acceptance(self, row: int, way: str) -> float:
@@ -275,8 +281,10 @@ class DraftPolicy:
         if way == "ar" or room <= 0:
             return 0
         alpha, denoiser = self.acceptance(row, way), way == "denoiser"
-        pays = [expected_tokens(alpha, n) / self.cost(n + 1, denoiser) for n in range(1, room + 1)]
-        return 1 + max(range(len(pays)), key=pays.__getitem__)  # the shortest of the best
+        least = 0 if self.skip_unpaid and not self.probing[row] else 1
+        pays = [1 / self.cost(1, False) if n == 0 else expected_tokens(alpha, n) / self.cost(n + 1, denoiser)
+                for n in range(least, room + 1)]  # fmt: skip
+        return least + max(range(len(pays)), key=pays.__getitem__)  # the shortest of the best
 
     def record(self, row: int, way: str, tokens: int, cost: float, accepted: int = 0, drafted: int = 0) -> None:
         """A cycle of `way` committed `tokens` at `cost`, accepting `accepted` of `drafted` drafts."""

@@ -18,7 +18,9 @@ Draft policy (draft="auto"), per row: three ways, the denoiser, prompt lookup (o
 last n tokens occurred earlier in the prompt or reply) and a plain AR step (no draft, one
 token). Each row keeps an EMA of committed tokens per second of every way, uses the fastest,
 and re-tries the others with a doubling wait (DraftPolicy), so a row whose drafts stop being
-accepted falls back to AR speed. With several rows, a batch-level gate makes the same choice
+accepted falls back to AR speed. Outside those probes a way drafts only as many tokens as pay
+for the wider pass, from how often its drafts are accepted and what the pass costs: none (an
+AR step) where drafting is expected to lose. With several rows, a batch-level gate makes the same choice
 between cycles that draft and plain AR cycles, on the whole batch's tokens per second.
 With a sampling seed the cost of a cycle is counted in tower passes instead of seconds, so
 that the choices, and with them the sampled text, are reproducible.
@@ -90,9 +92,9 @@ def choose_sources(cycle_way: str, active, room, history, policy, ways, draft: s
         found = lookup_draft(history[b], room[b], lookup_ngram) if "lookup" in ways and room[b] > 0 else []
         source[b] = policy.choose(b, lookup_available=bool(found)) if draft == "auto" else ways[0]
         if source[b] == "lookup":
-            if not found:
-                source[b] = "ar"
             tokens[b] = found[: policy.draft_length(b, "lookup", room[b])]
+            if not tokens[b]:  # no match, or drafting would not pay: an AR step
+                source[b] = "ar"
     return Drafts(tokens, source)
 
 
@@ -214,7 +216,8 @@ class VerifyDecoder(Decoder):
         self.setting = (self.ways, s.block_size, s.confidence_threshold, batch_bucket(run.batch))  # what the memory is kept by
         # What a cycle of each width costs: measured seconds (unseeded), else counted in passes.
         cost = static_cost if self.memory is None else self.memory.cycle_cost(run.batch)
-        self.policy = DraftPolicy(run.batch, self.ways, self.probe_every, prior=self.prior("rows"), cost=cost)
+        auto = self.draft == "auto"  # a way forced by the caller always drafts
+        self.policy = DraftPolicy(run.batch, self.ways, self.probe_every, prior=self.prior("rows"), cost=cost, skip_unpaid=auto)
         # With several rows, one pass serves them all and its cost grows with the longest draft,
         # so a batch-level gate (the same rule over "draft" and "ar" cycles, measured in committed
         # tokens of the whole batch per second) decides whether a cycle drafts at all.
