@@ -15,7 +15,7 @@ from conftest import PROMPTS, VOCAB, perturb_trained, tiny_two_tower
 from twotower import GenerationSettings, TwoTowerError, generate_ar, generate_verify
 from twotower.backbones.base import exact_attention, key_block
 from twotower.generate.common import left_pad
-from twotower.generate.draft import DraftMemory, batch_bucket, static_cost
+from twotower.generate.draft import DraftMemory, batch_bucket, lookup_kind, lookup_match, static_cost
 from twotower.generate.verify import DraftPolicy, accept_drafts, lookup_draft, target_probs
 
 DRAFTS = ["auto", "denoiser", "lookup", "ar"]
@@ -465,7 +465,7 @@ def test_unseeded_verify_runs_leave_their_measurements_to_the_next_and_seeded_ru
     generate_verify(model, ids[:1], mask[:1], max_new_tokens=12)
     memory = model.draft_memory
     (key,) = [k for k in memory.seen if k[0] == "rows"]
-    assert key[-1] == 1 and set(memory.seen[key]) <= {"denoiser", "lookup", "ar"} and memory.seen[key]
+    assert key[-1] == 1 and set(memory.seen[key]) <= {"denoiser", "lookup", "ar", *map(lookup_kind, (1, 2, 3))} and memory.seen[key]
     again = generate_verify(model, ids[:1], mask[:1], max_new_tokens=12)  # greedy: the same tokens
     assert again.tokens == generate_ar(model, ids[:1], mask[:1], max_new_tokens=12).tokens
     assert generate_verify(model, ids, mask, **seeded).tokens == first.tokens
@@ -497,27 +497,57 @@ def test_a_draft_is_as_long_as_pays_for_what_a_wider_pass_costs():
 
 def test_a_way_whose_drafts_would_lose_drafts_nothing_except_when_probed():
     """skip_unpaid (draft="auto"): a draft's expected tokens are weighed against a plain AR
-    step's too, so a way that is rarely accepted, where a wider pass is dear, takes AR steps;
-    a probe of it still drafts (or its acceptance could never be measured again), and a way
-    the caller forced always drafts."""
+    step's too, so a way that is rarely accepted, where a wider pass is dear, is not used even
+    when its measured rate is the best; it is still probed (drafting at least one token, or its
+    acceptance could never be measured again), and once its drafts are accepted it is back in
+    use. A way the caller forces always drafts."""
     dear = lambda width, denoiser: 1.0 if width == 1 else 1.8 + float(denoiser)
     prior = {"lookup": (10.0, 0.1, 4), "ar": (9.0, None, 4)}  # lookup was the faster, but is rarely accepted
     policy = DraftPolicy(batch=1, ways=("lookup", "ar"), probe_every=4, prior=prior, cost=dear, skip_unpaid=True)
     forced = DraftPolicy(batch=1, ways=("lookup", "ar"), probe_every=4, prior=prior, cost=dear)
-    assert policy.choose(0) == "lookup" and not policy.probing[0]
+    assert not policy.pays(0, "lookup", room=8) and policy.pays(0, "ar", room=8)
+    assert policy.choose(0, room=8) == "ar" and forced.choose(0, room=8) == "lookup"
     assert policy.draft_length(0, "lookup", room=8) == 0 and forced.draft_length(0, "lookup", room=8) >= 1
-    policy.record(0, "ar", tokens=1, cost=0.05)  # an AR step is now the faster way
-    probes = []
+    picks = []
     for _ in range(12):
-        way = policy.choose(0)
-        if way == "lookup":
-            assert policy.probing[0]
-            probes.append(policy.draft_length(0, "lookup", room=8))
-        policy.record(0, way, tokens=1, cost=0.1)
-    assert probes and all(n >= 1 for n in probes)
+        way = policy.choose(0, room=8)
+        picks.append(way)
+        if way == "lookup":  # a probe, or (once the probes' drafts were accepted) a way that pays
+            assert policy.probing[0] or policy.pays(0, "lookup", room=8)
+            assert policy.draft_length(0, "lookup", room=8) >= 1
+            policy.record(0, way, tokens=2, cost=1.8, accepted=1, drafted=1)  # its draft is accepted
+        else:
+            policy.record(0, way, tokens=1, cost=1.0)
+    assert "lookup" in picks  # probed within its wait
+    for _ in range(3):
+        policy.record(0, "lookup", tokens=5, cost=1.8, accepted=4, drafted=4)
+    assert policy.pays(0, "lookup", room=8) and policy.choose(0, room=8) == "lookup" and not policy.probing[0]
     cheap = DraftPolicy(batch=1, ways=("lookup", "ar"), prior=prior, cost=lambda w, d: 1.0 + (w - 1) / 100, skip_unpaid=True)
-    cheap.choose(0)
-    assert cheap.draft_length(0, "lookup", room=8) >= 1  # nearly free passes: even rare acceptance pays
+    assert cheap.choose(0, room=8) == "lookup" and cheap.draft_length(0, "lookup", room=8) >= 1  # nearly free: pays
+
+
+def test_lookup_drafts_keep_their_acceptance_by_the_length_of_their_match():
+    """A 3-token match is accepted far more often than a 1-token one: each kind keeps its own
+    acceptance, so where a wider pass is dear the policy drafts after long matches only, and a
+    finished row leaves the kinds to the memory, from which the next request starts."""
+    assert lookup_match([4, 5, 6, 9, 4, 5, 6], 2) == ([9, 4], 3)
+    assert lookup_match([4, 5, 7, 5], 3) == ([7, 5], 1) and lookup_match([4, 5], 3) == ([], 0)
+    dear = lambda width, denoiser: 1.0 if width == 1 else 1.6
+    policy = DraftPolicy(batch=1, ways=("lookup", "ar"), cost=dear, skip_unpaid=True)
+    for _ in range(6):
+        policy.record(0, "lookup", tokens=4, cost=1.6, accepted=3, drafted=3, kind=lookup_kind(3))
+        policy.record(0, "lookup", tokens=1, cost=1.6, accepted=0, drafted=3, kind=lookup_kind(1))
+    policy.record(0, "ar", tokens=1, cost=1.0)
+    assert policy.acceptance(0, "lookup3") > 0.8 > 0.25 > policy.acceptance(0, "lookup1")
+    assert policy.pays(0, "lookup", 8, "lookup3") and not policy.pays(0, "lookup", 8, "lookup1")
+    assert policy.choose(0, True, 8, "lookup3") == "lookup" and policy.draft_length(0, "lookup", 8, kind="lookup3") >= 3
+    assert policy.choose(0, True, 8, "lookup1") == "ar"
+    memory = DraftMemory()
+    memory.add("key", policy.rates[0], policy.measured_acceptance(0), policy.wait[0])
+    prior = memory.prior("key")
+    assert prior["lookup3"][0] is None and prior["lookup3"][1] == policy.acceptance(0, "lookup3")
+    fresh = DraftPolicy(batch=1, ways=("lookup", "ar"), cost=dear, skip_unpaid=True, prior=prior)
+    assert fresh.pays(0, "lookup", 8, "lookup3") and not fresh.pays(0, "lookup", 8, "lookup1")
 
 
 def test_the_draft_memory_measures_what_each_pass_width_costs():

@@ -41,6 +41,8 @@ from twotower.generate.draft import (
     denoiser_draft,
     draft_memory,
     lookup_draft,
+    lookup_kind,
+    lookup_match,
     one_hot_law,
     static_cost,
     target_probs,
@@ -59,6 +61,7 @@ class Drafts:
     tokens: list[list[int]]  # per row (inactive rows: [])
     source: dict[int, str]  # per active row: "denoiser", "lookup" or "ar"
     den_rows: dict[int, int] = field(default_factory=dict)  # denoiser rows: their draft length cap
+    kinds: dict[int, str] = field(default_factory=dict)  # lookup rows: the kind of their draft (`lookup_kind`)
     q: torch.Tensor | None = None  # (B, W, V) denoiser draft laws when sampling, else None
     passes: int = 0  # denoiser passes made
 
@@ -84,18 +87,20 @@ def choose_sources(cycle_way: str, active, room, history, policy, ways, draft: s
     """Step 1: per active row, the way it drafts this cycle, and the prompt-lookup drafts.
     A cycle the batch gate made plain AR drafts nothing."""
     tokens = [[] for _ in range(len(history))]
-    source = {}
+    source, kinds = {}, {}
     for b in active:
         if cycle_way == "ar":
             source[b] = "ar"
             continue
-        found = lookup_draft(history[b], room[b], lookup_ngram) if "lookup" in ways and room[b] > 0 else []
-        source[b] = policy.choose(b, lookup_available=bool(found)) if draft == "auto" else ways[0]
+        found, match = lookup_match(history[b], room[b], lookup_ngram) if "lookup" in ways and room[b] > 0 else ([], 0)
+        kind = lookup_kind(match)
+        source[b] = policy.choose(b, bool(found), room[b], kind) if draft == "auto" else ways[0]
         if source[b] == "lookup":
-            tokens[b] = found[: policy.draft_length(b, "lookup", room[b])]
+            tokens[b] = found[: policy.draft_length(b, "lookup", room[b], kind=kind)]
+            kinds[b] = kind
             if not tokens[b]:  # no match, or drafting would not pay: an AR step
                 source[b] = "ar"
-    return Drafts(tokens, source)
+    return Drafts(tokens, source, kinds=kinds)
 
 
 def make_drafts(model, cache, pending, drafts: Drafts, room, policy, settings, run, draft_steps: int) -> Drafts:
@@ -264,7 +269,7 @@ class VerifyDecoder(Decoder):
             for b in active:
                 passes = 1 + (drafts.passes if drafts.source[b] == "denoiser" else 0)
                 tokens, spent = len(new[b]), cost if cost is not None else passes
-                self.policy.record(b, drafts.source[b], tokens, spent, accepted[b], len(drafts.tokens[b]))
+                self.policy.record(b, drafts.source[b], tokens, spent, accepted[b], len(drafts.tokens[b]), drafts.kinds.get(b))
         self.remember([b for b in active if run.room(b) == 0])
         yield event
 
