@@ -465,7 +465,9 @@ def test_unseeded_verify_runs_leave_their_measurements_to_the_next_and_seeded_ru
     generate_verify(model, ids[:1], mask[:1], max_new_tokens=12)
     memory = model.draft_memory
     (key,) = [k for k in memory.seen if k[0] == "rows"]
-    assert key[-1] == 1 and set(memory.seen[key]) <= {"denoiser", "lookup", "ar", *map(lookup_kind, (1, 2, 3))} and memory.seen[key]
+    assert (
+        key[-1] == 1 and set(memory.seen[key]) <= {"denoiser", "lookup", "ar", *map(lookup_kind, (1, 2, 3))} and memory.seen[key]
+    )
     again = generate_verify(model, ids[:1], mask[:1], max_new_tokens=12)  # greedy: the same tokens
     assert again.tokens == generate_ar(model, ids[:1], mask[:1], max_new_tokens=12).tokens
     assert generate_verify(model, ids, mask, **seeded).tokens == first.tokens
@@ -548,6 +550,33 @@ def test_lookup_drafts_keep_their_acceptance_by_the_length_of_their_match():
     assert prior["lookup3"][0] is None and prior["lookup3"][1] == policy.acceptance(0, "lookup3")
     fresh = DraftPolicy(batch=1, ways=("lookup", "ar"), cost=dear, skip_unpaid=True, prior=prior)
     assert fresh.pays(0, "lookup", 8, "lookup3") and not fresh.pays(0, "lookup", 8, "lookup1")
+
+
+def test_rows_that_share_a_pass_share_one_draft_length_that_pays_for_the_batch():
+    """One pass serves every row and is as wide as the longest draft: the batch's draft length
+    weighs every row's expected tokens against the cost of the pass, so one row's long draft
+    is cut when it would make the other rows' pass dearer than it gains, and a batch whose drafts
+    are rarely accepted takes a plain AR cycle (a probe of the batch gate still drafts)."""
+    from twotower.generate.verify import Drafts, batch_width, cap_lookup
+
+    def batch(alpha: float, cost):
+        policy = DraftPolicy(batch=4, ways=("lookup", "ar"), cost=cost, skip_unpaid=True)
+        for _ in range(8):
+            policy.record(0, "lookup", 1, 1.0, accepted=round(6 * alpha), drafted=6, kind="lookup3")
+        drafts = Drafts([[7] * 6, [], [], []], {0: "lookup", 1: "ar", 2: "ar", 3: "ar"}, kinds={0: "lookup3"})
+        return policy, drafts
+
+    steep = lambda width, denoiser: 1.0 if width <= 3 else 2.0  # past 3 positions the pass turns dear
+    flat = lambda width, denoiser: 1.0 + 0.01 * (width - 1)
+    room = dict.fromkeys(range(4), 6)
+    policy, drafts = batch(1.0, flat)
+    assert batch_width(drafts, room, policy, block_size=8) == 6  # accepted, nearly free: all of it
+    policy, drafts = batch(1.0, steep)
+    assert batch_width(drafts, room, policy, block_size=8) == 2  # cut where the pass turns dear
+    policy, drafts = batch(0.0, lambda width, denoiser: 1.0 + 0.2 * (width - 1))
+    assert batch_width(drafts, room, policy, block_size=8) == 0  # rarely accepted: an AR cycle
+    assert batch_width(drafts, room, policy, block_size=8, least=1) == 1  # the gate's probe
+    assert cap_lookup(drafts, 0).source[0] == "ar" and drafts.tokens[0] == []
 
 
 def test_the_draft_memory_measures_what_each_pass_width_costs():

@@ -40,6 +40,7 @@ from twotower.generate.draft import (
     batch_bucket,
     denoiser_draft,
     draft_memory,
+    expected_tokens,
     lookup_draft,
     lookup_kind,
     lookup_match,
@@ -103,12 +104,50 @@ def choose_sources(cycle_way: str, active, room, history, policy, ways, draft: s
     return Drafts(tokens, source, kinds=kinds)
 
 
-def make_drafts(model, cache, pending, drafts: Drafts, room, policy, settings, run, draft_steps: int) -> Drafts:
+def batch_width(drafts: Drafts, room, policy, block_size: int, least: int = 0) -> int:
+    """With several rows one pass serves them all and is as wide as the longest draft, so a
+    row's drafts cost every row: the rows share one most length, the n (from `least`; 0 = a
+    plain AR cycle) that makes the most tokens per second for the whole batch. Each row expects
+    `expected_tokens` of its own acceptance over min(n, the length it asked for) drafts (an AR
+    row: its one token); the cycle costs a pass over n + 1 positions, and a denoiser draft while
+    a denoiser row drafts."""
+    wanted = []  # per drafting row: (the length it asks for, its acceptance, whether the denoiser drafts it)
+    for b, way in drafts.source.items():
+        if way == "lookup":
+            wanted.append((len(drafts.tokens[b]), policy.acceptance(b, drafts.kinds[b]), False))
+        elif way == "denoiser":
+            n = policy.draft_length(b, "denoiser", min(room[b], block_size - 1))
+            wanted.append((n, policy.acceptance(b, "denoiser"), True))
+    longest = max((n for n, _, _ in wanted), default=0)
+    plain = len(drafts.source) - len(wanted)
+
+    def rate(n: int) -> float:
+        tokens = plain + sum(expected_tokens(alpha, min(n, k)) for k, alpha, _ in wanted)
+        return tokens / policy.cost(n + 1, n > 0 and any(den and k > 0 for k, _, den in wanted))
+
+    return max(range(min(least, longest), longest + 1), key=rate)  # the shortest of the best
+
+
+def cap_lookup(drafts: Drafts, cap: int) -> Drafts:
+    """Cut the lookup drafts at `cap` tokens (a row left with none takes an AR step)."""
+    for b, way in drafts.source.items():
+        if way == "lookup":
+            drafts.tokens[b] = drafts.tokens[b][:cap]
+            if not drafts.tokens[b]:
+                drafts.source[b] = "ar"
+    return drafts
+
+
+def make_drafts(
+    model, cache, pending, drafts: Drafts, room, policy, settings, run, draft_steps: int, cap: int | None = None
+) -> Drafts:
     """Step 2: the denoiser drafts for the rows that chose it (one batched draft of the longest
-    length asked for; its block holds the pending token and the drafts, so at most
-    block_size - 1 of them); a row left with no room drafts nothing (an AR step)."""
+    length asked for, at most `cap`; its block holds the pending token and the drafts, so at
+    most block_size - 1 of them); a row left with no room drafts nothing (an AR step)."""
     den_rows = {
-        b: policy.draft_length(b, "denoiser", min(room[b], settings.block_size - 1))
+        b: min(
+            policy.draft_length(b, "denoiser", min(room[b], settings.block_size - 1)), settings.block_size if cap is None else cap
+        )
         for b, way in drafts.source.items()
         if way == "denoiser"
     }
@@ -240,7 +279,11 @@ class VerifyDecoder(Decoder):
         gate = self.batch_gate if run.batch > 1 else None
         cycle_way = gate.choose(0) if gate is not None else "draft"
         drafts = choose_sources(cycle_way, active, room, self.history, self.policy, self.ways, self.draft, self.lookup_ngram)
-        drafts = make_drafts(model, self.cache, self.pending, drafts, room, self.policy, s, run, self.draft_steps)
+        cap = None
+        if gate is not None and cycle_way == "draft":  # the rows' drafts share one pass: one length that pays for all
+            cap = batch_width(drafts, room, self.policy, s.block_size, least=1 if gate.probing[0] else 0)
+            drafts = cap_lookup(drafts, cap)
+        drafts = make_drafts(model, self.cache, self.pending, drafts, room, self.policy, s, run, self.draft_steps, cap)
         drafted = time.perf_counter()
         draft_ids, draft_len, q = drafts.padded(run.pad_id, self.pending.device)
         logits = verify_pass(model, self.cache, self.pending, draft_ids)
