@@ -20,8 +20,10 @@ token). Each row keeps an EMA of committed tokens per second of every way, uses 
 and re-tries the others with a doubling wait (DraftPolicy), so a row whose drafts stop being
 accepted falls back to AR speed. Outside those probes a way drafts only as many tokens as pay
 for the wider pass, from how often its drafts are accepted and what the pass costs: none (an
-AR step) where drafting is expected to lose. With several rows, a batch-level gate makes the same choice
-between cycles that draft and plain AR cycles, on the whole batch's tokens per second.
+AR step) where drafting is expected to lose. With several rows, a batch-level gate makes the
+same choice between cycles that draft and plain AR cycles, on the whole batch's tokens per
+second, and a drafting cycle cuts the rows' drafts at the one length that pays best for the
+whole batch (`batch_width`), since one row's long draft widens every row's pass.
 With a sampling seed the cost of a cycle is counted in tower passes instead of seconds, so
 that the choices, and with them the sampled text, are reproducible.
 """
@@ -106,8 +108,8 @@ def choose_sources(cycle_way: str, active, room, history, policy, ways, draft: s
 
 def batch_width(drafts: Drafts, room, policy, block_size: int, least: int = 0) -> int:
     """With several rows one pass serves them all and is as wide as the longest draft, so a
-    row's drafts cost every row: the rows share one most length, the n (from `least`; 0 = a
-    plain AR cycle) that makes the most tokens per second for the whole batch. Each row expects
+    row's drafts cost every row: the rows' drafts are cut at one length, the n (from `least`;
+    0 = a plain AR cycle) that makes the most tokens per second for the whole batch. Each row expects
     `expected_tokens` of its own acceptance over min(n, the length it asked for) drafts (an AR
     row: its one token); the cycle costs a pass over n + 1 positions, and a denoiser draft while
     a denoiser row drafts."""
