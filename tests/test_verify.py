@@ -557,7 +557,7 @@ def test_rows_that_share_a_pass_share_one_draft_length_that_pays_for_the_batch()
     weighs every row's expected tokens against the cost of the pass, so one row's long draft
     is cut when it would make the other rows' pass dearer than it gains, and a batch whose drafts
     are rarely accepted takes a plain AR cycle (a probe of the batch gate still drafts)."""
-    from twotower.generate.verify import Drafts, batch_width, cap_lookup
+    from twotower.generate.verify import Drafts, batch_width, cap_drafts
 
     def batch(alpha: float, cost):
         policy = DraftPolicy(batch=4, ways=("lookup", "ar"), cost=cost, skip_unpaid=True)
@@ -568,15 +568,14 @@ def test_rows_that_share_a_pass_share_one_draft_length_that_pays_for_the_batch()
 
     steep = lambda width, denoiser: 1.0 if width <= 3 else 2.0  # past 3 positions the pass turns dear
     flat = lambda width, denoiser: 1.0 + 0.01 * (width - 1)
-    room = dict.fromkeys(range(4), 6)
     policy, drafts = batch(1.0, flat)
-    assert batch_width(drafts, room, policy, block_size=8) == 6  # accepted, nearly free: all of it
+    assert batch_width(drafts, policy) == 6  # accepted, nearly free: all of it
     policy, drafts = batch(1.0, steep)
-    assert batch_width(drafts, room, policy, block_size=8) == 2  # cut where the pass turns dear
+    assert batch_width(drafts, policy) == 2  # cut where the pass turns dear
     policy, drafts = batch(0.0, lambda width, denoiser: 1.0 + 0.2 * (width - 1))
-    assert batch_width(drafts, room, policy, block_size=8) == 0  # rarely accepted: an AR cycle
-    assert batch_width(drafts, room, policy, block_size=8, least=1) == 1  # the gate's probe
-    assert cap_lookup(drafts, 0).source[0] == "ar" and drafts.tokens[0] == []
+    assert batch_width(drafts, policy) == 0  # rarely accepted: an AR cycle
+    assert batch_width(drafts, policy, least=1) == 1  # the gate's probe
+    assert cap_drafts(drafts, 0).source[0] == "ar" and drafts.tokens[0] == []
 
 
 def test_the_draft_memory_measures_what_each_pass_width_costs():

@@ -206,7 +206,7 @@ def run_bench(
         ar = measured.get(AR)
         for point in points:
             replies, totals, by_label = measured[point]
-            row = {"point": point.label, **asdict(point), "batch_size": batch, **speed_figures(replies, totals, ar and ar[:2])}
+            row = {"point": point.label, **asdict(point), "batch_size": batch, **speed_figures(replies, totals, ar)}
             for name, base in baselines.items():
                 row[f"speedup_vs_{name}"] = row["tokens_per_second"] / base["tokens_per_second"]
             rows.append(row)
@@ -227,8 +227,8 @@ def run_bench(
 
 
 def speed_figures(replies, totals: dict, ar=None) -> dict:
-    """A point's figures from its replies and summed totals; ar: AR's (replies, totals) on the
-    same prompts, for the speed-up and the exact matches (None: AR did not run)."""
+    """A point's figures from its replies and summed totals; ar: AR's replies and totals on the
+    same prompts (first two entries), for the speed-up and the exact matches (None: AR did not run)."""
     tps = totals["new_tokens"] / max(totals["seconds"], 1e-9)
     ar_tps = None if ar is None else ar[1]["new_tokens"] / max(ar[1]["seconds"], 1e-9)
     row = {

@@ -63,7 +63,7 @@ class Drafts:
 
     tokens: list[list[int]]  # per row (inactive rows: [])
     source: dict[int, str]  # per active row: "denoiser", "lookup" or "ar"
-    den_rows: dict[int, int] = field(default_factory=dict)  # denoiser rows: their draft length cap
+    den_rows: dict[int, int] = field(default_factory=dict)  # denoiser rows: the draft length each asks for
     kinds: dict[int, str] = field(default_factory=dict)  # lookup rows: the kind of their draft (`lookup_kind`)
     q: torch.Tensor | None = None  # (B, W, V) denoiser draft laws when sampling, else None
     passes: int = 0  # denoiser passes made
@@ -86,11 +86,13 @@ class Drafts:
         return ids.to(device), lengths.to(device), q
 
 
-def choose_sources(cycle_way: str, active, room, history, policy, ways, draft: str, lookup_ngram: int):
-    """Step 1: per active row, the way it drafts this cycle, and the prompt-lookup drafts.
-    A cycle the batch gate made plain AR drafts nothing."""
+def choose_sources(cycle_way: str, active, room, history, policy, ways, draft: str, lookup_ngram: int, block_size: int):
+    """Step 1: per active row, the way it drafts this cycle and how far: the prompt-lookup
+    drafts, and the length each denoiser row asks for (its block holds the pending token and
+    the drafts, so at most block_size - 1 of them). A row left with nothing to draft takes an
+    AR step, and a cycle the batch gate made plain AR drafts nothing."""
     tokens = [[] for _ in range(len(history))]
-    source, kinds = {}, {}
+    source, kinds, den_rows = {}, {}, {}
     for b in active:
         if cycle_way == "ar":
             source[b] = "ar"
@@ -101,62 +103,49 @@ def choose_sources(cycle_way: str, active, room, history, policy, ways, draft: s
         if source[b] == "lookup":
             tokens[b] = found[: policy.draft_length(b, "lookup", room[b], kind=kind)]
             kinds[b] = kind
-            if not tokens[b]:  # no match, or drafting would not pay: an AR step
-                source[b] = "ar"
-    return Drafts(tokens, source, kinds=kinds)
+        elif source[b] == "denoiser":
+            den_rows[b] = policy.draft_length(b, "denoiser", min(room[b], block_size - 1))
+    return cap_drafts(Drafts(tokens, source, den_rows, kinds), None)
 
 
-def batch_width(drafts: Drafts, room, policy, block_size: int, least: int = 0) -> int:
+def batch_width(drafts: Drafts, policy, least: int = 0) -> int:
     """With several rows one pass serves them all and is as wide as the longest draft, so a
     row's drafts cost every row: the rows' drafts are cut at one length, the n (from `least`;
-    0 = a plain AR cycle) that makes the most tokens per second for the whole batch. Each row expects
-    `expected_tokens` of its own acceptance over min(n, the length it asked for) drafts (an AR
-    row: its one token); the cycle costs a pass over n + 1 positions, and a denoiser draft while
-    a denoiser row drafts."""
-    wanted = []  # per drafting row: (the length it asks for, its acceptance, whether the denoiser drafts it)
-    for b, way in drafts.source.items():
-        if way == "lookup":
-            wanted.append((len(drafts.tokens[b]), policy.acceptance(b, drafts.kinds[b]), False))
-        elif way == "denoiser":
-            n = policy.draft_length(b, "denoiser", min(room[b], block_size - 1))
-            wanted.append((n, policy.acceptance(b, "denoiser"), True))
+    0 = a plain AR cycle) that makes the most tokens per second for the whole batch. Each row
+    expects `expected_tokens` of its own acceptance over min(n, the length it asked for) drafts
+    (an AR row: its one token); the cycle costs a pass over n + 1 positions, and a denoiser
+    draft while a denoiser row drafts."""
+    wanted = [(len(drafts.tokens[b]), policy.acceptance(b, kind), False) for b, kind in drafts.kinds.items()]
+    wanted += [(n, policy.acceptance(b, "denoiser"), True) for b, n in drafts.den_rows.items()]
     longest = max((n for n, _, _ in wanted), default=0)
     plain = len(drafts.source) - len(wanted)
 
     def rate(n: int) -> float:
         tokens = plain + sum(expected_tokens(alpha, min(n, k)) for k, alpha, _ in wanted)
-        return tokens / policy.cost(n + 1, n > 0 and any(den and k > 0 for k, _, den in wanted))
+        return tokens / policy.cost(n + 1, n > 0 and bool(drafts.den_rows))
 
     return max(range(min(least, longest), longest + 1), key=rate)  # the shortest of the best
 
 
-def cap_lookup(drafts: Drafts, cap: int) -> Drafts:
-    """Cut the lookup drafts at `cap` tokens (a row left with none takes an AR step)."""
-    for b, way in drafts.source.items():
-        if way == "lookup":
+def cap_drafts(drafts: Drafts, cap: int | None) -> Drafts:
+    """Cut every row's draft (lookup tokens, denoiser length) at `cap` (None: uncut); a row
+    left with none takes an AR step."""
+    if cap is not None:
+        drafts.den_rows = {b: min(n, cap) for b, n in drafts.den_rows.items()}
+        for b in drafts.kinds:
             drafts.tokens[b] = drafts.tokens[b][:cap]
-            if not drafts.tokens[b]:
-                drafts.source[b] = "ar"
+    for b in [b for b, n in drafts.den_rows.items() if n == 0]:
+        del drafts.den_rows[b]
+        drafts.source[b] = "ar"
+    for b in [b for b in drafts.kinds if not drafts.tokens[b]]:
+        del drafts.kinds[b]
+        drafts.source[b] = "ar"
     return drafts
 
 
-def make_drafts(
-    model, cache, pending, drafts: Drafts, room, policy, settings, run, draft_steps: int, cap: int | None = None
-) -> Drafts:
-    """Step 2: the denoiser drafts for the rows that chose it (one batched draft of the longest
-    length asked for, at most `cap`; its block holds the pending token and the drafts, so at
-    most block_size - 1 of them); a row left with no room drafts nothing (an AR step)."""
-    den_rows = {
-        b: min(
-            policy.draft_length(b, "denoiser", min(room[b], settings.block_size - 1)), settings.block_size if cap is None else cap
-        )
-        for b, way in drafts.source.items()
-        if way == "denoiser"
-    }
-    drafts.den_rows = {b: n for b, n in den_rows.items() if n > 0}
-    for b in den_rows:
-        if b not in drafts.den_rows:
-            drafts.source[b] = "ar"
+def make_drafts(model, cache, pending, drafts: Drafts, settings, run, draft_steps: int) -> Drafts:
+    """Step 2: the denoiser drafts for the rows that chose it, one batched draft of the longest
+    length they ask for (`drafts.den_rows`)."""
     if drafts.den_rows:
         width = max(drafts.den_rows.values())
         tokens, drafts.q, lengths, drafts.passes = denoiser_draft(
@@ -280,12 +269,12 @@ class VerifyDecoder(Decoder):
         room = {b: min(longest, run.room(b) - 1) for b in active}
         gate = self.batch_gate if run.batch > 1 else None
         cycle_way = gate.choose(0) if gate is not None else "draft"
-        drafts = choose_sources(cycle_way, active, room, self.history, self.policy, self.ways, self.draft, self.lookup_ngram)
-        cap = None
+        drafts = choose_sources(
+            cycle_way, active, room, self.history, self.policy, self.ways, self.draft, self.lookup_ngram, s.block_size
+        )
         if gate is not None and cycle_way == "draft":  # the rows' drafts share one pass: one length that pays for all
-            cap = batch_width(drafts, room, self.policy, s.block_size, least=1 if gate.probing[0] else 0)
-            drafts = cap_lookup(drafts, cap)
-        drafts = make_drafts(model, self.cache, self.pending, drafts, room, self.policy, s, run, self.draft_steps, cap)
+            drafts = cap_drafts(drafts, batch_width(drafts, self.policy, least=1 if gate.probing[0] else 0))
+        drafts = make_drafts(model, self.cache, self.pending, drafts, s, run, self.draft_steps)
         drafted = time.perf_counter()
         draft_ids, draft_len, q = drafts.padded(run.pad_id, self.pending.device)
         logits = verify_pass(model, self.cache, self.pending, draft_ids)
