@@ -161,3 +161,51 @@ def test_a_shallow_denoiser_needs_the_anchor_hidden_state():
     view = ContextView(cache.view(drop_last=True).states, torch.ones(1, 2, dtype=torch.bool))
     with pytest.raises(TwoTowerError, match="hidden state at the anchor"):
         model.denoise(view, torch.tensor([[7, model.mask_token_id]]), torch.tensor([2]))
+
+
+def block_logits(model):
+    """The denoiser's logits over a block after each prompt (slot 0 the prompt's last token)."""
+    ids, mask = left_pad(PROMPTS, pad_id=0)
+    cache, _ = model.context_prefill(ids, mask)
+    block = torch.full((len(PROMPTS), 4), model.mask_token_id)
+    block[:, 0] = ids[:, -1]
+    t = torch.tensor([1.0, 0.5, 0.25, 0.75])
+    with torch.no_grad():
+        return model.denoise(cache.view(drop_last=True), block, cache.next_pos - 1, t, anchor_hidden=cache.anchor_hidden)
+
+
+@pytest.mark.parametrize(("family", "layers", "depth"), DEPTHS)
+def test_merged_adapters_give_the_lora_denoisers_output(family, layers, depth):
+    """merge_adapters folds every adapter into a copy of its layer: the denoiser's logits and
+    its mask-diffusion tokens are the LoRA denoiser's, the context tower is untouched, verify is AR."""
+    model = shallow(family, layers, depth)
+    perturb_trained(model)
+    options = dict(max_new_tokens=12, block_size=4, confidence_threshold=0.3)
+    lora_logits, lora_tokens = block_logits(model), generate_mask_diffusion(model, PROMPTS, **options).tokens
+    context = {k: v.clone() for k, v in model.context_tower.state_dict().items()}
+    assert model.merge_adapters() is model
+    assert model.merged and model.lora is None and len(model.denoiser_layers) == depth
+    assert not any(p.requires_grad for p in model.denoiser_layers.parameters())
+    torch.testing.assert_close(block_logits(model), lora_logits, rtol=1e-4, atol=1e-4)
+    assert generate_mask_diffusion(model, PROMPTS, **options).tokens == lora_tokens
+    assert all(torch.equal(v, context[k]) for k, v in model.context_tower.state_dict().items())
+    assert (
+        generate_verify(model, PROMPTS, max_new_tokens=12, draft="denoiser").tokens
+        == generate_ar(model, PROMPTS, max_new_tokens=12).tokens
+    )
+
+
+def test_a_merged_model_is_for_generation_only(tmp_path):
+    model = shallow("llama", 4, 2)
+    perturb_trained(model)
+    model.merge_adapters().quantize("int8")
+    # The context tower is quantised; the denoiser's own (merged) layers stay dense.
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.context_tower.model.layers.modules())
+    assert all(type(m) is torch.nn.Linear for m in model.denoiser_layers.modules() if "Linear" in type(m).__name__)
+    with pytest.raises(TwoTowerError, match="adapters merged"):
+        shallow("llama", 4, 2).merge_adapters().save_pretrained(tmp_path)
+    with pytest.raises(TwoTowerError, match="before quantising"):
+        shallow("llama", 4, 2).quantize("int8").merge_adapters()
+    assert not any(tmp_path.iterdir())
+    full_depth = TwoTowerForCausalLM.from_backbone(tiny_backbone("llama"), lora_rank=4).merge_adapters()
+    assert not full_depth.merged and full_depth.lora is not None  # its copy would be a second backbone

@@ -558,7 +558,7 @@ def cmd_generate(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, dtype=_dtype(args, args.mode), weights=args.weights)
+    model, tokenizer = load_model(args.model, dtype=_dtype(args, args.mode), weights=args.weights, merge=True)
     if args.mode == "diffusion" and not model.config.trained_tokens:
         raise TwoTowerError(
             f"no trained denoiser for {args.model}: diffusion mode would write garbage; use --mode ar or --mode verify "

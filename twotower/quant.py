@@ -54,10 +54,14 @@ class _Quantised(nn.Module):
         self.register_buffer("dense_weight", linear.weight.detach())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
 
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer over its dense weights, however many rows."""
+        return F.linear(x, self.dense_weight, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)  # (rows, K)
         if flat.shape[0] > QUANTISED_ROWS:
-            return F.linear(x, self.dense_weight, self.bias)
+            return self.dense(x)
         out = self.quantised_mm(flat.to(self.dense_weight.dtype))
         if self.bias is not None:
             out = out + self.bias

@@ -60,7 +60,7 @@ def _load(model_ref: str, dtype: torch.dtype, weights: str = "dense"):
     from twotower.model.two_tower import load_model
     from twotower.text import encode_prompt, eos_token_ids
 
-    model, tokenizer = load_model(model_ref, dtype=dtype, weights=weights)
+    model, tokenizer = load_model(model_ref, dtype=dtype, weights=weights, merge=True)
     return model, tokenizer, (lambda text: encode_prompt(tokenizer, text, chat=True)), eos_token_ids(model, tokenizer)
 
 
@@ -280,7 +280,7 @@ def pass_costs(model, model_ref, prompt, dtype, measured: dict, both: bool = Tru
         from twotower.model.two_tower import load_model
 
         other = dtype if weights != "dense" else torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
-        twin, _ = load_model(model_ref, dtype=other)
+        twin, _ = load_model(model_ref, dtype=other, merge=True)
         rows.append(
             {"dtype": name(other), "weights": "dense", **pass_cost(twin, prompt), "denoiser": denoiser_pass_cost(twin, prompt)}
         )
