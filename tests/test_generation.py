@@ -24,6 +24,26 @@ def test_ar_matches_transformers_greedy_generate(family):
     assert len(set(expected[0])) > 3  # the tiny model does not just repeat one token
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fewer_op_norm_and_rotation_are_transformers_bit_for_bit(dtype):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from twotower.backbones.llama import rms_norm, rope, rope_tables
+
+    backbone = tiny_two_tower().context_tower.to(dtype)
+    norm = backbone.model.layers[0].input_layernorm
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(norm.weight.shape).to(dtype) * 0.1)  # not all ones
+        x = (torch.randn(2, 5, norm.weight.shape[0]) * 3).to(dtype)
+        assert torch.equal(rms_norm(norm, x), norm(x))
+        positions = torch.tensor([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]])
+        cos, sin = rope_tables(backbone, positions, dtype)  # (B, 1, T, D)
+        q, k = torch.randn(2, 4, 5, cos.shape[-1]).to(dtype), torch.randn(2, 2, 5, cos.shape[-1]).to(dtype)
+        both = rope(torch.cat([q, k], dim=1), cos, sin)
+        hf_q, hf_k = apply_rotary_pos_emb(q, k, cos[:, 0], sin[:, 0])
+    assert torch.equal(both[:, :4], hf_q) and torch.equal(both[:, 4:], hf_k)
+
+
 def test_ar_stops_each_row_at_its_own_eos():
     model = tiny_two_tower()
     free = generate_ar(model, PROMPTS, max_new_tokens=20).tokens
