@@ -177,6 +177,8 @@ def accept_drafts(logits, drafts, draft_len, q, settings, generator):
     drafts: (B, K); draft_len: (B,); q: (B, K, V) draft distributions or None (greedy, or
     one-hot drafts). Returns accepted counts (B,) and the token committed after them (B,)."""
     batch, width = drafts.shape
+    if width == 0 and settings.temperature == 0:  # no row drafted: an AR step's choice
+        return torch.zeros(batch, dtype=torch.long, device=drafts.device), logits[:, 0].argmax(-1)
     slots = torch.arange(width, device=drafts.device)[None]
     in_draft = slots < draft_len[:, None]
     if settings.temperature == 0:

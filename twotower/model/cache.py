@@ -151,6 +151,8 @@ class ContextCache:
         """Of the last `width` slots just appended, keep the first keep[b] of each row (verify
         mode drops rejected drafts). Cut when every row keeps as many; otherwise the dropped
         slots are marked invalid, so each row's cache holds exactly its committed tokens."""
+        if bool((keep == width).all()):
+            return  # nothing dropped: the cache and its tail stay as the pass left them
         drop = width - keep  # (B,)
         cut = self.length - int(drop[0]) if bool((keep == keep[0]).all()) else None
         if self.tail is not None:  # a row keeping none of the pass keeps no anchor in it either (a finished row)
