@@ -22,6 +22,10 @@ class LoRA(nn.Module):
         # Adapters may be kept in fp32 over a bf16 backbone: compute in theirs, return in x's.
         return ((x.to(self.A.dtype) @ self.A.T) @ self.B.T * self.scale).to(x.dtype)
 
+    def weight_delta(self) -> torch.Tensor:
+        """The delta as one fp32 matrix (out, in), scale * B A: what merging adds to the weight."""
+        return self.scale * (self.B.float() @ self.A.float())
+
 
 def build_adapters(layers: list[dict[str, nn.Linear]], targets: list[str], rank: int, alpha: float) -> nn.ModuleList:
     """One {projection name: LoRA} dict per decoder layer, shaped after the layer's linears

@@ -197,7 +197,7 @@ class TwoTowerForCausalLM(nn.Module):
             linears = self.family.projections(layer)
             for name, lora in adapters.items():
                 w = linears[name].weight
-                w.copy_((w.float() + lora.scale * (lora.B.float() @ lora.A.float())).to(w.dtype))
+                w.copy_((w.float() + lora.weight_delta()).to(w.dtype))
         self.denoiser_layers, self.lora, self.merged = layers.requires_grad_(False), None, True
         return self
 
