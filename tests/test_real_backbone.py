@@ -198,3 +198,17 @@ def test_int4_verify_at_batch_eight_is_ar_while_rows_finish_apart(smol, smol_int
     assert len({len(row) for row in ar.tokens}) > 1  # rows finish apart
     verify = generate_verify(smol_int4, prompts, max_new_tokens=64, eos_token_id=eos)
     assert verify.tokens == ar.tokens
+
+
+def test_the_readme_library_example_runs(capsys):
+    """The README's Library snippet, run as written: what a newcomer pastes first must work on
+    the default model (it once passed a block size larger than the shipped denoiser's)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    library = readme.split("## Library", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", library, re.S).group(1)
+    exec(compile(snippet, "README.md (Library)", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "'mode': 'diffusion'" in printed and "'new_tokens'" in printed

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="tokens per diffusion block, at most the size the denoiser was trained for "
-        "(default: that size, 16 for the default model)",
+        "(default: that size, 8 for the shipped default denoiser)",
     )
     gen.add_argument(
         "--steps-per-block",
@@ -187,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens per reply (EOS may stop earlier; default: 128)",
     )
     be.add_argument(
-        "--sweep", action="store_true", help="thresholds 0.5-0.95 x block sizes 4, 8, 16: speed and quality retention per point"
+        "--sweep",
+        action="store_true",
+        help="thresholds 0.5-0.95 x block sizes 4, 8, 16 (up to the trained one): speed and quality retention per point",
     )
     be.add_argument(
         "--tasks-per-category",
