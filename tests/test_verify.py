@@ -15,7 +15,7 @@ from conftest import PROMPTS, VOCAB, perturb_trained, tiny_two_tower
 from twotower import GenerationSettings, TwoTowerError, generate_ar, generate_verify
 from twotower.backbones.base import exact_attention, key_block
 from twotower.generate.common import left_pad
-from twotower.generate.draft import DraftMemory, batch_bucket, lookup_kind, lookup_match, static_cost
+from twotower.generate.draft import DraftMemory, TokenHistory, batch_bucket, lookup_kind, lookup_match, static_cost
 from twotower.generate.verify import DraftPolicy, accept_drafts, lookup_draft, target_probs
 
 DRAFTS = ["auto", "denoiser", "lookup", "ar"]
@@ -400,6 +400,24 @@ def test_lookup_draft_copies_what_followed_the_latest_match():
     assert lookup_draft([4, 5, 6, 7], 4) == []  # nothing repeats
     assert lookup_draft([4, 5, 4], 4, ngram=3) == [5, 4]  # falls back to a 1-gram match
     assert lookup_draft([4], 4) == []
+
+
+@pytest.mark.parametrize("ngram", [1, 2, 3, 4])
+def test_token_history_finds_what_the_scan_finds_as_it_grows(ngram):
+    """The indexed lookup equals the plain scan after every extension (by 1 to 5 tokens, as
+    cycles commit them), over histories with many repeats and with none."""
+    gen = torch.Generator().manual_seed(ngram)
+    for vocab in (3, 12, 10_000):
+        tokens = torch.randint(vocab, (4,), generator=gen).tolist()
+        history = TokenHistory(tokens, ngram)
+        for _ in range(120):
+            for max_len in (1, 4, 9):
+                assert history.match(max_len) == lookup_match(tokens, max_len, ngram)
+            new = torch.randint(vocab, (int(torch.randint(1, 6, (1,), generator=gen)),), generator=gen).tolist()
+            history.extend(new)
+            tokens += new
+        assert history.tokens == tokens
+    assert TokenHistory([7], ngram).match(4) == ([], 0)
 
 
 def test_draft_policy_prefers_the_faster_way_and_probes_the_others_less_and_less():

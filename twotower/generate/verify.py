@@ -39,13 +39,13 @@ from twotower.config import DRAFT_SOURCES, TwoTowerError
 from twotower.generate.common import Decoder, drive, select_rows, start_run
 from twotower.generate.draft import (
     DraftPolicy,
+    TokenHistory,
     batch_bucket,
     denoiser_draft,
     draft_memory,
     expected_tokens,
     lookup_draft,
     lookup_kind,
-    lookup_match,
     one_hot_law,
     static_cost,
     target_probs,
@@ -86,7 +86,7 @@ class Drafts:
         return ids.to(device), lengths.to(device), q
 
 
-def choose_sources(cycle_way: str, active, room, history, policy, ways, draft: str, lookup_ngram: int, block_size: int):
+def choose_sources(cycle_way: str, active, room, history, policy, ways, draft: str, block_size: int):
     """Step 1: per active row, the way it drafts this cycle and how far: the prompt-lookup
     drafts, and the length each denoiser row asks for (its block holds the pending token and
     the drafts, so at most block_size - 1 of them). A row left with nothing to draft takes an
@@ -97,7 +97,7 @@ def choose_sources(cycle_way: str, active, room, history, policy, ways, draft: s
         if cycle_way == "ar":
             source[b] = "ar"
             continue
-        found, match = lookup_match(history[b], room[b], lookup_ngram) if "lookup" in ways and room[b] > 0 else ([], 0)
+        found, match = history[b].match(room[b]) if "lookup" in ways and room[b] > 0 else ([], 0)
         kind = lookup_kind(match)
         source[b] = policy.choose(b, bool(found), room[b], kind) if draft == "auto" else ways[0]
         if source[b] == "lookup":
@@ -245,9 +245,8 @@ class VerifyDecoder(Decoder):
         run.context_passes += 1
         self.pending, _ = sample_tokens(logits, s.temperature, s.top_p, run.generator)
         run.count_pass(~run.done)
-        self.history = [row[mask.bool()].tolist() for row, mask in zip(run.ids, run.attention_mask)]
-        for b, token in enumerate(self.pending.tolist()):
-            self.history[b].append(token)
+        rows = zip(run.ids, run.attention_mask, self.pending.tolist())
+        self.history = [TokenHistory([*row[mask.bool()].tolist(), token], self.lookup_ngram) for row, mask, token in rows]
         # Unseeded, a row starts from what earlier requests with these settings measured.
         self.memory = draft_memory(self.model) if run.generator is None else None
         self.setting = (self.ways, s.block_size, s.confidence_threshold, batch_bucket(run.batch))  # what the memory is kept by
@@ -271,9 +270,7 @@ class VerifyDecoder(Decoder):
         room = {b: min(longest, run.room(b) - 1) for b in active}
         gate = self.batch_gate if run.batch > 1 else None
         cycle_way = gate.choose(0) if gate is not None else "draft"
-        drafts = choose_sources(
-            cycle_way, active, room, self.history, self.policy, self.ways, self.draft, self.lookup_ngram, s.block_size
-        )
+        drafts = choose_sources(cycle_way, active, room, self.history, self.policy, self.ways, self.draft, s.block_size)
         if gate is not None and cycle_way == "draft":  # the rows' drafts share one pass: one length that pays for all
             drafts = cap_drafts(drafts, batch_width(drafts, self.policy, least=1 if gate.probing[0] else 0))
         drafts = make_drafts(model, self.cache, self.pending, drafts, s, run, self.draft_steps)
