@@ -14,6 +14,11 @@ DTYPE_HELP = (
     "weight dtype; auto: bf16, or fp32 for diffusion / verify on a CPU without native bf16 (twotower/machine.py) "
     "(default: %(default)s)"
 )
+COMPILE_HELP = (
+    "compile the context passes decoding repeats (AR steps, verify passes) for bf16: each cheaper, verify still "
+    "AR's output token for token, but a near-tie may break otherwise than in the eager passes; a second or more "
+    "of compiling per batch size and width on first use (twotower/backbones/graphs.py)"
+)
 WEIGHTS_HELP = (
     "how the linear weights are stored: dense (as loaded), or weight-only int8 / int4 for CPU inference with bf16 "
     "(int4 holds the default GGUF's own Q4_1 weights; twotower/quant.py, README: Quantised weights) (default: %(default)s)"
@@ -117,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=DTYPE_HELP,
     )
     gen.add_argument("--weights", choices=list(WEIGHT_FORMATS), default="dense", help=WEIGHTS_HELP)
+    gen.add_argument("--compile", action="store_true", help=COMPILE_HELP + " (pays on long outputs)")
     gen.add_argument(
         "--threads", type=_positive_int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)"
     )
@@ -219,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="R",
         help="time the prompts R times over, in order: more samples where the machine's speed is noisy (default: 1)",
     )
+    be.add_argument("--compile", action="store_true", help=COMPILE_HELP + "; every mode's, AR's too, compiled before the timing")
     be.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
     be.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp")
     be.set_defaults(func=cmd_bench)
@@ -335,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=DTYPE_HELP,
     )
     se.add_argument("--weights", choices=list(WEIGHT_FORMATS), default="dense", help=WEIGHTS_HELP)
+    se.add_argument("--compile", action="store_true", help=COMPILE_HELP + "; batch 1 compiled at start")
     se.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch CPU threads")
     se.set_defaults(func=cmd_serve)
     return parser
@@ -361,6 +369,7 @@ def cmd_serve(args) -> int:
         args.timeout,
         _dtype(args, args.mode),
         weights=args.weights,
+        compile_steps=args.compile,
     )
     return 0
 
@@ -560,7 +569,8 @@ def cmd_generate(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, dtype=_dtype(args, args.mode), weights=args.weights, merge=True)
+    dtype = _dtype(args, args.mode)
+    model, tokenizer = load_model(args.model, dtype=dtype, weights=args.weights, merge=True, compile=args.compile)
     if args.mode == "diffusion" and not model.config.trained_tokens:
         raise TwoTowerError(
             f"no trained denoiser for {args.model}: diffusion mode would write garbage; use --mode ar or --mode verify "
@@ -647,6 +657,7 @@ def cmd_bench(args) -> int:
         weights=args.weights,
         by_category=args.by_category,
         repeats=args.repeats,
+        compile_steps=args.compile,
     )
     return 0
 

@@ -122,6 +122,10 @@ class Family(Protocol):
 
     def empty_states(self, backbone: nn.Module, batch: int) -> list: ...
 
+    # `run_layers` with compiled graphs around attention (llama.CompiledLayers: .run_layers),
+    # made fresh per model; None for a family that has none.
+    compiled_layers: type | None
+
 
 class AttentionState:
     """An attention layer's cache: post-RoPE keys and values, (B, Hkv, T, D) each.
@@ -332,8 +336,13 @@ def modulate(h: torch.Tensor, modulation: torch.Tensor | None, first: int):
     input and the gate offset (None without modulation)."""
     if modulation is None:
         return h, None
-    shift, scale, gate = (modulation[:, first + i, None, :] for i in range(3))  # (B, 1, H) each
-    return h * (1 + scale) + shift, gate
+    shift, scale = modulation[:, first, None, :], modulation[:, first + 1, None, :]  # (B, 1, H) each
+    return h * (1 + scale) + shift, gate_of(modulation, first)
+
+
+def gate_of(modulation: torch.Tensor | None, first: int) -> torch.Tensor | None:
+    """The gate offset (B, 1, H) of the triple at modulation[:, first:first + 3], None without modulation."""
+    return None if modulation is None else modulation[:, first + 2, None, :]
 
 
 def gated(out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:

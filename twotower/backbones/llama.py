@@ -25,11 +25,13 @@ from twotower.backbones.base import (
     adapter_lookup,
     attend_over,
     exact_attention,
+    gate_of,
     gated,
     modulate,
     project,
     project_together,
 )
+from twotower.backbones.graphs import LayerGraphs
 
 # Per decoder layer, modulation holds 6 vectors: (shift, scale, gate) for attention, then MLP.
 N_MODULATION = 6
@@ -81,32 +83,44 @@ def sdpa(q, keys, values, mask, scale):
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
-def attention(attn: nn.Module, x, cos, sin, past_kv, mask, adapters, in_place: bool = False, exact: bool = False):
-    """Self-attention of one layer over [past K,V ; own K,V].
-
-    x: (B, T, H); past_kv: None or an AttentionState, K and V (B, Hkv, P, D) post-RoPE;
-    mask: None or (B, 1, T, P + T) bool, True = may attend; exact: as a one-token pass
-    at each position (`base.exact_attention`).
-    Returns the output (B, T, H) and the state this call leaves: past_kv with this call's
-    post-RoPE K,V written into it (in_place: the context tower), else those K,V alone.
-    """
+def attention_inputs(layer: nn.Module, x, cos, sin, modulation=None, adapters=None):
+    """What a layer's attention reads of its input x (B, T, H): the normed (and modulated) input
+    projected to q (B, Hq, T, D), k and v (B, Hkv, T, D), q and k rotated (post-RoPE).
+    modulation: None or (B, 6, H) (see `decoder_layer`)."""
+    attn = layer.self_attn
     bsz, seq, _ = x.shape
     hd = attn.head_dim
-    get = adapter_lookup(adapters)
-    q, k, v = (t.reshape(bsz, seq, -1, hd) for t in project_together(attn, "qkv_proj", QKV, x, get))
+    h, _ = modulate(rms_norm(layer.input_layernorm, x), modulation, 0)
+    q, k, v = (t.reshape(bsz, seq, -1, hd) for t in project_together(attn, "qkv_proj", QKV, h, adapter_lookup(adapters)))
     v = v.transpose(1, 2)
     if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
         q, k = attn.q_norm(q), attn.k_norm(k)
     heads = q.shape[2]
     qk = rope(torch.cat([q, k], dim=2).transpose(1, 2), cos, sin)  # (B, Hq + Hkv, T, D): one rotation for both
-    q, k = qk[:, :heads], qk[:, heads:]
+    return qk[:, :heads], qk[:, heads:], v
+
+
+def attend(attn: nn.Module, q, k, v, past_kv, mask, in_place: bool = False, exact: bool = False):
+    """q (B, Hq, T, D) over [past K,V ; own K,V] -> (B, Hq, T, D), and the state this call
+    leaves: past_kv with this call's K,V written into it (in_place: the context tower), else
+    those K,V alone. past_kv: None or an AttentionState, K and V (B, Hkv, P, D) post-RoPE;
+    mask: None or (B, 1, T, P + T) bool, True = may attend; exact: as a one-token pass at each
+    position (`base.exact_attention`)."""
     keys, values, state = attend_over(past_kv, k, v, in_place)
-    if exact and seq > 1:
-        out = exact_attention(q, keys, values, mask, attn.scaling)
-    else:
-        out = sdpa(q, keys, values, mask, attn.scaling)
-    out = out.transpose(1, 2).reshape(bsz, seq, -1)  # (B, T, Hq * D)
-    return project(attn.o_proj, out, get("o_proj")), state
+    if exact and q.shape[2] > 1:
+        return exact_attention(q, keys, values, mask, attn.scaling), state
+    return sdpa(q, keys, values, mask, attn.scaling), state
+
+
+def layer_output(layer: nn.Module, x, out, modulation=None, adapters=None):
+    """The rest of a layer after attention: the attention output (B, Hq, T, D) projected back
+    and added to x (B, T, H) (gated), then the MLP sublayer."""
+    get = adapter_lookup(adapters)
+    bsz, seq, _ = x.shape
+    a = project(layer.self_attn.o_proj, out.transpose(1, 2).reshape(bsz, seq, -1), get("o_proj"))  # (B, T, H)
+    x = x + gated(a, gate_of(modulation, 0))
+    h, gate = modulate(rms_norm(layer.post_attention_layernorm, x), modulation, 3)
+    return x + gated(mlp(layer.mlp, h, adapters), gate)
 
 
 def mlp(block: nn.Module, x: torch.Tensor, adapters) -> torch.Tensor:
@@ -118,15 +132,34 @@ def mlp(block: nn.Module, x: torch.Tensor, adapters) -> torch.Tensor:
 def decoder_layer(layer, x, cos, sin, past_kv, mask, modulation=None, adapters=None, in_place: bool = False, exact: bool = False):
     """One pre-norm decoder layer. modulation: None or (B, 6, H) = shift/scale/gate-1 for
     attention then MLP (gate stored as an offset from 1 so zeros are the identity)."""
-    h, gate = modulate(rms_norm(layer.input_layernorm, x), modulation, 0)
-    a, kv = attention(layer.self_attn, h, cos, sin, past_kv, mask, adapters, in_place, exact)
-    x = x + gated(a, gate)
-    h, gate = modulate(rms_norm(layer.post_attention_layernorm, x), modulation, 3)
-    return x + gated(mlp(layer.mlp, h, adapters), gate), kv
+    q, k, v = attention_inputs(layer, x, cos, sin, modulation, adapters)
+    out, kv = attend(layer.self_attn, q, k, v, past_kv, mask, in_place, exact)
+    return layer_output(layer, x, out, modulation, adapters), kv
 
 
-def run_layers(backbone, p: LayerPass) -> PassOutput:
-    """The decoder layers and the final norm over one pass (see `LayerPass`).
+class CompiledLayers:
+    """`decoder_layer` with the work before and after attention as compiled graphs
+    (`graphs.LayerGraphs`), the same for every layer; attention and the cache write stay eager
+    (their key count changes every step). LoRA adapters, which are modules of their own, run
+    eagerly."""
+
+    def __init__(self):
+        self.inputs, self.output = LayerGraphs(attention_inputs), LayerGraphs(layer_output)
+
+    def decoder_layer(self, layer, x, cos, sin, past_kv, mask, modulation=None, adapters=None, in_place=False, exact=False):
+        if adapters is not None:
+            return decoder_layer(layer, x, cos, sin, past_kv, mask, modulation, adapters, in_place, exact)
+        q, k, v = self.inputs(layer, x, cos, sin, modulation)
+        out, kv = attend(layer.self_attn, q, k, v, past_kv, mask, in_place, exact)
+        return self.output(layer, x, out, modulation), kv
+
+    def run_layers(self, backbone, p: LayerPass) -> PassOutput:
+        return run_layers(backbone, p, self.decoder_layer)
+
+
+def run_layers(backbone, p: LayerPass, layer_fn=decoder_layer) -> PassOutput:
+    """The decoder layers and the final norm over one pass (see `LayerPass`); layer_fn: one
+    layer (`decoder_layer`, or `CompiledLayers.decoder_layer`).
     Returns the normed hidden states (B, T, H), per layer this call's AttentionState (None for
     every layer when p.keep asks for nothing), and the captured hidden state."""
     cos, sin = rope_tables(backbone, p.positions, p.hidden.dtype)
@@ -136,7 +169,7 @@ def run_layers(backbone, p: LayerPass) -> PassOutput:
         if i == p.capture:
             captured = hidden
         past, modulation, adapters = p.layer(i)
-        hidden, kv = decoder_layer(layer, hidden, cos, sin, past, mask, modulation, adapters, p.keep.kind == "end", p.exact)
+        hidden, kv = layer_fn(layer, hidden, cos, sin, past, mask, modulation, adapters, p.keep.kind == "end", p.exact)
         new.append(None if p.keep.kind == "none" else kv)
     return PassOutput(rms_norm(backbone.model.norm, hidden), new, captured)
 
@@ -170,6 +203,7 @@ class _Llama:
     projections = staticmethod(projections)
     run_layers = staticmethod(run_layers)
     empty_states = staticmethod(empty_states)
+    compiled_layers = CompiledLayers
 
 
 LLAMA = _Llama()

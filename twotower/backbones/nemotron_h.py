@@ -203,6 +203,7 @@ class _NemotronH:
     projections = staticmethod(projections)
     run_layers = staticmethod(run_layers)
     empty_states = staticmethod(empty_states)
+    compiled_layers = None  # its Mamba scans and MoE routing stay eager
 
 
 NEMOTRON_H = _NemotronH()

@@ -10,7 +10,7 @@ from twotower.config import EVAL_SUITES
 from twotower.eval.points import operating_points
 from twotower.eval.quality import run_eval
 from twotower.eval.report import environment, format_table, plot_curve, write_json
-from twotower.eval.speed import run_bench
+from twotower.eval.speed import batches, run_bench
 from twotower.eval.tasks import Task, builtin_tasks, interleave_categories, load_prompts
 
 SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -56,11 +56,11 @@ def select_tasks(tasks: list[Task], per_category: int | None) -> list[Task]:
     return chosen
 
 
-def _load(model_ref: str, dtype: torch.dtype, weights: str = "dense"):
+def _load(model_ref: str, dtype: torch.dtype, weights: str = "dense", compile_steps: bool = False):
     from twotower.model.two_tower import load_model
     from twotower.text import encode_prompt, eos_token_ids
 
-    model, tokenizer = load_model(model_ref, dtype=dtype, weights=weights, merge=True)
+    model, tokenizer = load_model(model_ref, dtype=dtype, weights=weights, merge=True, compile=compile_steps)
     return model, tokenizer, (lambda text: encode_prompt(tokenizer, text, chat=True)), eos_token_ids(model, tokenizer)
 
 
@@ -186,10 +186,13 @@ def benchmark(
     weights="dense",
     by_category=False,
     repeats=1,
+    compile_steps=False,
 ) -> dict:
     """`twotower bench`. by_category: num_prompts prompts of every category (batches of one
     category each) and a table of every point's speed-up over AR per category. repeats: the
-    prompts that many times over, in order (more samples of a machine whose speed is noisy)."""
+    prompts that many times over, in order (more samples of a machine whose speed is noisy).
+    compile_steps: the context passes decoding repeats compiled (`compile_steps`), in every mode
+    (AR's too), compiled before the timing (`warm_steps`) at every batch size the bench holds."""
     notes, labels = [], None
     if quick:
         model, dtype, eos = tiny_random_model().quantize(weights), torch.float32, []
@@ -199,7 +202,7 @@ def benchmark(
         gguf = None
         notes.append("--quick: tiny random model, figures are for plumbing only")
     else:
-        model, tokenizer, encode, eos = _load(model_ref, dtype, weights)
+        model, tokenizer, encode, eos = _load(model_ref, dtype, weights, compile_steps)
         tasks = load_prompts(prompts_file) if prompts_file else builtin_tasks()
         if by_category:
             chosen = [t for category in dict.fromkeys(t.category for t in tasks) for t in tasks if t.category == category]
@@ -215,9 +218,13 @@ def benchmark(
         block_sizes = tuple(s for s in SWEEP_BLOCK_SIZES if s <= model.config.block_size)
         thresholds = SWEEP_THRESHOLDS
     points = operating_points(modes, block_sizes, thresholds, (0.0,), model.config.block_size)
+    model.warm_steps(sorted({len(rows) for b in batch_sizes for rows, _ in batches(prompts, labels or [None] * len(prompts), b)}))
     report = run_bench(model, prompts, points, batch_sizes, max_new_tokens, eos, hf, gguf, progress, labels=labels)
+    compiled = model.step_layers is not None and any(g is not None for g in model.step_layers.output.graphs.values())
+    notes.append(f"context passes of 1-{model.compiled_positions} positions: {'compiled' if compiled else 'eager'} (--compile)")
     report["notes"] = notes + report["notes"]
     report["environment"], report["repeats"] = environment(dtype, str(model_ref), weights), repeats
+    report["environment"]["compiled_steps"] = compiled
     print(format_table(report["rows"], BENCH_COLUMNS))
     if "category_rows" in report:
         print()

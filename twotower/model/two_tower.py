@@ -48,6 +48,7 @@ class TwoTowerForCausalLM(nn.Module):
         self.config = config
         self.weights = "dense"  # how the linear weights are stored: config.WEIGHT_FORMATS
         self.merged = False  # a LoRA denoiser's adapters folded into copies of its layers (merge_adapters)
+        self.step_layers = None  # the context passes decoding repeats, compiled (compile_steps), else None
         self.context_tower = backbone.eval().requires_grad_(False)
         embed = backbone.get_input_embeddings()
         dtype, device = embed.weight.dtype, embed.weight.device
@@ -177,8 +178,46 @@ class TwoTowerForCausalLM(nn.Module):
         quantize_backbone(self.context_tower, weights, self.family.fusions)
         if self.denoiser_tower is not None:
             quantize_backbone(self.denoiser_tower, weights, self.family.fusions)
-        self.weights = weights
+        self.weights, self.step_layers = weights, None  # graphs hold the layers' old tensors
         return self
+
+    def compile_steps(self) -> bool:
+        """For generation: run the context passes that decoding repeats (AR steps, verify
+        passes, diffusion mode's block reads: at most `compiled_positions` new positions; not
+        the prefill) with the work around each layer's attention compiled (`backbones.graphs`:
+        one graph per batch size and width, compiled on first use or by `warm_steps`), where
+        the family has such graphs. In bf16 a compiled pass gives each position the same logits
+        at any width, so verify mode stays AR's output token for token, but not always the
+        eager pass's last bits (a near-tie may break otherwise than eagerly); fp32 runs
+        eagerly. Returns whether the family has them. Call it after `quantize`, which drops
+        them."""
+        make = self.family.compiled_layers
+        self.step_layers = None if make is None else make()
+        return self.step_layers is not None
+
+    @property
+    def compiled_positions(self) -> int:
+        """The widest context pass that runs compiled (`compile_steps`): a block and the token
+        before it, the widest pass decoding makes."""
+        return self.config.block_size + 1
+
+    @torch.no_grad()
+    def warm_steps(self, batch_sizes=(1,), widths: int | None = None) -> None:
+        """Compile now, not on first use, the passes of each batch size over 1..widths new
+        positions (default: `compiled_positions`; over quantised weights, only as many rows as
+        those serve, `exact_rows`, and one position at any batch size): a dummy prefill and one
+        extension each. Nothing without `compile_steps`."""
+        if self.step_layers is None:
+            return
+        device = self.context_device
+        for batch in batch_sizes:
+            most = widths or self.compiled_positions
+            if self.exact_rows is not None:
+                most = max(1, min(most, self.exact_rows // batch))
+            for width in range(1, most + 1):
+                ones = torch.ones(batch, 2, dtype=torch.long, device=device)
+                cache, _ = self.context_prefill(ones, ones)
+                self.context_extend(cache, ones[:, :1].expand(batch, width).contiguous(), exact=batch == 1)
 
     @torch.no_grad()
     def merge_adapters(self) -> TwoTowerForCausalLM:
@@ -250,7 +289,9 @@ class TwoTowerForCausalLM(nn.Module):
         embeds = self.context_tower.get_input_embeddings()(tokens)
         mask = extend_mask(cache.valid, new_valid)
         p = LayerPass(embeds, positions, mask, cache.states, keep=Keep.end(), capture=self.capture_layer, exact=exact)
-        hidden, states, captured = self.family.run_layers(self.context_tower, p)
+        compiled = self.step_layers is not None and tokens.shape[1] <= self.compiled_positions
+        run_layers = self.step_layers.run_layers if compiled else self.family.run_layers
+        hidden, states, captured = run_layers(self.context_tower, p)
         cache.append(states, new_valid)
         cache.read(tokens, captured)
         return self.ar_logits(hidden, logits)
@@ -456,6 +497,7 @@ def load_model(
     shipped: bool = True,
     weights: str = "dense",
     merge: bool = False,
+    compile: bool = False,
     **config_kwargs,
 ):
     """Load what a user names: a twotower checkpoint folder; "default", the default backbone with
@@ -463,11 +505,15 @@ def load_model(
     a backbone (a folder, a .gguf file) wrapped as an untrained two-tower model with config_kwargs.
     weights: "dense", or "int8" / "int4" weight-only linear layers for CPU inference; merge: fold
     a shallow LoRA denoiser's adapters into copies of its layers, for generation
-    (`merge_adapters`). Returns (model, tokenizer)."""
+    (`merge_adapters`); compile: the context passes decoding repeats compiled (`compile_steps`).
+    Returns (model, tokenizer)."""
     model, tokenizer = _load(ref, dtype, shipped, **config_kwargs)
     if merge:
         model.merge_adapters()
-    return model.quantize(weights), tokenizer
+    model.quantize(weights)
+    if compile:
+        model.compile_steps()
+    return model, tokenizer
 
 
 def _load(ref, dtype, shipped, **config_kwargs):

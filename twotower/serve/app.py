@@ -333,15 +333,18 @@ def serve(
     request_timeout: float = 300.0,
     dtype=None,
     weights: str = "dense",
+    compile_steps: bool = False,
 ) -> None:
     """Load the model and run the server until interrupted (`twotower serve`); weights: dense,
-    or int8 / int4 weight-only linear layers (CPU)."""
+    or int8 / int4 weight-only linear layers (CPU); compile_steps: the context passes decoding
+    repeats compiled (`TwoTowerForCausalLM.compile_steps`), batch 1's before the first request."""
     import torch
     import uvicorn
 
     from twotower.model.two_tower import load_model
 
-    model, tokenizer = load_model(model_ref, dtype=dtype or torch.bfloat16, weights=weights, merge=True)
+    model, tokenizer = load_model(model_ref, dtype=dtype or torch.bfloat16, weights=weights, merge=True, compile=compile_steps)
+    model.warm_steps((1,))  # wider batches compile on first use
     name = "twotower-" + ("smollm2-135m" if model_ref in (None, "default") else str(model_ref).rstrip("/").split("/")[-1])
     app = create_app(model, tokenizer, name, mode, max_batch, max_queue, request_timeout)
     uvicorn.run(app, host=host, port=port, log_level="warning")
