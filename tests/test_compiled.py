@@ -89,15 +89,16 @@ def test_warm_steps_compiles_every_width_before_generation_needs_it():
     assert len(_graphs(model.step_layers)) == warmed  # nothing left to compile at batch 1
     quantised = _bf16_model(weights="int4")
     quantised.compile_steps()
-    quantised.warm_steps((1, 8))
-    assert len(_graphs(quantised.step_layers)) == 2 * (quantised.exact_rows + 1)  # int4 rows only: 1..8 at batch 1, 1 at 8
+    quantised.warm_steps((1, 2), positions=3)
+    assert len(_graphs(quantised.step_layers)) == 2 * 2 * 3  # each batch size and width, over int4 or dense rows
 
 
 def test_fp32_and_a_failed_compile_run_eagerly(monkeypatch):
     model = tiny_two_tower()
     with torch.inference_mode():
         eager = _steps(model, None, n=4)
-        model.compile_steps()
+        with pytest.warns(UserWarning, match="bf16 / fp16 only; this model is torch.float32"):
+            model.compile_steps()
         assert torch.equal(_steps(model, model.step_layers, n=4), eager)  # fp32: not compiled
     assert all(g is None for g in model.step_layers.output.graphs.values())
 
@@ -139,6 +140,30 @@ def test_close_tells_rounding_from_a_wrong_result():
     nudged.view(torch.int16)[0, 0] += 1  # the next bf16 value: one rounding away
     assert close(nudged, x) and close((nudged, x), (x, x))
     assert not close(x * 1.5, x) and not close(x.float(), x) and not close(x[:2], x)
+    outlier = x.clone()
+    outlier[:, 3] = 180.0  # one channel of the size real hidden states reach
+    quiet = outlier.clone()
+    quiet[:, 4:] *= 1.5  # every other channel wrong: still a wrong graph
+    assert not close(quiet, outlier) and not close(outlier.flip(0), outlier)  # nor rows swapped
+
+
+@needs_compiler
+def test_moving_or_casting_a_compiled_model_compiles_again():
+    """The graphs hold the layers' tensors: after .to() or place_towers_on_devices the model
+    gets fresh ones, and its passes read the new tensors."""
+    model = tiny_two_tower(block_size=8)
+    perturb_trained(model)
+    model.compile_steps()
+    first = model.step_layers
+    model.to(torch.bfloat16)
+    assert model.step_layers is not None and model.step_layers is not first
+    fresh = model.step_layers
+    with torch.inference_mode():
+        eager = _steps(model, None)
+        assert close(_steps(model, fresh), eager, tolerance=2**-4)
+    assert fresh.used()
+    model.place_towers_on_devices("cpu", "cpu")
+    assert model.step_layers is not None and model.step_layers is not fresh
 
 
 def test_compiled_steps_are_dropped_by_quantize_and_absent_for_the_hybrid():

@@ -224,7 +224,7 @@ def test_compiled_verify_is_compiled_ar_on_real_hidden_states(weights):
     logits of a compiled one-position step, teacher-forced, and verify is AR token for token."""
     from twotower import generate_verify, load_model
 
-    model, tokenizer = load_model("default", dtype=torch.bfloat16, weights=weights, merge=True, compile=True)
+    model, tokenizer = load_model("default", dtype=torch.bfloat16, weights=weights, merge=True, compile_steps=True)
     model.warm_steps((1,))
     prompts = [encode_prompt(tokenizer, q, chat=True) for q in QUESTIONS[1:]]
     with torch.inference_mode():

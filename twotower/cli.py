@@ -571,7 +571,7 @@ def cmd_generate(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = _dtype(args, args.mode)
-    model, tokenizer = load_model(args.model, dtype=dtype, weights=args.weights, merge=True, compile=args.compile)
+    model, tokenizer = load_model(args.model, dtype=dtype, weights=args.weights, merge=True, compile_steps=args.compile)
     if args.mode == "diffusion" and not model.config.trained_tokens:
         raise TwoTowerError(
             f"no trained denoiser for {args.model}: diffusion mode would write garbage; use --mode ar or --mode verify "

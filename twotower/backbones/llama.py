@@ -156,6 +156,10 @@ class CompiledLayers:
     def run_layers(self, backbone, p: LayerPass) -> PassOutput:
         return run_layers(backbone, p, self.decoder_layer)
 
+    def used(self) -> bool:
+        """Whether some pass ran compiled: a graph of each piece compiled and kept."""
+        return all(any(g is not None for g in piece.graphs.values()) for piece in (self.inputs, self.output))
+
 
 def run_layers(backbone, p: LayerPass, layer_fn=decoder_layer) -> PassOutput:
     """The decoder layers and the final norm over one pass (see `LayerPass`); layer_fn: one

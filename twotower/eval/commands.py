@@ -60,7 +60,7 @@ def _load(model_ref: str, dtype: torch.dtype, weights: str = "dense", compile_st
     from twotower.model.two_tower import load_model
     from twotower.text import encode_prompt, eos_token_ids
 
-    model, tokenizer = load_model(model_ref, dtype=dtype, weights=weights, merge=True, compile=compile_steps)
+    model, tokenizer = load_model(model_ref, dtype=dtype, weights=weights, merge=True, compile_steps=compile_steps)
     return model, tokenizer, (lambda text: encode_prompt(tokenizer, text, chat=True)), eos_token_ids(model, tokenizer)
 
 
@@ -220,7 +220,7 @@ def benchmark(
     points = operating_points(modes, block_sizes, thresholds, (0.0,), model.config.block_size)
     model.warm_steps(sorted({len(rows) for b in batch_sizes for rows, _ in batches(prompts, labels or [None] * len(prompts), b)}))
     report = run_bench(model, prompts, points, batch_sizes, max_new_tokens, eos, hf, gguf, progress, labels=labels)
-    compiled = model.step_layers is not None and any(g is not None for g in model.step_layers.output.graphs.values())
+    compiled = model.step_layers is not None and model.step_layers.used()
     notes.append(f"context passes of 1-{model.compiled_positions} positions: {'compiled' if compiled else 'eager'} (--compile)")
     report["notes"] = notes + report["notes"]
     report["environment"], report["repeats"] = environment(dtype, str(model_ref), weights), repeats
@@ -234,7 +234,9 @@ def benchmark(
     )
     print()
     print(format_table(report["pass_cost_ms"], PASS_COLUMNS))
-    print("ms of one batch-1 pass: the context tower over N new positions (logits of each), and the denoiser over a block")
+    print(
+        "ms of one batch-1 pass (eager): the context tower over N new positions (logits of each), and the denoiser over a block"
+    )
     if sweep:
         if quick:
             tasks, encode = None, None

@@ -136,17 +136,23 @@ def denoiser_pass_cost(model, prompt: list[int], repeats: int = 3) -> float:
 def pass_cost(model, prompt: list[int], widths=PASS_WIDTHS, repeats: int = 3) -> dict[int, float]:
     """Milliseconds of one context-tower pass over `width` new positions after `prompt`
     (batch 1, best of `repeats`). Whether parallel positions are nearly free (GPU, CPUs with
-    native bf16) or cost in proportion (CPUs without) decides what drafting can gain."""
+    native bf16) or cost in proportion (CPUs without) decides what drafting can gain. Eager
+    passes at every width, also for a model with compiled ones (`compile_steps`, which cover
+    only the widths decoding makes), so that the ratios compare like with like."""
     ids = torch.tensor([prompt])
     out = {}
-    for width in widths:
-        best = float("inf")
-        for _ in range(repeats):
-            cache, _ = model.context_prefill(ids, torch.ones_like(ids), logits=None)
-            begin = time.perf_counter()
-            model.context_extend(cache, ids[:, :1].expand(1, width).contiguous(), logits="all")
-            best = min(best, time.perf_counter() - begin)
-        out[width] = round(best * 1000, 2)
+    compiled, model.step_layers = model.step_layers, None
+    try:
+        for width in widths:
+            best = float("inf")
+            for _ in range(repeats):
+                cache, _ = model.context_prefill(ids, torch.ones_like(ids), logits=None)
+                begin = time.perf_counter()
+                model.context_extend(cache, ids[:, :1].expand(1, width).contiguous(), logits="all")
+                best = min(best, time.perf_counter() - begin)
+            out[width] = round(best * 1000, 2)
+    finally:
+        model.step_layers = compiled
     return out
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 
 from twotower.backbones import backbone_fingerprint, family_of, load_backbone
 from twotower.backbones.base import Keep, LayerPass
+from twotower.backbones.graphs import COMPILED_DTYPES
 from twotower.backbones.llama import max_context
 from twotower.config import TwoTowerConfig, TwoTowerError
 from twotower.model.adaln import TimeConditioning
@@ -154,6 +156,8 @@ class TwoTowerForCausalLM(nn.Module):
                 module.to(den_device)
         with torch.no_grad():
             self.mask_embedding.data = self.mask_embedding.data.to(den_device)
+        if self.step_layers is not None:  # the graphs hold the tensors of the old devices
+            self.compile_steps()
         return self
 
     @property
@@ -193,6 +197,11 @@ class TwoTowerForCausalLM(nn.Module):
         them."""
         make = self.family.compiled_layers
         self.step_layers = None if make is None else make()
+        dtype = self.context_tower.get_input_embeddings().weight.dtype
+        if self.step_layers is not None and dtype not in COMPILED_DTYPES:
+            warnings.warn(
+                f"twotower: compiled passes run in bf16 / fp16 only; this model is {dtype}, so they stay eager", stacklevel=2
+            )
         return self.step_layers is not None
 
     @property
@@ -202,22 +211,27 @@ class TwoTowerForCausalLM(nn.Module):
         return self.config.block_size + 1
 
     @torch.no_grad()
-    def warm_steps(self, batch_sizes=(1,), widths: int | None = None) -> None:
-        """Compile now, not on first use, the passes of each batch size over 1..widths new
-        positions (default: `compiled_positions`; over quantised weights, only as many rows as
-        those serve, `exact_rows`, and one position at any batch size): a dummy prefill and one
-        extension each. Nothing without `compile_steps`."""
+    def warm_steps(self, batch_sizes=(1,), positions: int | None = None) -> None:
+        """Compile now, not on first use, the passes of each batch size over 1..positions new
+        positions (default: `compiled_positions`): a short prefill and one extension each, of
+        different tokens in every row and position. Nothing without `compile_steps`."""
         if self.step_layers is None:
             return
-        device = self.context_device
+        device, vocab = self.context_device, self.num_embeddings
         for batch in batch_sizes:
-            most = widths or self.compiled_positions
-            if self.exact_rows is not None:
-                most = max(1, min(most, self.exact_rows // batch))
-            for width in range(1, most + 1):
-                ones = torch.ones(batch, 2, dtype=torch.long, device=device)
-                cache, _ = self.context_prefill(ones, ones)
-                self.context_extend(cache, ones[:, :1].expand(batch, width).contiguous(), exact=batch == 1)
+            for width in range(1, (positions or self.compiled_positions) + 1):
+                ids = (torch.arange(batch * (width + 2), device=device).view(batch, width + 2) * 7919 + 11) % vocab
+                cache, _ = self.context_prefill(ids[:, :2], torch.ones_like(ids[:, :2]))
+                self.context_extend(cache, ids[:, 2:], exact=batch == 1)
+
+    def _apply(self, fn, *args, **kwargs):
+        """`.to()` / `.half()` and the like: compiled passes compile again (their graphs hold the
+        layers' old tensors)."""
+        compiled = getattr(self, "step_layers", None) is not None
+        super()._apply(fn, *args, **kwargs)
+        if compiled:
+            self.compile_steps()
+        return self
 
     @torch.no_grad()
     def merge_adapters(self) -> TwoTowerForCausalLM:
@@ -497,7 +511,7 @@ def load_model(
     shipped: bool = True,
     weights: str = "dense",
     merge: bool = False,
-    compile: bool = False,
+    compile_steps: bool = False,
     **config_kwargs,
 ):
     """Load what a user names: a twotower checkpoint folder; "default", the default backbone with
@@ -505,13 +519,14 @@ def load_model(
     a backbone (a folder, a .gguf file) wrapped as an untrained two-tower model with config_kwargs.
     weights: "dense", or "int8" / "int4" weight-only linear layers for CPU inference; merge: fold
     a shallow LoRA denoiser's adapters into copies of its layers, for generation
-    (`merge_adapters`); compile: the context passes decoding repeats compiled (`compile_steps`).
+    (`merge_adapters`); compile_steps: the context passes decoding repeats compiled
+    (`TwoTowerForCausalLM.compile_steps`).
     Returns (model, tokenizer)."""
     model, tokenizer = _load(ref, dtype, shipped, **config_kwargs)
     if merge:
         model.merge_adapters()
     model.quantize(weights)
-    if compile:
+    if compile_steps:
         model.compile_steps()
     return model, tokenizer
 

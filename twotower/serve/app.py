@@ -343,7 +343,9 @@ def serve(
 
     from twotower.model.two_tower import load_model
 
-    model, tokenizer = load_model(model_ref, dtype=dtype or torch.bfloat16, weights=weights, merge=True, compile=compile_steps)
+    model, tokenizer = load_model(
+        model_ref, dtype=dtype or torch.bfloat16, weights=weights, merge=True, compile_steps=compile_steps
+    )
     model.warm_steps((1,))  # wider batches compile on first use
     name = "twotower-" + ("smollm2-135m" if model_ref in (None, "default") else str(model_ref).rstrip("/").split("/")[-1])
     app = create_app(model, tokenizer, name, mode, max_batch, max_queue, request_timeout)
