@@ -123,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=DTYPE_HELP,
     )
     gen.add_argument("--weights", choices=list(WEIGHT_FORMATS), default="dense", help=WEIGHTS_HELP)
-    gen.add_argument("--compile", action="store_true", help=COMPILE_HELP + " (pays on long outputs)")
+    gen.add_argument(
+        "--compile",
+        action="store_true",
+        help=COMPILE_HELP + " (for one reply the compiling costs more than it saves; it pays in serve)",
+    )
     gen.add_argument(
         "--threads", type=_positive_int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)"
     )
@@ -570,8 +574,9 @@ def cmd_generate(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = _dtype(args, args.mode)
-    model, tokenizer = load_model(args.model, dtype=dtype, weights=args.weights, merge=True, compile_steps=args.compile)
+    model, tokenizer = load_model(
+        args.model, dtype=_dtype(args, args.mode), weights=args.weights, merge=True, compile_steps=args.compile
+    )
     if args.mode == "diffusion" and not model.config.trained_tokens:
         raise TwoTowerError(
             f"no trained denoiser for {args.model}: diffusion mode would write garbage; use --mode ar or --mode verify "
