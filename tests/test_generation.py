@@ -95,7 +95,7 @@ def test_every_context_pass_commits_the_ar_token(denoiser_kind, threshold, famil
     model = tiny_two_tower(denoiser_kind, block_size=4, family=family)
     if trained:
         perturb_trained(model, scale=0.3)
-    result = generate_mask_diffusion(model, PROMPTS, max_new_tokens=16, block_size=4, confidence_threshold=threshold)
+    result = generate_mask_diffusion(model, PROMPTS, max_new_tokens=16, block_size=4, threshold=threshold)
     assert all(len(out) == 16 for out in result.tokens)
     assert_blocks_start_with_the_ar_token(model, PROMPTS, result)
     assert result.context_passes == result.details["cycles"]
@@ -109,7 +109,7 @@ def test_a_denoiser_that_is_never_confident_writes_the_ar_text(family, scale):
     model = tiny_two_tower("lora", block_size=8, family=family)
     perturb_trained(model, scale=scale)
     ar = generate_ar(model, PROMPTS, max_new_tokens=14)
-    diff = generate_mask_diffusion(model, PROMPTS, max_new_tokens=14, block_size=8, confidence_threshold=1.0)
+    diff = generate_mask_diffusion(model, PROMPTS, max_new_tokens=14, block_size=8, threshold=1.0)
     assert diff.tokens == ar.tokens
     assert diff.details["cycles"] == 14  # one token per context pass
     assert diff.row_nfe == [13] * len(PROMPTS)  # one denoiser pass per block but the last (no room left)
@@ -122,7 +122,7 @@ def test_diffusion_rows_are_independent_of_batching(denoiser_kind, family):
     states of a row as they are alone)."""
     model = tiny_two_tower(denoiser_kind, block_size=4, family=family)
     perturb_trained(model, scale=0.05)
-    options = dict(max_new_tokens=14, block_size=4, confidence_threshold=0.3)
+    options = dict(max_new_tokens=14, block_size=4, threshold=0.3)
     batched = generate_mask_diffusion(model, PROMPTS, **options)
     for b, prompt in enumerate(PROMPTS):
         alone = generate_mask_diffusion(model, [prompt], **options)
@@ -132,21 +132,21 @@ def test_diffusion_rows_are_independent_of_batching(denoiser_kind, family):
 
 def test_diffusion_commits_several_tokens_per_pass_at_low_threshold():
     model = tiny_two_tower(block_size=8)
-    loose = generate_mask_diffusion(model, PROMPTS, max_new_tokens=16, block_size=8, confidence_threshold=0.01)
+    loose = generate_mask_diffusion(model, PROMPTS, max_new_tokens=16, block_size=8, threshold=0.01)
     assert loose.tokens_per_nfe == 8.0  # everything above 0.01 in a near-uniform model: one pass per block
     assert loose.context_passes == 2  # prefill + one extension between the two blocks
     assert loose.details["block_starts"] == [[0, 8]] * len(PROMPTS)
     few_steps = generate_mask_diffusion(
-        model, PROMPTS, max_new_tokens=16, block_size=8, steps_per_block=1, confidence_threshold=0.01
+        model, PROMPTS, max_new_tokens=16, block_size=8, steps_per_block=1, threshold=0.01
     )
     assert few_steps.tokens == loose.tokens and few_steps.denoiser_passes == 2
 
 
 def test_diffusion_eos_mid_block_stops_the_row_and_truncates():
     model = tiny_two_tower(block_size=8)
-    free = generate_mask_diffusion(model, PROMPTS, max_new_tokens=16, block_size=8, confidence_threshold=0.05).tokens
+    free = generate_mask_diffusion(model, PROMPTS, max_new_tokens=16, block_size=8, threshold=0.05).tokens
     eos = free[2][3]
-    result = generate_mask_diffusion(model, PROMPTS, max_new_tokens=16, block_size=8, confidence_threshold=0.05, eos_token_id=eos)
+    result = generate_mask_diffusion(model, PROMPTS, max_new_tokens=16, block_size=8, threshold=0.05, eos_token_id=eos)
     row = result.tokens[2]
     assert row[-1] == eos and eos not in row[:-1] and len(row) <= 4
     assert result.tokens[2] == free[2][: len(row)]
@@ -168,7 +168,7 @@ def test_diffusion_spends_no_slot_after_a_committed_eos(monkeypatch):
     model = tiny_two_tower(block_size=8)
     _stub_denoiser(model, monkeypatch)
     first = generate_ar(model, [PROMPTS[0]], max_new_tokens=1).tokens[0]
-    options = dict(max_new_tokens=8, block_size=8, confidence_threshold=0.4)
+    options = dict(max_new_tokens=8, block_size=8, threshold=0.4)
     without_eos = generate_mask_diffusion(model, [PROMPTS[0]], **options)
     assert without_eos.tokens[0] == [*first, 60, EOS, 50, 50, 50, 50, 50] and without_eos.nfe == 1
     with_eos = generate_mask_diffusion(model, [PROMPTS[0]], eos_token_id=EOS, **options)
@@ -181,7 +181,7 @@ def test_a_block_ends_at_its_committed_prefix(monkeypatch):
     model = tiny_two_tower(block_size=8)
     _stub_denoiser(model, monkeypatch)
     ar = generate_ar(model, [PROMPTS[0]], max_new_tokens=6).tokens
-    result = generate_mask_diffusion(model, [PROMPTS[0]], max_new_tokens=6, block_size=8, confidence_threshold=0.87)
+    result = generate_mask_diffusion(model, [PROMPTS[0]], max_new_tokens=6, block_size=8, threshold=0.87)
     assert result.tokens == ar
     assert result.details["block_starts"] == [list(range(6))]
     # rooms 6, 5, 4, 3: a pass that commits slots 2.., then one that commits nothing; room 2: slot 1
@@ -191,7 +191,7 @@ def test_a_block_ends_at_its_committed_prefix(monkeypatch):
 
 def test_same_position_layout_runs_and_fills_blocks():
     model = tiny_two_tower(layout="same-position", block_size=4)
-    result = generate_mask_diffusion(model, PROMPTS, max_new_tokens=10, block_size=4, confidence_threshold=0.01)
+    result = generate_mask_diffusion(model, PROMPTS, max_new_tokens=10, block_size=4, threshold=0.01)
     assert [len(t) for t in result.tokens] == [10] * len(PROMPTS)
     assert all(0 <= tok < model.num_embeddings for row in result.tokens for tok in row)
     assert result.details["block_starts"] == [[0, 4, 8]] * len(PROMPTS)  # blocks of 4, 4, 2
@@ -223,7 +223,7 @@ def test_stream_events_add_up_to_the_result():
     model = tiny_two_tower(block_size=4)
     for mode in ("ar", "mock-ar", "diffusion"):
         events = (
-            stream(model, mode, PROMPTS, max_new_tokens=10, confidence_threshold=0.3)
+            stream(model, mode, PROMPTS, max_new_tokens=10, threshold=0.3)
             if mode == "diffusion"
             else stream(model, mode, PROMPTS, max_new_tokens=10)
         )

@@ -137,7 +137,7 @@ def test_the_shipped_denoiser_loads_and_diffusion_answers():
     assert model.config.trained_tokens > 0 and model.config.denoiser_depth is not None
     prompt = encode_prompt(tokenizer, QUESTIONS[0], chat=True)
     eos = eos_token_ids(model, tokenizer)
-    out = generate_mask_diffusion(model, [prompt], max_new_tokens=32, confidence_threshold=0.8, eos_token_id=eos)
+    out = generate_mask_diffusion(model, [prompt], max_new_tokens=32, threshold=0.8, eos_token_id=eos)
     assert "Paris" in tokenizer.decode(out.tokens[0])
 
 

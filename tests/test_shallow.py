@@ -8,7 +8,7 @@ import torch
 from conftest import PROMPTS, perturb_trained, tiny_backbone
 
 from twotower import TwoTowerError, TwoTowerForCausalLM, generate_ar, generate_mask_diffusion, generate_mock_ar, generate_verify
-from twotower.diffusion import ar_first, sample_noise, training_logits
+from twotower.objective import ar_first, sample_noise, training_logits
 from twotower.generate.common import left_pad
 from twotower.model.cache import ContextView
 
@@ -80,7 +80,7 @@ def test_shallow_diffusion_starts_every_block_with_the_ar_token(denoiser_kind, f
 
     model = shallow(family, layers, depth, denoiser_kind)
     perturb_trained(model, scale=0.05)
-    options = dict(max_new_tokens=14, block_size=4, confidence_threshold=0.05)
+    options = dict(max_new_tokens=14, block_size=4, threshold=0.05)
     result = generate_mask_diffusion(model, PROMPTS, **options)
     assert_blocks_start_with_the_ar_token(model, PROMPTS, result)
     for b, prompt in enumerate(PROMPTS):  # rows of a batch end their blocks independently
@@ -180,7 +180,7 @@ def test_merged_adapters_give_the_lora_denoisers_output(family, layers, depth):
     its mask-diffusion tokens are the LoRA denoiser's, the context tower is untouched, verify is AR."""
     model = shallow(family, layers, depth)
     perturb_trained(model)
-    options = dict(max_new_tokens=12, block_size=4, confidence_threshold=0.3)
+    options = dict(max_new_tokens=12, block_size=4, threshold=0.3)
     lora_logits, lora_tokens = block_logits(model), generate_mask_diffusion(model, PROMPTS, **options).tokens
     context = {k: v.clone() for k, v in model.context_tower.state_dict().items()}
     assert model.merge_adapters() is model

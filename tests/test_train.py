@@ -11,7 +11,7 @@ from conftest import VOCAB, perturb_trained, tiny_backbone, tiny_tokenizer, tiny
 
 from twotower import TwoTowerError, generate_ar
 from twotower.data import pack, read_rows
-from twotower.diffusion import Noise, layout_offset, masked_loss_sum, sample_noise, training_logits
+from twotower.objective import Noise, layout_offset, masked_loss_sum, sample_noise, training_logits
 from twotower.model.cache import ContextView
 from twotower.train import TrainConfig, load_config, train, trainable_parameters
 
@@ -395,7 +395,7 @@ def _shallow_model(kind="lora", family="llama"):
 def test_cached_features_give_the_same_loss_and_gradient(tmp_path, family, shallow):
     """One step on features read back from disk equals the step that runs the frozen tower:
     the same loss (masked CE plus the distillation term) and the same gradient."""
-    from twotower.diffusion import ar_first
+    from twotower.objective import ar_first
     from twotower.features import build_features
 
     model = _shallow_model("lora", family) if shallow else _model("lora", family=family)
@@ -499,7 +499,7 @@ def test_shallow_training_moves_every_trainable_parameter_and_keeps_the_tower(tm
 
 
 def test_sparse_cross_entropy_is_the_weighted_cross_entropy_and_its_gradient():
-    from twotower.diffusion import sparse_cross_entropy
+    from twotower.objective import sparse_cross_entropy
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(300, 11, dtype=torch.double, generator=g, requires_grad=True)  # two row chunks

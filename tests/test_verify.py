@@ -265,24 +265,24 @@ def test_cache_after_rejection_equals_ar_prefill_of_the_committed_tokens(ragged,
 # --- sampling: the output distribution is the AR one ----------------------------------------
 
 
-def _exact_law_of_tokens_2_and_3(model, prompt, temperature):
-    """The AR model's exact joint law of the 2nd and 3rd sampled tokens (the first comes from
+def _exact_distribution_of_tokens_2_and_3(model, prompt, temperature):
+    """The AR model's exact joint distribution of the 2nd and 3rd sampled tokens (the first comes from
     the prefill in every mode; verify drafts from the 2nd on): (V, V) matrix."""
 
-    def next_law(rows):
+    def next_distribution(rows):
         ids = torch.tensor(rows)
         _, logits = model.context_prefill(ids, torch.ones_like(ids), logits="last")
         return target_probs(logits.float(), temperature, 1.0)
 
     vocab = torch.arange(VOCAB).tolist()
-    p1 = next_law([prompt])[0]  # (V,)
-    p2 = next_law([[*prompt, a] for a in vocab])  # (V, V)
-    p3 = next_law([[*prompt, a, b] for a in vocab for b in vocab]).view(VOCAB, VOCAB, VOCAB)
+    p1 = next_distribution([prompt])[0]  # (V,)
+    p2 = next_distribution([[*prompt, a] for a in vocab])  # (V, V)
+    p3 = next_distribution([[*prompt, a, b] for a in vocab for b in vocab]).view(VOCAB, VOCAB, VOCAB)
     return torch.einsum("a,ab,abc->bc", p1, p2, p3)
 
 
 def _peaked_model():
-    """Tiny model whose next-token law is concentrated enough for a sample-based test (the
+    """Tiny model whose next-token distribution is concentrated enough for a sample-based test (the
     output norm is scaled so logits span several nats), with a denoiser perturbed just enough
     that about half of its drafts are accepted."""
     model = _model()
@@ -301,11 +301,11 @@ def _lookup_prompt(model):
     return candidates[int((p_t - 0.5).abs().argmin())].tolist()
 
 
-def _tv_tolerance(law: torch.Tensor, n: int) -> float:
-    """E[TV(empirical of n samples, law)] <= 1/2 sum_i sqrt(law_i / n); TV moves by at most 1/n
+def _tv_tolerance(distribution: torch.Tensor, n: int) -> float:
+    """E[TV(empirical of n samples, distribution)] <= 1/2 sum_i sqrt(distribution_i / n); TV moves by at most 1/n
     per sample, so by McDiarmid it exceeds that bound by 0.03 with probability
     < exp(-2 n 0.03^2) (< 1e-3 for n >= 4000)."""
-    return 0.5 * law.sqrt().sum().item() / math.sqrt(n) + 0.03
+    return 0.5 * distribution.sqrt().sum().item() / math.sqrt(n) + 0.03
 
 
 @pytest.mark.parametrize("draft", ["denoiser", "lookup"])
@@ -313,13 +313,13 @@ def test_sampled_verify_follows_the_ar_distribution(draft):
     """Sample N replies of 4 tokens with verify mode (each row of one big batch is an
     independent sample; block size 2, so after the first token (the prefill's) the next cycle
     drafts token 2 and checks it, with token 3 from the context tower) and compare the joint
-    law of tokens 2 and 3 with the exact AR law. The denoiser's drafts
-    are rejected about half the time and its law is further from AR's than the tolerance, so
+    distribution of tokens 2 and 3 with the exact AR distribution. The denoiser's drafts
+    are rejected about half the time and its distribution is further from AR's than the tolerance, so
     accepting blindly or sampling the wrong correction would fail."""
     model = _peaked_model()
     prompt = PROMPTS[2] if draft == "denoiser" else [22, 30, 31, 22, 30, 31, 22]
     temperature, n = 1.0, 4000
-    law = _exact_law_of_tokens_2_and_3(model, prompt, temperature)
+    distribution = _exact_distribution_of_tokens_2_and_3(model, prompt, temperature)
     result = generate_verify(
         model,
         [prompt] * n,
@@ -328,19 +328,19 @@ def test_sampled_verify_follows_the_ar_distribution(draft):
         seed=0,
         draft=draft,
         block_size=2,
-        confidence_threshold=0.05,
+        threshold=0.05,
     )
     counts = torch.zeros(VOCAB, VOCAB)
     for row in result.tokens:
         counts[row[1], row[2]] += 1
-    tv = 0.5 * (counts / n - law).abs().sum().item()
-    tolerance = _tv_tolerance(law, n)
+    tv = 0.5 * (counts / n - distribution).abs().sum().item()
+    tolerance = _tv_tolerance(distribution, n)
     assert tv < tolerance, (tv, tolerance)
     assert result.details["draft_sources"][draft] > n // 10
     if draft == "denoiser":
         assert 0.2 < result.details["draft_acceptance"] < 0.8
-        # the denoiser's law for token 2 after the likeliest first token vs AR's
-        first = int(law.sum(1).argmax())
+        # the denoiser's distribution for token 2 after the likeliest first token vs AR's
+        first = int(distribution.sum(1).argmax())
         ids = torch.tensor([prompt])
         cache, logits = model.context_prefill(ids, torch.ones_like(ids), logits="last")
         x1 = int(target_probs(logits, temperature, 1.0)[0].argmax())
@@ -353,10 +353,10 @@ def test_sampled_verify_follows_the_ar_distribution(draft):
         assert 0.5 * (q2 - p2).abs().sum().item() > tolerance, first
 
 
-@pytest.mark.parametrize("one_hot", [False, True], ids=["draft-law", "one-hot"])
+@pytest.mark.parametrize("one_hot", [False, True], ids=["draft-distribution", "one-hot"])
 @pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 0.8)])
-def test_accept_rule_keeps_the_target_law(one_hot, temperature, top_p):
-    """The accept/reject rule alone, on fixed laws: drafts sampled from q (or fixed tokens,
+def test_accept_rule_keeps_the_target_distribution(one_hot, temperature, top_p):
+    """The accept/reject rule alone, on fixed distributions: drafts sampled from q (or fixed tokens,
     as prompt lookup proposes), targets p = softmax(top-p(logits / T)). The first output
     token must follow p1; the second, in rows whose first draft was accepted, p2."""
     g = torch.Generator().manual_seed(0)
@@ -367,18 +367,18 @@ def test_accept_rule_keeps_the_target_law(one_hot, temperature, top_p):
         drafts = torch.tensor([[int(p[0].argmax()), int(p[1].argsort()[-2])]]).expand(n, -1)
         q = None
     else:
-        q_law = torch.randn(2, vocab, generator=g).mul(2).softmax(-1)
-        drafts = torch.multinomial(q_law, n, replacement=True, generator=g).T  # (n, 2)
-        q = q_law.expand(n, -1, -1)
-        assert 0.5 * (q_law[0] - p[0]).abs().sum() > 0.1  # a draft law unlike the target
+        q_distribution = torch.randn(2, vocab, generator=g).mul(2).softmax(-1)
+        drafts = torch.multinomial(q_distribution, n, replacement=True, generator=g).T  # (n, 2)
+        q = q_distribution.expand(n, -1, -1)
+        assert 0.5 * (q_distribution[0] - p[0]).abs().sum() > 0.1  # a draft distribution unlike the target
     settings = GenerationSettings(temperature=temperature, top_p=top_p)
     accepted, following = accept_drafts(logits, drafts, torch.full((n,), 2), q, settings, g)
     first = torch.where(accepted >= 1, drafts[:, 0], following)
     second = torch.where(accepted >= 2, drafts[:, 1], following)[accepted >= 1]
-    for law, sample in ((p[0], first), (p[1], second)):
+    for distribution, sample in ((p[0], first), (p[1], second)):
         empirical = torch.bincount(sample, minlength=vocab).float() / len(sample)
-        tv = 0.5 * (empirical - law).abs().sum().item()
-        assert tv < _tv_tolerance(law, len(sample)), (tv, len(sample))
+        tv = 0.5 * (empirical - distribution).abs().sum().item()
+        assert tv < _tv_tolerance(distribution, len(sample)), (tv, len(sample))
     assert 0 < int((accepted == 0).sum()) < n  # both branches of the rule were taken
 
 
@@ -420,57 +420,57 @@ def test_token_history_finds_what_the_scan_finds_as_it_grows(ngram):
     assert TokenHistory([7], ngram).match(4) == ([], 0)
 
 
-def test_draft_policy_prefers_the_faster_way_and_probes_the_others_less_and_less():
-    policy = DraftPolicy(batch=2, ways=("denoiser", "lookup", "ar"), probe_every=4)
+def test_draft_policy_prefers_the_faster_source_and_probes_the_others_less_and_less():
+    policy = DraftPolicy(batch=2, sources=("denoiser", "lookup", "ar"), probe_every=4)
     speed = {"denoiser": 0.3, "lookup": 0.2, "ar": 0.1}  # seconds per one-token cycle
     picks = []
     for _ in range(100):
-        way = policy.choose(0)
-        picks.append(way)
-        policy.record(0, way, tokens=1, cost=speed[way])
-    assert picks[:3] == ["denoiser", "lookup", "ar"]  # every way once
-    probes = [i for i, way in enumerate(picks[3:]) if way != "ar"]
+        source = policy.choose(0)
+        picks.append(source)
+        policy.record(0, source, tokens=1, cost=speed[source])
+    assert picks[:3] == ["denoiser", "lookup", "ar"]  # every source once
+    probes = [i for i, source in enumerate(picks[3:]) if source != "ar"]
     assert 4 <= len(probes) <= 12  # waits double: 4, 8, 16, 32 ... cycles
     assert {picks[3 + i] for i in probes} == {"denoiser", "lookup"}
-    for way in ("denoiser", "lookup"):  # each way's probes get rarer
-        at = [i for i, w in enumerate(picks) if w == way]
+    for source in ("denoiser", "lookup"):  # each source's probes get rarer
+        at = [i for i, w in enumerate(picks) if w == source]
         gaps = [b - a for a, b in itertools.pairwise(at)]
-        assert gaps == sorted(gaps) and gaps[-1] > gaps[0], (way, gaps)
+        assert gaps == sorted(gaps) and gaps[-1] > gaps[0], (source, gaps)
     # no lookup match: lookup is not a candidate
     assert all(policy.choose(0, lookup_available=False) != "lookup" for _ in range(4))
     # the denoiser starts to be accepted: the next probe finds it faster and it is used from then on
-    way = policy.choose(0)
-    while way != "denoiser":
-        policy.record(0, way, tokens=1, cost=speed[way])
-        way = policy.choose(0)
+    source = policy.choose(0)
+    while source != "denoiser":
+        policy.record(0, source, tokens=1, cost=speed[source])
+        source = policy.choose(0)
     policy.record(0, "denoiser", tokens=8, cost=0.3)
     later = []
     for _ in range(10):
-        way = policy.choose(0)
-        later.append(way)
-        policy.record(0, way, tokens=8 if way == "denoiser" else 1, cost=speed[way])
+        source = policy.choose(0)
+        later.append(source)
+        policy.record(0, source, tokens=8 if source == "denoiser" else 1, cost=speed[source])
     assert later.count("denoiser") >= 8, later
     # row 1 is independent
     assert policy.choose(1) == "denoiser" and policy.rates[1]["ar"] is None
 
 
-def test_a_policy_with_a_prior_starts_on_the_best_way_it_knows_and_still_probes():
+def test_a_policy_with_a_prior_starts_on_the_best_source_it_knows_and_still_probes():
     prior = {"ar": (10.0, None, 4), "denoiser": (4.0, 0.9, 2)}  # lookup never measured
-    policy = DraftPolicy(batch=1, ways=("denoiser", "lookup", "ar"), probe_every=4, prior=prior)
-    doubtful = DraftPolicy(batch=1, ways=("denoiser", "ar"), prior={**prior, "denoiser": (4.0, 0.05, 2)})
+    policy = DraftPolicy(batch=1, sources=("denoiser", "lookup", "ar"), probe_every=4, prior=prior)
+    doubtful = DraftPolicy(batch=1, sources=("denoiser", "ar"), prior={**prior, "denoiser": (4.0, 0.05, 2)})
     # from the prior's acceptance: drafts that were accepted are long at once, the others short
     fresh = DraftPolicy(1, ("denoiser",)).draft_length(0, "denoiser", 16)
     assert policy.draft_length(0, "denoiser", room=16) > fresh > doubtful.draft_length(0, "denoiser", room=16)
     picks = [policy.choose(0, lookup_available=False) for _ in range(1)]
-    assert picks == ["ar"]  # no first try of every way: the prior's best
-    assert policy.choose(0, lookup_available=True) == "lookup"  # an unmeasured way is still tried
+    assert picks == ["ar"]  # no first try of every source: the prior's best
+    assert policy.choose(0, lookup_available=True) == "lookup"  # an unmeasured source is still tried
     for _ in range(6):
-        way = policy.choose(0, lookup_available=False)
-        picks.append(way)
-        policy.record(0, way, tokens=1, cost=0.1 if way == "ar" else 0.3)
+        source = policy.choose(0, lookup_available=False)
+        picks.append(source)
+        policy.record(0, source, tokens=1, cost=0.1 if source == "ar" else 0.3)
     assert "denoiser" in picks  # probed after probe_every cycles
-    waited = DraftPolicy(batch=1, ways=("denoiser", "ar"), probe_every=4, prior={**prior, "denoiser": (4.0, 0.9, 64)})
-    assert waited.wait[0] == {"denoiser": 64, "ar": 4}  # a way that kept losing is probed as rarely as it ended
+    waited = DraftPolicy(batch=1, sources=("denoiser", "ar"), probe_every=4, prior={**prior, "denoiser": (4.0, 0.9, 64)})
+    assert waited.wait[0] == {"denoiser": 64, "ar": 4}  # a source that kept losing is probed as rarely as it ended
 
 
 def test_unseeded_verify_runs_leave_their_measurements_to_the_next_and_seeded_runs_neither_read_nor_write():
@@ -495,7 +495,7 @@ def test_a_draft_is_as_long_as_pays_for_what_a_wider_pass_costs():
     dear = lambda width, denoiser: 1.0 if width <= 2 else 2.2  # int4 weights: 3+ positions take the dense ones
     cheap = lambda width, denoiser: 1.0 + (width - 1) / 100  # wide passes nearly free
     policies = {
-        name: DraftPolicy(batch=1, ways=("denoiser", "lookup", "ar"), cost=cost)
+        name: DraftPolicy(batch=1, sources=("denoiser", "lookup", "ar"), cost=cost)
         for name, cost in (("dear", dear), ("cheap", cheap))
     }
     for policy in policies.values():
@@ -515,34 +515,34 @@ def test_a_draft_is_as_long_as_pays_for_what_a_wider_pass_costs():
     assert policies["cheap"].draft_length(0, "lookup", room=16) < 8
 
 
-def test_a_way_whose_drafts_would_lose_drafts_nothing_except_when_probed():
+def test_a_source_whose_drafts_would_lose_drafts_nothing_except_when_probed():
     """skip_unpaid (draft="auto"): a draft's expected tokens are weighed against a plain AR
-    step's too, so a way that is rarely accepted, where a wider pass is dear, is not used even
+    step's too, so a source that is rarely accepted, where a wider pass is dear, is not used even
     when its measured rate is the best; it is still probed (drafting at least one token, or its
     acceptance could never be measured again), and once its drafts are accepted it is back in
-    use. A way the caller forces always drafts."""
+    use. A source the caller forces always drafts."""
     dear = lambda width, denoiser: 1.0 if width == 1 else 1.8 + float(denoiser)
     prior = {"lookup": (10.0, 0.1, 4), "ar": (9.0, None, 4)}  # lookup was the faster, but is rarely accepted
-    policy = DraftPolicy(batch=1, ways=("lookup", "ar"), probe_every=4, prior=prior, cost=dear, skip_unpaid=True)
-    forced = DraftPolicy(batch=1, ways=("lookup", "ar"), probe_every=4, prior=prior, cost=dear)
+    policy = DraftPolicy(batch=1, sources=("lookup", "ar"), probe_every=4, prior=prior, cost=dear, skip_unpaid=True)
+    forced = DraftPolicy(batch=1, sources=("lookup", "ar"), probe_every=4, prior=prior, cost=dear)
     assert not policy.pays(0, "lookup", room=8) and policy.pays(0, "ar", room=8)
     assert policy.choose(0, room=8) == "ar" and forced.choose(0, room=8) == "lookup"
     assert policy.draft_length(0, "lookup", room=8) == 0 and forced.draft_length(0, "lookup", room=8) >= 1
     picks = []
     for _ in range(12):
-        way = policy.choose(0, room=8)
-        picks.append(way)
-        if way == "lookup":  # a probe, or (once the probes' drafts were accepted) a way that pays
+        source = policy.choose(0, room=8)
+        picks.append(source)
+        if source == "lookup":  # a probe, or (once the probes' drafts were accepted) a source that pays
             assert policy.probing[0] or policy.pays(0, "lookup", room=8)
             assert policy.draft_length(0, "lookup", room=8) >= 1
-            policy.record(0, way, tokens=2, cost=1.8, accepted=1, drafted=1)  # its draft is accepted
+            policy.record(0, source, tokens=2, cost=1.8, accepted=1, drafted=1)  # its draft is accepted
         else:
-            policy.record(0, way, tokens=1, cost=1.0)
+            policy.record(0, source, tokens=1, cost=1.0)
     assert "lookup" in picks  # probed within its wait
     for _ in range(3):
         policy.record(0, "lookup", tokens=5, cost=1.8, accepted=4, drafted=4)
     assert policy.pays(0, "lookup", room=8) and policy.choose(0, room=8) == "lookup" and not policy.probing[0]
-    cheap = DraftPolicy(batch=1, ways=("lookup", "ar"), prior=prior, cost=lambda w, d: 1.0 + (w - 1) / 100, skip_unpaid=True)
+    cheap = DraftPolicy(batch=1, sources=("lookup", "ar"), prior=prior, cost=lambda w, d: 1.0 + (w - 1) / 100, skip_unpaid=True)
     assert cheap.choose(0, room=8) == "lookup" and cheap.draft_length(0, "lookup", room=8) >= 1  # nearly free: pays
 
 
@@ -553,7 +553,7 @@ def test_lookup_drafts_keep_their_acceptance_by_the_length_of_their_match():
     assert lookup_match([4, 5, 6, 9, 4, 5, 6], 2) == ([9, 4], 3)
     assert lookup_match([4, 5, 7, 5], 3) == ([7, 5], 1) and lookup_match([4, 5], 3) == ([], 0)
     dear = lambda width, denoiser: 1.0 if width == 1 else 1.6
-    policy = DraftPolicy(batch=1, ways=("lookup", "ar"), cost=dear, skip_unpaid=True)
+    policy = DraftPolicy(batch=1, sources=("lookup", "ar"), cost=dear, skip_unpaid=True)
     for _ in range(6):
         policy.record(0, "lookup", tokens=4, cost=1.6, accepted=3, drafted=3, kind=lookup_kind(3))
         policy.record(0, "lookup", tokens=1, cost=1.6, accepted=0, drafted=3, kind=lookup_kind(1))
@@ -566,7 +566,7 @@ def test_lookup_drafts_keep_their_acceptance_by_the_length_of_their_match():
     memory.add("key", policy.rates[0], policy.measured_acceptance(0), policy.wait[0])
     prior = memory.prior("key")
     assert prior["lookup3"][0] is None and prior["lookup3"][1] == policy.acceptance(0, "lookup3")
-    fresh = DraftPolicy(batch=1, ways=("lookup", "ar"), cost=dear, skip_unpaid=True, prior=prior)
+    fresh = DraftPolicy(batch=1, sources=("lookup", "ar"), cost=dear, skip_unpaid=True, prior=prior)
     assert fresh.pays(0, "lookup", 8, "lookup3") and not fresh.pays(0, "lookup", 8, "lookup1")
 
 
@@ -578,7 +578,7 @@ def test_rows_that_share_a_pass_share_one_draft_length_that_pays_for_the_batch()
     from twotower.generate.verify import Drafts, batch_width, cap_drafts
 
     def batch(alpha: float, cost):
-        policy = DraftPolicy(batch=4, ways=("lookup", "ar"), cost=cost, skip_unpaid=True)
+        policy = DraftPolicy(batch=4, sources=("lookup", "ar"), cost=cost, skip_unpaid=True)
         for _ in range(8):
             policy.record(0, "lookup", 1, 1.0, accepted=round(6 * alpha), drafted=6, kind="lookup3")
         drafts = Drafts([[7] * 6, [], [], []], {0: "lookup", 1: "ar", 2: "ar", 3: "ar"}, kinds={0: "lookup3"})

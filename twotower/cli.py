@@ -591,9 +591,9 @@ def cmd_generate(args) -> int:
         eos_token_id=eos_token_ids(model, tokenizer),
     )
     if args.mode == "diffusion":
-        options.update(block_size=args.block_size, steps_per_block=args.steps_per_block, confidence_threshold=args.threshold)
+        options.update(block_size=args.block_size, steps_per_block=args.steps_per_block, threshold=args.threshold)
     elif args.mode == "verify":
-        options.update(block_size=args.block_size, confidence_threshold=args.threshold, draft=args.draft)
+        options.update(block_size=args.block_size, threshold=args.threshold, draft=args.draft)
     events = stream(model, args.mode, [ids], **options)
     if args.stream and not args.json:
         result = _print_stream(events, tokenizer)

@@ -16,7 +16,7 @@ from transformers import PretrainedConfig
 
 # ------------------------------------------------------------------ the lists of choices
 MODES = ("ar", "mock-ar", "diffusion", "verify")
-BLOCK_MODES = ("diffusion", "verify")  # modes that take block_size / confidence_threshold
+BLOCK_MODES = ("diffusion", "verify")  # modes that take block_size / threshold
 DRAFT_SOURCES = ("auto", "denoiser", "lookup", "ar")
 # The built-in eval suites (twotower eval --suite).
 EVAL_SUITES = ("builtin", "humaneval")
@@ -162,7 +162,7 @@ class GenerationSettings:
     (16 by default). Larger than that is refused (quality collapses); smaller is safe."""
     steps_per_block: int = 16
     """Most denoiser passes per block; the last one commits every position still masked."""
-    confidence_threshold: float = 0.8
+    threshold: float = 0.8
     """gamma: commit every masked position whose predicted token has probability above this."""
     temperature: float = 0.0
     """0 is greedy; above 0 samples (Gumbel-max on logits / temperature)."""
@@ -180,8 +180,8 @@ class GenerationSettings:
             raise TwoTowerError(f"block_size must be an integer >= 1, got {self.block_size!r}")
         if not isinstance(self.steps_per_block, int) or self.steps_per_block < 1:
             raise TwoTowerError(f"steps_per_block must be an integer >= 1, got {self.steps_per_block!r}")
-        if not (0.0 < self.confidence_threshold <= 1.0) or math.isnan(self.confidence_threshold):
-            raise TwoTowerError(f"confidence_threshold must be in (0, 1], got {self.confidence_threshold!r}")
+        if not (0.0 < self.threshold <= 1.0) or math.isnan(self.threshold):
+            raise TwoTowerError(f"threshold must be in (0, 1], got {self.threshold!r}")
         if not (self.temperature >= 0.0) or math.isinf(self.temperature):
             raise TwoTowerError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not (0.0 < self.top_p <= 1.0):

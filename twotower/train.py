@@ -27,7 +27,7 @@ from torch import nn
 
 from twotower.config import DENOISER_KINDS, LAYOUTS, TwoTowerError
 from twotower.data import batch_indices, heldout_prompts, pack, read_rows
-from twotower.diffusion import Features, Noise, ar_first, layout_offset, masked_loss_sum, sample_noise
+from twotower.objective import Features, Noise, ar_first, layout_offset, masked_loss_sum, sample_noise
 from twotower.features import build_features
 
 
@@ -48,7 +48,7 @@ class TrainConfig:
     adaln: bool = option(True, "adaLN-single time conditioning")
     denoiser_depth: int | None = option(None, "denoiser layers K (None: all); a shallow one aligns with context layers")
     alignment: str = option("top", "context layers a shallow denoiser aligns with: top or spread")
-    kl_weight: float = option(0.0, "weight of the distillation loss against the AR teacher's top-k law (0: off)")
+    kl_weight: float = option(0.0, "weight of the distillation loss against the AR teacher's top-k distribution (0: off)")
     top_k: int = option(32, "tokens of the AR teacher's distribution kept for distillation")
     features: str = option("", "folder of cached frozen-tower features, built once and reused every epoch ('': none)")
     block_size: int = option(16, "block size S trained")
@@ -430,7 +430,7 @@ def tokens_per_nfe(model, tokenizer, config: TrainConfig, max_new_tokens: int = 
         model,
         prompts,
         max_new_tokens=max_new_tokens,
-        confidence_threshold=config.nfe_threshold,
+        threshold=config.nfe_threshold,
         eos_token_id=eos_token_ids(model, tokenizer),
     )
     return round(result.tokens_per_nfe, 4)

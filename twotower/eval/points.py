@@ -28,7 +28,7 @@ class OperatingPoint:
     def options(self) -> dict:
         opts = {"temperature": self.temperature, "seed": self.seed if self.temperature else None}
         if self.mode in BLOCK_MODES:
-            opts.update(block_size=self.block_size, confidence_threshold=self.threshold)
+            opts.update(block_size=self.block_size, threshold=self.threshold)
         return opts
 
 

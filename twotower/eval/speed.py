@@ -116,7 +116,7 @@ def denoiser_pass_cost(model, prompt: list[int], repeats: int = 3) -> float:
     """Milliseconds of one denoiser pass over a block of the trained size (batch 1, best of
     `repeats`), logits of every slot included: what a draft or a diffusion step costs."""
     from twotower.generate.common import start_run
-    from twotower.generate.diffusion import DiffusionDecoder
+    from twotower.generate.mask_diffusion import DiffusionDecoder
 
     best = float("inf")
     for _ in range(repeats):

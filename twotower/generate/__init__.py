@@ -6,7 +6,7 @@ from __future__ import annotations
 from twotower.config import MODES, TwoTowerError
 from twotower.generate.ar import ARDecoder, ar_stream
 from twotower.generate.common import GenerationResult, StreamEvent, drain
-from twotower.generate.diffusion import DiffusionDecoder, MockARDecoder, diffusion_stream, mock_ar_stream
+from twotower.generate.mask_diffusion import DiffusionDecoder, MockARDecoder, diffusion_stream, mock_ar_stream
 from twotower.generate.verify import VerifyDecoder, verify_stream
 
 STREAMS = dict(zip(MODES, (ar_stream, mock_ar_stream, diffusion_stream, verify_stream), strict=True))

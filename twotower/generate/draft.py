@@ -7,7 +7,7 @@ chooses between the sources per row.
 - `denoiser_draft`: the denoiser fills a block after the pending token (the context tower's
   own next token, slot 0 of the block, as in diffusion mode) in `steps` passes,
   keeping the left-to-right run of slots above the confidence threshold; with sampling it
-  also returns the law each kept token was drawn from, which the accept/reject rule needs;
+  also returns the distribution each kept token was drawn from, which the accept/reject rule needs;
 - `DraftPolicy`: per row, an EMA of committed tokens per unit of cost for each source, the
   fastest used, the others re-tried with a doubling wait; a draft is as long as pays, from how
   often the source's tokens are accepted and what a pass over so many positions costs.
@@ -76,8 +76,8 @@ def lookup_kind(match: int) -> str:
     return f"lookup{match}"
 
 
-def one_hot_law(drafts: torch.Tensor, vocab: int) -> torch.Tensor:
-    """The draft law of a deterministic draft (prompt lookup): one-hot, (B, K) -> (B, K, V)."""
+def one_hot_distribution(drafts: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The draft distribution of a deterministic draft (prompt lookup): one-hot, (B, K) -> (B, K, V)."""
     return torch.zeros(*drafts.shape, vocab, device=drafts.device).scatter_(-1, drafts[..., None], 1.0)
 
 
@@ -113,7 +113,7 @@ def denoiser_draft(model, cache, pending, width: int, settings, generator, steps
         tokens, confidence = sample_tokens(logits, settings.temperature, settings.top_p, generator)
         open_slots = slots >= length[:, None]
         forced = slots == length[:, None]
-        take = (confidence > settings.confidence_threshold) | forced
+        take = (confidence > settings.threshold) | forced
         take = (take | ~open_slots).long().cumprod(1).bool() & open_slots  # contiguous from `length`
         block[:, 1:] = torch.where(take, tokens, block[:, 1:])
         if settings.temperature > 0:
@@ -121,7 +121,7 @@ def denoiser_draft(model, cache, pending, width: int, settings, generator, steps
             # A slot past the forced one is kept only when its token is confident, so the token
             # it holds is distributed as q restricted to the confident tokens, renormalised;
             # the accept/reject rule must see that distribution, not q.
-            confident = (logits.softmax(-1) > settings.confidence_threshold) | forced[..., None]
+            confident = (logits.softmax(-1) > settings.threshold) | forced[..., None]
             kept = probs * confident
             kept = kept / kept.sum(-1, keepdim=True).clamp(min=1e-30)
             q = kept if q is None else torch.where(take[..., None], kept, q)
@@ -166,10 +166,10 @@ def batch_bucket(rows: int) -> int:
 
 class DraftMemory:
     """What earlier requests measured (kept on the model), for requests that neither try every
-    way again nor probe a way that keeps losing as often as a first request must, and that
+    source again nor probe a source that keeps losing as often as a first request must, and that
     draft only as far as pays:
 
-    - per setting (the ways, block size, threshold and batch size, `batch_bucket`): the mean of the rates,
+    - per setting (the sources, block size, threshold and batch size, `batch_bucket`): the mean of the rates,
       acceptance and probe waits the rows ended with;
     - per batch size: the seconds of a verify pass over each width, and of a denoiser draft.
       A pass's cost depends on the machine, the dtype and the weights (measured, 2 CPU cores,
@@ -187,17 +187,17 @@ class DraftMemory:
         self.drafting: dict[int, float] = {}  # batch -> seconds of a denoiser draft
 
     def prior(self, key) -> dict[str, tuple[float, float, float]]:
-        """way -> (rate, acceptance, wait) measured under this setting so far (empty: none)."""
+        """source -> (rate, acceptance, wait) measured under this setting so far (empty: none)."""
         return dict(self.seen.get(key, {}))
 
     def add(self, key, rates: dict, acceptance: dict, waits: dict, weight: float = 0.5) -> None:
-        """Fold in one finished row's rates, acceptance and waits (ways it never used are
+        """Fold in one finished row's rates, acceptance and waits (sources it never used are
         skipped), and the acceptance of its kinds of draft (rate and wait None)."""
         known = self.seen.setdefault(key, {})
-        found = {way: (rate, acceptance.get(way), float(waits[way])) for way, rate in rates.items() if rate is not None}
+        found = {source: (rate, acceptance.get(source), float(waits[source])) for source, rate in rates.items() if rate is not None}
         found |= {kind: (None, a, None) for kind, a in acceptance.items() if kind not in rates and a is not None}
-        for way, new in found.items():
-            known[way] = tuple(ema(o, n, weight) for o, n in zip(known.get(way, new), new))
+        for source, new in found.items():
+            known[source] = tuple(ema(o, n, weight) for o, n in zip(known.get(source, new), new))
 
     def add_cycle(self, batch: int, width: int, pass_seconds: float, draft_seconds: float | None) -> None:
         """One cycle's verify pass over `width` positions, and its denoiser draft (None: none)."""
@@ -239,24 +239,24 @@ def expected_tokens(acceptance: float, drafts: int) -> float:
 
 
 class DraftPolicy:
-    """Per row, for each way of drafting ("denoiser", "lookup", "ar" = no draft): an EMA of
+    """Per row, for each source of drafting ("denoiser", "lookup", "ar" = no draft): an EMA of
     committed tokens per unit of cost (seconds), and how often a drafted token is accepted.
 
-    Every way is tried once; then each cycle uses the way with the best rate among those
-    available (lookup only when the history offers a match). A way that is not the best is
+    Every source is tried once; then each cycle uses the source with the best rate among those
+    available (lookup only when the history offers a match). A source that is not the best is
     re-tried (probed) after `probe_every` cycles; each probe that leaves it behind doubles its
-    wait (up to `max_wait`), so probing costs little once the best way is clear, and a way
+    wait (up to `max_wait`), so probing costs little once the best source is clear, and a source
     that wins a probe is back in use at once.
 
     A draft is as long as pays best: the length n that makes the most tokens per second, the
-    expected tokens of n drafts (`expected_tokens`, from the row's acceptance of that way) over
+    expected tokens of n drafts (`expected_tokens`, from the row's acceptance of that source) over
     the cost of a cycle over n + 1 positions, `cost(width, denoiser)` (measured seconds,
     `DraftMemory.cycle_cost`, or `static_cost`). Where a wider pass is dear (quantised weights)
     drafts stay short unless they are accepted often; where it is nearly free they grow. With
-    `skip_unpaid`, n = 0 (a plain AR step) is among the lengths: a way whose drafts are
+    `skip_unpaid`, n = 0 (a plain AR step) is among the lengths: a source whose drafts are
     expected to cost more than they gain drafts nothing, except when it is probed.
-    prior: way -> (rate, acceptance, wait) that every row starts from (`DraftMemory.prior`); a
-    way in it counts as tried, and waits as long as earlier rows ended up waiting for it.
+    prior: source -> (rate, acceptance, wait) that every row starts from (`DraftMemory.prior`); a
+    source in it counts as tried, and waits as long as earlier rows ended up waiting for it.
     A draft may keep its acceptance under a kind of its own (`kind`): lookup drafts by the
     length of their match (`lookup_kind`); a prior may hold kinds too (rate and wait None)."""
 
@@ -265,7 +265,7 @@ class DraftPolicy:
     def __init__(
         self,
         batch: int,
-        ways: tuple[str, ...],
+        sources: tuple[str, ...],
         probe_every: int = 8,
         decay: float = 0.7,
         max_wait: int = 256,
@@ -274,19 +274,19 @@ class DraftPolicy:
         acceptance_decay: float = 0.7,
         skip_unpaid: bool = False,
     ):
-        self.ways, self.probe_every, self.decay, self.max_wait = ways, probe_every, decay, max_wait
+        self.sources, self.probe_every, self.decay, self.max_wait = sources, probe_every, decay, max_wait
         self.cost, self.acceptance_decay, self.skip_unpaid = cost, acceptance_decay, skip_unpaid
-        self.every = tuple(dict.fromkeys([*ways, "ar"]))  # a forced source still falls back to AR steps
+        self.every = tuple(dict.fromkeys([*sources, "ar"]))  # a forced source still falls back to AR steps
         prior = prior or {}
         self.rates = [{w: prior[w][0] if w in prior else None for w in self.every} for _ in range(batch)]
-        # per way (or kind of draft): decayed counts of accepted draft tokens and of draft tokens judged
+        # per source (or kind of draft): decayed counts of accepted draft tokens and of draft tokens judged
         known = {w: (v[1] * self.PRIOR_TRIALS, self.PRIOR_TRIALS) for w, v in prior.items() if v[1] is not None}
         self.counts = [{**dict.fromkeys(self.every, (0.0, 0.0)), **known} for _ in range(batch)]
         self.last_used = [dict.fromkeys(self.every, -1) for _ in range(batch)]
         start_wait = {w: max(probe_every, int(prior[w][2])) if w in prior else probe_every for w in self.every}
         self.wait = [dict(start_wait) for _ in range(batch)]
         self.cycles = [0] * batch
-        self.probing = [False] * batch  # whether the way chosen last is tried or probed, not the best
+        self.probing = [False] * batch  # whether the source chosen last is tried or probed, not the best
 
     ROW_FIELDS = ("rates", "counts", "last_used", "wait", "cycles", "probing")  # one entry per row each
 
@@ -300,44 +300,44 @@ class DraftPolicy:
             values = getattr(self, name)
             setattr(self, name, [values[b] for b in rows])
 
-    def _best(self, row: int, ways) -> str:
+    def _best(self, row: int, sources) -> str:
         rate = self.rates[row]
-        return max(ways, key=lambda w: -1.0 if rate[w] is None else rate[w])
+        return max(sources, key=lambda w: -1.0 if rate[w] is None else rate[w])
 
     def choose(self, row: int, lookup_available: bool = True, room: int | None = None, lookup: str | None = None) -> str:
-        """The way of this cycle: an untried one, else one due for a probe, else the best (of
+        """The source of this cycle: an untried one, else one due for a probe, else the best (of
         those whose drafts pay, with skip_unpaid: drafts of at most `room` tokens; lookup: the
         kind of this cycle's lookup draft)."""
-        ways = [w for w in self.ways if w != "lookup" or lookup_available]
-        untried = [w for w in ways if self.rates[row][w] is None]
+        sources = [w for w in self.sources if w != "lookup" or lookup_available]
+        untried = [w for w in sources if self.rates[row][w] is None]
         self.probing[row] = True
         if untried:
             return untried[0]
         kind = lambda w: lookup if w == "lookup" else None
-        paid = [w for w in ways if not self.skip_unpaid or room is None or self.pays(row, w, room, kind(w))]
-        best = self._best(row, paid or ways)
+        paid = [w for w in sources if not self.skip_unpaid or room is None or self.pays(row, w, room, kind(w))]
+        best = self._best(row, paid or sources)
         now, last, wait = self.cycles[row], self.last_used[row], self.wait[row]
-        due = [w for w in ways if w != best and now - last[w] >= wait[w]]
+        due = [w for w in sources if w != best and now - last[w] >= wait[w]]
         self.probing[row] = bool(due)
         return min(due, key=last.get) if due else best
 
-    def acceptance(self, row: int, way: str) -> float:
-        """How often a drafted token of this way (or kind of draft) is accepted when the ones
+    def acceptance(self, row: int, source: str) -> float:
+        """How often a drafted token of this source (or kind of draft) is accepted when the ones
         before it were (one accepted and one rejected token assumed besides those judged)."""
-        hits, trials = self.counts[row].get(way, (0.0, 0.0))
+        hits, trials = self.counts[row].get(source, (0.0, 0.0))
         return (hits + 1.0) / (trials + 2.0)
 
-    def pays(self, row: int, way: str, room: int, kind: str | None = None) -> bool:
-        """Whether a cycle of this way is expected to make as many tokens per second as an AR step
+    def pays(self, row: int, source: str, room: int, kind: str | None = None) -> bool:
+        """Whether a cycle of this source is expected to make as many tokens per second as an AR step
         or more (an AR step always does)."""
-        return way == "ar" or self.draft_length(row, way, room, least=0, kind=kind) > 0
+        return source == "ar" or self.draft_length(row, source, room, least=0, kind=kind) > 0
 
-    def draft_length(self, row: int, way: str, room: int, least: int | None = None, kind: str | None = None) -> int:
+    def draft_length(self, row: int, source: str, room: int, least: int | None = None, kind: str | None = None) -> int:
         """The draft length that pays best, of `least` to `room` tokens (least: 0 with
-        skip_unpaid outside a probe, else 1), from the acceptance of `kind` (default: the way)."""
-        if way == "ar" or room <= 0:
+        skip_unpaid outside a probe, else 1), from the acceptance of `kind` (default: the source)."""
+        if source == "ar" or room <= 0:
             return 0
-        alpha, denoiser = self.acceptance(row, kind or way), way == "denoiser"
+        alpha, denoiser = self.acceptance(row, kind or source), source == "denoiser"
         if least is None:
             least = 0 if self.skip_unpaid and not self.probing[row] else 1
         pays = [1 / self.cost(1, False) if n == 0 else expected_tokens(alpha, n) / self.cost(n + 1, denoiser)
@@ -345,23 +345,23 @@ class DraftPolicy:
         return least + max(range(len(pays)), key=pays.__getitem__)  # the shortest of the best
 
     def record(
-        self, row: int, way: str, tokens: int, cost: float, accepted: int = 0, drafted: int = 0, kind: str | None = None
+        self, row: int, source: str, tokens: int, cost: float, accepted: int = 0, drafted: int = 0, kind: str | None = None
     ) -> None:
-        """A cycle of `way` committed `tokens` at `cost`, accepting `accepted` of `drafted` drafts
-        (counted under `kind`, default the way)."""
-        self.last_used[row][way] = self.cycles[row]
+        """A cycle of `source` committed `tokens` at `cost`, accepting `accepted` of `drafted` drafts
+        (counted under `kind`, default the source)."""
+        self.last_used[row][source] = self.cycles[row]
         self.cycles[row] += 1
-        self.rates[row][way] = ema(self.rates[row][way], tokens / max(cost, 1e-9), self.decay)
+        self.rates[row][source] = ema(self.rates[row][source], tokens / max(cost, 1e-9), self.decay)
         if drafted:
-            hits, trials = self.counts[row].get(kind or way, (0.0, 0.0))
+            hits, trials = self.counts[row].get(kind or source, (0.0, 0.0))
             judged = accepted + (1 if accepted < drafted else 0)  # the run, and the token that broke it
             d = self.acceptance_decay
-            self.counts[row][kind or way] = (d * hits + accepted, d * trials + judged)
-        if self._best(row, self.every) == way:
-            self.wait[row][way] = self.probe_every
+            self.counts[row][kind or source] = (d * hits + accepted, d * trials + judged)
+        if self._best(row, self.every) == source:
+            self.wait[row][source] = self.probe_every
         else:
-            self.wait[row][way] = min(2 * self.wait[row][way], self.max_wait)
+            self.wait[row][source] = min(2 * self.wait[row][source], self.max_wait)
 
     def measured_acceptance(self, row: int) -> dict[str, float | None]:
-        """way (and kind of draft) -> this row's acceptance, None where no draft was judged."""
+        """source (and kind of draft) -> this row's acceptance, None where no draft was judged."""
         return {w: self.acceptance(row, w) if trials else None for w, (_, trials) in self.counts[row].items()}

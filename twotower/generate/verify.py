@@ -14,11 +14,11 @@ steps:
      draft passed), so a cycle commits >= 1 token;
   4. `commit`: drop the rejected drafts from the cache; a_{j+1} becomes `pending`.
 
-Draft policy (draft="auto"), per row: three ways, the denoiser, prompt lookup (only when the
+Draft policy (draft="auto"), per row: three sources, the denoiser, prompt lookup (only when the
 last n tokens occurred earlier in the prompt or reply) and a plain AR step (no draft, one
-token). Each row keeps an EMA of committed tokens per second of every way, uses the fastest,
+token). Each row keeps an EMA of committed tokens per second of every source, uses the fastest,
 and re-tries the others with a doubling wait (DraftPolicy), so a row whose drafts stop being
-accepted falls back to AR speed. Outside those probes a way drafts only as many tokens as pay
+accepted falls back to AR speed. Outside those probes a source drafts only as many tokens as pay
 for the wider pass, from how often its drafts are accepted and what the pass costs: none (an
 AR step) where drafting is expected to lose. With several rows, a batch-level gate makes the
 same choice between cycles that draft and plain AR cycles, on the whole batch's tokens per
@@ -46,7 +46,7 @@ from twotower.generate.draft import (
     expected_tokens,
     lookup_draft,
     lookup_kind,
-    one_hot_law,
+    one_hot_distribution,
     static_cost,
     target_probs,
 )
@@ -54,22 +54,22 @@ from twotower.generate.sampling import sample_tokens
 
 __all__ = ["DRAFT_SOURCES", "DraftPolicy", "accept_drafts", "lookup_draft", "target_probs", "verify_stream"]
 
-WAYS = {"auto": ("denoiser", "lookup", "ar"), "denoiser": ("denoiser",), "lookup": ("lookup", "ar"), "ar": ("ar",)}
+SOURCES_BY_DRAFT = {"auto": ("denoiser", "lookup", "ar"), "denoiser": ("denoiser",), "lookup": ("lookup", "ar"), "ar": ("ar",)}
 
 
 @dataclass
 class Drafts:
-    """What one cycle proposes: per row its tokens and source, the denoiser rows' draft laws."""
+    """What one cycle proposes: per row its tokens and source, the denoiser rows' draft distributions."""
 
     tokens: list[list[int]]  # per row (inactive rows: [])
     source: dict[int, str]  # per active row: "denoiser", "lookup" or "ar"
     den_rows: dict[int, int] = field(default_factory=dict)  # denoiser rows: the draft length each asks for
     kinds: dict[int, str] = field(default_factory=dict)  # lookup rows: the kind of their draft (`lookup_kind`)
-    q: torch.Tensor | None = None  # (B, W, V) denoiser draft laws when sampling, else None
+    q: torch.Tensor | None = None  # (B, W, V) denoiser draft distributions when sampling, else None
     passes: int = 0  # denoiser passes made
 
     def padded(self, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(B, k) draft ids padded with pad_id, (B,) lengths and the (B, k, V) draft laws (one-hot
+        """(B, k) draft ids padded with pad_id, (B,) lengths and the (B, k, V) draft distributions (one-hot
         for rows not drafted by the denoiser), or None when greedy."""
         batch, k = len(self.tokens), max(len(d) for d in self.tokens)
         ids = torch.full((batch, k), pad_id, dtype=torch.long)
@@ -82,24 +82,24 @@ class Drafts:
             if q.shape[1] < k:
                 q = torch.cat([q, q.new_zeros(batch, k - q.shape[1], q.shape[2])], dim=1)
             others = [b for b in range(batch) if b not in self.den_rows]
-            q[others] = one_hot_law(ids[others].to(device), q.shape[-1]).to(q.dtype)
+            q[others] = one_hot_distribution(ids[others].to(device), q.shape[-1]).to(q.dtype)
         return ids.to(device), lengths.to(device), q
 
 
-def choose_sources(cycle_way: str, active, room, history, policy, ways, draft: str, block_size: int):
-    """Step 1: per active row, the way it drafts this cycle and how far: the prompt-lookup
+def choose_sources(cycle_source: str, active, room, history, policy, sources, draft: str, block_size: int):
+    """Step 1: per active row, the source it drafts this cycle and how far: the prompt-lookup
     drafts, and the length each denoiser row asks for (its block holds the pending token and
     the drafts, so at most block_size - 1 of them). A row left with nothing to draft takes an
     AR step, and a cycle the batch gate made plain AR drafts nothing."""
     tokens = [[] for _ in range(len(history))]
     source, kinds, den_rows = {}, {}, {}
     for b in active:
-        if cycle_way == "ar":
+        if cycle_source == "ar":
             source[b] = "ar"
             continue
-        found, match = history[b].match(room[b]) if "lookup" in ways and room[b] > 0 else ([], 0)
+        found, match = history[b].match(room[b]) if "lookup" in sources and room[b] > 0 else ([], 0)
         kind = lookup_kind(match)
-        source[b] = policy.choose(b, bool(found), room[b], kind) if draft == "auto" else ways[0]
+        source[b] = policy.choose(b, bool(found), room[b], kind) if draft == "auto" else sources[0]
         if source[b] == "lookup":
             tokens[b] = found[: policy.draft_length(b, "lookup", room[b], kind=kind)]
             kinds[b] = kind
@@ -188,7 +188,7 @@ def accept_drafts(logits, drafts, draft_len, q, settings, generator):
         return accepted, choice.gather(1, accepted[:, None])[:, 0]
     p = target_probs(logits, settings.temperature, settings.top_p)  # (B, K+1, V)
     if q is None:  # deterministic drafts (prompt lookup)
-        q = one_hot_law(drafts, p.shape[-1]).to(p.dtype)
+        q = one_hot_distribution(drafts, p.shape[-1]).to(p.dtype)
     p_draft = p[:, :width].gather(-1, drafts[..., None])[..., 0]
     q_draft = q.gather(-1, drafts[..., None])[..., 0].clamp(min=1e-20)
     u = torch.rand((batch, width), generator=generator, device=p.device)
@@ -234,7 +234,7 @@ class VerifyDecoder(Decoder):
         if draft == "denoiser" and not model.layout.anchored:
             raise TwoTowerError("verify mode drafts with the denoiser only in the shifted layout")
         self.draft, self.draft_steps, self.lookup_ngram, self.probe_every = draft, draft_steps, lookup_ngram, probe_every
-        self.ways = tuple(w for w in WAYS[draft] if w != "denoiser" or model.layout.anchored)
+        self.sources = tuple(w for w in SOURCES_BY_DRAFT[draft] if w != "denoiser" or model.layout.anchored)
         self.counts = dict.fromkeys(("denoiser", "lookup", "ar"), 0)
         self.cycles = self.drafted = self.accepted = 0
 
@@ -249,11 +249,11 @@ class VerifyDecoder(Decoder):
         self.history = [TokenHistory([*row[mask.bool()].tolist(), token], self.lookup_ngram) for row, mask, token in rows]
         # Unseeded, a row starts from what earlier requests with these settings measured.
         self.memory = draft_memory(self.model) if run.generator is None else None
-        self.setting = (self.ways, s.block_size, s.confidence_threshold, batch_bucket(run.batch))  # what the memory is kept by
+        self.setting = (self.sources, s.block_size, s.threshold, batch_bucket(run.batch))  # what the memory is kept by
         # What a cycle of each width costs: measured seconds (unseeded), else counted in passes.
         cost = static_cost if self.memory is None else self.memory.cycle_cost(run.batch)
-        auto = self.draft == "auto"  # a way forced by the caller always drafts
-        self.policy = DraftPolicy(run.batch, self.ways, self.probe_every, prior=self.prior("rows"), cost=cost, skip_unpaid=auto)
+        auto = self.draft == "auto"  # a source forced by the caller always drafts
+        self.policy = DraftPolicy(run.batch, self.sources, self.probe_every, prior=self.prior("rows"), cost=cost, skip_unpaid=auto)
         # With several rows, one pass serves them all and its cost grows with the longest draft,
         # so a batch-level gate (the same rule over "draft" and "ar" cycles, measured in committed
         # tokens of the whole batch per second) decides whether a cycle drafts at all.
@@ -269,9 +269,9 @@ class VerifyDecoder(Decoder):
         longest = self.longest_draft()
         room = {b: min(longest, run.room(b) - 1) for b in active}
         gate = self.batch_gate if run.batch > 1 else None
-        cycle_way = gate.choose(0) if gate is not None else "draft"
-        drafts = choose_sources(cycle_way, active, room, self.history, self.policy, self.ways, self.draft, s.block_size)
-        if gate is not None and cycle_way == "draft":  # the rows' drafts share one pass: one length that pays for all
+        cycle_source = gate.choose(0) if gate is not None else "draft"
+        drafts = choose_sources(cycle_source, active, room, self.history, self.policy, self.sources, self.draft, s.block_size)
+        if gate is not None and cycle_source == "draft":  # the rows' drafts share one pass: one length that pays for all
             drafts = cap_drafts(drafts, batch_width(drafts, self.policy, least=1 if gate.probing[0] else 0))
         drafts = make_drafts(model, self.cache, self.pending, drafts, s, run, self.draft_steps)
         drafted = time.perf_counter()
@@ -297,8 +297,8 @@ class VerifyDecoder(Decoder):
         # cost of the cycle: wall time; with a seed, tower passes (so a seeded run is reproducible)
         cost = time.perf_counter() - begin if run.generator is None else None
         if gate is not None:
-            gate.record(0, cycle_way, sum(len(new[b]) for b in active), cost if cost is not None else 1 + drafts.passes)
-        if cycle_way == "draft":
+            gate.record(0, cycle_source, sum(len(new[b]) for b in active), cost if cost is not None else 1 + drafts.passes)
+        if cycle_source == "draft":
             for b in active:
                 passes = 1 + (drafts.passes if drafts.source[b] == "denoiser" else 0)
                 tokens, spent = len(new[b]), cost if cost is not None else passes
@@ -370,7 +370,7 @@ def verify_stream(
 
     draft: "auto" (the DraftPolicy), "denoiser", "lookup" (prompt lookup, else an AR step) or
     "ar". Options: GenerationSettings fields; block_size caps the draft length,
-    confidence_threshold truncates denoiser drafts, steps_per_block is unused (draft_steps
+    threshold truncates denoiser drafts, steps_per_block is unused (draft_steps
     denoiser passes per draft).
     """
     run = start_run(model, input_ids, attention_mask, "verify", options)

@@ -120,7 +120,7 @@ def create_app(
         if request_mode in BLOCK_MODES:
             options.update(block_size=body.block_size)
             if body.threshold is not None:
-                options["confidence_threshold"] = body.threshold
+                options["threshold"] = body.threshold
         try:
             resolve_settings(model, request_mode, dict(options))
         except TwoTowerError as err:

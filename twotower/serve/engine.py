@@ -58,7 +58,7 @@ class Job:
         o = self.options
         sampled = o.get("temperature", 0.0) > 0
         key = (self.mode, o.get("temperature", 0.0), o.get("top_p", 1.0), o.get("block_size"), o.get("steps_per_block"))
-        key += (o.get("confidence_threshold"), tuple(sorted(self.decoder_options.items())))
+        key += (o.get("threshold"), tuple(sorted(self.decoder_options.items())))
         return key + ((o.get("seed"),) if sampled and o.get("seed") is not None else ())
 
 

@@ -104,7 +104,7 @@ def fill_block(model, run, cache, block: Block):
         run.denoiser_passes += 1
         run.count_pass(live.cpu())
         tokens, confidence = sample_tokens(logits, s.temperature, s.top_p, run.generator)
-        commit = masked & (confidence > s.confidence_threshold) & live[:, None]
+        commit = masked & (confidence > s.threshold) & live[:, None]
         block.tokens = torch.where(commit, tokens, block.tokens)
         block.filled |= commit
         event = emit_prefix(run, block)
@@ -201,7 +201,7 @@ def diffusion_stream(model, input_ids, attention_mask=None, *, mask_token_id=Non
     `context_passes`).
 
     Options: GenerationSettings fields (max_new_tokens, block_size, steps_per_block,
-    confidence_threshold, temperature, top_p, seed, eos_token_id).
+    threshold, temperature, top_p, seed, eos_token_id).
     """
     run = start_run(model, input_ids, attention_mask, "diffusion", options)
     if mask_token_id is not None and mask_token_id != model.mask_token_id:
@@ -214,7 +214,7 @@ def mock_ar_stream(model, input_ids, attention_mask=None, **options):
     """Mock-AR: the denoiser as a one-token-per-pass predictor over the context caches (fed the
     last committed token with the layout's view, no time conditioning). With an untrained
     denoiser it reproduces AR exactly; a check that the two towers line up."""
-    for name in ("block_size", "steps_per_block", "confidence_threshold"):
+    for name in ("block_size", "steps_per_block", "threshold"):
         if name in options:
             raise TwoTowerError(f"mock-ar commits one token per pass; {name} does not apply")
     run = start_run(model, input_ids, attention_mask, "mock-ar", options)
