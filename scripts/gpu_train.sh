@@ -72,11 +72,11 @@ step_measure() {
 step_pack() {
   for run in shallow full; do
     [ -d "$WORK/$run" ] || continue
-    tt split "$(latest "$WORK/$run")" --out "$OUT/$run" --max-mb "$PART_MB"
+    "$PY" "$REPO/scripts/parts.py" split "$(latest "$WORK/$run")" --out "$OUT/$run" --max-mb "$PART_MB"
     cp "$WORK/$run/log.jsonl" "$OUT/$run-log.jsonl"
   done
   for f in "$WORK"/bench-*.json; do [ -e "$f" ] && cp "$f" "$OUT/"; done
-  say "pack: $(find "$OUT" -type f | wc -l) files in $OUT; join a checkpoint with: twotower reassemble DIR --out CHECKPOINT"
+  say "pack: $(find "$OUT" -type f | wc -l) files in $OUT; join a checkpoint with: python scripts/parts.py reassemble DIR --out CHECKPOINT"
 }
 
 [ $# -ge 1 ] || { sed -n '2,20p' "$0"; exit 2; }

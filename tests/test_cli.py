@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -135,7 +137,7 @@ def test_distill_cli_writes_rows(tmp_path, capsys, tiny_folder):
 def test_help_describes_every_option(capsys):
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"generate", "eval", "bench", "train", "distill", "convert", "split", "reassemble", "serve"}
+    assert set(commands) == {"generate", "eval", "bench", "train", "distill", "convert", "serve"}
     for name, command in commands.items():
         for action in command._actions:
             assert action.help, (name, action.dest)
@@ -202,3 +204,51 @@ def test_weights_option_quantises_generate_and_eval_compares_with_the_dense_ar(
     assert report["points"][0]["exact_match"] == 1.0 and report["environment"]["weights"] == "int8"
     assert any("--batch-size 1 measures the int8 weights alone" in n for n in report["notes"])  # batch 8: a mix
     capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda f: (f / "config.json").write_text('{"model_type": "llama", "hidden'), "config.json is not valid JSON"),
+        (lambda f: [p.unlink() for p in f.glob("*.safetensors")], "has a config.json but no weights"),
+    ],
+    ids=["truncated-config", "no-weights"],
+)
+def test_a_broken_model_folder_is_one_line_that_names_the_file(capsys, tmp_path, damage, message):
+    folder = tmp_path / "backbone"
+    tiny_tokenizer().save_pretrained(folder)
+    tiny_backbone().save_pretrained(folder)
+    damage(folder)
+    assert main(["generate", "--model", str(folder), "--dtype", "fp32", "w5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and str(folder) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--block-size", "4"], "--block-size applies to diffusion and verify mode, not ar"),
+        (["--threshold", "0.5", "--mode", "mock-ar"], "--threshold applies to diffusion and verify mode, not mock-ar"),
+        (["--draft", "lookup", "--mode", "diffusion"], "--draft applies to verify mode, not diffusion"),
+        (["--steps-per-block", "4", "--mode", "verify"], "--steps-per-block applies to diffusion mode, not verify"),
+    ],
+)
+def test_a_flag_that_does_not_apply_to_the_mode_is_refused(capsys, tiny_folder, argv, message):
+    assert main(["generate", "--model", str(tiny_folder), *argv, "w5"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_stream_with_json_prints_json_lines_then_the_result(capsys, trained_folder):
+    args = ["--model", str(trained_folder), "--mode", "diffusion", "--max-new-tokens", "12", "--dtype", "fp32", "w5"]
+    final = run_json(capsys, *args)
+    assert main(["generate", "--stream", "--json", *args]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    deltas, result = lines[:-1], lines[-1]
+    assert deltas and all(set(d) == {"delta"} for d in deltas)
+    assert "".join(d["delta"] for d in deltas) == result["text"] == final["text"]
+
+
+def test_help_imports_no_torch():
+    code = "import sys; from twotower.cli import build_parser; build_parser().format_help(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

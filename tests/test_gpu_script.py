@@ -14,9 +14,11 @@ import torch
 from conftest import tiny_backbone, tiny_tokenizer
 
 from twotower import TwoTowerForCausalLM, generate_verify
-from twotower.parts import reassemble
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_train.sh"
+sys.path.insert(0, str(SCRIPT.parent))
+from parts import reassemble, split  # noqa: E402  (scripts/parts.py: a tool, not part of the package)
+
 TINY_TRAIN = (
     "--max-steps 3 --batch-size 2 --block-size 4 --blocks-per-sequence 2 --eval-every 2 --eval-sequences 1 "
     "--lora-rank 4 --lora-alpha 8 --nfe-prompts 1 --save-every 1 --dtype fp32 --mixed-precision no"
@@ -66,7 +68,6 @@ def test_reassemble_refuses_missing_or_damaged_parts(tmp_path):
     import pytest
 
     from twotower import TwoTowerError
-    from twotower.parts import split
 
     folder = tmp_path / "ckpt"
     folder.mkdir()

@@ -13,9 +13,9 @@ import torch
 from conftest import PROMPTS, perturb_trained, tiny_backbone, tiny_tokenizer, tiny_two_tower
 
 from twotower import TwoTowerError, TwoTowerForCausalLM, generate_ar, generate_mask_diffusion, generate_mock_ar, generate_verify
-from twotower.objective import layout_offset, sample_noise, training_logits
 from twotower.generate.common import left_pad
 from twotower.model.cache import MambaState
+from twotower.objective import layout_offset, sample_noise, training_logits
 
 
 def _hybrid(kind="lora", **config):
@@ -128,9 +128,7 @@ def test_moe_routing_is_deterministic_and_input_dependent():
     assert len({tuple(sorted(c)) for c in chosen[0].tolist()}) > 1
     alone = model(ids[2:3], mask[2:3])
     torch.testing.assert_close(alone[0], first[2], atol=1e-5, rtol=1e-5)
-    out = [
-        generate_mask_diffusion(model, PROMPTS, max_new_tokens=8, block_size=4, threshold=0.3).tokens for _ in range(2)
-    ]
+    out = [generate_mask_diffusion(model, PROMPTS, max_new_tokens=8, block_size=4, threshold=0.3).tokens for _ in range(2)]
     assert out[0] == out[1]
 
 

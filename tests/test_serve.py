@@ -48,8 +48,9 @@ class ThreadServer:
         import uvicorn
 
         from twotower.serve.app import create_app
+        from twotower.settings import ServeOptions
 
-        self.app = create_app(model, tiny_tokenizer(), "tiny", **options)
+        self.app = create_app(model, tiny_tokenizer(), "tiny", ServeOptions(**options))
         self.port = _free_port()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -245,7 +246,7 @@ def test_concurrent_requests_get_the_replies_they_get_alone():
 
 def test_a_full_queue_answers_429_and_a_gone_client_frees_its_row():
     model = _model()
-    with ThreadServer(model, max_batch=1, max_queue=1, default_max_tokens=200) as server:
+    with ThreadServer(model, max_batch=1, max_queue=1, max_tokens=200) as server:
 
         async def crowd():
             async with httpx.AsyncClient() as client:
@@ -275,7 +276,7 @@ def test_schema_fuzzing_finds_no_server_error(tmp_path):
     if shutil.which("schemathesis") is None:
         pytest.skip("schemathesis is not installed")
     model = _model(context=48)
-    with ThreadServer(model, max_batch=8, max_queue=256, default_max_tokens=4) as server:
+    with ThreadServer(model, max_batch=8, max_queue=256, max_tokens=4) as server:
         report = tmp_path / "fuzz.ndjson"
         cmd = ["schemathesis", "run", server.url + "/openapi.json", "--checks", "not_a_server_error", "-n", "300",
                "--seed", "1", "--report", "ndjson", "--report-ndjson-path", str(report), "--request-timeout", "60",

@@ -1,37 +1,33 @@
-"""Configuration: the two-tower model config (saved as config.json), generation settings, and
-the lists of choices every other module (and the CLI) imports.
+"""The two-tower model config (saved as config.json) and the lists of choices of its fields.
 
-`TwoTowerConfig` is a transformers config so that `AutoConfig` / `AutoModelForCausalLM`
-resolve a twotower checkpoint once `twotower` is imported. `GenerationSettings` holds the
-knobs of docs/METHOD.md section 5 and validates them before any tensor is touched;
-`resolve_block_size` checks a requested block size against the trained one, once.
+`TwoTowerConfig` is a transformers config; importing this module registers it with
+`AutoConfig`, so that `AutoConfig` / `AutoModelForCausalLM` resolve a twotower checkpoint once
+the model class is imported (`from twotower import TwoTowerForCausalLM`). What a user sets to
+generate, evaluate or serve lives in `settings.py`.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from transformers import AutoConfig, PretrainedConfig
 
-from transformers import PretrainedConfig
+# The knobs users set, and the lists of choices, live in settings.py (no torch, no transformers).
+from twotower.settings import (  # noqa: F401
+    BLOCK_MODES,
+    DRAFT_SOURCES,
+    EVAL_SUITES,
+    MODES,
+    WEIGHT_FORMATS,
+    GenerationSettings,
+    TwoTowerError,
+    resolve_block_size,
+)
 
-# ------------------------------------------------------------------ the lists of choices
-MODES = ("ar", "mock-ar", "diffusion", "verify")
-BLOCK_MODES = ("diffusion", "verify")  # modes that take block_size / threshold
-DRAFT_SOURCES = ("auto", "denoiser", "lookup", "ar")
-# The built-in eval suites (twotower eval --suite).
-EVAL_SUITES = ("builtin", "humaneval")
 SHIFTED, SAME_POSITION = "shifted", "same-position"
 LAYOUTS = (SHIFTED, SAME_POSITION)
 DENOISER_KINDS = ("full", "lora")
-# How inference stores the linear weights (twotower/quant.py): as loaded, or weight-only int8 / int4 on CPU.
-WEIGHT_FORMATS = ("dense", "int8", "int4")
 ALIGNMENTS = ("top", "spread")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAMBA_LORA_TARGETS = ("in_proj", "out_proj")  # Mamba-2 mixers of hybrid backbones
-
-
-class TwoTowerError(ValueError):
-    """Bad input or a mismatched checkpoint: the message says what is wrong and what to do."""
 
 
 class TwoTowerConfig(PretrainedConfig):
@@ -151,58 +147,4 @@ class TwoTowerConfig(PretrainedConfig):
         return layers
 
 
-@dataclass
-class GenerationSettings:
-    """Knobs shared by every generation mode (docs/METHOD.md section 5)."""
-
-    max_new_tokens: int = 128
-    """Most tokens to generate per row (EOS stops a row earlier)."""
-    block_size: int | None = None
-    """Tokens per diffusion block; None means the block size the denoiser was trained for
-    (16 by default). Larger than that is refused (quality collapses); smaller is safe."""
-    steps_per_block: int = 16
-    """Most denoiser passes per block; the last one commits every position still masked."""
-    threshold: float = 0.8
-    """gamma: commit every masked position whose predicted token has probability above this."""
-    temperature: float = 0.0
-    """0 is greedy; above 0 samples (Gumbel-max on logits / temperature)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (used only when temperature > 0)."""
-    seed: int | None = None
-    """Seed of the sampling generator; same seed, same output."""
-    eos_token_id: list[int] = field(default_factory=list)
-    """Token ids that end a row; generation stops after the first one and truncates there."""
-
-    def validate(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise TwoTowerError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 1):
-            raise TwoTowerError(f"block_size must be an integer >= 1, got {self.block_size!r}")
-        if not isinstance(self.steps_per_block, int) or self.steps_per_block < 1:
-            raise TwoTowerError(f"steps_per_block must be an integer >= 1, got {self.steps_per_block!r}")
-        if not (0.0 < self.threshold <= 1.0) or math.isnan(self.threshold):
-            raise TwoTowerError(f"threshold must be in (0, 1], got {self.threshold!r}")
-        if not (self.temperature >= 0.0) or math.isinf(self.temperature):
-            raise TwoTowerError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise TwoTowerError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and not (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**63):
-            raise TwoTowerError(f"seed must be an integer that fits in 64 bits, got {self.seed!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def resolve_block_size(requested: int | None, trained: int) -> int:
-    """The block size a generation uses: `requested`, or the trained size when None. Larger than
-    the trained size is refused (quality collapses: S=64 on an S=16 model took GSM8K from 89.8
-    to 2.2); smaller is safe."""
-    if requested is None:
-        return trained
-    if requested > trained:
-        raise TwoTowerError(
-            f"block_size {requested} is larger than the trained block size {trained}: sampling with a block larger "
-            f"than the block size the denoiser was trained for collapses quality, so one that exceeds the trained "
-            f"block size is refused; use {trained} or less"
-        )
-    return requested
+AutoConfig.register("twotower", TwoTowerConfig, exist_ok=True)

@@ -18,93 +18,17 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from twotower.config import DENOISER_KINDS, LAYOUTS, TwoTowerError
+from twotower.config import TwoTowerError
 from twotower.data import batch_indices, heldout_prompts, pack, read_rows
-from twotower.objective import Features, Noise, ar_first, layout_offset, masked_loss_sum, sample_noise
 from twotower.features import build_features
-
-
-def option(default, help_text: str):
-    """A config field whose help text becomes the `twotower train --help` line."""
-    return field(default=default, metadata={"help": help_text})
-
-
-@dataclass
-class TrainConfig:
-    data: str = option("", "training data: a .jsonl/.json/.parquet/.txt file or a datasets folder")
-    model: str = option("default", "backbone (default, HF folder, .gguf) or a twotower checkpoint to go on from")
-    out: str = option("runs/denoiser", "output folder: checkpoints, log.jsonl, final model")
-    denoiser: str = option("lora", "lora or full")
-    layout: str = option("shifted", "shifted or same-position")
-    lora_rank: int = option(16, "LoRA rank")
-    lora_alpha: float = option(32.0, "LoRA alpha")
-    adaln: bool = option(True, "adaLN-single time conditioning")
-    denoiser_depth: int | None = option(None, "denoiser layers K (None: all); a shallow one aligns with context layers")
-    alignment: str = option("top", "context layers a shallow denoiser aligns with: top or spread")
-    kl_weight: float = option(0.0, "weight of the distillation loss against the AR teacher's top-k distribution (0: off)")
-    top_k: int = option(32, "tokens of the AR teacher's distribution kept for distillation")
-    features: str = option("", "folder of cached frozen-tower features, built once and reused every epoch ('': none)")
-    block_size: int = option(16, "block size S trained")
-    blocks_per_sequence: int = option(8, "blocks per training sequence (L = blocks * S, + 1 in the shifted layout)")
-    batch_size: int = option(8, "sequences per optimizer step (over all devices and micro-batches)")
-    grad_accum: int = option(1, "micro-batches per step (batch_size must divide)")
-    lr: float = option(2e-4, "peak learning rate")
-    min_lr: float = option(1e-6, "learning rate at the end of the decay")
-    warmup_steps: int = option(20, "linear warmup steps")
-    decay_fraction: float = option(0.2, "share of max_steps spent decaying to min_lr (warmup-stable-decay)")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    clip: float = option(1.0, "gradient norm clip (0: none)")
-    max_steps: int = option(200, "optimizer steps")
-    eval_every: int = option(50, "eval loss every N steps (0: never)")
-    eval_sequences: int = option(16, "packed sequences held out for the eval loss")
-    save_every: int = option(50, "checkpoint every N steps")
-    nfe_prompts: int = option(0, "at every eval, diffusion tokens per denoiser pass on this many held-out prompts (0: off)")
-    nfe_threshold: float = option(0.8, "confidence threshold of that measurement")
-    t_min: float = option(1e-3, "smallest masking level t")
-    seed: int = option(0, "seed of data order, noise and initialisation")
-    dtype: str = option("fp32", "backbone weights: fp32 or bf16 (LoRA, adaLN, mask embedding stay fp32)")
-    mixed_precision: str = option("auto", "auto (bf16 on CUDA, none on CPU), bf16 or no")
-    max_rows: int | None = option(None, "use at most this many data rows")
-    fsdp: bool = option(False, "with several processes: FSDP (shard the trained weights) instead of DDP (replicate them)")
-    max_minutes: float = option(0.0, "stop after this many minutes of training, with a checkpoint (0: no limit; rerun resumes)")
-
-    def validate(self) -> None:
-        checks = [
-            (self.data != "", "data: give a training data file (--data)"),
-            (self.denoiser in DENOISER_KINDS, f"denoiser must be one of {DENOISER_KINDS}, got {self.denoiser!r}"),
-            (self.layout in LAYOUTS, f"layout must be one of {LAYOUTS}, got {self.layout!r}"),
-            (self.block_size >= 1 and self.blocks_per_sequence >= 1, "block_size and blocks_per_sequence must be >= 1"),
-            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
-            (
-                self.batch_size % self.grad_accum == 0,
-                f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}",
-            ),
-            (self.lr > 0 and 0 <= self.min_lr <= self.lr, "need lr > 0 and 0 <= min_lr <= lr"),
-            (0 <= self.decay_fraction <= 1, "decay_fraction must be in [0, 1]"),
-            (self.max_steps >= 1 and self.save_every >= 1, "max_steps and save_every must be >= 1"),
-            (0 < self.t_min <= 1, "t_min must be in (0, 1]"),
-            (self.dtype in ("fp32", "bf16"), f"dtype must be fp32 or bf16, got {self.dtype!r}"),
-            (self.mixed_precision in ("auto", "bf16", "no"), "mixed_precision must be auto, bf16 or no"),
-            (self.kl_weight >= 0 and self.top_k >= 1, "kl_weight must be >= 0 and top_k >= 1"),
-            (
-                not self.fsdp or torch.cuda.is_available(),
-                "fsdp needs GPUs (accelerate's FSDP has no CPU backend); without it, several CPU processes use DDP",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise TwoTowerError(message)
-
-    @property
-    def seq_len(self) -> int:
-        return self.blocks_per_sequence * self.block_size + layout_offset(self.layout)
+from twotower.objective import Features, Noise, ar_first, masked_loss_sum, sample_noise
+from twotower.settings import TrainConfig
 
 
 def load_config(path: str | None, overrides: dict) -> TrainConfig:

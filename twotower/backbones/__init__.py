@@ -120,13 +120,36 @@ def load_backbone(ref: str | os.PathLike | None = None, dtype: torch.dtype = tor
         path = convert_gguf(path, dtype)
     if not (path / "config.json").is_file():
         raise TwoTowerError(f"{path} has no config.json; it is not a Hugging Face model folder")
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    model_type = read_config(path / "config.json").get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise TwoTowerError(f"backbone model_type {model_type!r} is not supported; supported: {list(SUPPORTED_MODEL_TYPES)}")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise TwoTowerError(f"{path} has a config.json but no weights (*.safetensors): copy the model's weight files there")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise TwoTowerError(f"could not load the weights in {path}: {str(err).splitlines()[0]}") from err
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise TwoTowerError(f"could not load the tokenizer in {path}: {str(err).splitlines()[0]}") from err
     model.eval()
     return model, tokenizer
+
+
+def read_config(file: Path) -> dict:
+    """A config.json as a dict, or one TwoTowerError that names the file and what is wrong."""
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise TwoTowerError(
+            f"{file} is not valid JSON ({err.msg} at line {err.lineno}): the file is truncated or corrupt"
+        ) from err
+    except OSError as err:
+        raise TwoTowerError(f"could not read {file}: {err.strerror}") from err
+    if not isinstance(config, dict):
+        raise TwoTowerError(f"{file} holds no JSON object: it is not a model config")
+    return config
 
 
 def backbone_fingerprint(model: torch.nn.Module) -> str:

