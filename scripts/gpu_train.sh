@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train the denoiser on one machine with one GPU and no network, in steps of at most MINUTES
-# minutes that resume from each other's outputs (README: "Training the denoiser on a GPU").
+# minutes that resume from each other's outputs (docs/training.md: "Training on a GPU").
 #
 #   scripts/gpu_train.sh STEP [STEP ...]        steps: setup distill shallow full measure pack, or all
 #

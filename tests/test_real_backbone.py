@@ -114,7 +114,7 @@ def test_eval_untrained_mock_ar_retains_everything_on_the_real_backbone(tmp_path
 
 def test_greedy_verify_equals_ar_in_fp32():
     """Verify mode is token-identical to AR on the real backbone (fp32; in bf16 a pass over
-    several positions can round differently from a one-token pass, see README)."""
+    several positions can round differently from a one-token pass, see docs/verify.md)."""
     from twotower import generate_verify
 
     backbone, tokenizer = load_backbone("default", torch.float32)

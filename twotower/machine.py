@@ -5,7 +5,7 @@ fp32 ones, and a pass over 16 positions costs about what a pass over one does; w
 PyTorch converts bf16 in software, so every extra position of a pass costs: there bf16 still
 makes the fastest one-position passes (AR mode reads half the bytes), while passes over many
 positions (verify, diffusion) are cheaper in fp32. The rule, measured on both kinds of CPU
-(`twotower bench` prints the pass-cost table by dtype):
+(`twotower bench` prints the pass-cost table by dtype; the figures: docs/benchmarks.md):
 
     GPU, or CPU with native bf16            bf16 for every mode
     CPU without native bf16                 bf16 for ar / mock-ar, fp32 for diffusion / verify

@@ -1,8 +1,8 @@
 """Weight-only quantised linear layers for CPU inference (`--weights int8|int4`).
 
 A pass of a 135M model at batch 1 reads every weight once per token, so on a CPU it is bound
-by the bytes it reads (measured: `aten::mm` is ~75% of a bf16 AR step). Fewer bytes per weight
-make it faster:
+by the bytes it reads (its matmuls are most of an AR step: docs/benchmarks.md). Fewer bytes per
+weight make it faster:
 
 - int4: 4-bit weights in groups of 32 along the input axis, each group with its own scale and
   zero (w = (q - 8) * scale + zero). The default backbone's GGUF stores every linear
@@ -14,9 +14,8 @@ make it faster:
 The kernels are PyTorch's own CPU ones (`aten._weight_int4pack_mm_for_cpu`,
 `aten._weight_int8pack_mm`, as gpt-fast and torchao use them), so there is nothing to build.
 They unpack the weights again for every row of the input, so their cost grows with the rows
-of a pass. Measured on 2 Sapphire Rapids cores in bf16, a whole context pass of the default
-model: int4 21 ms over 1 position, 24-27 over 2-4, 37-40 over 5-8, 54-65 over 9-16, where
-dense took 44-49 ms over each of these. A quantised layer therefore keeps the dense weights
+of a pass until, past a few rows, it exceeds the dense matmul's (the pass costs by width:
+docs/benchmarks.md, "Quantised weights"). A quantised layer therefore keeps the dense weights
 too and uses them for passes of more than `QUANTISED_ROWS` rows (long drafts, wide batches,
 prompts): the quantised weights serve what is bound by reading weights, the dense ones what
 is bound by arithmetic. A pass of at most that many rows gives every row the logits of a
@@ -36,7 +35,7 @@ from twotower.config import WEIGHT_FORMATS, TwoTowerError
 
 GROUP = 32  # int4 group along the input axis (the GGUF's Q4_1 block)
 ROWS = 16  # the int4 kernel packs output channels in sixteens
-QUANTISED_ROWS = 8  # passes of at most this many rows (batch x positions) use the quantised weights (measured above)
+QUANTISED_ROWS = 8  # passes of at most this many rows (batch x positions) use the quantised weights (docs/benchmarks.md)
 
 
 def fits_int4(linear: nn.Linear) -> bool:
