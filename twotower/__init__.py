@@ -8,6 +8,8 @@ AutoConfig / AutoModelForCausalLM."""
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 from twotower.settings import (
     BenchOptions,
@@ -23,7 +25,6 @@ __version__ = "0.1.0"
 
 _LAZY = {  # name: the module that defines it
     "GenerationResult": "twotower.generate",
-    "generate": "twotower.generate",
     "generate_ar": "twotower.generate",
     "generate_mask_diffusion": "twotower.generate",
     "generate_mock_ar": "twotower.generate",
@@ -40,6 +41,27 @@ _LAZY = {  # name: the module that defines it
 }
 
 
+def generate(model, mode: str, input_ids, attention_mask=None, **options):
+    """Generate in `mode` ("ar", "mock-ar", "diffusion", "verify"): a GenerationResult
+    (twotower.generate.generate)."""
+    from twotower.generate import generate as run
+
+    return run(model, mode, input_ids, attention_mask, **options)
+
+
+class _Package(types.ModuleType):
+    """The package module: importing the subpackage `twotower.generate` does not hide the
+    function `generate` (as an eager `from twotower.generate import generate` used to ensure)."""
+
+    def __setattr__(self, name, value):
+        if name == "generate" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
 def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(f"module 'twotower' has no attribute {name!r}")
@@ -53,6 +75,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "generate",
     "BenchOptions",
     "EvalOptions",
     "GenerationSettings",

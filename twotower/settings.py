@@ -51,7 +51,12 @@ def int64(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
 
 
-CHECKS = {positive: ">= 1", unit_interval: "in (0, 1]", non_negative: "a finite number >= 0", int64: "a 64-bit integer"}
+CHECKS = {
+    positive: ">= 1",
+    unit_interval: "in (0, 1]",
+    non_negative: "a finite number >= 0",
+    int64: "an integer that fits in 64 bits",
+}
 
 
 def knob(default, help: str, *, check=None, choices=None, modes=None, flag: str | None = None, metavar: str | None = None,

@@ -1,8 +1,8 @@
 """Loading backbones: the default SmolLM2 GGUF, any GGUF file, or a local Hugging Face folder
 (Llama family, or the hybrid Mamba-2 / attention / MoE `nemotron_h`).
 
-A GGUF file is dequantised once by transformers (~15-30 s) and cached as a safetensors folder
-under `$TWOTOWER_CACHE` (default `~/.cache/twotower`), so later loads take a second or two.
+A GGUF file is dequantised once by transformers and cached as a safetensors folder under
+`$TWOTOWER_CACHE` (default `~/.cache/twotower`), which later loads read.
 Nothing here touches the network: folders are opened with `local_files_only=True`.
 """
 

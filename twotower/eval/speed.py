@@ -206,7 +206,7 @@ def run_bench(
             except BrokenProcessPool:
                 notes.append(
                     "llama.cpp skipped: it crashed (an instruction this CPU or VM refuses, e.g. a build for AMX where "
-                    "AMX is not granted: rebuild with CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX512=ON', README: Measure)"
+                    "AMX is not granted: rebuild with CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX512=ON', docs/benchmarks.md)"
                 )
         measured = interleaved(model, prompts, points, batch, max_new_tokens, eos, bar, labels)
         ar = measured.get(AR)

@@ -167,7 +167,7 @@ def verify_pass(model, cache, pending: torch.Tensor, draft_ids: torch.Tensor) ->
     the logits an AR step gives it, so the output is AR's token for token. With more rows it is
     not: rows that keep different numbers of drafts leave masked slots at different places, so
     a row's keys lie otherwise than in an AR batch anyway, and the exact form would cost a copy
-    of the keys per query (see README, "Verify mode")."""
+    of the keys per query (docs/verify.md)."""
     tokens = torch.cat([pending[:, None], draft_ids], dim=1)
     return model.context_extend(cache, tokens, logits="all", exact=tokens.shape[0] == 1)
 
