@@ -7,7 +7,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,6 +178,34 @@ def test_ctrl_c_on_the_command_line_is_one_line_without_a_traceback(tmp_path, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and "Traceback" not in "\n".join(err)
     assert err[-1].endswith(f"stopped at step 1 (saved {tmp_path / 'run' / 'step-1'}); run the same command to resume")
+
+
+def test_sigint_to_the_command_saves_its_step_without_a_traceback_and_resumes_exactly(tmp_path):
+    """`twotower train` in a subprocess, SIGINT once a few steps are logged: one line naming the
+    step saved, no traceback; the same command then ends where an uninterrupted run ends."""
+    from twotower.cli import main
+
+    args = _cli_args(tmp_path, "--max-steps", "40", "--save-every", "1000")
+    run, log = tmp_path / "run", tmp_path / "run" / "log.jsonl"
+    command = [sys.executable, "-m", "twotower.cli", *args]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}  # this checkout's twotower
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    deadline = time.monotonic() + 300
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in err, err[-2000:]
+    step = int(re.fullmatch(r".*stopped at step (\d+) \(saved .*\); run the same command to resume", err.splitlines()[-1])[1])
+    assert 3 <= step < 40 and (run / "latest").read_text() == f"step-{step}"
+    assert main(args) == 0
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    losses = [
+        [json.loads(line)["loss"] for line in (folder / "log.jsonl").read_text().splitlines()]
+        for folder in (run, tmp_path / "whole")
+    ]
+    assert len(losses[0]) == 40 and losses[0] == losses[1]
 
 
 # --- the data split -------------------------------------------------------------------------

@@ -345,8 +345,11 @@ def stop_requests():
 
 
 def say(text: str) -> None:
-    """One line for the person at the terminal (stderr: stdout carries the command's JSON)."""
-    print(text, file=sys.stderr, flush=True)
+    """One line for the person at the terminal (stderr: stdout carries the command's JSON),
+    above the progress bar if one is drawn."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(text, file=sys.stderr)
 
 
 # ------------------------------------------------------------------ setting a run up
@@ -419,9 +422,9 @@ class TrainingData:
 def prepare_data(config: TrainConfig, model, tokenizer, main: bool, progress: bool) -> TrainingData:
     """Read, pack and split the data (the split reported in one line), and cache its features."""
     packed = pack(read_rows(config.data, config.max_rows), tokenizer, config.seq_len, heldout_prompts())
+    train_seqs, eval_seqs = packed.split(config.eval_sequences, config.batch_size)
     if main:
         say(packed.describe_split(config.eval_sequences))
-    train_seqs, eval_seqs = packed.split(config.eval_sequences, config.batch_size)
     store = None
     if config.features:  # the frozen tower runs once per sequence, here, instead of in every step
         store = build_features(model, packed.sequences, config.features, config.block_size, config.top_k, progress=progress)
@@ -649,10 +652,13 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
     if saved is not None and saved["step"] >= config.max_steps:
         return finished_run(out, found, saved, accelerator.is_main_process)
     out.mkdir(parents=True, exist_ok=True)
-    if model is None:
-        model, tokenizer = build_model(config)
-    check_model(model, config)
-    data = prepare_data(config, model, tokenizer, accelerator.is_main_process, progress)
+    try:
+        if model is None:
+            model, tokenizer = build_model(config)
+        check_model(model, config)
+        data = prepare_data(config, model, tokenizer, accelerator.is_main_process, progress)
+    except KeyboardInterrupt:  # nothing trained yet; cached features are kept shard by shard
+        raise TrainingStopped("stopped before the first step of this call: run the same command to go on") from None
     run = start_run(config, out, model, tokenizer, data, accelerator, None if saved is None else (found, saved))
     last = config.max_steps if stop_after is None else min(config.max_steps, run.state["step"] + stop_after)
     try:
