@@ -210,13 +210,18 @@ def changed_settings(saved: dict, config: TrainConfig) -> list[str]:
     return changes
 
 
+def train_longer(out: Path) -> str:
+    return (
+        f"to train longer, start a new run from its result: --model {out / 'final'} --out NEW_FOLDER "
+        "(it warms up to --lr again: choose a lower one)"
+    )
+
+
 def refuse_other_settings(out: Path, saved: dict, config: TrainConfig) -> None:
     changes = changed_settings(saved, config)
     if not changes:
         return
-    longer = ""
-    if any(c.startswith("--max-steps") for c in changes):
-        longer = f"; to train longer, start a new run from its result: --model {out / 'final'} --out NEW_FOLDER"
+    longer = f"; {train_longer(out)}" if any(c.startswith("--max-steps") for c in changes) else ""
     raise TwoTowerError(
         f"{out} holds a run (at step {saved['step']}) with other settings: {', '.join(changes)}; "
         f"to resume it, run with its settings; to train with these, choose a new --out{longer}"
@@ -629,10 +634,7 @@ def finished_run(out: Path, found: Path, saved: dict, main: bool) -> dict:
     if main:
         rewritten = publish_final(found, final)
         how = f"{final} written from {found.name}" if rewritten else f"its model: {final}"
-        say(
-            f"{out} already finished at step {saved['step']} ({how}); to train longer, start a new run from it: "
-            f"--model {final} --out NEW_FOLDER"
-        )
+        say(f"{out} already finished at step {saved['step']} ({how}); {train_longer(out)}")
     saved.pop("param_groups", None)
     return {**saved, "main_process": main}
 
