@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except TwoTowerError as err:
         print(f"twotower: error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)  # a training run stopped by Ctrl-C: 130
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,20 +107,48 @@ class PackedData:
     sequences: torch.Tensor  # (N, seq_len) long
     rows: int  # rows used
     refused: int  # rows dropped because their prompt is a held-out evaluation prompt
+    tokens: int = 0  # tokens of the rows used (the remainder after the last whole sequence included)
 
-    def split(self, eval_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(train, eval): the last `eval_sequences` sequences are held out for the eval loss."""
-        if len(self.sequences) <= eval_sequences:
-            raise TwoTowerError(
-                f"the data packs into {len(self.sequences)} sequences, not more than the {eval_sequences} held out "
-                "for evaluation: use more data, shorter sequences or fewer eval sequences"
-            )
-        cut = len(self.sequences) - eval_sequences
-        return self.sequences[:cut], self.sequences[cut:]
+    def describe_split(self, eval_sequences: int) -> str:
+        """One line: rows -> packed sequences: train, held out (with a warning above 10%)."""
+        n, length = self.sequences.shape
+        held = min(eval_sequences, n)
+        line = f"{self.rows} rows -> {n} packed sequences of {length} tokens: {n - held} train, {held} held out"
+        if self.refused:
+            line += f" ({self.refused} rows left out: their prompt is a held-out evaluation prompt)"
+        if n and held > 0.1 * n:
+            line += f"; warning: --eval-sequences {held} holds out {held / n:.0%} (10% or less leaves more to train on)"
+        return line
+
+    def split(self, eval_sequences: int, batch_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train, eval): the last `eval_sequences` sequences are held out for the eval loss.
+        Refused where the rest is fewer than those held out or than one batch."""
+        n, held = len(self.sequences), eval_sequences
+        need = max(held, batch_size, 1)  # train on at least as many as are held out, and on one whole batch
+        if n - held < need:
+            raise TwoTowerError(self.too_little(held, batch_size))
+        return self.sequences[: n - held], self.sequences[n - held :]
+
+    def too_little(self, held: int, batch_size: int) -> str:
+        n, length = self.sequences.shape
+        need = max(held, batch_size, 1)
+        what = "the held-out ones" if need == held else f"one batch (--batch-size {batch_size})"
+        line = (
+            f"{self.rows} rows pack into {n} sequences of {length} tokens: --eval-sequences {held} leaves "
+            f"{max(n - held, 0)} to train on, fewer than {what}"
+        )
+        if self.tokens and self.rows:
+            rows_needed = math.ceil((held + need) * length * self.rows / self.tokens)
+            line += f"; give about {rows_needed} rows or more"
+        fits = min(n // 2, n - batch_size)  # the most held out that leaves enough to train on
+        if fits >= 1:
+            line += f", or --eval-sequences {fits} or fewer"
+        return line
 
 
 def pack(rows: list[dict], tokenizer, seq_len: int, heldout: set[str] | None = None) -> PackedData:
-    """Tokenise rows and cut their concatenation into (N, seq_len)."""
+    """Tokenise rows and cut their concatenation into (N, seq_len); N may be 0 (`split` says
+    how many rows are needed)."""
     heldout = heldout or set()
     stream: list[int] = []
     used = refused = 0
@@ -131,9 +160,8 @@ def pack(rows: list[dict], tokenizer, seq_len: int, heldout: set[str] | None = N
         stream.extend(row_tokens(row, tokenizer))
         used += 1
     n = len(stream) // seq_len
-    if n == 0:
-        raise TwoTowerError(f"{used} rows give {len(stream)} tokens, fewer than one sequence of {seq_len}")
-    return PackedData(torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len), used, refused)
+    sequences = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    return PackedData(sequences, used, refused, len(stream))
 
 
 def batch_indices(n_sequences: int, batch_size: int, step: int, seed: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,6 +54,112 @@ def _complete_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in data[:cut].decode().splitlines() if line.strip()]
 
 
+@dataclass
+class Output:
+    """Where distilled rows go and how far a run got: the JSONL file and its rows, the run state
+    next to it ({"batches", "skipped"}), and for a folder output its token shards."""
+
+    path: Path
+    rows: list[dict]
+    state: dict
+    shards: TokenShards | None = None
+    token_rows: list[list[int]] | None = None  # every row's token ids (folder output only)
+
+    @classmethod
+    def open(cls, out: str | os.PathLike, model, tokenizer, shard_rows: int) -> Output:
+        """The output of `out`, with what an earlier run of the same command wrote."""
+        path, shards = Path(out), None
+        if path.suffix != ".jsonl":  # a folder: rows.jsonl and token shards
+            path.mkdir(parents=True, exist_ok=True)
+            shards = TokenShards(path, vocab_size=model.num_embeddings, shard_rows=shard_rows)
+            path = path / SHARD_ROWS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = _complete_lines(path)
+        state_file = _state_file(path)
+        state = json.loads(state_file.read_text()) if state_file.is_file() and rows else {"batches": 0, "skipped": {}}
+        token_rows = [row_tokens(r, tokenizer) for r in rows] if shards is not None else None
+        return cls(path, rows, state, shards, token_rows)
+
+    def skip(self, reason: str) -> None:
+        self.state["skipped"][reason] = self.state["skipped"].get(reason, 0) + 1
+
+    def append(self, prompts: list[str], answers: list[list[int]], tokenizer, target: int) -> tuple[int, bool]:
+        """Write (prompt, answer) rows until the file holds `target` rows, synced to disk.
+        Returns (answer tokens written, whether every row was written)."""
+        written, complete = 0, True
+        with open(self.path, "a") as f:
+            for prompt, toks in zip(prompts, answers):
+                if len(self.rows) >= target:
+                    complete = False
+                    break
+                row = {
+                    "id": len(self.rows) + 1,
+                    "prompt": prompt,
+                    "response": tokenizer.decode(toks, skip_special_tokens=True),
+                    "response_tokens": len(toks),
+                }
+                f.write(json.dumps(row) + "\n")
+                self.rows.append(row)
+                written += len(toks)
+                if self.token_rows is not None:
+                    self.token_rows.append(row_tokens(row, tokenizer))
+            f.flush()
+            os.fsync(f.fileno())
+        return written, complete
+
+    def commit(self, batches: int) -> None:
+        """Record the batches done (atomically), and the token shards completed so far."""
+        self.state["batches"] = batches
+        state_file = _state_file(self.path)
+        tmp = state_file.with_name(state_file.name + ".tmp")
+        tmp.write_text(json.dumps(self.state))
+        os.replace(tmp, state_file)
+        if self.shards is not None and len(self.token_rows) // self.shards.index["shard_rows"] > len(self.shards.index["shards"]):
+            self.shards.write(self.token_rows)
+
+    def close(self) -> None:
+        if self.shards is not None:
+            self.shards.write(self.token_rows)
+
+
+def _state_file(path: Path) -> Path:
+    return path.with_name(path.name + ".state.json")
+
+
+def ask_users(model, tokenizer, header: str, eos, batch: int, batch_size: int, seed: int, sampling: dict) -> list[str]:
+    """Batch `batch`'s user turns: sampled after the chat template's user header, half of them
+    after a task verb; a function of (seed, batch) only."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + batch)
+    picks, verb_used = torch.randint(len(TASK_VERBS), (batch_size,), generator=g), torch.rand(batch_size, generator=g) < 0.5
+    verbs = [TASK_VERBS[int(i)] if bool(c) else "" for i, c in zip(picks, verb_used)]
+    starts = [tokenizer(header + v, add_special_tokens=False)["input_ids"] for v in verbs]
+    asked = generate_ar(model, starts, seed=seed * 1_000_003 + batch, eos_token_id=eos, **sampling)
+    return [(v + tokenizer.decode(toks, skip_special_tokens=True)).strip() for v, toks in zip(verbs, asked.tokens)]
+
+
+def keep_new(texts: list[str], seen: set[str], heldout: set[str], output: Output) -> list[str]:
+    """The user turns that are not empty, not a held-out evaluation prompt and not seen before
+    (the others are counted in the output's state by reason)."""
+    kept = []
+    for text in texts:
+        key = normalise(text)
+        reason = "empty" if not key else "heldout" if key in heldout else "repeated" if key in seen else None
+        if reason:
+            output.skip(reason)
+            continue
+        seen.add(key)
+        kept.append(text)
+    return kept
+
+
+def answer(model, tokenizer, prompts: list[str], max_answer_tokens: int, eos) -> list[list[int]]:
+    """AR mode's greedy replies under the chat template."""
+    if not prompts:
+        return []
+    chats = [encode_prompt(tokenizer, p, chat=True) for p in prompts]
+    return generate_ar(model, chats, max_new_tokens=max_answer_tokens, eos_token_id=eos).tokens
+
+
 def distill(
     model,
     tokenizer,
@@ -74,94 +181,29 @@ def distill(
 
     if rows < 1 or batch_size < 1 or max_prompt_tokens < 1 or max_answer_tokens < 1:
         raise TwoTowerError("rows, batch_size, max_prompt_tokens and max_answer_tokens must be >= 1")
-    shards = None
-    path = Path(out)
-    if path.suffix != ".jsonl":  # a folder: rows.jsonl and token shards
-        path.mkdir(parents=True, exist_ok=True)
-        shards = TokenShards(path, vocab_size=model.num_embeddings, shard_rows=shard_rows)
-        path = path / SHARD_ROWS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    done = _complete_lines(path)
-    seen = {normalise(r["prompt"]) for r in done}
-    state_file = path.with_name(path.name + ".state.json")
-    state = json.loads(state_file.read_text()) if state_file.is_file() and done else {"batches": 0, "skipped": {}}
-    heldout = heldout_prompts()
-    header = user_header(tokenizer)
-    eos = eos_token_ids(model, tokenizer)
-    bar = tqdm(total=rows, initial=len(done), desc="distill", unit="row", disable=not progress)
+    output = Output.open(out, model, tokenizer, shard_rows)
+    seen, heldout = {normalise(r["prompt"]) for r in output.rows}, heldout_prompts()
+    header, eos = user_header(tokenizer), eos_token_ids(model, tokenizer)
+    sampling = dict(max_new_tokens=max_prompt_tokens, temperature=temperature, top_p=top_p)
+    bar = tqdm(total=rows, initial=len(output.rows), desc="distill", unit="row", disable=not progress)
     begin, new_tokens = time.perf_counter(), 0
-    token_rows = [row_tokens(r, tokenizer) for r in done] if shards is not None else None
-    while len(done) < rows and not (max_minutes > 0 and time.perf_counter() - begin > 60 * max_minutes):
-        k = state["batches"]
-        g = torch.Generator().manual_seed(seed * 1_000_003 + k)
-        verbs = [
-            TASK_VERBS[int(i)] if bool(c) else None
-            for i, c in zip(torch.randint(len(TASK_VERBS), (batch_size,), generator=g), torch.rand(batch_size, generator=g) < 0.5)
-        ]
-        starts = [tokenizer(header + (v or ""), add_special_tokens=False)["input_ids"] for v in verbs]
-        asked = generate_ar(
-            model,
-            starts,
-            max_new_tokens=max_prompt_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed * 1_000_003 + k,
-            eos_token_id=eos,
-        )
-        prompts = []
-        for verb, toks in zip(verbs, asked.tokens):
-            text = ((verb or "") + tokenizer.decode(toks, skip_special_tokens=True)).strip()
-            key = normalise(text)
-            reason = "empty" if not key else "heldout" if key in heldout else "repeated" if key in seen else None
-            if reason:
-                state["skipped"][reason] = state["skipped"].get(reason, 0) + 1
-                continue
-            seen.add(key)
-            prompts.append(text)
-        complete = True  # a batch cut short by the row target is redone on resume (its rows are then repeats)
-        if prompts:
-            answers = generate_ar(
-                model,
-                [encode_prompt(tokenizer, p, chat=True) for p in prompts],
-                max_new_tokens=max_answer_tokens,
-                eos_token_id=eos,
-            )
-            with open(path, "a") as f:
-                for prompt, toks in zip(prompts, answers.tokens):
-                    if len(done) >= rows:
-                        complete = False
-                        break
-                    row = {
-                        "id": len(done) + 1,
-                        "prompt": prompt,
-                        "response": tokenizer.decode(toks, skip_special_tokens=True),
-                        "response_tokens": len(toks),
-                    }
-                    f.write(json.dumps(row) + "\n")
-                    done.append(row)
-                    new_tokens += len(toks)
-                    if token_rows is not None:
-                        token_rows.append(row_tokens(row, tokenizer))
-                    bar.update(1)
-                f.flush()
-                os.fsync(f.fileno())
-        state["batches"] = k + 1 if complete else k
-        tmp = state_file.with_name(state_file.name + ".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, state_file)
-        if shards is not None and len(token_rows) // shard_rows > len(shards.index["shards"]):
-            shards.write(token_rows)  # the shards completed so far
-        seconds = time.perf_counter() - begin
-        bar.set_postfix(tok_s=f"{new_tokens / max(seconds, 1e-9):.0f}")
+    while len(output.rows) < rows and not (max_minutes > 0 and time.perf_counter() - begin > 60 * max_minutes):
+        batch, before = output.state["batches"], len(output.rows)
+        texts = ask_users(model, tokenizer, header, eos, batch, batch_size, seed, sampling)
+        prompts = keep_new(texts, seen, heldout, output)
+        written, complete = output.append(prompts, answer(model, tokenizer, prompts, max_answer_tokens, eos), tokenizer, rows)
+        output.commit(batch + 1 if complete else batch)  # a batch cut short by the row target is redone on resume
+        new_tokens += written
+        bar.update(len(output.rows) - before)
+        bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - begin, 1e-9):.0f}")
     bar.close()
-    if shards is not None:
-        shards.write(token_rows)
+    output.close()
     seconds = time.perf_counter() - begin
     return {
-        "rows": len(done),
-        "complete": len(done) >= rows,
-        "batches": state["batches"],
-        "skipped": state["skipped"],
+        "rows": len(output.rows),
+        "complete": len(output.rows) >= rows,
+        "batches": output.state["batches"],
+        "skipped": output.state["skipped"],
         "answer_tokens": new_tokens,
         "seconds": round(seconds, 1),
         "tokens_per_second": round(new_tokens / max(seconds, 1e-9), 1),

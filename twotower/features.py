@@ -22,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +76,35 @@ def _tensors(model, ids: torch.Tensor, features: Features) -> dict[str, torch.Te
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if nbytes >= scale / 10:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes / 1e3:.1f} KB"
+
+
+@torch.no_grad()
+def check_disk_space(model, sequences, folder: Path, n_blocks: int, block_size: int, top_k: int, done: int) -> int:
+    """Say how large the features will be (measured on one sequence) and refuse, before any
+    work, where the disk lacks the room for what is left to write. Returns that size in bytes."""
+    ids = sequences[:1].to(model.context_device)
+    one = _tensors(model, ids, context_features(model, ids, n_blocks, block_size, top_k))
+    per_sequence = sum(t.numel() * t.element_size() for t in one.values())
+    needed, free = per_sequence * (len(sequences) - done), shutil.disk_usage(folder).free
+    print(
+        f"features: {len(sequences)} sequences x {_size(per_sequence)} = about {_size(per_sequence * len(sequences))} "
+        f"in {folder}" + (f" ({_size(needed)} left to write)" if done else ""),
+        file=sys.stderr,
+        flush=True,
+    )
+    if needed > free:
+        raise TwoTowerError(
+            f"the features need about {_size(needed)} more in {folder}, which has {_size(free)} free: free some space, "
+            "give --features a folder on a larger disk, or train without cached features (--features '')"
+        )
+    return needed
+
+
 @torch.no_grad()
 def build_features(
     model,
@@ -99,12 +130,14 @@ def build_features(
         if index.get("settings") != settings:
             changed = sorted(k for k in settings if index.get("settings", {}).get(k) != settings[k])
             raise TwoTowerError(
-                f"{folder} holds features made for other settings ({', '.join(changed)}): "
-                "choose another features folder or remove it"
+                f"{folder} holds features made for other settings ({', '.join(changed)}), e.g. of other data: "
+                "give another --features folder (or remove this one)"
             )
         shard_size = index["shard_size"]
     n_blocks = settings["blocks_per_sequence"]
     done = len(index["shards"]) * shard_size
+    if done < len(sequences):
+        check_disk_space(model, sequences, folder, n_blocks, block_size, top_k, done)
     bar = tqdm(total=len(sequences), initial=min(done, len(sequences)), desc="features", unit="seq", disable=not progress)
     device = model.context_device
     for start in range(done, len(sequences), shard_size):

@@ -7,17 +7,29 @@ written atomically every N steps, exact resume after a kill, and a clear stop on
 
 Determinism: the sequences of step k and their noise depend only on (seed, k), and the
 optimizer state is checkpointed, so a resumed run repeats the uninterrupted one.
+
+A run folder has one truth, its latest checkpoint: the same command resumes from it ("resuming
+from step N of M"); other settings are refused before any work, naming each (the settings free
+to change are listed once, MAY_CHANGE_ON_RESUME); final/ is a copy of the last checkpoint's
+model, so a finished run rerun leaves it as it is and says so; Ctrl-C or SIGTERM finishes the
+step in progress, saves it and stops with one line (a second one stops at once, keeping the
+last step done where that is safe).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import filecmp
 import json
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,7 +38,7 @@ from torch import nn
 
 from twotower.config import TwoTowerError
 from twotower.data import batch_indices, heldout_prompts, pack, read_rows
-from twotower.features import build_features
+from twotower.features import FeatureStore, build_features
 from twotower.objective import Features, Noise, ar_first, masked_loss_sum, sample_noise
 from twotower.settings import TrainConfig
 
@@ -89,13 +101,70 @@ def trainable_parameters(model) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+# ------------------------------------------------------------------ what may change when a run resumes
+# The one list of settings that a resumed run may change: where output goes, how often it is
+# logged, evaluated and saved, how long one call may run, what is measured at an eval, and
+# where cached frozen-tower features are read from. None of them changes what is trained.
+# Every other TrainConfig field must match the run's; max_steps may change only while the
+# steps already done keep their learning rates (before the decay starts: warmup-stable-decay
+# was made for that), so a finished run is never continued from the peak learning rate again.
+MAY_CHANGE_ON_RESUME = frozenset({"out", "eval_every", "save_every", "max_minutes", "nfe_prompts", "nfe_threshold", "features"})
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def schedule_keeps_done_steps(config: TrainConfig, old_max_steps: int, done: int) -> bool:
+    """Whether the steps already done had the same learning rates with `old_max_steps`."""
+    old = dataclasses.replace(config, max_steps=old_max_steps)
+    return done <= config.max_steps and all(learning_rate(old, s) == learning_rate(config, s) for s in range(done))
+
+
+def changed_settings(saved: dict, config: TrainConfig) -> list[str]:
+    """'--name old -> new' for every setting that differs from the saved run's and may not."""
+    settings, done = saved.get("config", {}), saved["step"]
+    changes = []
+    for f in dataclasses.fields(TrainConfig):
+        old, new = settings.get(f.name, f.default), getattr(config, f.name)
+        if f.name in MAY_CHANGE_ON_RESUME or old == new:
+            continue
+        if f.name == "max_steps" and schedule_keeps_done_steps(config, old, done):
+            continue
+        changes.append(f"{flag(f.name)} {old} -> {new}")
+    return changes
+
+
+def train_longer(out: Path) -> str:
+    return (
+        f"to train longer, start a new run from its result: --model {out / 'final'} --out NEW_FOLDER "
+        "(it warms up to --lr again: choose a lower one)"
+    )
+
+
+def refuse_other_settings(out: Path, saved: dict, config: TrainConfig) -> None:
+    changes = changed_settings(saved, config)
+    if not changes:
+        return
+    longer = f"; {train_longer(out)}" if any(c.startswith("--max-steps") for c in changes) else ""
+    raise TwoTowerError(
+        f"{out} holds a run (at step {saved['step']}) with other settings: {', '.join(changes)}; "
+        f"to resume it, run with its settings; to train with these, choose a new --out{longer}"
+    )
+
+
 # ------------------------------------------------------------------ checkpoints (safetensors + JSON)
+FINAL_FILES = ("config.json", "denoiser.safetensors")  # what a checkpoint shares with final/
+
+
 def save_checkpoint(folder: Path, model, optimizer, state: dict) -> None:
     """Write model, optimizer and run state to folder/step-N, atomically (temp folder, rename),
-    then point folder/latest at it and remove older checkpoints."""
+    then point folder/latest at it and remove older checkpoints. The model's config records the
+    state's training tokens, so the weights and their config always agree."""
     final = folder / f"step-{state['step']}"
     tmp = folder / f".tmp-step-{state['step']}"
     shutil.rmtree(tmp, ignore_errors=True)
+    model.config.trained_tokens = state["training_tokens"]
     model.save_pretrained(tmp)
     opt = optimizer.state_dict()
     tensors = {
@@ -111,6 +180,21 @@ def save_checkpoint(folder: Path, model, optimizer, state: dict) -> None:
     for old in folder.glob("step-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def publish_final(checkpoint: Path, final: Path) -> bool:
+    """Make `final` the model of the run's last checkpoint (its config and weights, copied
+    atomically). Returns False, touching nothing, where `final` already holds exactly those."""
+    if all((final / name).is_file() and filecmp.cmp(checkpoint / name, final / name, shallow=False) for name in FINAL_FILES):
+        return False
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in FINAL_FILES:
+        shutil.copyfile(checkpoint / name, tmp / name)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return True
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -153,7 +237,52 @@ def _truncate_log(log: Path, step: int) -> None:
         log.write_text("".join(line + "\n" for line in lines))
 
 
-# ------------------------------------------------------------------ the loop
+# ------------------------------------------------------------------ stopping: Ctrl-C and SIGTERM
+class TrainingStopped(TwoTowerError):
+    """A run stopped by Ctrl-C or SIGTERM; the message names the step saved and says that the
+    same command resumes. exit_code: what a command line returns (130, as after Ctrl-C)."""
+
+    exit_code = 130
+
+
+@dataclass
+class StopRequest:
+    requested: bool = False
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """While training: a first SIGINT or SIGTERM asks the run to stop after the step in
+    progress (it is saved); a second one stops at once (KeyboardInterrupt). Outside the main
+    thread (no signal handlers there) Ctrl-C stays a plain KeyboardInterrupt."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handle(signum, frame):
+        if request.requested:
+            raise KeyboardInterrupt
+        request.requested = True
+        say("stopping after this step, with a checkpoint (Ctrl-C again stops at once)")
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def say(text: str) -> None:
+    """One line for the person at the terminal (stderr: stdout carries the command's JSON),
+    above the progress bar if one is drawn."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(text, file=sys.stderr)
+
+
+# ------------------------------------------------------------------ setting a run up
 def build_model(config: TrainConfig):
     """A backbone wrapped as a new two-tower model with the config's denoiser settings, or a
     twotower checkpoint to go on from (load_model tells them apart; a checkpoint keeps its own).
@@ -183,29 +312,17 @@ def build_model(config: TrainConfig):
     return model, tokenizer
 
 
-def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True, stop_after: int | None = None) -> dict:
-    """Run (or resume) a training run. `model`/`tokenizer` may be given (tests); otherwise
-    they are loaded from `config.model`. `stop_after` ends the call after that many steps
-    of this call (as a kill would). Returns the run state: step, losses, eval losses."""
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
-    config.validate()
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if model is None:
-        model, tokenizer = build_model(config)
+def check_model(model, config: TrainConfig) -> None:
     if model.config.block_size != config.block_size or model.config.layout != config.layout:
         raise TwoTowerError(
             f"the model is a {model.config.layout} S={model.config.block_size} two-tower model but the config asks "
             f"for {config.layout} S={config.block_size}"
         )
-    rows = read_rows(config.data, config.max_rows)
-    packed = pack(rows, tokenizer, config.seq_len, heldout_prompts())
-    train_seqs, eval_seqs = packed.split(config.eval_sequences)
-    store = None
-    if config.features:  # the frozen tower runs once per sequence, here, instead of in every step
-        store = build_features(model, packed.sequences, config.features, config.block_size, config.top_k, progress=progress)
+
+
+def make_accelerator(config: TrainConfig):
+    """accelerate's Accelerator for the config: bf16 autocast on CUDA under "auto", FSDP when asked."""
+    from accelerate import Accelerator
 
     mixed = config.mixed_precision
     if mixed == "auto":
@@ -216,11 +333,64 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
 
         plugin = FullyShardedDataParallelPlugin(use_orig_params=True, sync_module_states=True)
     accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(), fsdp_plugin=plugin)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if config.batch_size % (world * config.grad_accum):
+    if config.batch_size % (accelerator.num_processes * config.grad_accum):
         raise TwoTowerError(
-            f"batch_size {config.batch_size} is not a multiple of devices x grad_accum = {world * config.grad_accum}"
+            f"batch_size {config.batch_size} is not a multiple of devices x grad_accum = "
+            f"{accelerator.num_processes * config.grad_accum}"
         )
+    return accelerator
+
+
+@dataclass
+class TrainingData:
+    train: torch.Tensor  # (T, L) long: the sequences trained on
+    eval: torch.Tensor  # (E, L) long: the held-out ones (the last of the packed data)
+    store: FeatureStore | None  # their cached frozen-tower features (every packed sequence), or None
+    refused: int  # rows left out because their prompt is a held-out evaluation prompt
+
+
+def prepare_data(config: TrainConfig, model, tokenizer, main: bool, progress: bool) -> TrainingData:
+    """Read, pack and split the data (the split reported in one line), and cache its features."""
+    packed = pack(read_rows(config.data, config.max_rows), tokenizer, config.seq_len, heldout_prompts())
+    train_seqs, eval_seqs = packed.split(config.eval_sequences, config.batch_size)
+    if main:
+        say(packed.describe_split(config.eval_sequences))
+    store = None
+    if config.features:  # the frozen tower runs once per sequence, here, instead of in every step
+        store = build_features(model, packed.sequences, config.features, config.block_size, config.top_k, progress=progress)
+    return TrainingData(train_seqs, eval_seqs, store, packed.refused)
+
+
+@dataclass
+class Run:
+    """A run in progress: what every step reads (settings, model, data, optimizer) and the
+    run state it writes (step, losses, tokens, seconds; saved in every checkpoint)."""
+
+    config: TrainConfig
+    out: Path
+    model: nn.Module
+    tokenizer: object
+    data: TrainingData
+    accelerator: object
+    objective: nn.Module
+    optimizer: torch.optim.Optimizer
+    params: list[nn.Parameter]
+    state: dict
+    saved_step: int = 0  # the step of the newest checkpoint (0: none)
+    updating: bool = False  # from the optimizer step of a step until its log line: not a state to save
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+def start_run(config: TrainConfig, out: Path, model, tokenizer, data: TrainingData, accelerator, resume) -> Run:
+    """The optimizer and the run state, fresh or loaded from the checkpoint `resume` names
+    (a (folder, saved state) pair, or None), and the model placed for accelerate."""
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     state = {
@@ -230,101 +400,202 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
         "training_tokens": 0,
         "seconds": 0.0,
         "config": dataclasses.asdict(config),
-        "refused_heldout_rows": packed.refused,
+        "refused_heldout_rows": data.refused,
     }
-    found = latest_checkpoint(out)
-    if found is not None:
-        saved = read_run_state(found)
-        changed = {
-            k
-            for k in ("data", "seed", "batch_size", "block_size", "blocks_per_sequence", "layout", "denoiser")
-            if saved.get("config", {}).get(k) != getattr(config, k)
-        }
-        if changed:
-            raise TwoTowerError(
-                f"{out} holds a run with different {sorted(changed)}: resume with the same settings or choose another --out"
-            )
-        state = load_checkpoint(found, model, optimizer, saved)
-        _truncate_log(out / "log.jsonl", state["step"])
+    if resume is not None:
+        found, saved = resume
+        state = {**load_checkpoint(found, model, optimizer, saved), "config": dataclasses.asdict(config)}
+        if accelerator.is_main_process:
+            _truncate_log(out / "log.jsonl", state["step"])
+            say(f"resuming from step {state['step']} of {config.max_steps} ({found})")
     model.to(accelerator.device)
     objective, optimizer = accelerator.prepare(Objective(model, config.kl_weight, config.top_k), optimizer)
+    return Run(config, out, model, tokenizer, data, accelerator, objective, optimizer, params, state, state["step"])
+
+
+# ------------------------------------------------------------------ one step
+def accumulate_gradients(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of this process's share of step `step`'s batch, in micro-batches
+    (gradients summed; DDP syncs on the last). Returns (loss sum, masked count) over processes."""
+    config, accelerator = run.config, run.accelerator
+    world, rank = accelerator.num_processes, accelerator.process_index
     per_device = config.batch_size // world
+    indices = batch_indices(len(run.data.train), config.batch_size, step, config.seed)
+    noise = step_noise(config, step, config.batch_size)
+    mine = slice(rank * per_device, (rank + 1) * per_device)
+    indices, noise = indices[mine], Noise(noise.t[mine], noise.masked[mine])
+    total_loss = torch.zeros((), device=run.device)
+    total_count = torch.zeros((), device=run.device, dtype=torch.long)
     micro = per_device // config.grad_accum
-    first = state["step"]
-    last = config.max_steps if stop_after is None else min(config.max_steps, first + stop_after)
-    bar = tqdm(total=config.max_steps, initial=first, desc="train", disable=not (progress and accelerator.is_main_process))
+    chunks = list(zip(indices.split(micro), noise.split(micro)))
+    for i, (chunk, chunk_noise) in enumerate(chunks):
+        sync = i == len(chunks) - 1
+        ids, features = _read(run.data.train, run.data.store, chunk, run.model, run.device)
+        with accelerator.no_sync(run.objective) if not sync else contextlib.nullcontext(), accelerator.autocast():
+            loss, count = run.objective(ids, chunk_noise.t.to(run.device), chunk_noise.masked.to(run.device), features)
+        accelerator.backward(loss)
+        total_loss += loss.detach()
+        total_count += count
+    return accelerator.reduce(total_loss, "sum"), accelerator.reduce(total_count, "sum")
+
+
+def apply_update(run: Run, total_count: torch.Tensor) -> float:
+    """Turn the summed gradients into the mean over every masked target, clip, and take the
+    optimizer step. Returns the gradient norm before clipping."""
+    run.updating = True
+    scale = run.accelerator.num_processes / max(int(total_count), 1)  # DDP averages over devices: undo, divide by all
+    for p in run.params:
+        if p.grad is not None:
+            p.grad.mul_(scale)
+    clip = run.config.clip if run.config.clip > 0 else float("inf")
+    grad_norm = float(run.accelerator.clip_grad_norm_(run.params, clip))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def train_step(run: Run) -> dict:
+    """One optimizer step; updates the run state and returns the step's log record."""
+    config, state = run.config, run.state
+    step, begin = state["step"], time.perf_counter()
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate(config, step)
+    total_loss, total_count = accumulate_gradients(run, step)
+    value = (total_loss / total_count.clamp(min=1)).item()
+    if not math.isfinite(value):
+        raise TwoTowerError(
+            f"the loss is {value} at step {step + 1}: stopped without saving this step "
+            f"(last checkpoint: {latest_checkpoint(run.out)}); lower --lr or check the data"
+        )
+    grad_norm = apply_update(run, total_count)
+    state["step"] = step + 1
+    state["losses"].append(value)
+    state["training_tokens"] += config.batch_size * config.seq_len
+    state["masked_tokens"] = state.get("masked_tokens", 0) + int(total_count)
+    state["seconds"] += time.perf_counter() - begin
+    return {
+        "step": step + 1,
+        "loss": value,
+        "grad_norm": grad_norm,
+        "lr": learning_rate(config, step),
+        "training_tokens": state["training_tokens"],
+        "masked_tokens": state["masked_tokens"],
+        "seconds": round(state["seconds"], 3),
+    }
+
+
+def evaluate(run: Run, record: dict) -> None:
+    """At every eval_every-th step: the held-out loss (and tokens per denoiser pass) into the
+    record and the run state."""
+    config, state = run.config, run.state
+    if not config.eval_every or record["step"] % config.eval_every:
+        return
+    loss = eval_loss(run.objective, run.data.eval, config, run.accelerator, run.data.store, run.model)
+    state["eval_losses"].append([record["step"], loss])
+    record["eval_loss"] = loss
+    if config.nfe_prompts and run.tokenizer is not None:
+        record["tokens_per_nfe"] = tokens_per_nfe(run.model, run.tokenizer, config)
+        state.setdefault("nfe_curve", []).append([state["training_tokens"], record["tokens_per_nfe"]])
+
+
+def log_step(run: Run, record: dict, bar) -> None:
+    if not run.main:
+        return
+    with open(run.out / "log.jsonl", "a") as log:
+        log.write(json.dumps(record) + "\n")
+    bar.update(1)
+    speed = run.state["masked_tokens"] / max(run.state["seconds"], 1e-9)
+    bar.set_postfix(loss=f"{record['loss']:.3f}", masked_tok_s=f"{speed:.0f}")
+
+
+def save(run: Run) -> None:
+    if run.main:
+        save_checkpoint(run.out, run.model, run.optimizer, run.state)
+    run.saved_step = run.state["step"]
+
+
+# ------------------------------------------------------------------ the loop
+def run_steps(run: Run, stop: StopRequest, last: int, progress: bool) -> None:
+    """Steps until `last`, max_minutes or a stop request (which saves, then raises TrainingStopped)."""
+    from tqdm.auto import tqdm
+
+    config, state = run.config, run.state
     deadline = time.monotonic() + 60 * config.max_minutes if config.max_minutes > 0 else None
-    while state["step"] < last:
-        step, begin = state["step"], time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
-        indices = batch_indices(len(train_seqs), config.batch_size, step, config.seed)
-        noise = step_noise(config, step, config.batch_size)
-        mine = slice(rank * per_device, (rank + 1) * per_device)
-        indices, noise = indices[mine], Noise(noise.t[mine], noise.masked[mine])
-        total_loss = torch.zeros((), device=accelerator.device)
-        total_count = torch.zeros((), device=accelerator.device, dtype=torch.long)
-        chunks = list(zip(indices.split(micro), noise.split(micro)))
-        for i, (chunk, chunk_noise) in enumerate(chunks):
-            sync = i == len(chunks) - 1
-            ids, features = _read(train_seqs, store, chunk, model, accelerator.device)
-            with accelerator.no_sync(objective) if not sync else contextlib.nullcontext(), accelerator.autocast():
-                loss, count = objective(
-                    ids, chunk_noise.t.to(accelerator.device), chunk_noise.masked.to(accelerator.device), features
-                )
-            accelerator.backward(loss)
-            total_loss += loss.detach()
-            total_count += count
-        total_loss = accelerator.reduce(total_loss, "sum")
-        total_count = accelerator.reduce(total_count, "sum")
-        value = (total_loss / total_count.clamp(min=1)).item()
-        if not math.isfinite(value):
-            raise TwoTowerError(
-                f"the loss is {value} at step {step + 1}: stopped without saving this step "
-                f"(last checkpoint: {latest_checkpoint(out)}); lower --lr or check the data"
-            )
-        scale = world / max(int(total_count), 1)  # DDP averages over devices: undo, divide by all masked targets
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(scale)
-        grad_norm = float(accelerator.clip_grad_norm_(params, config.clip if config.clip > 0 else float("inf")))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] = step + 1
-        state["losses"].append(value)
-        state["training_tokens"] += config.batch_size * config.seq_len
-        state["masked_tokens"] = state.get("masked_tokens", 0) + int(total_count)
-        state["seconds"] += time.perf_counter() - begin
-        record = {
-            "step": step + 1,
-            "loss": value,
-            "grad_norm": grad_norm,
-            "lr": learning_rate(config, step),
-            "training_tokens": state["training_tokens"],
-            "masked_tokens": state["masked_tokens"],
-            "seconds": round(state["seconds"], 3),
-        }
-        if config.eval_every and (step + 1) % config.eval_every == 0:
-            state["eval_losses"].append([step + 1, eval_loss(objective, eval_seqs, config, accelerator, store, model)])
-            record["eval_loss"] = state["eval_losses"][-1][1]
-            if config.nfe_prompts and tokenizer is not None:
-                record["tokens_per_nfe"] = tokens_per_nfe(model, tokenizer, config)
-                state.setdefault("nfe_curve", []).append([state["training_tokens"], record["tokens_per_nfe"]])
-        out_of_time = deadline is not None and _agree(accelerator, time.monotonic() > deadline)
-        if accelerator.is_main_process:
-            with open(out / "log.jsonl", "a") as log:
-                log.write(json.dumps(record) + "\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.3f}", masked_tok_s=f"{state['masked_tokens'] / max(state['seconds'], 1e-9):.0f}")
-            model.config.trained_tokens = state["training_tokens"]
-            if (step + 1) % config.save_every == 0 or step + 1 == config.max_steps or out_of_time:
-                save_checkpoint(out, model, optimizer, state)
-        if out_of_time:
-            break
-    bar.close()
-    if state["step"] == config.max_steps and accelerator.is_main_process:
-        model.save_pretrained(out / "final")
-    return {**state, "main_process": accelerator.is_main_process}
+    with tqdm(total=config.max_steps, initial=state["step"], desc="train", disable=not (progress and run.main)) as bar:
+        while state["step"] < last:
+            record = train_step(run)
+            evaluate(run, record)
+            out_of_time = deadline is not None and _agree(run.accelerator, time.monotonic() > deadline)
+            stopping = _agree(run.accelerator, stop.requested)
+            log_step(run, record, bar)
+            step = state["step"]
+            if step % config.save_every == 0 or step == config.max_steps or out_of_time or stopping:
+                save(run)
+            run.updating = False
+            if stopping:
+                raise stopped(run)
+            if out_of_time:
+                return
+
+
+def stopped(run: Run) -> TrainingStopped:
+    """The one line for a run stopped by Ctrl-C or SIGTERM. A single process caught between two
+    steps first saves the last step done (its weights, optimizer and state agree)."""
+    step = run.state["step"]
+    if not run.updating and step > run.saved_step and run.accelerator.num_processes == 1:
+        save(run)
+    if run.saved_step == 0:
+        return TrainingStopped(f"stopped at step {step}, before the first checkpoint: the same command starts again")
+    where = run.out / f"step-{run.saved_step}"
+    if run.saved_step == step:
+        return TrainingStopped(f"stopped at step {step} (saved {where}); run the same command to resume")
+    return TrainingStopped(f"stopped at step {step}; step {run.saved_step} is saved ({where}): run the same command to resume")
+
+
+def finished_run(out: Path, found: Path, saved: dict, main: bool) -> dict:
+    """A rerun of a finished run: final/ is left as it is (or rewritten from the last
+    checkpoint where it is missing or differs), and one line says so."""
+    final = out / "final"
+    if main:
+        rewritten = publish_final(found, final)
+        how = f"{final} written from {found.name}" if rewritten else f"its model: {final}"
+        say(f"{out} already finished at step {saved['step']} ({how}); {train_longer(out)}")
+    saved.pop("param_groups", None)
+    return {**saved, "main_process": main}
+
+
+def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Run (or resume) a training run. `model`/`tokenizer` may be given (tests); otherwise
+    they are loaded from `config.model`. `stop_after` ends the call after that many steps
+    of this call (as a kill would). Ctrl-C or SIGTERM saves the last step done and raises
+    TrainingStopped. Returns the run state: step, losses, eval losses."""
+    config.validate()
+    out = Path(config.out)
+    found = latest_checkpoint(out)
+    saved = read_run_state(found) if found is not None else None
+    if saved is not None:
+        refuse_other_settings(out, saved, config)  # before any work
+    accelerator = make_accelerator(config)
+    if saved is not None and saved["step"] >= config.max_steps:
+        return finished_run(out, found, saved, accelerator.is_main_process)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if model is None:
+            model, tokenizer = build_model(config)
+        check_model(model, config)
+        data = prepare_data(config, model, tokenizer, accelerator.is_main_process, progress)
+    except KeyboardInterrupt:  # nothing trained yet; cached features are kept shard by shard
+        raise TrainingStopped("stopped before the first step of this call: run the same command to go on") from None
+    run = start_run(config, out, model, tokenizer, data, accelerator, None if saved is None else (found, saved))
+    last = config.max_steps if stop_after is None else min(config.max_steps, run.state["step"] + stop_after)
+    try:
+        with stop_requests() as stop:
+            run_steps(run, stop, last, progress)
+    except KeyboardInterrupt:
+        raise stopped(run) from None
+    if run.state["step"] == config.max_steps and run.main:
+        publish_final(run.out / f"step-{run.saved_step}", out / "final")
+    return {**run.state, "main_process": run.main}
 
 
 def _agree(accelerator, flag: bool) -> bool:
