@@ -237,6 +237,9 @@ class ServeOptions(Settings):
     timeout: float = knob(300.0, "most seconds one request may run", check=non_negative, metavar="S")
     max_tokens: int = knob(256, "a request's max_tokens when it names none (never past the context)", check=positive,
                            metavar="N")  # fmt: skip
+    api_key: str | None = knob(None, "answer only requests with 'Authorization: Bearer KEY' (every route but /health); "
+                               "default: $TWOTOWER_API_KEY, else no key", metavar="KEY")  # fmt: skip
+    max_body_mb: float = knob(4.0, "largest request body in MiB; a larger one is answered 413", check=non_negative, metavar="MB")
 
 
 def request_knobs() -> dict[str, dataclasses.Field]:

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
+import re
 import time
 
 from fastapi import FastAPI, Request
@@ -23,9 +26,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from twotower.generate.common import resolve_settings
 from twotower.serve.engine import Engine, Job, QueueFull
+from twotower.serve.guard import Guard
 from twotower.serve.metrics import Metrics
 from twotower.serve.protocol import ChatRequest, CompletionRequest, error_body, new_id, now, usage
 from twotower.settings import GenerationSettings, LoadOptions, ServeOptions, TwoTowerError, refuse_inapplicable, request_knobs
+
+log = logging.getLogger("twotower.serve")
 
 
 class Channel:
@@ -42,9 +48,11 @@ class Channel:
 
 
 class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400, param: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(
+        self, message: str, status: int = 400, param: str | None = None, kind: str = "invalid_request_error", headers=None
+    ):
         super().__init__(message)
-        self.message, self.status, self.param, self.kind = message, status, param, kind
+        self.message, self.status, self.param, self.kind, self.headers = message, status, param, kind, headers
 
 
 class Service:
@@ -59,13 +67,10 @@ class Service:
 
     def encode_chat(self, body: ChatRequest) -> list[int]:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer("\n".join(m["content"] for m in messages))["input_ids"]
+        return readable(lambda: encode_chat(self.tokenizer, messages), "messages")
 
     def encode_text(self, prompt: str) -> list[int]:
-        ids = self.tokenizer(prompt)["input_ids"]
+        ids = readable(lambda: self.tokenizer(prompt)["input_ids"], "prompt")
         if not ids:
             raise BadRequest("the prompt is empty", param="prompt")
         return ids
@@ -111,7 +116,7 @@ class Service:
         try:
             self.engine.submit(job)
         except QueueFull as err:
-            raise BadRequest(str(err), status=429, kind="rate_limit_error") from err
+            raise BadRequest(str(err), status=429, kind="rate_limit_error", headers={"Retry-After": "1"}) from err
         self.metrics.queue(self.engine.queue_depth, self.engine.running_rows)
         return job
 
@@ -152,6 +157,39 @@ class Service:
         return {"id": rid, "object": kind, "created": created, "model": self.name, "choices": choices, **extra}
 
 
+def readable(encode, param: str):
+    """Run a tokenizer call; text it cannot encode (a lone surrogate) is the client's error."""
+    try:
+        return encode()
+    except (UnicodeError, TypeError, ValueError) as err:
+        raise BadRequest(f"{param} holds text that cannot be encoded as UTF-8 (a lone surrogate?): {err}", param=param) from err
+
+
+SPLIT = re.compile("\ue000(\\d+)\ue001")  # a placeholder for message i in a rendered template
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """A chat's ids under the tokenizer's template, in which only the template makes turns: a
+    message whose text spells a special token ("<|im_end|>") gets the ids of that text, not the
+    token (each message tokenised with special tokens split, between the template's pieces)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return tokenizer("\n".join(m["content"] for m in messages), split_special_tokens=True)["input_ids"]
+    specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special} | set(tokenizer.all_special_tokens)
+    if not any(s and s in m["content"] for m in messages for s in specials):  # the common case: one pass, as always
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+    text = tokenizer.apply_chat_template(marked, add_generation_prompt=True, tokenize=False)
+    ids, pieces = [], SPLIT.split(text)  # template, index, template, index, ..., template
+    for k, piece in enumerate(pieces):
+        if k % 2:
+            content = messages[int(piece)]["content"]
+            ids += tokenizer(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        elif piece:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return ids
+
+
 def stats(info: dict) -> dict:
     """twotower's own statistics of one reply (the `twotower` field of a response)."""
     return {k: info[k] for k in ("mode", "passes", "tokens_per_pass", "seconds", "time_to_first_token")}
@@ -174,7 +212,25 @@ def create_app(model, tokenizer, model_name: str = "twotower", options: ServeOpt
     app.state.engine, app.state.metrics, app.state.started = service.engine, service.metrics, time.time()
     add_error_handlers(app, service.metrics)
     add_routes(app, service)
+    app.openapi = lambda: openapi_with_400(app)
+    key = options.api_key or os.environ.get("TWOTOWER_API_KEY") or None
+    app.add_middleware(Guard, api_key=key, max_body_bytes=int(options.max_body_mb * 2**20), count=service.metrics.request)
     return app
+
+
+def openapi_with_400(app: FastAPI) -> dict:
+    """The schema as the server answers: a request that fails validation gets 400, not 422."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                responses = operation.get("responses", {})
+                if "422" in responses:
+                    responses["400"] = {**responses.pop("422"), "description": "Invalid request"}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
@@ -189,14 +245,21 @@ def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         return JSONResponse(error_body(message, param=where or None), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request, exc: StarletteHTTPException):
+    async def _http(request, exc: StarletteHTTPException):  # 404, 405 (with its Allow header)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+        metrics.request(request.url.path, exc.status_code)
+        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(BadRequest)
     async def _bad(request, exc: BadRequest):
         metrics.request(request.url.path, exc.status)
-        return JSONResponse(error_body(exc.message, exc.kind, exc.param), status_code=exc.status)
+        return JSONResponse(error_body(exc.message, exc.kind, exc.param), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc: Exception):  # a bug: logged, counted, and an OpenAI-style 500
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        metrics.request(request.url.path, 500)
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
 
 
 def add_routes(app: FastAPI, service: Service) -> None:
@@ -217,7 +280,8 @@ def add_routes(app: FastAPI, service: Service) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
-        job = service.submit(service.make_job(body, service.encode_chat(body), asyncio.get_running_loop()))
+        ids = await asyncio.to_thread(service.encode_chat, body)  # a long chat does not stall the other requests
+        job = service.submit(service.make_job(body, ids, asyncio.get_running_loop()))
         rid, created = new_id("chatcmpl"), now()
         if body.stream:
             metrics.request(request.url.path, 200)
@@ -231,7 +295,8 @@ def add_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         loop = asyncio.get_running_loop()
-        jobs = [service.submit(service.make_job(body, service.encode_text(p), loop)) for p in body.prompts]
+        prompts = [await asyncio.to_thread(service.encode_text, p) for p in body.prompts]  # off the event loop
+        jobs = [service.submit(service.make_job(body, ids, loop)) for ids in prompts]
         rid, created = new_id("cmpl"), now()
         if body.stream and len(jobs) > 1:
             for job in jobs:

@@ -16,6 +16,7 @@ string is ever sent.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -30,6 +31,9 @@ from twotower.generate.common import start_run
 from twotower.text import eos_token_ids
 
 BLOCK_MODES = ("diffusion", "verify")
+
+
+log = logging.getLogger("twotower.serve")
 
 
 class QueueFull(Exception):
@@ -187,6 +191,7 @@ class Engine:
             except TwoTowerError as err:
                 job.events.put(("error", str(err)))
             except Exception as err:  # never let one request take the engine down
+                log.error("request failed to start", exc_info=err)
                 job.events.put(("error", f"internal error: {type(err).__name__}: {err}"))
 
     def _start(self, job: Job) -> None:
@@ -214,6 +219,7 @@ class Engine:
             for _ in group.decoder.cycle():
                 self._dispatch(group)
         except Exception as err:  # a failed cycle ends its rows' requests, not the server
+            log.error("a decoding cycle failed; its requests end with an error", exc_info=err)
             for row in group.rows:
                 row.job.events.put(("error", f"internal error: {type(err).__name__}: {err}"))
             del self.groups[key]
