@@ -136,9 +136,7 @@ def test_diffusion_commits_several_tokens_per_pass_at_low_threshold():
     assert loose.tokens_per_nfe == 8.0  # everything above 0.01 in a near-uniform model: one pass per block
     assert loose.context_passes == 2  # prefill + one extension between the two blocks
     assert loose.details["block_starts"] == [[0, 8]] * len(PROMPTS)
-    few_steps = generate_mask_diffusion(
-        model, PROMPTS, max_new_tokens=16, block_size=8, steps_per_block=1, threshold=0.01
-    )
+    few_steps = generate_mask_diffusion(model, PROMPTS, max_new_tokens=16, block_size=8, steps_per_block=1, threshold=0.01)
     assert few_steps.tokens == loose.tokens and few_steps.denoiser_passes == 2
 
 

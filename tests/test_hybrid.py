@@ -128,9 +128,7 @@ def test_moe_routing_is_deterministic_and_input_dependent():
     assert len({tuple(sorted(c)) for c in chosen[0].tolist()}) > 1
     alone = model(ids[2:3], mask[2:3])
     torch.testing.assert_close(alone[0], first[2], atol=1e-5, rtol=1e-5)
-    out = [
-        generate_mask_diffusion(model, PROMPTS, max_new_tokens=8, block_size=4, threshold=0.3).tokens for _ in range(2)
-    ]
+    out = [generate_mask_diffusion(model, PROMPTS, max_new_tokens=8, block_size=4, threshold=0.3).tokens for _ in range(2)]
     assert out[0] == out[1]
 
 
@@ -174,8 +172,8 @@ def test_moe_latent_projections_get_no_dead_adapters(tmp_path):
     assert trainable and [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum()] == []
     model.save_pretrained(tmp_path)
     loaded = TwoTowerForCausalLM.from_pretrained(tmp_path, backbone=backbone)
-    for name, tensor in model.trained_state_dict().items():
-        assert torch.equal(loaded.trained_state_dict()[name], tensor), name
+    for name, tensor in model.denoiser.trained_state_dict().items():
+        assert torch.equal(loaded.denoiser.trained_state_dict()[name], tensor), name
     assert generate_mock_ar(loaded, PROMPTS, max_new_tokens=8).tokens == generate_mock_ar(model, PROMPTS, max_new_tokens=8).tokens
 
 

@@ -15,7 +15,8 @@ from twotower.generate import (
     generate_verify,
     stream,
 )
-from twotower.model.two_tower import TwoTowerForCausalLM, load_model
+from twotower.model.checkpoint import load_model
+from twotower.model.two_tower import TwoTowerForCausalLM
 from twotower.text import encode_prompt, eos_token_ids
 
 AutoConfig.register("twotower", TwoTowerConfig, exist_ok=True)

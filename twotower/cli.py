@@ -420,7 +420,7 @@ def cmd_distill(args) -> int:
     import torch
 
     from twotower.distill import distill
-    from twotower.model.two_tower import load_model
+    from twotower.model.checkpoint import load_model
 
     model, tokenizer = load_model(args.model, dtype=getattr(torch, DTYPES[args.dtype]))
     summary = distill(

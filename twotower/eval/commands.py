@@ -57,7 +57,7 @@ def select_tasks(tasks: list[Task], per_category: int | None) -> list[Task]:
 
 
 def _load(model_ref: str, dtype: torch.dtype, weights: str = "dense", compile_steps: bool = False):
-    from twotower.model.two_tower import load_model
+    from twotower.model.checkpoint import load_model
     from twotower.text import encode_prompt, eos_token_ids
 
     model, tokenizer = load_model(model_ref, dtype=dtype, weights=weights, merge=True, compile_steps=compile_steps)
@@ -286,7 +286,7 @@ def pass_costs(model, model_ref, prompt, dtype, measured: dict, both: bool = Tru
     name = lambda d: str(d).removeprefix("torch.")
     rows = [{"dtype": name(dtype), "weights": weights, **measured, "denoiser": denoiser_pass_cost(model, prompt)}]
     if both and dtype in (torch.bfloat16, torch.float32):
-        from twotower.model.two_tower import load_model
+        from twotower.model.checkpoint import load_model
 
         other = dtype if weights != "dense" else torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
         twin, _ = load_model(model_ref, dtype=other, merge=True)

@@ -194,7 +194,9 @@ class DraftMemory:
         """Fold in one finished row's rates, acceptance and waits (sources it never used are
         skipped), and the acceptance of its kinds of draft (rate and wait None)."""
         known = self.seen.setdefault(key, {})
-        found = {source: (rate, acceptance.get(source), float(waits[source])) for source, rate in rates.items() if rate is not None}
+        found = {
+            source: (rate, acceptance.get(source), float(waits[source])) for source, rate in rates.items() if rate is not None
+        }
         found |= {kind: (None, a, None) for kind, a in acceptance.items() if kind not in rates and a is not None}
         for source, new in found.items():
             known[source] = tuple(ema(o, n, weight) for o, n in zip(known.get(source, new), new))

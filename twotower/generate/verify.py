@@ -253,7 +253,9 @@ class VerifyDecoder(Decoder):
         # What a cycle of each width costs: measured seconds (unseeded), else counted in passes.
         cost = static_cost if self.memory is None else self.memory.cycle_cost(run.batch)
         auto = self.draft == "auto"  # a source forced by the caller always drafts
-        self.policy = DraftPolicy(run.batch, self.sources, self.probe_every, prior=self.prior("rows"), cost=cost, skip_unpaid=auto)
+        self.policy = DraftPolicy(
+            run.batch, self.sources, self.probe_every, prior=self.prior("rows"), cost=cost, skip_unpaid=auto
+        )
         # With several rows, one pass serves them all and its cost grows with the longest draft,
         # so a batch-level gate (the same rule over "draft" and "ar" cycles, measured in committed
         # tokens of the whole batch per second) decides whether a cycle drafts at all.

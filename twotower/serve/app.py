@@ -341,7 +341,7 @@ def serve(
     import torch
     import uvicorn
 
-    from twotower.model.two_tower import load_model
+    from twotower.model.checkpoint import load_model
 
     model, tokenizer = load_model(
         model_ref, dtype=dtype or torch.bfloat16, weights=weights, merge=True, compile_steps=compile_steps
