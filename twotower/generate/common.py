@@ -16,6 +16,7 @@ import torch
 
 from twotower.config import BLOCK_MODES, GenerationSettings, TwoTowerError, resolve_block_size
 from twotower.generate.sampling import make_generator
+from twotower.model.protocol import DecodingModel
 
 
 @dataclass
@@ -274,7 +275,7 @@ class Decoder:
     has run). keep_rows(rows): keep only these rows. details(): the mode's statistics.
     """
 
-    def __init__(self, model, run: Run):
+    def __init__(self, model: DecodingModel, run: Run):
         self.model, self.run = model, run
 
     def start(self):
