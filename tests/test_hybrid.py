@@ -13,9 +13,9 @@ import torch
 from conftest import PROMPTS, perturb_trained, tiny_backbone, tiny_tokenizer, tiny_two_tower
 
 from twotower import TwoTowerError, TwoTowerForCausalLM, generate_ar, generate_mask_diffusion, generate_mock_ar, generate_verify
-from twotower.objective import layout_offset, sample_noise, training_logits
 from twotower.generate.common import left_pad
 from twotower.model.cache import MambaState
+from twotower.objective import layout_offset, sample_noise, training_logits
 
 
 def _hybrid(kind="lora", **config):

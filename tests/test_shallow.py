@@ -8,9 +8,9 @@ import torch
 from conftest import PROMPTS, perturb_trained, tiny_backbone
 
 from twotower import TwoTowerError, TwoTowerForCausalLM, generate_ar, generate_mask_diffusion, generate_mock_ar, generate_verify
-from twotower.objective import ar_first, sample_noise, training_logits
 from twotower.generate.common import left_pad
 from twotower.model.cache import ContextView
+from twotower.objective import ar_first, sample_noise, training_logits
 
 # (family, layers of the tiny backbone, depths to test): the hybrid's top 2 layers are Mamba and
 # MLP, its top 4 add MoE and attention.

@@ -11,8 +11,8 @@ from conftest import VOCAB, perturb_trained, tiny_backbone, tiny_tokenizer, tiny
 
 from twotower import TwoTowerError, generate_ar
 from twotower.data import pack, read_rows
-from twotower.objective import Noise, layout_offset, masked_loss_sum, sample_noise, training_logits
 from twotower.model.cache import ContextView
+from twotower.objective import Noise, layout_offset, masked_loss_sum, sample_noise, training_logits
 from twotower.train import TrainConfig, load_config, train, trainable_parameters
 
 S, BLOCKS = 4, 3
@@ -395,8 +395,8 @@ def _shallow_model(kind="lora", family="llama"):
 def test_cached_features_give_the_same_loss_and_gradient(tmp_path, family, shallow):
     """One step on features read back from disk equals the step that runs the frozen tower:
     the same loss (masked CE plus the distillation term) and the same gradient."""
-    from twotower.objective import ar_first
     from twotower.features import build_features
+    from twotower.objective import ar_first
 
     model = _shallow_model("lora", family) if shallow else _model("lora", family=family)
     perturb_trained(model)

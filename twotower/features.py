@@ -32,8 +32,8 @@ from safetensors.torch import save_file
 from twotower.backbones.base import AttentionState
 from twotower.backbones.ssm import MambaState
 from twotower.config import TwoTowerError
-from twotower.objective import Features, Teacher, context_features
 from twotower.model.cache import ContextView
+from twotower.objective import Features, Teacher, context_features
 
 INDEX = "index.json"
 

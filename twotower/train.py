@@ -27,8 +27,8 @@ from torch import nn
 
 from twotower.config import DENOISER_KINDS, LAYOUTS, TwoTowerError
 from twotower.data import batch_indices, heldout_prompts, pack, read_rows
-from twotower.objective import Features, Noise, ar_first, layout_offset, masked_loss_sum, sample_noise
 from twotower.features import build_features
+from twotower.objective import Features, Noise, ar_first, layout_offset, masked_loss_sum, sample_noise
 
 
 def option(default, help_text: str):
