@@ -102,8 +102,8 @@ def perturb_trained(model: TwoTowerForCausalLM, seed: int = 1, scale: float = 0.
     """Move every trained tensor away from its (identity) initialisation, as training would."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        params = dict(model.named_parameters(remove_duplicate=False))
-        for name in model.trained_state_dict():
+        params = dict(model.denoiser.named_parameters(remove_duplicate=False))
+        for name in model.denoiser.trained_state_dict():
             if name not in params:
                 continue  # a buffer (the hybrid MoE router's score correction): not trained
             param = params[name]

@@ -56,7 +56,7 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
         assert all((out / run / p).stat().st_size <= 0.05 * 2**20 for e in manifest["files"].values() for p in e["parts"])
         checkpoint = reassemble(out / run, tmp_path / f"{run}-checkpoint")
         trained = TwoTowerForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-        assert len(trained.aligned) == depth and trained.config.trained_tokens > 0
+        assert len(trained.denoiser.aligned) == depth and trained.config.trained_tokens > 0
         assert generate_verify(trained, [[5, 6, 7]], max_new_tokens=6).new_tokens == 6
         bench = json.loads((out / f"bench-{run}.json").read_text())
         assert {r["point"] for r in bench["rows"]} >= {"ar", "diffusion S=4 g=0.8", "verify S=4 g=0.8"}

@@ -172,8 +172,8 @@ def test_moe_latent_projections_get_no_dead_adapters(tmp_path):
     assert trainable and [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum()] == []
     model.save_pretrained(tmp_path)
     loaded = TwoTowerForCausalLM.from_pretrained(tmp_path, backbone=backbone)
-    for name, tensor in model.trained_state_dict().items():
-        assert torch.equal(loaded.trained_state_dict()[name], tensor), name
+    for name, tensor in model.denoiser.trained_state_dict().items():
+        assert torch.equal(loaded.denoiser.trained_state_dict()[name], tensor), name
     assert generate_mock_ar(loaded, PROMPTS, max_new_tokens=8).tokens == generate_mock_ar(model, PROMPTS, max_new_tokens=8).tokens
 
 

@@ -120,8 +120,8 @@ def test_lora_denoiser_shares_the_backbone_weights():
     full, lora = tiny_two_tower("full"), tiny_two_tower("lora")
     count = lambda params: sum(p.numel() for p in params)
     n_backbone = count(full.context_tower.parameters())
-    added = lambda m: count(m.get_parameter(n) for n in m.trained_state_dict())
-    assert full.denoiser_tower is not None and lora.denoiser_tower is None
+    added = lambda m: count(m.denoiser.get_parameter(n) for n in m.denoiser.trained_state_dict())
+    assert full.denoiser.backbone is not full.context_tower and lora.denoiser.backbone is lora.context_tower
     assert count(lora.parameters()) == n_backbone + added(lora)  # backbone weights held once
     assert count(full.parameters()) == n_backbone + added(full)  # full: the copy is what it trains
     assert added(full) > n_backbone > 4 * sum(count(a.parameters()) for a in lora.lora)
@@ -134,7 +134,7 @@ def test_place_towers_on_devices_cpu(denoiser_kind):
     model = tiny_two_tower(denoiser_kind).place_towers_on_devices("cpu", "cpu")
     assert model.context_device.type == "cpu" and model.denoiser_device.type == "cpu"
     if denoiser_kind == "lora":
-        assert model.denoiser_tower is None
+        assert model.denoiser.backbone is model.context_tower
 
 
 def test_context_view_moves_mamba_states_to_the_denoiser_device():
@@ -171,15 +171,15 @@ def test_save_load_round_trip_is_exact(tmp_path, denoiser_kind, layout, family):
         torch.testing.assert_close(
             _denoise(loaded, torch.full((4,), 0.5)), _denoise(model, torch.full((4,), 0.5)), atol=0, rtol=0
         )
-    for name, tensor in model.trained_state_dict().items():
-        assert torch.equal(loaded.trained_state_dict()[name], tensor), name
+    for name, tensor in model.denoiser.trained_state_dict().items():
+        assert torch.equal(loaded.denoiser.trained_state_dict()[name], tensor), name
 
 
 def test_lora_checkpoint_stores_only_what_was_trained(tmp_path):
     lora, full = tiny_two_tower("lora"), tiny_two_tower("full")
     lora.save_pretrained(tmp_path / "lora")
     full.save_pretrained(tmp_path / "full")
-    assert not any(k.startswith(("context_tower", "denoiser_tower")) for k in lora.trained_state_dict())
+    assert not any(k.startswith(("context_tower", "denoiser_tower")) for k in lora.denoiser.trained_state_dict())
     size = lambda d: (tmp_path / d / "denoiser.safetensors").stat().st_size
     backbone_bytes = sum(p.numel() * p.element_size() for p in lora.context_tower.parameters())
     assert size("full") - size("lora") > 0.8 * backbone_bytes  # only the full kind stores a backbone copy

@@ -18,7 +18,7 @@ from twotower import (
 from twotower.backbones import convert_gguf, default_gguf_path
 from twotower.cli import main
 from twotower.generate.common import left_pad
-from twotower.model.two_tower import shipped_denoiser
+from twotower.model.checkpoint import shipped_denoiser
 from twotower.text import encode_prompt
 
 pytestmark = pytest.mark.slow

@@ -28,18 +28,18 @@ def shallow(family="llama", layers=4, depth=2, denoiser="lora", block_size=4, **
 @pytest.mark.parametrize(("family", "layers", "depth"), DEPTHS)
 def test_the_denoiser_has_its_aligned_layers_only(denoiser_kind, family, layers, depth):
     model = shallow(family, layers, depth, denoiser_kind)
-    assert model.shallow and model.aligned == list(range(layers - depth, layers))
-    assert model.config.aligned_layers == model.aligned
+    assert model.denoiser.shallow and model.denoiser.aligned == list(range(layers - depth, layers))
+    assert model.config.aligned_layers == model.denoiser.aligned
     assert model.time_conditioning.layer_tables.shape[0] == depth
     if denoiser_kind == "full":
-        assert model.denoiser_tower is None and len(model.denoiser_layers) == depth
-        assert all(p.requires_grad for p in model.denoiser_layers.parameters())
+        assert model.denoiser.backbone is model.context_tower and len(model.denoiser.denoiser_layers) == depth
+        assert all(p.requires_grad for p in model.denoiser.denoiser_layers.parameters())
     else:
         assert len(model.lora) == depth
     assert all(not p.requires_grad for p in model.context_tower.parameters())
-    trained = sum(t.numel() for t in model.trained_state_dict().values())
+    trained = sum(t.numel() for t in model.denoiser.trained_state_dict().values())
     full_depth = TwoTowerForCausalLM.from_backbone(model.context_tower, denoiser=denoiser_kind, lora_rank=4)
-    assert trained < sum(t.numel() for t in full_depth.trained_state_dict().values())
+    assert trained < sum(t.numel() for t in full_depth.denoiser.trained_state_dict().values())
 
 
 @pytest.mark.parametrize(("family", "layers", "depth"), DEPTHS)
@@ -126,17 +126,17 @@ def test_shallow_save_load_round_trip(tmp_path, denoiser_kind):
     perturb_trained(model)
     model.save_pretrained(tmp_path)
     loaded = TwoTowerForCausalLM.from_pretrained(tmp_path, backbone=model.context_tower)
-    assert loaded.aligned == model.aligned and loaded.shallow
-    for name, tensor in model.trained_state_dict().items():
-        assert torch.equal(loaded.trained_state_dict()[name], tensor), name
+    assert loaded.denoiser.aligned == model.denoiser.aligned and loaded.denoiser.shallow
+    for name, tensor in model.denoiser.trained_state_dict().items():
+        assert torch.equal(loaded.denoiser.trained_state_dict()[name], tensor), name
     assert generate_mock_ar(loaded, PROMPTS, max_new_tokens=8).tokens == generate_mock_ar(model, PROMPTS, max_new_tokens=8).tokens
 
 
 def test_spread_alignment_and_explicit_layers():
     model = shallow("llama", 4, 2, alignment="spread")
-    assert model.aligned == [1, 3]
+    assert model.denoiser.aligned == [1, 3]
     explicit = shallow("llama", 4, None, aligned_layers=[0, 2])
-    assert explicit.aligned == [0, 2] and explicit.shallow
+    assert explicit.denoiser.aligned == [0, 2] and explicit.denoiser.shallow
     assert generate_verify(explicit, PROMPTS, max_new_tokens=8).tokens == generate_ar(explicit, PROMPTS, max_new_tokens=8).tokens
 
 
@@ -184,8 +184,8 @@ def test_merged_adapters_give_the_lora_denoisers_output(family, layers, depth):
     lora_logits, lora_tokens = block_logits(model), generate_mask_diffusion(model, PROMPTS, **options).tokens
     context = {k: v.clone() for k, v in model.context_tower.state_dict().items()}
     assert model.merge_adapters() is model
-    assert model.merged and model.lora is None and len(model.denoiser_layers) == depth
-    assert not any(p.requires_grad for p in model.denoiser_layers.parameters())
+    assert model.denoiser.merged and model.lora is None and len(model.denoiser.denoiser_layers) == depth
+    assert not any(p.requires_grad for p in model.denoiser.denoiser_layers.parameters())
     torch.testing.assert_close(block_logits(model), lora_logits, rtol=1e-4, atol=1e-4)
     assert generate_mask_diffusion(model, PROMPTS, **options).tokens == lora_tokens
     assert all(torch.equal(v, context[k]) for k, v in model.context_tower.state_dict().items())
@@ -201,11 +201,11 @@ def test_a_merged_model_is_for_generation_only(tmp_path):
     model.merge_adapters().quantize("int8")
     # The context tower is quantised; the denoiser's own (merged) layers stay dense.
     assert not any(isinstance(m, torch.nn.Linear) for m in model.context_tower.model.layers.modules())
-    assert all(type(m) is torch.nn.Linear for m in model.denoiser_layers.modules() if "Linear" in type(m).__name__)
+    assert all(type(m) is torch.nn.Linear for m in model.denoiser.denoiser_layers.modules() if "Linear" in type(m).__name__)
     with pytest.raises(TwoTowerError, match="adapters merged"):
         shallow("llama", 4, 2).merge_adapters().save_pretrained(tmp_path)
     with pytest.raises(TwoTowerError, match="before quantising"):
         shallow("llama", 4, 2).quantize("int8").merge_adapters()
     assert not any(tmp_path.iterdir())
     full_depth = TwoTowerForCausalLM.from_backbone(tiny_backbone("llama"), lora_rank=4).merge_adapters()
-    assert not full_depth.merged and full_depth.lora is not None  # its copy would be a second backbone
+    assert not full_depth.denoiser.merged and full_depth.lora is not None  # its copy would be a second backbone

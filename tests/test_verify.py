@@ -478,17 +478,53 @@ def test_unseeded_verify_runs_leave_their_measurements_to_the_next_and_seeded_ru
     perturb_trained(model)
     ids, mask = left_pad(PROMPTS, 0)
     seeded = dict(max_new_tokens=12, temperature=0.8, seed=3)
-    first = generate_verify(model, ids, mask, **seeded)
-    assert getattr(model, "draft_memory", None) is None
-    generate_verify(model, ids[:1], mask[:1], max_new_tokens=12)
-    memory = model.draft_memory
+    memory = DraftMemory()  # kept by whoever serves the requests, not by the model
+    first = generate_verify(model, ids, mask, memory=memory, **seeded)
+    assert not memory.seen and not memory.passes
+    generate_verify(model, ids[:1], mask[:1], max_new_tokens=12, memory=memory)
     (key,) = [k for k in memory.seen if k[0] == "rows"]
     assert (
         key[-1] == 1 and set(memory.seen[key]) <= {"denoiser", "lookup", "ar", *map(lookup_kind, (1, 2, 3))} and memory.seen[key]
     )
-    again = generate_verify(model, ids[:1], mask[:1], max_new_tokens=12)  # greedy: the same tokens
+    again = generate_verify(model, ids[:1], mask[:1], max_new_tokens=12, memory=memory)  # greedy: the same tokens
     assert again.tokens == generate_ar(model, ids[:1], mask[:1], max_new_tokens=12).tokens
-    assert generate_verify(model, ids, mask, **seeded).tokens == first.tokens
+    assert generate_verify(model, ids, mask, memory=memory, **seeded).tokens == first.tokens
+
+
+def test_verify_without_a_memory_starts_from_a_fresh_one_and_leaves_nothing_on_the_model():
+    from twotower.generate.common import drain, drive, start_run
+    from twotower.generate.verify import VerifyDecoder
+
+    model = tiny_two_tower()
+    perturb_trained(model)
+    memories = []
+    for _ in range(2):
+        decoder = VerifyDecoder(model, start_run(model, PROMPTS[:1], None, "verify", {"max_new_tokens": 12}))
+        drain(drive(decoder))
+        memories.append(decoder.memory)
+    assert memories[0] is not memories[1] and all(m.seen for m in memories)
+    assert not hasattr(model, "draft_memory")
+
+
+def test_the_engine_keeps_one_draft_memory_for_its_verify_requests():
+    from conftest import tiny_tokenizer
+
+    from twotower.serve.engine import Engine, Job
+
+    model = tiny_two_tower()
+    perturb_trained(model)
+    engine = Engine(model, tiny_tokenizer())
+    for prompt in PROMPTS[:2]:
+        job = engine.submit(Job(prompt, "verify", {"max_new_tokens": 8}))
+        while engine.waiting or engine.groups:
+            engine._admit()
+            for key in list(engine.groups):
+                engine._cycle(key)
+        events = [job.events.get_nowait() for _ in range(job.events.qsize())]
+        assert events[-1][0] == "done"
+    (key,) = [k for k in engine.draft_memory.seen if k[0] == "rows"]
+    assert engine.draft_memory.seen[key] and engine.draft_memory.passes
+    assert not hasattr(model, "draft_memory")
 
 
 def test_a_draft_is_as_long_as_pays_for_what_a_wider_pass_costs():

@@ -228,7 +228,7 @@ def cmd_distill(args) -> int:
     import torch
 
     from twotower.distill import distill
-    from twotower.model.two_tower import load_model
+    from twotower.model.checkpoint import load_model
 
     o = options(args, DistillOptions)
     if not o.out:

@@ -44,8 +44,8 @@ def _settings(model, sequences: torch.Tensor, block_size: int, top_k: int) -> di
     digest = hashlib.sha256(sequences.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
     return {
         "backbone_fingerprint": model.config.backbone_fingerprint,
-        "aligned_layers": list(model.aligned),
-        "shallow": model.shallow,
+        "aligned_layers": list(model.denoiser.aligned),
+        "shallow": model.denoiser.shallow,
         "layout": model.config.layout,
         "block_size": block_size,
         "blocks_per_sequence": (sequences.shape[1] - model.layout.offset) // block_size,
@@ -61,7 +61,7 @@ def _tensors(model, ids: torch.Tensor, features: Features) -> dict[str, torch.Te
     """The named tensors of one chunk of sequences (batch first)."""
     batch = ids.shape[0]
     out = {"ids": ids.to(torch.int32)}
-    for a in model.aligned:
+    for a in model.denoiser.aligned:
         state = features.view.states[a]
         if isinstance(state, AttentionState):
             out[f"L{a}.k"], out[f"L{a}.v"] = state.k, state.v
@@ -208,7 +208,7 @@ class FeatureStore:
         names = set(self._shard(0).keys())
         ids = self._rows("ids", indices).long().to(device)
         states = [None] * len(model.context_tower.model.layers)
-        for a in model.aligned:
+        for a in model.denoiser.aligned:
             if f"L{a}.k" in names:
                 states[a] = AttentionState(self._rows(f"L{a}.k", indices).to(device), self._rows(f"L{a}.v", indices).to(device))
             elif f"L{a}.conv" in names:

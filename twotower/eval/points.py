@@ -70,19 +70,22 @@ def generate_replies(
     batch_size: int,
     eos: list[int],
     bar=None,
+    memory=None,
 ) -> tuple[list[Reply], dict]:
     """Replies in prompt order, generated in batches of prompts that share max_new_tokens.
-    Returns the replies and the pass counts / seconds summed over batches."""
+    Returns the replies and the pass counts / seconds summed over batches. memory: the
+    DraftMemory verify mode starts from and adds to (None: a fresh one per batch)."""
     replies: list[Reply | None] = [None] * len(prompts)
     totals = {"seconds": 0.0, "new_tokens": 0, "nfe": 0, "denoiser_passes": 0, "context_passes": 0}
     by_length: dict[int, list[int]] = {}
+    verify = {"memory": memory} if point.mode == "verify" else {}
     for i, n in enumerate(max_new):
         by_length.setdefault(n, []).append(i)
     for n, indices in sorted(by_length.items()):
         for start in range(0, len(indices), batch_size):
             group = indices[start : start + batch_size]
             result = generate(
-                model, point.mode, [prompts[i] for i in group], max_new_tokens=n, eos_token_id=eos, **point.options()
+                model, point.mode, [prompts[i] for i in group], max_new_tokens=n, eos_token_id=eos, **point.options(), **verify
             )
             for row, i in enumerate(group):
                 toks = result.tokens[row]

@@ -13,6 +13,7 @@ from twotower.eval import metrics
 from twotower.eval.checks import score
 from twotower.eval.points import AR, OperatingPoint, generate_replies
 from twotower.eval.tasks import Task
+from twotower.generate.draft import DraftMemory
 
 
 def run_eval(
@@ -43,9 +44,10 @@ def run_eval(
     if reference_model is not None:
         runs.insert(0, (reference_model, AR, "ar dense"))
     bar = tqdm(total=len(runs) * len(tasks), desc="eval", unit="prompt", disable=not progress)
+    memory = DraftMemory()  # verify's: a later prompt starts from what the earlier ones measured
     for runner, point, label in runs:
         bar.set_postfix_str(label)
-        replies, totals = generate_replies(runner, tokenizer, prompts, max_new, point, batch_size, eos or [], bar)
+        replies, totals = generate_replies(runner, tokenizer, prompts, max_new, point, batch_size, eos or [], bar, memory)
         passed = [score(task, reply.text) for task, reply in zip(tasks, replies)]
         if reference is None:
             reference = replies

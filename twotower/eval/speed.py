@@ -14,6 +14,7 @@ from twotower.config import TwoTowerError
 from twotower.eval import metrics
 from twotower.eval.points import AR, OperatingPoint, add_counts, generate_replies
 from twotower.generate import generate
+from twotower.generate.draft import DraftMemory
 
 LOOKUP_TOKENS = 10  # draft length of the prompt-lookup baselines (transformers' and llama.cpp's default)
 
@@ -76,11 +77,12 @@ def _llama_cpp_baselines(gguf: str, prompts, max_new_tokens: int, threads: int, 
     return found
 
 
-def interleaved(model, prompts, points, batch: int, max_new_tokens: int, eos, bar=None, labels=None) -> dict:
+def interleaved(model, prompts, points, batch: int, max_new_tokens: int, eos, bar=None, labels=None, memory=None) -> dict:
     """Every point over the prompts, in batches of `batch`, taking the points in turn on each
     batch of prompts (A B A B ...), so that a machine whose speed drifts during the run moves
     every point alike and their ratios stay meaningful. labels: one per prompt (its category):
     a batch holds prompts of one label only, and each point's totals are also kept per label.
+    memory: the run's DraftMemory, which verify mode starts from and adds to.
     Returns point -> (replies, totals, {label: totals})."""
     labels = labels or [None] * len(prompts)
     found = {point: ([], {}, {}) for point in points}
@@ -88,7 +90,9 @@ def interleaved(model, prompts, points, batch: int, max_new_tokens: int, eos, ba
         for point in points:
             if bar is not None:
                 bar.set_postfix_str(f"{point.label} batch={batch}")
-            replies, totals = generate_replies(model, None, chunk, [max_new_tokens] * len(chunk), point, batch, eos)
+            replies, totals = generate_replies(
+                model, None, chunk, [max_new_tokens] * len(chunk), point, batch, eos, memory=memory
+            )
             found[point][0].extend(replies)
             add_counts(found[point][1], totals, numbers=(int, float))
             add_counts(found[point][2].setdefault(label, {}), totals, numbers=(int, float))
@@ -186,6 +190,7 @@ def run_bench(
     bar = tqdm(total=steps, desc="bench", unit="batch", disable=not progress)
     generate(model, "ar", prompts[:1], max_new_tokens=4)  # warm-up (allocator, threads)
     costs = pass_cost(model, prompts[0])
+    memory = DraftMemory()  # verify's: a later prompt starts from what the earlier ones measured
     for batch in batch_sizes:
         baselines = {}
         if hf:
@@ -208,7 +213,7 @@ def run_bench(
                     "llama.cpp skipped: it crashed (an instruction this CPU or VM refuses, e.g. a build for AMX where "
                     "AMX is not granted: rebuild with CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX512=ON', docs/benchmarks.md)"
                 )
-        measured = interleaved(model, prompts, points, batch, max_new_tokens, eos, bar, labels)
+        measured = interleaved(model, prompts, points, batch, max_new_tokens, eos, bar, labels, memory)
         ar = measured.get(AR)
         for point in points:
             replies, totals, by_label = measured[point]

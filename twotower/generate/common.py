@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from twotower.generate.sampling import make_generator
+from twotower.model.protocol import DecodingModel
 from twotower.settings import BLOCK_MODES, GenerationSettings, TwoTowerError, resolve_block_size
 
 
@@ -278,7 +279,7 @@ class Decoder:
     has run). keep_rows(rows): keep only these rows. details(): the mode's statistics.
     """
 
-    def __init__(self, model, run: Run):
+    def __init__(self, model: DecodingModel, run: Run):
         self.model, self.run = model, run
 
     def start(self):

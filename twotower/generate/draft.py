@@ -13,7 +13,8 @@ chooses between the sources per row.
   often the source's tokens are accepted and what a pass over so many positions costs.
   A row may start from what earlier requests measured (`DraftMemory`: rates, acceptance, the
   seconds of each pass width) instead of trying every source first, which on a short reply
-  costs more than it can gain.
+  costs more than it can gain. The memory belongs to whoever serves the requests (the server's
+  engine, a benchmark run), not to the model's weights.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from twotower.generate.sampling import sample_tokens, top_p_filter
+from twotower.model.protocol import DecodingModel
 
 
 def lookup_match(history: list[int], max_len: int, ngram: int = 3) -> tuple[list[int], int]:
@@ -43,8 +45,7 @@ def lookup_draft(history: list[int], max_len: int, ngram: int = 3) -> list[int]:
 class TokenHistory:
     """A row's prompt and reply tokens, with where each n-gram (n = 1..ngram) last began, so that
     prompt lookup costs a few dict reads a cycle instead of `lookup_match`'s scan of the whole
-    history (1.08-1.16 ms a row and cycle over 2,000 tokens here, as dear as 5% of an int4 step).
-    `match` returns what `lookup_match` does."""
+    history, whose cost grows with the history. `match` returns what `lookup_match` does."""
 
     def __init__(self, tokens: list[int], ngram: int = 3):
         self.tokens, self.ngram = list(tokens), ngram
@@ -71,8 +72,7 @@ class TokenHistory:
 
 def lookup_kind(match: int) -> str:
     """The name under which lookup drafts of a match of this length keep their acceptance: a
-    longer match is accepted far more often (measured on the built-in prompts, default
-    backbone: 0.5 / 0.9 / 1.8 tokens of a 7-token draft after a 1- / 2- / 3-token match)."""
+    longer match is accepted more often, so each length keeps its own."""
     return f"lookup{match}"
 
 
@@ -87,7 +87,7 @@ def target_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torc
 
 
 @torch.no_grad()
-def denoiser_draft(model, cache, pending, width: int, settings, generator, steps: int):
+def denoiser_draft(model: DecodingModel, cache, pending, width: int, settings, generator, steps: int):
     """Draft `width` tokens after `pending` with the denoiser, left to right.
 
     The cache holds every committed token but `pending`, the context tower's own next token. As
@@ -165,17 +165,15 @@ def batch_bucket(rows: int) -> int:
 
 
 class DraftMemory:
-    """What earlier requests measured (kept on the model), for requests that neither try every
-    source again nor probe a source that keeps losing as often as a first request must, and that
-    draft only as far as pays:
+    """What earlier requests measured (kept by whoever serves them: the server's engine, a
+    benchmark run), for requests that neither try every source again nor probe a source that
+    keeps losing as often as a first request must, and that draft only as far as pays:
 
     - per setting (the sources, block size, threshold and batch size, `batch_bucket`): the mean of the rates,
       acceptance and probe waits the rows ended with;
     - per batch size: the seconds of a verify pass over each width, and of a denoiser draft.
-      A pass's cost depends on the machine, the dtype and the weights (measured, 2 CPU cores,
-      int4 weights: 1.2x a one-position pass over 2 positions, about 1.8x over 5-8, more past
-      8, where it turns to the dense weights; dense bf16: 1.0-1.3x over any width up to 17),
-      so it is measured, not assumed.
+      A pass's cost depends on the machine, the dtype and the weights (quantised weights turn
+      to the dense ones past `exact_rows`), so it is measured, not assumed.
 
     Only for unseeded runs, whose costs are wall-clock seconds anyway (a seeded run must not
     depend on what ran before it)."""
@@ -224,14 +222,6 @@ class DraftMemory:
             return interpolate(widths, width) + drafting
 
         return cost
-
-
-def draft_memory(model) -> DraftMemory:
-    """The model's DraftMemory (made on first use)."""
-    memory = getattr(model, "draft_memory", None)
-    if memory is None:
-        memory = model.draft_memory = DraftMemory()
-    return memory
 
 
 def expected_tokens(acceptance: float, drafts: int) -> float:

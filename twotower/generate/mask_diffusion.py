@@ -29,6 +29,7 @@ import torch
 from twotower.config import TwoTowerError
 from twotower.generate.common import Decoder, NextTokenDecoder, drive, start_run
 from twotower.generate.sampling import sample_tokens
+from twotower.model.protocol import DecodingModel
 
 
 def committed_prefix(filled: torch.Tensor) -> torch.Tensor:
@@ -88,7 +89,7 @@ def emit_prefix(run, block: Block):
     return event
 
 
-def fill_block(model, run, cache, block: Block):
+def fill_block(model: DecodingModel, run, cache, block: Block):
     """Step 2: denoiser passes over the block until no row commits anything, every slot is
     committed, or steps_per_block passes were made. Yields a StreamEvent per pass."""
     s = run.settings
@@ -112,7 +113,7 @@ def fill_block(model, run, cache, block: Block):
         yield event
 
 
-def extend_context(model, run, cache, block: Block) -> torch.Tensor:
+def extend_context(model: DecodingModel, run, cache, block: Block) -> torch.Tensor:
     """Step 3: the context tower reads each row's committed prefix in one pass (the longest
     one's width; the rest of each row is dropped from the cache again). Returns the AR logits
     (B, V) after each row's prefix."""

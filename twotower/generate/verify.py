@@ -25,7 +25,9 @@ same choice between cycles that draft and plain AR cycles, on the whole batch's 
 second, and a drafting cycle cuts the rows' drafts at the one length that pays best for the
 whole batch (`batch_width`), since one row's long draft widens every row's pass.
 With a sampling seed the cost of a cycle is counted in tower passes instead of seconds, so
-that the choices, and with them the sampled text, are reproducible.
+that the choices, and with them the sampled text, are reproducible. Unseeded, rows start from
+what earlier requests measured (a `DraftMemory`, which whoever serves the requests keeps and
+passes in; none given: a fresh one for this call).
 """
 
 from __future__ import annotations
@@ -38,11 +40,11 @@ import torch
 from twotower.config import DRAFT_SOURCES, TwoTowerError
 from twotower.generate.common import Decoder, drive, select_rows, start_run
 from twotower.generate.draft import (
+    DraftMemory,
     DraftPolicy,
     TokenHistory,
     batch_bucket,
     denoiser_draft,
-    draft_memory,
     expected_tokens,
     lookup_draft,
     lookup_kind,
@@ -51,6 +53,7 @@ from twotower.generate.draft import (
     target_probs,
 )
 from twotower.generate.sampling import sample_tokens
+from twotower.model.protocol import DecodingModel
 
 __all__ = ["DRAFT_SOURCES", "DraftPolicy", "accept_drafts", "lookup_draft", "target_probs", "verify_stream"]
 
@@ -143,7 +146,7 @@ def cap_drafts(drafts: Drafts, cap: int | None) -> Drafts:
     return drafts
 
 
-def make_drafts(model, cache, pending, drafts: Drafts, settings, run, draft_steps: int) -> Drafts:
+def make_drafts(model: DecodingModel, cache, pending, drafts: Drafts, settings, run, draft_steps: int) -> Drafts:
     """Step 2: the denoiser drafts for the rows that chose it, one batched draft of the longest
     length they ask for (`drafts.den_rows`)."""
     if drafts.den_rows:
@@ -159,7 +162,7 @@ def make_drafts(model, cache, pending, drafts: Drafts, settings, run, draft_step
     return drafts
 
 
-def verify_pass(model, cache, pending: torch.Tensor, draft_ids: torch.Tensor) -> torch.Tensor:
+def verify_pass(model: DecodingModel, cache, pending: torch.Tensor, draft_ids: torch.Tensor) -> torch.Tensor:
     """Step 3: the context tower reads [pending, drafts] (B, k+1) in one pass, appending them to
     the cache. Returns its logits (B, k+1, V): the AR choice after every prefix.
 
@@ -223,9 +226,20 @@ def commit(cache, run, drafts: Drafts, active, accepted: list[int], following: l
 
 class VerifyDecoder(Decoder):
     """Verify mode in cycles (module docstring). Between cycles the cache holds every committed
-    token but each row's last one, `pending`, which the next verify pass reads first."""
+    token but each row's last one, `pending`, which the next verify pass reads first.
+    memory: what earlier requests measured, which unseeded runs start from and add to (None: a
+    fresh one)."""
 
-    def __init__(self, model, run, draft: str = "auto", draft_steps: int = 1, lookup_ngram: int = 3, probe_every: int = 16):
+    def __init__(
+        self,
+        model: DecodingModel,
+        run,
+        draft: str = "auto",
+        draft_steps: int = 1,
+        lookup_ngram: int = 3,
+        probe_every: int = 16,
+        memory: DraftMemory | None = None,
+    ):
         super().__init__(model, run)
         if draft not in DRAFT_SOURCES:
             raise TwoTowerError(f"draft must be one of {DRAFT_SOURCES}, got {draft!r}")
@@ -234,6 +248,7 @@ class VerifyDecoder(Decoder):
         if draft == "denoiser" and not model.layout.anchored:
             raise TwoTowerError("verify mode drafts with the denoiser only in the shifted layout")
         self.draft, self.draft_steps, self.lookup_ngram, self.probe_every = draft, draft_steps, lookup_ngram, probe_every
+        self.given_memory = memory
         self.sources = tuple(w for w in SOURCES_BY_DRAFT[draft] if w != "denoiser" or model.layout.anchored)
         self.counts = dict.fromkeys(("denoiser", "lookup", "ar"), 0)
         self.cycles = self.drafted = self.accepted = 0
@@ -248,7 +263,8 @@ class VerifyDecoder(Decoder):
         rows = zip(run.ids, run.attention_mask, self.pending.tolist())
         self.history = [TokenHistory([*row[mask.bool()].tolist(), token], self.lookup_ngram) for row, mask, token in rows]
         # Unseeded, a row starts from what earlier requests with these settings measured.
-        self.memory = draft_memory(self.model) if run.generator is None else None
+        memory = self.given_memory if self.given_memory is not None else DraftMemory()
+        self.memory = memory if run.generator is None else None
         self.setting = (self.sources, s.block_size, s.threshold, batch_bucket(run.batch))  # what the memory is kept by
         # What a cycle of each width costs: measured seconds (unseeded), else counted in passes.
         cost = static_cost if self.memory is None else self.memory.cycle_cost(run.batch)
@@ -317,12 +333,12 @@ class VerifyDecoder(Decoder):
         return max(longest, 0)
 
     def prior(self, kind: str):
-        """What the model's DraftMemory holds for this setting: of the rows ("rows") or of the
+        """What the DraftMemory holds for this setting: of the rows ("rows") or of the
         batch gate ("gate"); None for a seeded run."""
         return None if self.memory is None else self.memory.prior((kind, *self.setting))
 
     def remember(self, rows: list[int]) -> None:
-        """Rows that just finished leave what they measured to the model's DraftMemory (the
+        """Rows that just finished leave what they measured to the DraftMemory (the
         batch gate's, with the last row of the batch)."""
         if self.memory is None:
             return
@@ -365,6 +381,7 @@ def verify_stream(
     draft_steps: int = 1,
     lookup_ngram: int = 3,
     probe_every: int = 16,
+    memory: DraftMemory | None = None,
     **options,
 ):
     """Yields a StreamEvent per cycle; returns a GenerationResult whose details hold cycles,
@@ -373,7 +390,8 @@ def verify_stream(
     draft: "auto" (the DraftPolicy), "denoiser", "lookup" (prompt lookup, else an AR step) or
     "ar". Options: GenerationSettings fields; block_size caps the draft length,
     threshold truncates denoiser drafts, steps_per_block is unused (draft_steps
-    denoiser passes per draft).
+    denoiser passes per draft). memory: the DraftMemory that unseeded runs start from and add
+    to, kept by whoever serves requests (None: a fresh one for this call, as for a new model).
     """
     run = start_run(model, input_ids, attention_mask, "verify", options)
-    return (yield from drive(VerifyDecoder(model, run, draft, draft_steps, lookup_ngram, probe_every)))
+    return (yield from drive(VerifyDecoder(model, run, draft, draft_steps, lookup_ngram, probe_every, memory)))

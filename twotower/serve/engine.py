@@ -28,6 +28,7 @@ import torch
 from twotower.config import TwoTowerError
 from twotower.generate import DECODERS
 from twotower.generate.common import start_run
+from twotower.generate.draft import DraftMemory
 from twotower.text import eos_token_ids
 
 BLOCK_MODES = ("diffusion", "verify")
@@ -128,6 +129,7 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.metrics = metrics
         self.eos = eos_token_ids(model, tokenizer)
+        self.draft_memory = DraftMemory()  # what verify requests measured, for the next ones
         self.waiting: deque[Job] = deque()
         self.groups: dict[tuple, Group] = {}
         self.lock = threading.Lock()
@@ -197,7 +199,8 @@ class Engine:
     def _start(self, job: Job) -> None:
         options = {**job.options, "eos_token_id": self.eos}
         run = start_run(self.model, [job.prompt_ids], None, job.mode, options)
-        decoder = DECODERS[job.mode](self.model, run, **job.decoder_options)
+        memory = {"memory": self.draft_memory} if job.mode == "verify" else {}
+        decoder = DECODERS[job.mode](self.model, run, **job.decoder_options, **memory)
         row = Row(job, TextStream(self.tokenizer, job.stop))
         for _ in decoder.start():
             pass

@@ -1,0 +1,142 @@
+"""Checkpoints: a folder of config.json and denoiser.safetensors, the trained tensors only (the
+denoiser's `trained_state_dict`); the backbone is referenced by `config.backbone_ref` and checked
+by fingerprint. And `load_model`, which loads what a user names: a checkpoint, "default" with the
+denoiser that ships for it (`shipped_denoiser`), or a backbone wrapped as an untrained model.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from twotower.backbones import backbone_fingerprint, load_backbone
+from twotower.config import TwoTowerConfig, TwoTowerError
+from twotower.model import inference
+from twotower.model.two_tower import TwoTowerForCausalLM
+
+WEIGHTS_NAME = "denoiser.safetensors"
+SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints" / "smollm2-135m-instruct"
+
+
+def save(model: TwoTowerForCausalLM, path: str | os.PathLike) -> None:
+    """Write config.json and denoiser.safetensors (atomically: temp file, then rename)."""
+    if model.weights != "dense" or model.denoiser.merged:
+        how = "its LoRA adapters merged" if model.denoiser.merged else f"its weights quantised to {model.weights}"
+        raise TwoTowerError(f"this model is prepared for inference ({how}); save the model as loaded")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        metadata = {"format": "pt", "denoiser": model.config.denoiser}
+        save_file(model.denoiser.trained_state_dict(), tmp, metadata=metadata)
+        os.replace(tmp, path / WEIGHTS_NAME)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def from_pretrained(cls, path: str | os.PathLike, backbone=None, dtype=None, config=None, **kwargs):
+    """Load a checkpoint written by `save` as a `cls` (TwoTowerForCausalLM).
+
+    backbone: a loaded backbone module, or a reference overriding the one in config.json.
+    dtype: torch dtype of the backbone (default bfloat16; `torch_dtype` is accepted too).
+    """
+    path = Path(path)
+    dtype = dtype or kwargs.get("torch_dtype") or torch.bfloat16
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if not (path / "config.json").is_file() or not (path / WEIGHTS_NAME).is_file():
+        raise TwoTowerError(f"{path} is not a twotower checkpoint (needs config.json and {WEIGHTS_NAME})")
+    if config is None:
+        config = TwoTowerConfig.from_pretrained(path)
+    if getattr(config, "model_type", None) != "twotower":
+        raise TwoTowerError(f"{path}/config.json is not a twotower config")
+    tokenizer = None
+    if backbone is None or isinstance(backbone, (str, os.PathLike)):
+        backbone, tokenizer = load_backbone(backbone if backbone is not None else config.backbone_ref, dtype)
+    found = backbone_fingerprint(backbone)
+    if config.backbone_fingerprint and found != config.backbone_fingerprint:
+        raise TwoTowerError(
+            f"checkpoint {path} was trained on backbone {config.backbone_ref!r} (fingerprint "
+            f"{config.backbone_fingerprint}), but the backbone given has fingerprint {found}: "
+            "load it with the backbone it was trained on"
+        )
+    model = cls(config, backbone, tokenizer)
+    model.tokenizer = tokenizer
+    load_trained_state(model, path / WEIGHTS_NAME)
+    return model
+
+
+def load_trained_state(model: TwoTowerForCausalLM, file: Path) -> None:
+    """Load a denoiser.safetensors into the model's denoiser: every tensor it trains, no other,
+    each of the shape the model expects."""
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise TwoTowerError(f"{file} is corrupt or not a safetensors file: {err}") from err
+    expected = model.denoiser.trained_state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise TwoTowerError(
+            f"{file} does not match this model ({model.config.denoiser} denoiser): "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise TwoTowerError(
+                f"{file}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}"
+            )
+    model.denoiser.load_state_dict(state, strict=False)  # strict=False: a tied tensor is stored once
+
+
+def shipped_denoiser() -> Path | None:
+    """The trained denoiser that ships for the default backbone (twotower/checkpoints/), or None."""
+    return SHIPPED if (SHIPPED / WEIGHTS_NAME).is_file() else None
+
+
+def load_model(
+    ref: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    shipped: bool = True,
+    weights: str = "dense",
+    merge: bool = False,
+    compile_steps: bool = False,
+    **config_kwargs,
+):
+    """Load what a user names: a twotower checkpoint folder; "default", the default backbone with
+    the denoiser that ships for it (shipped=False, or any config_kwargs: a new untrained one); or
+    a backbone (a folder, a .gguf file) wrapped as an untrained two-tower model with config_kwargs.
+    weights: "dense", or "int8" / "int4" weight-only linear layers for CPU inference; merge: fold
+    a shallow LoRA denoiser's adapters into copies of its layers, for generation; compile_steps:
+    the context passes decoding repeats compiled (`inference`, for all three).
+    Returns (model, tokenizer)."""
+    model, tokenizer = _load(ref, dtype, shipped, **config_kwargs)
+    if merge:
+        inference.merge_adapters(model)
+    inference.quantize(model, weights)
+    if compile_steps:
+        inference.compile_steps(model)
+    return model, tokenizer
+
+
+def _load(ref, dtype, shipped, **config_kwargs):
+    path = Path(ref).expanduser() if ref not in (None, "default") else None
+    if path is not None and (path / "config.json").is_file() and (path / WEIGHTS_NAME).is_file():
+        model = from_pretrained(TwoTowerForCausalLM, path, dtype=dtype)
+        return model, model.tokenizer
+    if path is None and shipped and not config_kwargs and shipped_denoiser() is not None:
+        model = from_pretrained(TwoTowerForCausalLM, shipped_denoiser(), dtype=dtype, backbone="default")
+        return model, model.tokenizer
+    backbone, tokenizer = load_backbone(ref, dtype)
+    model = TwoTowerForCausalLM.from_backbone(
+        backbone, tokenizer, backbone_ref=str(path.resolve()) if path else "default", **config_kwargs
+    )
+    return model, tokenizer

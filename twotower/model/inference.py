@@ -1,0 +1,96 @@
+"""Inference transforms: what prepares a loaded model for generation, in place.
+
+  merge_adapters  a shallow LoRA denoiser's adapters folded into copies of its layers
+  quantize        weight-only int8 / int4 linear layers for CPU inference (twotower/quant.py)
+  compile_steps   the context passes that decoding repeats, compiled (twotower/backbones/graphs.py)
+  warm_steps      those passes compiled now rather than on first use
+
+Merge before quantising, and compile last (quantising drops the compiled passes). A model so
+prepared generates; it neither trains nor saves (`checkpoint.save` refuses it).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from twotower.backbones.graphs import COMPILED_DTYPES
+from twotower.config import TwoTowerError
+from twotower.model.denoiser import LoRADenoiser, MergedDenoiser
+
+
+def merge_adapters(model):
+    """A shallow LoRA denoiser's adapters folded into dense copies of its K aligned layers
+    (`denoiser.MergedDenoiser`). The copies cost K layers' weights; a full-depth LoRA denoiser is
+    left as it is, since its copy would be a second backbone. Returns the model."""
+    if not isinstance(model.denoiser, LoRADenoiser) or not model.denoiser.shallow:
+        return model
+    if model.weights != "dense":
+        raise TwoTowerError("merge the adapters before quantising the model (merge_adapters, then quantize)")
+    model.denoiser = MergedDenoiser(model.denoiser)
+    return model
+
+
+def quantize(model, weights: str):
+    """Weight-only int8 / int4 linear layers: both towers' projections and LM heads; LoRA, adaLN,
+    the embeddings and a shallow denoiser's own layers stay as they are (its passes run over a
+    block's rows, where the dense matmul is the cheaper, and 4 bits would not hold a merged
+    adapter's small delta). "dense" leaves the model unchanged. Returns the model."""
+    if weights == "dense":
+        return model
+    from twotower.quant import quantize_backbone
+
+    quantize_backbone(model.context_tower, weights, model.family.fusions)
+    if model.denoiser.backbone is not model.context_tower:  # its own copy, or one on another device
+        quantize_backbone(model.denoiser.backbone, weights, model.family.fusions)
+    model.weights, model.step_layers = weights, None  # graphs hold the layers' old tensors
+    return model
+
+
+def exact_rows(model) -> int | None:
+    """The most rows (batch x positions) a context pass may hold and still give each row the
+    logits of a one-row pass bit for bit: quantised weights serve only so many
+    (`quant.QUANTISED_ROWS`), wider passes take the dense ones; None: any."""
+    from twotower.quant import QUANTISED_ROWS
+
+    return None if model.weights == "dense" else QUANTISED_ROWS
+
+
+def compile_steps(model) -> bool:
+    """Run the context passes that decoding repeats (AR steps, verify passes, diffusion mode's
+    block reads: at most `compiled_positions` new positions; not the prefill) with the work
+    around each layer's attention compiled (`backbones.graphs`: one graph per batch size and
+    width, compiled on first use or by `warm_steps`), where the family has such graphs. In bf16
+    a compiled pass gives each position the same logits at any width, so verify mode stays AR's
+    output token for token, but not always the eager pass's last bits (a near-tie may break
+    otherwise than eagerly); fp32 runs eagerly. Returns whether the family has them."""
+    make = model.family.compiled_layers
+    model.step_layers = None if make is None else make()
+    dtype = model.context_tower.get_input_embeddings().weight.dtype
+    if model.step_layers is not None and dtype not in COMPILED_DTYPES:
+        warnings.warn(
+            f"twotower: compiled passes run in bf16 / fp16 only; this model is {dtype}, so they stay eager", stacklevel=3
+        )
+    return model.step_layers is not None
+
+
+def compiled_positions(model) -> int:
+    """The widest context pass that runs compiled: a block and the token before it, the widest
+    pass decoding makes."""
+    return model.config.block_size + 1
+
+
+@torch.no_grad()
+def warm_steps(model, batch_sizes=(1,), positions: int | None = None) -> None:
+    """Compile now, not on first use, the passes of each batch size over 1..positions new
+    positions (default: `compiled_positions`): a short prefill and one extension each, of
+    different tokens in every row and position. Nothing without `compile_steps`."""
+    if model.step_layers is None:
+        return
+    device, vocab = model.context_device, model.num_embeddings
+    for batch in batch_sizes:
+        for width in range(1, (positions or compiled_positions(model)) + 1):
+            ids = (torch.arange(batch * (width + 2), device=device).view(batch, width + 2) * 7919 + 11) % vocab
+            cache, _ = model.context_prefill(ids[:, :2], torch.ones_like(ids[:, :2]))
+            model.context_extend(cache, ids[:, 2:], exact=batch == 1)
