@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from twotower.config import DRAFT_SOURCES, TwoTowerError
 from twotower.generate.common import Decoder, drive, select_rows, start_run
 from twotower.generate.draft import (
     DraftMemory,
@@ -54,6 +53,7 @@ from twotower.generate.draft import (
 )
 from twotower.generate.sampling import sample_tokens
 from twotower.model.protocol import DecodingModel
+from twotower.settings import DRAFT_SOURCES, TwoTowerError, VerifyOptions
 
 __all__ = ["DRAFT_SOURCES", "DraftPolicy", "accept_drafts", "lookup_draft", "target_probs", "verify_stream"]
 
@@ -230,24 +230,14 @@ class VerifyDecoder(Decoder):
     memory: what earlier requests measured, which unseeded runs start from and add to (None: a
     fresh one)."""
 
-    def __init__(
-        self,
-        model: DecodingModel,
-        run,
-        draft: str = "auto",
-        draft_steps: int = 1,
-        lookup_ngram: int = 3,
-        probe_every: int = 16,
-        memory: DraftMemory | None = None,
-    ):
+    def __init__(self, model: DecodingModel, run, options: VerifyOptions = VerifyOptions(), memory: DraftMemory | None = None):
         super().__init__(model, run)
-        if draft not in DRAFT_SOURCES:
-            raise TwoTowerError(f"draft must be one of {DRAFT_SOURCES}, got {draft!r}")
-        if not isinstance(draft_steps, int) or draft_steps < 1:
-            raise TwoTowerError(f"draft_steps must be an integer >= 1, got {draft_steps!r}")
+        draft = options.draft
         if draft == "denoiser" and not model.layout.anchored:
             raise TwoTowerError("verify mode drafts with the denoiser only in the shifted layout")
-        self.draft, self.draft_steps, self.lookup_ngram, self.probe_every = draft, draft_steps, lookup_ngram, probe_every
+        self.options = options
+        self.draft, self.draft_steps, self.lookup_ngram, self.probe_every = (
+            draft, options.draft_steps, options.lookup_ngram, options.probe_every)  # fmt: skip
         self.given_memory = memory
         self.sources = tuple(w for w in SOURCES_BY_DRAFT[draft] if w != "denoiser" or model.layout.anchored)
         self.counts = dict.fromkeys(("denoiser", "lookup", "ar"), 0)
@@ -377,21 +367,24 @@ def verify_stream(
     input_ids,
     attention_mask=None,
     *,
-    draft: str = "auto",
-    draft_steps: int = 1,
-    lookup_ngram: int = 3,
-    probe_every: int = 16,
+    verify: VerifyOptions | None = None,
     memory: DraftMemory | None = None,
     **options,
 ):
     """Yields a StreamEvent per cycle; returns a GenerationResult whose details hold cycles,
     drafted and accepted tokens and how often each draft source was used.
 
-    draft: "auto" (the DraftPolicy), "denoiser", "lookup" (prompt lookup, else an AR step) or
-    "ar". Options: GenerationSettings fields; block_size caps the draft length,
-    threshold truncates denoiser drafts, steps_per_block is unused (draft_steps
-    denoiser passes per draft). memory: the DraftMemory that unseeded runs start from and add
-    to, kept by whoever serves requests (None: a fresh one for this call, as for a new model).
+    verify: how it drafts (VerifyOptions; or its fields as keywords: draft "auto" (the
+    DraftPolicy), "denoiser", "lookup" (prompt lookup, else an AR step) or "ar", ...).
+    Options: GenerationSettings fields (or `settings=`); block_size caps the draft length,
+    threshold truncates denoiser drafts, steps_per_block is unused (draft_steps denoiser
+    passes per draft). memory: the DraftMemory that unseeded runs start from and add to, kept
+    by whoever serves requests (None: a fresh one for this call, as for a new model).
     """
+    fields, options = VerifyOptions.split(options)
+    if verify is None:
+        verify = VerifyOptions(**fields)
+    elif fields:
+        raise TwoTowerError(f"pass the verify options in `verify` or as keywords, not both: {sorted(fields)}")
     run = start_run(model, input_ids, attention_mask, "verify", options)
-    return (yield from drive(VerifyDecoder(model, run, draft, draft_steps, lookup_ngram, probe_every, memory)))
+    return (yield from drive(VerifyDecoder(model, run, verify, memory)))

@@ -29,6 +29,7 @@ from twotower.config import TwoTowerError
 from twotower.generate import DECODERS
 from twotower.generate.common import start_run
 from twotower.generate.draft import DraftMemory
+from twotower.settings import VerifyOptions
 from twotower.text import eos_token_ids
 
 BLOCK_MODES = ("diffusion", "verify")
@@ -199,8 +200,8 @@ class Engine:
     def _start(self, job: Job) -> None:
         options = {**job.options, "eos_token_id": self.eos}
         run = start_run(self.model, [job.prompt_ids], None, job.mode, options)
-        memory = {"memory": self.draft_memory} if job.mode == "verify" else {}
-        decoder = DECODERS[job.mode](self.model, run, **job.decoder_options, **memory)
+        verify = {"options": VerifyOptions(**job.decoder_options), "memory": self.draft_memory} if job.mode == "verify" else {}
+        decoder = DECODERS[job.mode](self.model, run, **verify)
         row = Row(job, TextStream(self.tokenizer, job.stop))
         for _ in decoder.start():
             pass

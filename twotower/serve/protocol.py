@@ -14,9 +14,9 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from twotower.config import DRAFT_SOURCES, MODES
+from twotower.settings import MODES, check_value, request_knobs
 
 MAX_STOPS = 4
 
@@ -41,7 +41,19 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class Sampling(BaseModel):
+def _knob_field(f):
+    """A request field from a settings knob (twotower/settings.py): its type, None by default
+    (the server's setting), its help as the description; its check runs in `Sampling`."""
+    choices = f.metadata.get("choices")
+    kind = Literal[choices] if choices else int if "int" in str(f.type) else float if "float" in str(f.type) else str
+    return kind | None, Field(None, description=f.metadata.get("help"))
+
+
+# twotower's own fields besides `mode`: every knob of GenerationSettings / VerifyOptions marked request=True
+Knobs = create_model("Knobs", __config__=ConfigDict(extra="ignore"), **{n: _knob_field(f) for n, f in request_knobs().items()})
+
+
+class Sampling(Knobs):
     """Fields shared by chat and completions requests."""
 
     model_config = ConfigDict(extra="ignore")
@@ -58,9 +70,6 @@ class Sampling(BaseModel):
     logprobs: bool | int | None = Field(None, description="not supported: null or false")
     # twotower's own fields
     mode: Literal[MODES] | None = Field(None, description="ar, mock-ar, diffusion or verify (default: the server's)")
-    threshold: float | None = Field(None, gt=0.0, le=1.0, description="diffusion / verify confidence threshold")
-    block_size: int | None = Field(None, ge=1, description="tokens per block, at most the trained size")
-    draft: Literal[DRAFT_SOURCES] | None = Field(None, description="verify mode's draft source")
 
     @field_validator("stop")
     @classmethod
@@ -69,6 +78,12 @@ class Sampling(BaseModel):
         if len(stops) > MAX_STOPS or any(not s for s in stops):
             raise ValueError(f"stop takes at most {MAX_STOPS} non-empty strings")
         return stops
+
+    @model_validator(mode="after")
+    def _knobs(self):
+        for name, f in request_knobs().items():
+            check_value(name, f.metadata, getattr(self, name))
+        return self
 
     @field_validator("logprobs")
     @classmethod
