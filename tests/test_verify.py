@@ -661,3 +661,18 @@ def test_accept_rule_greedy_counts_the_matching_prefix():
     accepted, following = accept_drafts(logits, drafts, torch.tensor([3, 2]), None, settings, None)
     assert accepted.tolist() == [2, 2]  # row 1: only 2 drafted, both right -> bonus token
     assert following.tolist() == [5, 5]
+
+
+def test_max_draft_caps_every_cycle_and_keeps_ar_output():
+    """A knob added in one place (VerifyOptions.max_draft) reaches the library, the command
+    line and the server: no cycle drafts more than it, and the output stays AR's."""
+    model = tiny_two_tower(block_size=8)
+    perturb_trained(model)
+    prompt = PROMPTS[0]
+    ar = generate_ar(model, [prompt], max_new_tokens=40)
+    options = dict(max_new_tokens=40, draft="denoiser", threshold=0.01)  # the denoiser drafts whole blocks
+    capped = generate_verify(model, [prompt], max_draft=1, **options)
+    free = generate_verify(model, [prompt], **options)
+    assert capped.tokens == ar.tokens == free.tokens
+    assert capped.details["drafted"] <= capped.details["cycles"]
+    assert free.details["drafted"] > free.details["cycles"]  # uncapped, some cycles draft more than one

@@ -154,6 +154,8 @@ class VerifyOptions(Settings):
                              metavar="N")  # fmt: skip
     probe_every: int = knob(16, "auto drafts: cycles before a slower source is tried again (doubling while it loses)",
                             check=positive, modes=("verify",), metavar="N")  # fmt: skip
+    max_draft: int | None = knob(None, "most tokens a row drafts in one verify cycle (default: the block size)",
+                                 check=positive, modes=("verify",), metavar="N", request=True)  # fmt: skip
 
 
 def resolve_block_size(requested: int | None, trained: int) -> int:

@@ -317,7 +317,7 @@ class VerifyDecoder(Decoder):
     def longest_draft(self) -> int:
         """The most drafts a row's pass may hold: the block size, and on quantised weights as
         many as keep the pass on them (`exact_rows`: a wider pass takes the dense weights)."""
-        longest = self.run.settings.block_size
+        longest = min(self.run.settings.block_size, self.options.max_draft or self.run.settings.block_size)
         if self.model.exact_rows is not None:
             longest = min(longest, self.model.exact_rows // self.run.batch - 1)
         return max(longest, 0)
