@@ -129,7 +129,7 @@ class LoadOptions(Settings):
 class GenerationSettings(Settings):
     """What one generation does (docs/METHOD.md section 5)."""
 
-    max_new_tokens: int = knob(256, "most tokens to generate per row (EOS stops a row earlier)", check=positive, metavar="N")
+    max_new_tokens: int = knob(128, "most tokens to generate per row (EOS stops a row earlier)", check=positive, metavar="N")
     block_size: int | None = knob(None, "tokens per diffusion block, at most the size the denoiser was trained for "
                                   "(default: that size)", check=positive, modes=BLOCK_MODES, metavar="N",
                                   request=True)  # fmt: skip
