@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import PROMPTS, VOCAB, perturb_trained, tiny_two_tower
 
 from twotower import GenerationSettings, TwoTowerError, generate_ar, generate_verify
-from twotower.backbones.base import exact_attention
+from twotower.backbones.base import RowWise, exact_attention, linear
 from twotower.generate.common import left_pad
 from twotower.generate.draft import DraftMemory, TokenHistory, batch_bucket, lookup_kind, lookup_match, static_cost
 from twotower.generate.verify import DraftPolicy, accept_drafts, lookup_draft, target_probs
@@ -132,6 +132,20 @@ def test_exact_attention_at_batch_one_is_the_ar_steps_call_at_any_key_count(dtyp
                 q[:, :, i : i + 1], keys[:, :, :upto], values[:, :, :upto], scale=0.125, enable_gqa=True
             )
             assert torch.equal(out[:, :, i : i + 1], step), (past, i)
+
+
+def test_in_an_exact_pass_a_linear_gives_each_row_what_it_gets_alone():
+    """bf16 over 1536 inputs (the default model's MLP down projection), where a CPU's matmul of
+    several rows may sum a row otherwise than a one-row matmul (AVX512-BF16 without AMX does):
+    in an exact pass (`RowWise`) every row is a one-row `F.linear`'s, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    for bias in (False, True, False, True):
+        module = torch.nn.Linear(1536, 576, bias=bias).to(torch.bfloat16)
+        x = (3 * torch.randn(2, 9, 1536, generator=g)).to(torch.bfloat16)
+        with torch.no_grad(), RowWise(True):
+            wide = linear(module, x)
+        alone = torch.stack([torch.cat([module(x[b, i : i + 1]) for i in range(9)]) for b in range(2)])
+        assert torch.equal(wide, alone), bias
 
 
 @pytest.mark.parametrize("weights", ["dense", "int8"])

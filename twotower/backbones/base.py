@@ -70,8 +70,9 @@ class LayerPass:
     layer {projection name: LoRA}; layers: the layer modules to run (None: every layer of the
     backbone; a shallow denoiser runs its K layers, and past, modulation and adapters then
     hold K entries); capture: return the hidden state entering this layer (index into the
-    layers run; the shallow denoiser's anchor input); exact: attention that gives each
-    position what a one-token pass gives it (`exact_attention`).
+    layers run; the shallow denoiser's anchor input); exact: attention and linear projections
+    that give each position what a one-token pass gives it (`exact_attention`, `linear`; the
+    Llama family).
     """
 
     hidden: torch.Tensor
@@ -281,9 +282,52 @@ def adapter_lookup(adapters):
     return lambda name: adapters[name] if name in adapters else None
 
 
-def project(linear: nn.Linear, x: torch.Tensor, adapter: nn.Module | None) -> torch.Tensor:
+class RowWise:
+    """Whether the linear projections of the passes run now give each row (position) what a
+    one-row pass gives it bit for bit (`linear`): set by `run_layers` around an exact pass."""
+
+    on = False
+
+    def __init__(self, on: bool):
+        self.want, self.was = on, False
+
+    def __enter__(self):
+        self.was, RowWise.on = RowWise.on, self.want
+
+    def __exit__(self, *exc):
+        RowWise.on = self.was
+
+
+def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x); in an exact pass (`RowWise.on`) over a dense nn.Linear, each of x's rows as a
+    one-row matmul (`rows_apart`): a CPU's matmul of several rows may sum a row's products in
+    another order than a one-row one (it depends on the kernel the library picks for the shape),
+    and a one-token pass multiplies one row. Quantised linears (twotower/quant.py) run as they
+    are."""
+    if not (RowWise.on and type(module) is nn.Linear and x.shape[:-1].numel() > 1):
+        return module(x)
+    return rows_apart(x.reshape(-1, x.shape[-1]), module.weight, module.bias).reshape(*x.shape[:-1], -1)
+
+
+@torch.library.custom_op("twotower::rows_apart", mutates_args=())
+def rows_apart(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) over x (M, K) with each row what `F.linear` gives it alone: M
+    matmuls of one row in one batched matmul (with a bias, which a one-row `F.linear` adds
+    inside its matmul, one call per row). An op of its own, so that a compiled graph calls it
+    as it is (inductor would rewrite a batched matmul of one-row matrices into a sum of products)."""
+    if bias is not None:
+        return torch.cat([F.linear(x[i : i + 1], weight, bias) for i in range(x.shape[0])])
+    return torch.bmm(x[:, None], weight.t()[None].expand(x.shape[0], *weight.t().shape))[:, 0]
+
+
+@rows_apart.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def project(linear_module: nn.Module, x: torch.Tensor, adapter: nn.Module | None) -> torch.Tensor:
     """A linear projection plus its LoRA delta, if any."""
-    out = linear(x)
+    out = linear(linear_module, x)
     if adapter is not None:
         out = out + adapter(x)
     return out
@@ -296,7 +340,7 @@ def project_together(parent: nn.Module, fused: str, names: tuple[str, ...], x: t
     stacked = getattr(parent, fused, None)
     if stacked is None:
         return [project(getattr(parent, name), x, get(name)) for name in names]
-    outs = stacked(x).split(stacked.sizes, dim=-1)
+    outs = linear(stacked, x).split(stacked.sizes, dim=-1)
     return [out if get(name) is None else out + get(name)(x) for out, name in zip(outs, names, strict=True)]
 
 
