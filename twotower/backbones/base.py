@@ -323,9 +323,9 @@ def rows_apart(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 @functools.cache
 def rows_alike(device: str, dtype: torch.dtype, inputs: int, outputs: int, rows: int, bias: bool) -> bool:
     """Whether this machine's matmul of `rows` rows gives each row, bit for bit, what a one-row
-    matmul gives it, for this shape and dtype: measured once (per thread count too) on a few
-    random draws. Where it differs, it differs by the kernel the library picks for the shape, so
-    in many rows of every draw."""
+    matmul gives it, for this shape and dtype: measured once (per thread count too) on random
+    draws of some 256 rows in all. Where it differs, it differs by the kernel the library picks
+    for the shape, so in a share of the rows of every draw."""
     return _rows_alike(device, dtype, inputs, outputs, rows, bias, torch.get_num_threads())
 
 
@@ -333,9 +333,9 @@ def rows_alike(device: str, dtype: torch.dtype, inputs: int, outputs: int, rows:
 def _rows_alike(device, dtype, inputs, outputs, rows, bias, threads) -> bool:
     g = torch.Generator().manual_seed(0)
     make = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
-    for _ in range(3):
-        x, weight = 3 * make(rows, inputs), make(outputs, inputs) / inputs**0.5
-        b = make(outputs) if bias else None
+    weight, b = make(outputs, inputs) / inputs**0.5, make(outputs) if bias else None
+    for _ in range(max(3, 256 // rows)):  # some 256 rows in all, whatever the width
+        x = 3 * make(rows, inputs)
         together = F.linear(x, weight, b)
         if not all(torch.equal(together[i : i + 1], F.linear(x[i : i + 1], weight, b)) for i in range(rows)):
             return False
