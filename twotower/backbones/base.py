@@ -71,8 +71,9 @@ class LayerPass:
     layer {projection name: LoRA}; layers: the layer modules to run (None: every layer of the
     backbone; a shallow denoiser runs its K layers, and past, modulation and adapters then
     hold K entries); capture: return the hidden state entering this layer (index into the
-    layers run; the shallow denoiser's anchor input); exact: attention that gives each
-    position what a one-token pass gives it (`exact_attention`).
+    layers run; the shallow denoiser's anchor input); exact: attention and linear projections
+    that give each position what a one-token pass gives it (`exact_attention`, `linear`; the
+    Llama family).
     """
 
     hidden: torch.Tensor
@@ -240,67 +241,38 @@ def attend_over(past: AttentionState | None, k: torch.Tensor, v: torch.Tensor, i
     return torch.cat([past.k, k], dim=2), torch.cat([past.v, v], dim=2), AttentionState(k, v)
 
 
-@functools.cache
-def key_block(device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> int:
-    """How many key counts this machine's attention kernel treats alike: a query over n keys
-    gets the same result, bit for bit, as over more keys with the ones past n masked, while the
-    count stays in the same block of this size (n // block). Measured once per kind of call on
-    random data (16 on AVX-512 CPUs in bf16, whose kernels sum keys in sixteens), checking
-    blocks of 16, 8, 4 and 2; 1 when none holds (one query per call)."""
-    g = torch.Generator().manual_seed(0)
-    make = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
-
-    def alike(block: int) -> bool:
-        q, k, v = make(1, heads, 1, head_dim), make(1, kv_heads, 7 * block, head_dim), make(1, kv_heads, 7 * block, head_dim)
-        attend = lambda n, mask: F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], attn_mask=mask, enable_gqa=True)
-        for n in range(block, 6 * block):
-            alone = attend(n, None)
-            for more in range(n + 1, (n // block + 1) * block):
-                if not torch.equal(attend(more, (torch.arange(more, device=device) < n)[None, None, None]), alone):
-                    return False
-        return True
-
-    return next((block for block in (16, 8, 4, 2) if alike(block)), 1)
-
-
-def side_by_side(t: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, ...) -> (B*n, ...), each row n times in a row (at batch 1 a view, no copy)."""
-    if t.shape[0] == 1:
-        return t.expand(n, *t.shape[1:])
-    return t[:, None].expand(t.shape[0], n, *t.shape[1:]).flatten(0, 1)
-
-
 def exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask, scale: float):
     """Attention of a pass's T queries (B, Hq, T, D) that gives each the result of a one-token
-    pass at its position bit for bit. The kernels sum a query's keys in an order that depends
-    on how many keys there are and, now and then, on how many queries share the call (measured,
-    bf16 on CPU), so a query of a wide pass may round otherwise than in an AR step, which is
-    one query over the slots up to its own. So every query is attended as one query: the
-    queries of a group, whose own key counts lie in one `key_block`, go side by side along the
-    batch axis in one call, each over the keys up to the group's last slot and under its own
-    row of the mask (dropped when nothing in the call is masked, as `run_layers` drops a
-    one-token pass's): 1-2 calls for a pass of up to 17 positions on this project's CPUs.
-    Each call is the kernel's one-query form (grouped-query heads as heads, as in an unpadded
-    AR step); returns (B, Hq, T, D)."""
-    batch, heads, seq, dim = q.shape
+    pass at its position bit for bit: every row's every query is a call of its own, as a one-token
+    pass calls the kernel when its row is unpadded (one query over the slots up to its own,
+    grouped-query heads as heads, `enable_gqa`), under its own row of the mask, dropped when
+    nothing in it is masked (as `run_layers` drops a one-token pass's). Same call, same result,
+    whatever the kernel's summation order depends on.
+
+    Not fewer, wider calls (queries side by side along the batch axis, each over the widest
+    one's keys with the rest masked): a CPU kernel's rounding of a query may depend on how many
+    keys the call holds even when the extra ones are masked (bf16: now and then, on the data),
+    and on which thread computes a row, so on how many rows share the call (fp32); neither holds
+    on every CPU, and a check on random data cannot show that it holds for every input.
+    mask: None or (B, 1, T, P + T) bool. Returns (B, Hq, T, D)."""
+    batch, _, seq, _ = q.shape
     slots = keys.shape[2]
-    block = key_block(str(q.device), q.dtype, heads, keys.shape[1], dim)
-    counts = [slots - seq + i + 1 for i in range(seq)]  # the keys each query reads in an AR step
-    outs, first = [], 0
-    while first < seq:
-        last = first
-        while last + 1 < seq and counts[last + 1] // block == counts[first] // block:
-            last += 1
-        n, upto = last - first + 1, counts[last]
-        rows = q[:, :, first : last + 1].transpose(1, 2).reshape(batch * n, heads, 1, dim)
-        own = None if mask is None else mask[:, :, first : last + 1, :upto].transpose(1, 2).reshape(batch * n, 1, 1, upto)
-        if own is not None and bool(own.all()):
-            own = None
-        k, v = side_by_side(keys[:, :, :upto], n), side_by_side(values[:, :, :upto], n)
-        out = F.scaled_dot_product_attention(rows, k, v, attn_mask=own, scale=scale, enable_gqa=True)  # (B*n, Hq, 1, D)
-        outs.append(out.reshape(batch, n, heads, dim).transpose(1, 2))
-        first = last + 1
-    return torch.cat(outs, dim=2)
+    out = torch.empty_like(q)
+    for b in range(batch):
+        for i in range(seq):
+            upto = slots - seq + i + 1  # the keys this query reads in an AR step
+            own = None if mask is None else mask[b : b + 1, :, i : i + 1, :upto]
+            if own is not None and bool(own.all()):
+                own = None
+            out[b : b + 1, :, i : i + 1] = F.scaled_dot_product_attention(
+                q[b : b + 1, :, i : i + 1],
+                keys[b : b + 1, :, :upto],
+                values[b : b + 1, :, :upto],
+                attn_mask=own,
+                scale=scale,
+                enable_gqa=True,
+            )
+    return out
 
 
 # ------------------------------------------------------------------ hooks shared by the families
@@ -311,9 +283,73 @@ def adapter_lookup(adapters):
     return lambda name: adapters[name] if name in adapters else None
 
 
-def project(linear: nn.Linear, x: torch.Tensor, adapter: nn.Module | None) -> torch.Tensor:
+class RowWise:
+    """Whether the linear projections of the passes run now give each row (position) what a
+    one-row pass gives it bit for bit (`linear`): set by `run_layers` around an exact pass."""
+
+    on = False
+
+    def __init__(self, on: bool):
+        self.want, self.was = on, False
+
+    def __enter__(self):
+        self.was, RowWise.on = RowWise.on, self.want
+
+    def __exit__(self, *exc):
+        RowWise.on = self.was
+
+
+def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x); in an exact pass (`RowWise.on`) over a dense nn.Linear, each of x's rows as a
+    one-row matmul (`rows_apart`): a CPU's matmul of several rows may sum a row's products in
+    another order than a one-row one (it depends on the kernel the library picks for the shape),
+    and a one-token pass multiplies one row. Quantised linears (twotower/quant.py) run as they
+    are."""
+    if not (RowWise.on and type(module) is nn.Linear and x.shape[:-1].numel() > 1):
+        return module(x)
+    return rows_apart(x.reshape(-1, x.shape[-1]), module.weight, module.bias).reshape(*x.shape[:-1], -1)
+
+
+@torch.library.custom_op("twotower::rows_apart", mutates_args=())
+def rows_apart(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) over x (M, K) with each row what `F.linear` gives it alone: one
+    call over all rows where the kernel treats M rows as M one-row calls (`rows_alike`), else
+    one call per row. An op of its own, so that a compiled graph calls it as it is."""
+    if rows_alike(str(x.device), x.dtype, weight.shape[1], weight.shape[0], x.shape[0], bias is not None):
+        return F.linear(x, weight, bias)
+    return torch.cat([F.linear(x[i : i + 1], weight, bias) for i in range(x.shape[0])])
+
+
+@functools.cache
+def rows_alike(device: str, dtype: torch.dtype, inputs: int, outputs: int, rows: int, bias: bool) -> bool:
+    """Whether this machine's matmul of `rows` rows gives each row, bit for bit, what a one-row
+    matmul gives it, for this shape and dtype: measured once (per thread count too) on random
+    draws of some 256 rows in all. Where it differs, it differs by the kernel the library picks
+    for the shape, so in a share of the rows of every draw."""
+    return _rows_alike(device, dtype, inputs, outputs, rows, bias, torch.get_num_threads())
+
+
+@functools.cache
+def _rows_alike(device, dtype, inputs, outputs, rows, bias, threads) -> bool:
+    g = torch.Generator().manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+    weight, b = make(outputs, inputs) / inputs**0.5, make(outputs) if bias else None
+    for _ in range(max(3, 256 // rows)):  # some 256 rows in all, whatever the width
+        x = 3 * make(rows, inputs)
+        together = F.linear(x, weight, b)
+        if not all(torch.equal(together[i : i + 1], F.linear(x[i : i + 1], weight, b)) for i in range(rows)):
+            return False
+    return True
+
+
+@rows_apart.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def project(linear_module: nn.Module, x: torch.Tensor, adapter: nn.Module | None) -> torch.Tensor:
     """A linear projection plus its LoRA delta, if any."""
-    out = linear(x)
+    out = linear(linear_module, x)
     if adapter is not None:
         out = out + adapter(x)
     return out
@@ -326,7 +362,7 @@ def project_together(parent: nn.Module, fused: str, names: tuple[str, ...], x: t
     stacked = getattr(parent, fused, None)
     if stacked is None:
         return [project(getattr(parent, name), x, get(name)) for name in names]
-    outs = stacked(x).split(stacked.sizes, dim=-1)
+    outs = linear(stacked, x).split(stacked.sizes, dim=-1)
     return [out if get(name) is None else out + get(name)(x) for out, name in zip(outs, names, strict=True)]
 
 

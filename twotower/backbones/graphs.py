@@ -40,6 +40,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from twotower.backbones.base import RowWise
+
 _MISSING = object()
 COMPILED_DTYPES = (torch.bfloat16, torch.float16)  # see above: fp32 runs eagerly
 
@@ -94,7 +96,8 @@ class LayerGraphs:
 
     def __call__(self, layer: nn.Module, *args):
         structure, names, tensors = self._weights(layer)
-        key = (structure, tuple(None if a is None else (a.shape, a.dtype, a.stride(), a.device) for a in args))
+        args_key = tuple(None if a is None else (a.shape, a.dtype, a.stride(), a.device) for a in args)
+        key = (structure, args_key, RowWise.on)  # an exact pass's linears run rows apart (base.linear)
         graph = self.graphs.get(key, _MISSING)
         given = [a for a in args if a is not None]
         if graph is _MISSING:

@@ -22,6 +22,7 @@ from twotower.backbones.base import (
     AttentionState,
     LayerPass,
     PassOutput,
+    RowWise,
     adapter_lookup,
     attend_over,
     exact_attention,
@@ -169,12 +170,13 @@ def run_layers(backbone, p: LayerPass, layer_fn=decoder_layer) -> PassOutput:
     cos, sin = rope_tables(backbone, p.positions, p.hidden.dtype)
     mask = None if p.mask is not None and bool(p.mask.all()) else p.mask  # nothing masked: run unmasked, as transformers
     hidden, new, captured = p.hidden, [], None
-    for i, layer in enumerate(p.modules(backbone)):
-        if i == p.capture:
-            captured = hidden
-        past, modulation, adapters = p.layer(i)
-        hidden, kv = layer_fn(layer, hidden, cos, sin, past, mask, modulation, adapters, p.keep.kind == "end", p.exact)
-        new.append(None if p.keep.kind == "none" else kv)
+    with RowWise(p.exact):
+        for i, layer in enumerate(p.modules(backbone)):
+            if i == p.capture:
+                captured = hidden
+            past, modulation, adapters = p.layer(i)
+            hidden, kv = layer_fn(layer, hidden, cos, sin, past, mask, modulation, adapters, p.keep.kind == "end", p.exact)
+            new.append(None if p.keep.kind == "none" else kv)
     return PassOutput(rms_norm(backbone.model.norm, hidden), new, captured)
 
 
