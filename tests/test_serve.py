@@ -48,11 +48,16 @@ class ThreadServer:
         import uvicorn
 
         from twotower.serve.app import create_app
+        from twotower.serve.guard import header_timeout_protocol
         from twotower.settings import ServeOptions
 
-        self.app = create_app(model, tiny_tokenizer(), "tiny", ServeOptions(**options))
+        settings = ServeOptions(**options)
+        self.app = create_app(model, tiny_tokenizer(), "tiny", settings)
         self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        protocol = header_timeout_protocol(settings.header_timeout)
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", http=protocol)
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

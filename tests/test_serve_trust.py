@@ -140,3 +140,17 @@ def test_429_says_when_to_retry_405_says_what_is_allowed_and_the_schema_says_400
             w.join()
         refused = [r for r in results if r.status_code == 429]
         assert refused and all(r.headers["retry-after"] == "1" for r in refused)
+
+
+def test_a_connection_that_sends_its_headers_too_slowly_is_closed():
+    import socket
+
+    with ThreadServer(_model(), header_timeout=0.5) as server:
+        slow = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(20)]
+        for s in slow:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the blank line that ends the headers
+            s.settimeout(10)
+        assert all(s.recv(1) == b"" for s in slow)  # closed by the server
+        for s in slow:
+            s.close()
+        assert httpx.get(server.url + "/health").status_code == 200  # a prompt client is served

@@ -241,6 +241,8 @@ class ServeOptions(Settings):
                            metavar="N")  # fmt: skip
     api_key: str | None = knob(None, "answer only requests with 'Authorization: Bearer KEY' (every route but /health); "
                                "default: $TWOTOWER_API_KEY, else no key", metavar="KEY")  # fmt: skip
+    header_timeout: float = knob(10.0, "seconds a connection may take to send its request headers; a slower one is closed",
+                                 check=non_negative, metavar="S")  # fmt: skip
     max_body_mb: float = knob(4.0, "largest request body in MiB; a larger one is answered 413", check=non_negative, metavar="MB")
 
 

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from twotower.generate.common import resolve_settings
 from twotower.serve.engine import Engine, Job, QueueFull
-from twotower.serve.guard import Guard
+from twotower.serve.guard import Guard, header_timeout_protocol
 from twotower.serve.metrics import Metrics
 from twotower.serve.protocol import ChatRequest, CompletionRequest, error_body, new_id, now, usage
 from twotower.settings import GenerationSettings, LoadOptions, ServeOptions, TwoTowerError, refuse_inapplicable, request_knobs
@@ -369,4 +369,5 @@ def serve(load: LoadOptions = LoadOptions(), options: ServeOptions = ServeOption
     name = "twotower-" + ("smollm2-135m" if load.model in (None, "default") else str(load.model).rstrip("/").split("/")[-1])
     app = create_app(model, tokenizer, name, options)
     print(f"twotower: serving {name} on http://{options.host}:{options.port}/v1 (Ctrl-C stops)", flush=True)
-    uvicorn.run(app, host=options.host, port=options.port, log_level="warning")
+    protocol = header_timeout_protocol(options.header_timeout)
+    uvicorn.run(app, host=options.host, port=options.port, log_level="warning", http=protocol)

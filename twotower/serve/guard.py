@@ -52,6 +52,24 @@ class Guard:
         return f"the request body is larger than the server's limit of {self.max_body} bytes (twotower serve --max-body-mb)"
 
 
+def header_timeout_protocol(seconds: float):
+    """uvicorn's h11 protocol, closing a connection whose request headers have not all arrived
+    `seconds` after it opened (a slowloris socket holds a connection open by sending them slowly);
+    idle keep-alive connections are closed by uvicorn's own keep-alive timeout."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.loop.call_later(seconds, self.drop_if_silent)
+
+        def drop_if_silent(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+
+    return Protocol
+
+
 async def reply(send, status: int, message: str, kind: str, headers=()) -> None:
     body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}}).encode()
     head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
