@@ -22,5 +22,6 @@ def load_for_inference(options: LoadOptions, mode: str | None = None, **override
 
     if options.threads:
         torch.set_num_threads(options.threads)
-    kwargs = dict(dtype=torch_dtype(options.dtype, mode), weights=options.weights, merge=True, compile_steps=options.compile)
+    kwargs = dict(dtype=torch_dtype(options.dtype, mode), weights=options.weights, merge=True, compile_steps=options.compile,
+                  backbone=options.backbone)  # fmt: skip
     return load_model(options.model, **{**kwargs, **overrides})

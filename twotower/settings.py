@@ -122,6 +122,9 @@ class LoadOptions(Settings):
                          "output token for token, but a near-tie may break otherwise than eagerly; compiling costs "
                          "seconds per batch size on first use: it pays for long runs (serve, bench), not one reply")  # fmt: skip
     threads: int | None = knob(None, "torch CPU threads (default: torch's choice)", check=positive, metavar="N")
+    backbone: str | None = knob(None, "the backbone a twotower checkpoint runs on, overriding the one its config.json "
+                                "names (checked against its fingerprint): for a checkpoint moved to another machine "
+                                "(default: the one it names)", metavar="PATH")  # fmt: skip
 
 
 # ------------------------------------------------------------------ one generation
@@ -288,6 +291,9 @@ class TrainConfig:
 
     data: str = knob("", "training data: a .jsonl/.json/.parquet/.txt file or a datasets folder")
     model: str = knob("default", "backbone (default, HF folder, .gguf) or a twotower checkpoint to go on from")
+    backbone: str | None = knob(None, "when --model is a twotower checkpoint: the backbone it runs on, overriding the "
+                                "one its config.json names (checked against its fingerprint) (default: the one it "
+                                "names)", metavar="PATH")  # fmt: skip
     out: str = knob("runs/denoiser", "output folder: checkpoints, log.jsonl, final model")
     denoiser: str = knob("lora", "lora or full")
     layout: str = knob("shifted", "shifted or same-position")

@@ -103,12 +103,15 @@ def trainable_parameters(model) -> list[nn.Parameter]:
 
 # ------------------------------------------------------------------ what may change when a run resumes
 # The one list of settings that a resumed run may change: where output goes, how often it is
-# logged, evaluated and saved, how long one call may run, what is measured at an eval, and
-# where cached frozen-tower features are read from. None of them changes what is trained.
+# logged, evaluated and saved, how long one call may run, what is measured at an eval,
+# where cached frozen-tower features are read from, and where the backbone of a checkpoint
+# to go on from lies (its fingerprint is checked). None of them changes what is trained.
 # Every other TrainConfig field must match the run's; max_steps may change only while the
 # steps already done keep their learning rates (before the decay starts: warmup-stable-decay
 # was made for that), so a finished run is never continued from the peak learning rate again.
-MAY_CHANGE_ON_RESUME = frozenset({"out", "eval_every", "save_every", "max_minutes", "nfe_prompts", "nfe_threshold", "features"})
+MAY_CHANGE_ON_RESUME = frozenset(
+    {"out", "eval_every", "save_every", "max_minutes", "nfe_prompts", "nfe_threshold", "features", "backbone"}
+)
 
 
 def flag(name: str) -> str:
@@ -296,6 +299,7 @@ def build_model(config: TrainConfig):
         config.model,
         dtype=dtype,
         shipped=False,
+        backbone=config.backbone,
         denoiser=config.denoiser,
         layout=config.layout,
         lora_rank=config.lora_rank,

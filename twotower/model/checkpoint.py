@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from twotower.backbones import backbone_fingerprint, load_backbone
+from twotower.backbones import backbone_fingerprint, load_backbone, resolve_backbone_path
 from twotower.config import TwoTowerConfig, TwoTowerError
 from twotower.model import inference
 from twotower.model.two_tower import TwoTowerForCausalLM
@@ -58,20 +58,44 @@ def from_pretrained(cls, path: str | os.PathLike, backbone=None, dtype=None, con
         config = TwoTowerConfig.from_pretrained(path)
     if getattr(config, "model_type", None) != "twotower":
         raise TwoTowerError(f"{path}/config.json is not a twotower config")
-    tokenizer = None
-    if backbone is None or isinstance(backbone, (str, os.PathLike)):
-        backbone, tokenizer = load_backbone(backbone if backbone is not None else config.backbone_ref, dtype)
+    tokenizer, given, which = None, None, "the backbone given (a loaded module)"
+    if backbone is None:
+        backbone, tokenizer = load_backbone(stored_backbone(path, config), dtype)
+        which = "the backbone found there"
+    elif isinstance(backbone, (str, os.PathLike)):
+        given = resolve_backbone_ref(backbone)
+        backbone, tokenizer = load_backbone(given, dtype)
+        which = f"the backbone given, {given!r},"
     found = backbone_fingerprint(backbone)
     if config.backbone_fingerprint and found != config.backbone_fingerprint:
         raise TwoTowerError(
             f"checkpoint {path} was trained on backbone {config.backbone_ref!r} (fingerprint "
-            f"{config.backbone_fingerprint}), but the backbone given has fingerprint {found}: "
-            "load it with the backbone it was trained on"
+            f"{config.backbone_fingerprint}), but {which} has fingerprint {found}: "
+            "pass --backbone PATH naming the backbone it was trained on"
         )
+    if given is not None:  # where the backbone lies now: a checkpoint trained further from this one records it
+        config.backbone_ref = given
     model = cls(config, backbone, tokenizer)
     model.tokenizer = tokenizer
     load_trained_state(model, path / WEIGHTS_NAME)
     return model
+
+
+def resolve_backbone_ref(ref: str | os.PathLike) -> str:
+    """A backbone reference as a checkpoint records it: "default", or an absolute path."""
+    return "default" if str(ref) == "default" else str(resolve_backbone_path(ref))
+
+
+def stored_backbone(path: Path, config: TwoTowerConfig) -> str:
+    """The backbone a checkpoint's config names, or one TwoTowerError saying how to repoint it
+    when it is not here (the checkpoint was moved to another machine, or the backbone was)."""
+    ref = config.backbone_ref
+    if ref != "default" and not Path(ref).expanduser().exists():
+        raise TwoTowerError(
+            f"checkpoint {path} was trained on backbone {ref!r}, which is not found: pass --backbone PATH naming "
+            "that backbone where it lies now (its folder or .gguf file; checked against the checkpoint's fingerprint)"
+        )
+    return ref
 
 
 def load_trained_state(model: TwoTowerForCausalLM, file: Path) -> None:
@@ -109,6 +133,7 @@ def load_model(
     weights: str = "dense",
     merge: bool = False,
     compile_steps: bool = False,
+    backbone: str | os.PathLike | None = None,
     **config_kwargs,
 ):
     """Load what a user names: a twotower checkpoint folder; "default", the default backbone with
@@ -116,9 +141,10 @@ def load_model(
     a backbone (a folder, a .gguf file) wrapped as an untrained two-tower model with config_kwargs.
     weights: "dense", or "int8" / "int4" weight-only linear layers for CPU inference; merge: fold
     a shallow LoRA denoiser's adapters into copies of its layers, for generation; compile_steps:
-    the context passes decoding repeats compiled (`inference`, for all three).
+    the context passes decoding repeats compiled (`inference`, for all three); backbone: the
+    backbone a checkpoint runs on instead of the one its config.json names (fingerprint checked).
     Returns (model, tokenizer)."""
-    model, tokenizer = _load(ref, dtype, shipped, **config_kwargs)
+    model, tokenizer = _load(ref, dtype, shipped, backbone, **config_kwargs)
     if merge:
         inference.merge_adapters(model)
     inference.quantize(model, weights)
@@ -127,11 +153,18 @@ def load_model(
     return model, tokenizer
 
 
-def _load(ref, dtype, shipped, **config_kwargs):
+def _load(ref, dtype, shipped, backbone, **config_kwargs):
     path = Path(ref).expanduser() if ref not in (None, "default") else None
     if path is not None and (path / "config.json").is_file() and (path / WEIGHTS_NAME).is_file():
-        model = from_pretrained(TwoTowerForCausalLM, path, dtype=dtype)
+        model = from_pretrained(TwoTowerForCausalLM, path, dtype=dtype, backbone=backbone)
         return model, model.tokenizer
+    if backbone is not None:
+        if path is not None:
+            resolve_backbone_path(path)  # a --model that is not there: say that first
+        raise TwoTowerError(
+            f"--backbone overrides the backbone of a twotower checkpoint, and {ref or 'default'!r} is not one (a "
+            f"checkpoint folder holds config.json and {WEIGHTS_NAME}): to use a backbone, pass it as --model alone"
+        )
     if path is None and shipped and not config_kwargs and shipped_denoiser() is not None:
         model = from_pretrained(TwoTowerForCausalLM, shipped_denoiser(), dtype=dtype, backbone="default")
         return model, model.tokenizer
