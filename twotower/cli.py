@@ -158,7 +158,7 @@ def add_cache_command(sub) -> None:
         description="List or clear what twotower keeps under $TWOTOWER_CACHE (default ~/.cache/twotower): "
         "dequantised GGUF backbones under backbones/, and whatever else lives there.",
     )
-    actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION", help="list or clear")
     actions.add_parser("list", help="each entry with its size, and the total")
     clear = actions.add_parser("clear", help="remove every entry, or the NAMEs given, asking nothing; prints what it removed")
     clear.add_argument("names", nargs="*", metavar="NAME", help="an entry as `twotower cache list` names it (default: all)")
