@@ -1,6 +1,7 @@
 """A run folder never loses or corrupts work: a finished run rerun changes nothing, other
-settings are refused before any work, Ctrl-C / SIGTERM save and resume exactly, the data split
-is reported and a split too small to train on is refused, the features cache is sized first."""
+settings are refused before any work, Ctrl-C / SIGTERM save and resume exactly, a damaged latest
+checkpoint is named and the one before it used, the data split is reported and a split too small
+to train on is refused, the features cache is sized first."""
 
 from __future__ import annotations
 
@@ -206,6 +207,53 @@ def test_sigint_to_the_command_saves_its_step_without_a_traceback_and_resumes_ex
         for folder in (run, tmp_path / "whole")
     ]
     assert len(losses[0]) == 40 and losses[0] == losses[1]
+
+
+def _truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+DAMAGE = {  # a way to spoil a checkpoint folder: (do it, what the line says is wrong)
+    "truncated weights": (lambda f: _truncate(f / "denoiser.safetensors"), "denoiser.safetensors is truncated or corrupt"),
+    "truncated optimizer": (lambda f: _truncate(f / "optimizer.safetensors"), "optimizer.safetensors is truncated or corrupt"),
+    "bad json": (lambda f: (f / "state.json").write_text('{"step": 4, "los'), "state.json is truncated or corrupt"),
+    "missing file": (lambda f: (f / "config.json").unlink(), "config.json missing"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_latest_checkpoint_is_named_and_the_one_before_it_used(tmp_path, capsys, damage):
+    """Two checkpoints are kept (steps 2 and 4 of a run killed after step 5); the latest one
+    truncated or spoiled: the rerun names it and what is wrong in one line, goes on from step 2
+    and ends as the uninterrupted run, bit for bit, keeping the last two checkpoints again."""
+    whole = train(_config(tmp_path / "a"), _model(), tiny_tokenizer(), progress=False)
+    train(_config(tmp_path / "b"), _model(), tiny_tokenizer(), progress=False, stop_after=5)
+    run = tmp_path / "b" / "run"
+    assert (run / "latest").read_text() == "step-4" and sorted(p.name for p in run.glob("step-*")) == ["step-2", "step-4"]
+    spoil, wrong = DAMAGE[damage]
+    spoil(run / "step-4")
+    capsys.readouterr()
+    resumed = train(_config(tmp_path / "b"), _model(), tiny_tokenizer(), progress=False)
+    err = capsys.readouterr().err
+    assert f"checkpoint {run / 'step-4'} cannot be used: {wrong}" in err and "Traceback" not in err
+    assert f"resuming from step 2 of 6 ({run / 'step-2'})" in err
+    _same_run(tmp_path, whole, resumed)
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-4", "step-6"]
+
+
+def test_no_usable_checkpoint_is_one_error_naming_each(tmp_path):
+    """Both checkpoints spoiled (and a `latest` naming a folder that is gone): one
+    TwoTowerError naming each and what to do, before any work."""
+    train(_config(tmp_path), _model(), tiny_tokenizer(), progress=False, stop_after=5)
+    run = tmp_path / "run"
+    _truncate(run / "step-4" / "optimizer.safetensors")
+    (run / "step-2" / "state.json").unlink()
+    both = r"\(.*step-4 cannot be used: .*; .*step-2 cannot be used: state.json missing\): to start the run over, remove"
+    with pytest.raises(TwoTowerError, match=r"no checkpoint in .* can be used " + both):
+        train(_config(tmp_path), _model(), tiny_tokenizer(), progress=False)
+    (run / "latest").write_text("step-8")
+    with pytest.raises(TwoTowerError, match=r"step-8 cannot be used: the folder is missing; "):
+        train(_config(tmp_path), _model(), tiny_tokenizer(), progress=False)
 
 
 # --- the data split -------------------------------------------------------------------------

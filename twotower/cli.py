@@ -147,7 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("model", nargs="?", default="default", metavar="MODEL", help="a .gguf file or 'default'")
     convert.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype (default: %(default)s)")
     convert.set_defaults(func=cmd_convert)
+    add_cache_command(sub)
     return parser
+
+
+def add_cache_command(sub) -> None:
+    cache = sub.add_parser(
+        "cache",
+        help="list or clear what twotower caches ($TWOTOWER_CACHE: dequantised GGUF backbones)",
+        description="List or clear what twotower keeps under $TWOTOWER_CACHE (default ~/.cache/twotower): "
+        "dequantised GGUF backbones under backbones/, and whatever else lives there.",
+    )
+    actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION", help="list or clear")
+    actions.add_parser("list", help="each entry with its size, and the total")
+    clear = actions.add_parser("clear", help="remove every entry, or the NAMEs given, asking nothing; prints what it removed")
+    clear.add_argument("names", nargs="*", metavar="NAME", help="an entry as `twotower cache list` names it (default: all)")
+    cache.set_defaults(func=cmd_cache)
 
 
 # ------------------------------------------------------------------ the commands
@@ -263,6 +278,13 @@ def cmd_convert(args) -> int:
     if path.suffix != ".gguf":
         raise TwoTowerError(f"{path} is not a .gguf file: a Hugging Face folder needs no conversion")
     print(convert_gguf(path, getattr(torch, DTYPES[args.dtype])))
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from twotower import cache
+
+    print(cache.describe() if args.action == "list" else "\n".join(cache.clear(args.names)))
     return 0
 
 

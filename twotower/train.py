@@ -3,7 +3,8 @@
 Built on accelerate (devices, bf16 autocast, several GPUs with `accelerate launch`), AdamW
 with a warmup-stable-decay schedule, gradient accumulation that gives the same update as one
 big batch, clipping, periodic eval loss, a progress bar with loss and tokens/s, checkpoints
-written atomically every N steps, exact resume after a kill, and a clear stop on a NaN loss.
+written atomically every N steps (the newest two kept: one that does not load is named and the
+one before it used), exact resume after a kill, and a clear stop on a NaN loss.
 
 Determinism: the sequences of step k and their noise depend only on (seed, k), and the
 optimizer state is checkpointed, so a resumed run repeats the uninterrupted one.
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -158,12 +160,15 @@ def refuse_other_settings(out: Path, saved: dict, config: TrainConfig) -> None:
 
 # ------------------------------------------------------------------ checkpoints (safetensors + JSON)
 FINAL_FILES = ("config.json", "denoiser.safetensors")  # what a checkpoint shares with final/
+CHECKPOINT_FILES = (*FINAL_FILES, "optimizer.safetensors", "state.json")
 
 
-def save_checkpoint(folder: Path, model, optimizer, state: dict) -> None:
+def save_checkpoint(folder: Path, model, optimizer, state: dict, previous: int = 0) -> None:
     """Write model, optimizer and run state to folder/step-N, atomically (temp folder, rename),
-    then point folder/latest at it and remove older checkpoints. The model's config records the
-    state's training tokens, so the weights and their config always agree."""
+    then point folder/latest at it and remove every other checkpoint but step-`previous`, the
+    one the run went on from: with two kept, a kill at any moment or a damaged newest one
+    leaves one to resume from. The model's config records the state's training tokens, so the
+    weights and their config always agree."""
     final = folder / f"step-{state['step']}"
     tmp = folder / f".tmp-step-{state['step']}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -180,8 +185,9 @@ def save_checkpoint(folder: Path, model, optimizer, state: dict) -> None:
     pointer = folder / ".latest.tmp"
     pointer.write_text(final.name)
     os.replace(pointer, folder / "latest")
-    for old in folder.glob("step-*"):
-        if old != final:
+    keep = {final.name, f"step-{previous}"}
+    for old in [*folder.glob("step-*"), *folder.glob(".tmp-step-*")]:  # older ones, and those a kill left half written
+        if old.name not in keep:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -200,35 +206,84 @@ def publish_final(checkpoint: Path, final: Path) -> bool:
     return True
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    pointer = folder / "latest"
-    if not pointer.is_file():
-        return None
-    found = folder / pointer.read_text().strip()
-    if not (found / "state.json").is_file():
-        raise TwoTowerError(f"{pointer} names {found}, which is not a complete checkpoint: remove {pointer} to start over")
-    return found
+@dataclass
+class Checkpoint:
+    """A checkpoint read whole, so that one which does not load is found before any work."""
+
+    folder: Path
+    state: dict  # the run state: step, losses, tokens, config, the optimizer's param groups
+    trained: dict[str, torch.Tensor]  # denoiser.safetensors: the trained tensors
+    optimizer: dict[str, torch.Tensor]  # optimizer.safetensors: "{parameter index}.{name}"
 
 
-def read_run_state(found: Path) -> dict:
-    """The run state of a checkpoint (step, losses, config, optimizer param groups)."""
-    try:
-        return json.loads((found / "state.json").read_text())
-    except (OSError, ValueError) as err:
-        raise TwoTowerError(f"checkpoint {found} is corrupt: {err}") from err
+def read_checkpoint(folder: Path) -> Checkpoint:
+    """Every file of a checkpoint, or one TwoTowerError saying what is wrong with it."""
+    if not folder.is_dir():
+        raise TwoTowerError("the folder is missing")
+    missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
+    if missing:
+        raise TwoTowerError(f"{', '.join(missing)} missing")
+    tensors, texts = {}, {}
+    for name in CHECKPOINT_FILES:
+        try:
+            if name.endswith(".safetensors"):
+                tensors[name] = load_file(str(folder / name))
+            else:
+                texts[name] = json.loads((folder / name).read_text())
+        except (SafetensorError, OSError, ValueError) as err:
+            raise TwoTowerError(f"{name} is truncated or corrupt ({str(err).splitlines()[0]})") from err
+    state = texts["state.json"]
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and "param_groups" in state):
+        raise TwoTowerError("state.json is not a run state")
+    if not isinstance(texts["config.json"], dict):
+        raise TwoTowerError("config.json is not a model config")
+    return Checkpoint(folder, state, tensors["denoiser.safetensors"], tensors["optimizer.safetensors"])
 
 
-def load_checkpoint(found: Path, model, optimizer, state: dict) -> dict:
-    """Load the trained tensors and the optimizer of a checkpoint whose run state is `state`."""
-    try:
-        tensors = load_file(str(found / "optimizer.safetensors"))
-    except (OSError, ValueError) as err:
-        raise TwoTowerError(f"checkpoint {found} is corrupt: {err}") from err
-    model.load_trained_state(found / "denoiser.safetensors")
+def _step_of(folder: Path) -> int:
+    number = folder.name.removeprefix("step-")
+    return int(number) if number.isdigit() else -1
+
+
+def checkpoint_folders(out: Path) -> list[Path]:
+    """A run's checkpoints, newest first: the one out/latest names, then the others by step."""
+    folders = sorted((f for f in out.glob("step-*") if _step_of(f) >= 0), key=_step_of, reverse=True)
+    pointer = out / "latest"
+    if pointer.is_file():
+        named = out / pointer.read_text().strip()
+        folders = [named, *(f for f in folders if f != named)]
+    return folders
+
+
+def resume_point(out: Path) -> tuple[Checkpoint | None, list[str]]:
+    """The newest checkpoint of the run in `out` that loads (None: no checkpoint, a new run),
+    and one line for each newer one that does not, naming it and what is wrong (a kill cannot
+    leave such a one, a full disk or a bad copy can). None loads: one TwoTowerError."""
+    damaged = []
+    for folder in checkpoint_folders(out):
+        try:
+            return read_checkpoint(folder), damaged
+        except TwoTowerError as err:
+            damaged.append(f"checkpoint {folder} cannot be used: {err}")
+    if damaged:
+        raise TwoTowerError(
+            f"no checkpoint in {out} can be used ({'; '.join(damaged)}): to start the run over, remove {out} or "
+            "choose a new --out"
+        )
+    return None, damaged
+
+
+def load_checkpoint(checkpoint: Checkpoint, model, optimizer) -> dict:
+    """Put a checkpoint's trained tensors into the model and its state into the optimizer;
+    returns its run state (without the optimizer's param groups)."""
+    from twotower.model.checkpoint import set_trained_state
+
+    set_trained_state(model, checkpoint.trained, checkpoint.folder / "denoiser.safetensors")
     per_param: dict[int, dict] = {}
-    for key, value in tensors.items():
+    for key, value in checkpoint.optimizer.items():
         index, name = key.split(".", 1)
         per_param.setdefault(int(index), {})[name] = value
+    state = dict(checkpoint.state)
     optimizer.load_state_dict({"state": per_param, "param_groups": state.pop("param_groups")})
     return state
 
@@ -393,8 +448,8 @@ class Run:
 
 
 def start_run(config: TrainConfig, out: Path, model, tokenizer, data: TrainingData, accelerator, resume) -> Run:
-    """The optimizer and the run state, fresh or loaded from the checkpoint `resume` names
-    (a (folder, saved state) pair, or None), and the model placed for accelerate."""
+    """The optimizer and the run state, fresh or loaded from the checkpoint `resume` (or
+    None), and the model placed for accelerate."""
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     state = {
@@ -407,11 +462,10 @@ def start_run(config: TrainConfig, out: Path, model, tokenizer, data: TrainingDa
         "refused_heldout_rows": data.refused,
     }
     if resume is not None:
-        found, saved = resume
-        state = {**load_checkpoint(found, model, optimizer, saved), "config": dataclasses.asdict(config)}
+        state = {**load_checkpoint(resume, model, optimizer), "config": dataclasses.asdict(config)}
         if accelerator.is_main_process:
             _truncate_log(out / "log.jsonl", state["step"])
-            say(f"resuming from step {state['step']} of {config.max_steps} ({found})")
+            say(f"resuming from step {state['step']} of {config.max_steps} ({resume.folder})")
     model.to(accelerator.device)
     objective, optimizer = accelerator.prepare(Objective(model, config.kl_weight, config.top_k), optimizer)
     return Run(config, out, model, tokenizer, data, accelerator, objective, optimizer, params, state, state["step"])
@@ -467,9 +521,10 @@ def train_step(run: Run) -> dict:
     total_loss, total_count = accumulate_gradients(run, step)
     value = (total_loss / total_count.clamp(min=1)).item()
     if not math.isfinite(value):
+        last = run.out / f"step-{run.saved_step}" if run.saved_step else "none"
         raise TwoTowerError(
             f"the loss is {value} at step {step + 1}: stopped without saving this step "
-            f"(last checkpoint: {latest_checkpoint(run.out)}); lower --lr or check the data"
+            f"(last checkpoint: {last}); lower --lr or check the data"
         )
     grad_norm = apply_update(run, total_count)
     state["step"] = step + 1
@@ -514,7 +569,7 @@ def log_step(run: Run, record: dict, bar) -> None:
 
 def save(run: Run) -> None:
     if run.main:
-        save_checkpoint(run.out, run.model, run.optimizer, run.state)
+        save_checkpoint(run.out, run.model, run.optimizer, run.state, previous=run.saved_step)
     run.saved_step = run.state["step"]
 
 
@@ -556,16 +611,16 @@ def stopped(run: Run) -> TrainingStopped:
     return TrainingStopped(f"stopped at step {step}; step {run.saved_step} is saved ({where}): run the same command to resume")
 
 
-def finished_run(out: Path, found: Path, saved: dict, main: bool) -> dict:
+def finished_run(out: Path, last: Checkpoint, main: bool) -> dict:
     """A rerun of a finished run: final/ is left as it is (or rewritten from the last
     checkpoint where it is missing or differs), and one line says so."""
     final = out / "final"
     if main:
-        rewritten = publish_final(found, final)
-        how = f"{final} written from {found.name}" if rewritten else f"its model: {final}"
-        say(f"{out} already finished at step {saved['step']} ({how}); {train_longer(out)}")
-    saved.pop("param_groups", None)
-    return {**saved, "main_process": main}
+        rewritten = publish_final(last.folder, final)
+        how = f"{final} written from {last.folder.name}" if rewritten else f"its model: {final}"
+        say(f"{out} already finished at step {last.state['step']} ({how}); {train_longer(out)}")
+    state = {k: v for k, v in last.state.items() if k != "param_groups"}
+    return {**state, "main_process": main}
 
 
 def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True, stop_after: int | None = None) -> dict:
@@ -575,13 +630,14 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
     TrainingStopped. Returns the run state: step, losses, eval losses."""
     config.validate()
     out = Path(config.out)
-    found = latest_checkpoint(out)
-    saved = read_run_state(found) if found is not None else None
-    if saved is not None:
-        refuse_other_settings(out, saved, config)  # before any work
+    resume, damaged = resume_point(out)  # the newest checkpoint that loads
+    if resume is not None:
+        refuse_other_settings(out, resume.state, config)  # before any work
     accelerator = make_accelerator(config)
-    if saved is not None and saved["step"] >= config.max_steps:
-        return finished_run(out, found, saved, accelerator.is_main_process)
+    if accelerator.is_main_process and damaged:
+        say(f"{'; '.join(damaged)}: going on from the one before it, {resume.folder}")
+    if resume is not None and resume.state["step"] >= config.max_steps:
+        return finished_run(out, resume, accelerator.is_main_process)
     out.mkdir(parents=True, exist_ok=True)
     try:
         if model is None:
@@ -590,7 +646,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
         data = prepare_data(config, model, tokenizer, accelerator.is_main_process, progress)
     except KeyboardInterrupt:  # nothing trained yet; cached features are kept shard by shard
         raise TrainingStopped("stopped before the first step of this call: run the same command to go on") from None
-    run = start_run(config, out, model, tokenizer, data, accelerator, None if saved is None else (found, saved))
+    run = start_run(config, out, model, tokenizer, data, accelerator, resume)
     last = config.max_steps if stop_after is None else min(config.max_steps, run.state["step"] + stop_after)
     try:
         with stop_requests() as stop:

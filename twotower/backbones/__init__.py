@@ -2,7 +2,7 @@
 (Llama family, or the hybrid Mamba-2 / attention / MoE `nemotron_h`).
 
 A GGUF file is dequantised once by transformers and cached as a safetensors folder under
-`$TWOTOWER_CACHE` (default `~/.cache/twotower`), which later loads read.
+`$TWOTOWER_CACHE` (default `~/.cache/twotower`, `twotower cache` lists and clears it), which later loads read.
 Nothing here touches the network: folders are opened with `local_files_only=True`.
 """
 
@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 from twotower.backbones.base import Family
 from twotower.backbones.llama import LLAMA
 from twotower.backbones.nemotron_h import NEMOTRON_H
+from twotower.cache import cache_dir
 from twotower.config import TwoTowerError
 
 FAMILIES: tuple[Family, ...] = (LLAMA, NEMOTRON_H)
@@ -38,10 +39,6 @@ def family_of(model_type: str) -> Family:
         if model_type in family.model_types:
             return family
     raise TwoTowerError(f"backbone model_type {model_type!r} is not supported: {SUPPORTED_MODEL_TYPES}")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TWOTOWER_CACHE", Path.home() / ".cache" / "twotower"))
 
 
 def default_gguf_path() -> Path:

@@ -99,12 +99,17 @@ def stored_backbone(path: Path, config: TwoTowerConfig) -> str:
 
 
 def load_trained_state(model: TwoTowerForCausalLM, file: Path) -> None:
-    """Load a denoiser.safetensors into the model's denoiser: every tensor it trains, no other,
-    each of the shape the model expects."""
+    """Load a denoiser.safetensors into the model's denoiser (`set_trained_state`)."""
     try:
         state = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as err:
         raise TwoTowerError(f"{file} is corrupt or not a safetensors file: {err}") from err
+    set_trained_state(model, state, file)
+
+
+def set_trained_state(model: TwoTowerForCausalLM, state: dict[str, torch.Tensor], file: Path) -> None:
+    """Put the tensors read from `file` into the model's denoiser: every tensor it trains, no
+    other, each of the shape the model expects."""
     expected = model.denoiser.trained_state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
