@@ -215,6 +215,7 @@ def test_weights_option_quantises_generate_and_eval_compares_with_the_dense_ar(
     ids=["truncated-config", "no-weights"],
 )
 def test_a_broken_model_folder_is_one_line_that_names_the_file(capsys, tmp_path, damage, message):
+    """A backbone folder with a truncated config or no weights."""
     folder = tmp_path / "backbone"
     tiny_tokenizer().save_pretrained(folder)
     tiny_backbone().save_pretrained(folder)
@@ -252,3 +253,14 @@ def test_help_imports_no_torch():
     code = "import sys; from twotower.cli import build_parser; build_parser().format_help(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_checkpoint_with_a_truncated_config_is_one_line(capsys, tmp_path, trained_folder):
+    import shutil
+
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(trained_folder, folder)
+    (folder / "config.json").write_text((folder / "config.json").read_text()[:100])
+    assert main(["generate", "--model", str(folder), "--dtype", "fp32", "w5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config.json is not valid JSON" in err and str(folder) in err

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from twotower.backbones import backbone_fingerprint, load_backbone, resolve_backbone_path
+from twotower.backbones import backbone_fingerprint, load_backbone, read_config, resolve_backbone_path
 from twotower.config import TwoTowerConfig, TwoTowerError
 from twotower.model import inference
 from twotower.model.two_tower import TwoTowerForCausalLM
@@ -55,7 +55,11 @@ def from_pretrained(cls, path: str | os.PathLike, backbone=None, dtype=None, con
     if not (path / "config.json").is_file() or not (path / WEIGHTS_NAME).is_file():
         raise TwoTowerError(f"{path} is not a twotower checkpoint (needs config.json and {WEIGHTS_NAME})")
     if config is None:
-        config = TwoTowerConfig.from_pretrained(path)
+        read_config(path / "config.json")  # a truncated or corrupt file: one line that names it
+        try:
+            config = TwoTowerConfig.from_pretrained(path)
+        except (OSError, ValueError, TypeError) as err:
+            raise TwoTowerError(f"{path / 'config.json'} is not a usable twotower config: {str(err).splitlines()[0]}") from err
     if getattr(config, "model_type", None) != "twotower":
         raise TwoTowerError(f"{path}/config.json is not a twotower config")
     tokenizer, given, which = None, None, "the backbone given (a loaded module)"
