@@ -261,6 +261,7 @@ def test_a_checkpoint_with_a_truncated_config_is_one_line(capsys, tmp_path, trai
     folder = tmp_path / "checkpoint"
     shutil.copytree(trained_folder, folder)
     (folder / "config.json").write_text((folder / "config.json").read_text()[:100])
+    capsys.readouterr()  # what building the fixtures printed
     assert main(["generate", "--model", str(folder), "--dtype", "fp32", "w5"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "config.json is not valid JSON" in err and str(folder) in err
