@@ -220,6 +220,7 @@ def test_a_broken_model_folder_is_one_line_that_names_the_file(capsys, tmp_path,
     tiny_tokenizer().save_pretrained(folder)
     tiny_backbone().save_pretrained(folder)
     damage(folder)
+    capsys.readouterr()  # what saving the folder printed
     assert main(["generate", "--model", str(folder), "--dtype", "fp32", "w5"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and str(folder) in err and "Traceback" not in err
