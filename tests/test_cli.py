@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -266,3 +267,15 @@ def test_a_checkpoint_with_a_truncated_config_is_one_line(capsys, tmp_path, trai
     assert main(["generate", "--model", str(folder), "--dtype", "fp32", "w5"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "config.json is not valid JSON" in err and str(folder) in err
+
+
+def test_train_help_shows_the_preset_values_with_config(capsys):
+    preset = Path(__file__).resolve().parent.parent / "configs" / "smollm2-shallow.yaml"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    plain = capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(preset), "--help"])
+    shown = capsys.readouterr().out
+    assert "block size S trained (default: 16)" in plain  # the built-in default
+    assert "block size S trained (default: 8)" in shown and "(default: 0.001)" in shown  # the preset's

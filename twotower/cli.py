@@ -111,7 +111,8 @@ COMMANDS = {  # name: (help, the settings classes whose fields are its flags)
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:
+    """preset: the values of a training preset (train --config), shown as train's defaults."""
     parser = argparse.ArgumentParser(
         prog="twotower",
         description="Two-tower block diffusion on a pretrained AR model: a frozen context tower "
@@ -135,9 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--stream", action="store_true", help="print text as it becomes final (with --json: JSON lines)")
             command.add_argument("--json", action="store_true", help="print the text and the statistics as one JSON object")
         if name == "train":
-            command.add_argument("--config", metavar="FILE.yaml", help="preset (configs/*.yaml); flags override it")
+            command.add_argument("--config", metavar="FILE.yaml", help="preset (configs/*.yaml) whose values the defaults "
+                                 "below show when it is given; flags override it")  # fmt: skip
         for cls in classes:
-            add_knobs(command, cls)
+            add_knobs(command, cls, preset if name == "train" else None)
     convert = sub.add_parser(
         "convert",
         help="dequantise a GGUF backbone once into the safetensors cache",
@@ -288,10 +290,25 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def _preset(argv: list[str]) -> dict | None:
+    """The YAML preset a `train --config FILE` names, for its --help (None where there is none or
+    it cannot be read: the command itself then says why)."""
+    if not argv or argv[0] != "train" or "--config" not in argv[:-1]:
+        return None
+    try:
+        import yaml
+
+        with open(argv[argv.index("--config") + 1]) as f:
+            values = yaml.safe_load(f)
+    except (OSError, ImportError, ValueError):
+        return None
+    return values if isinstance(values, dict) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    args = build_parser(_preset(sys.argv[1:] if argv is None else argv)).parse_args(argv)
     from transformers.utils import logging as hf_logging  # once a command runs, not for --help
 
     hf_logging.disable_progress_bar()
