@@ -32,7 +32,7 @@ _LAZY = {  # name: the module that defines it
     "stream": "twotower.generate",
     "TwoTowerConfig": "twotower.config",
     "TwoTowerForCausalLM": "twotower.model.two_tower",
-    "load_model": "twotower.model.checkpoint",
+    "load_model": "twotower.model.loading",
     "load_backbone": "twotower.backbones",
     "encode_prompt": "twotower.text",
     "eos_token_ids": "twotower.text",

@@ -245,7 +245,7 @@ def cmd_distill(args) -> int:
     import torch
 
     from twotower.distill import distill
-    from twotower.model.checkpoint import load_model
+    from twotower.model.loading import load_model
 
     o = options(args, DistillOptions)
     if not o.out:

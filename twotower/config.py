@@ -13,18 +13,19 @@ from transformers import AutoConfig, PretrainedConfig
 # The knobs users set, and the lists of choices, live in settings.py (no torch, no transformers).
 from twotower.settings import (  # noqa: F401
     BLOCK_MODES,
+    DENOISER_KINDS,
     DRAFT_SOURCES,
     EVAL_SUITES,
+    LAYOUTS,
     MODES,
+    SAME_POSITION,
+    SHIFTED,
     WEIGHT_FORMATS,
     GenerationSettings,
     TwoTowerError,
     resolve_block_size,
 )
 
-SHIFTED, SAME_POSITION = "shifted", "same-position"
-LAYOUTS = (SHIFTED, SAME_POSITION)
-DENOISER_KINDS = ("full", "lora")
 ALIGNMENTS = ("top", "spread")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAMBA_LORA_TARGETS = ("in_proj", "out_proj")  # Mamba-2 mixers of hybrid backbones

@@ -18,7 +18,7 @@ def torch_dtype(name: str, mode: str | None = None) -> torch.dtype:
 def load_for_inference(options: LoadOptions, mode: str | None = None, **overrides):
     """(model, tokenizer) as the options say, for generation in `mode` (None: any mode);
     overrides: load_model's keywords to set otherwise (e.g. weights="dense" for a reference)."""
-    from twotower.model.checkpoint import load_model
+    from twotower.model.loading import load_model
 
     if options.threads:
         torch.set_num_threads(options.threads)

@@ -28,6 +28,10 @@ EVAL_SUITES = ("builtin", "humaneval")
 # How inference stores the linear weights (twotower/quant.py): as loaded, or weight-only int8 / int4 on CPU.
 WEIGHT_FORMATS = ("dense", "int8", "int4")
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+# How a block is laid out (model/layout.py), and the kinds of denoiser (model/denoiser.py).
+SHIFTED, SAME_POSITION = "shifted", "same-position"
+LAYOUTS = (SHIFTED, SAME_POSITION)
+DENOISER_KINDS = ("full", "lora")
 
 
 class TwoTowerError(ValueError):
@@ -332,8 +336,6 @@ class TrainConfig:
     def validate(self) -> None:
         import torch
 
-        from twotower.config import DENOISER_KINDS, LAYOUTS
-
         checks = [
             (self.data != "", "data: give a training data file (--data)"),
             (self.denoiser in DENOISER_KINDS, f"denoiser must be one of {DENOISER_KINDS}, got {self.denoiser!r}"),
@@ -362,6 +364,4 @@ class TrainConfig:
 
     @property
     def seq_len(self) -> int:
-        from twotower.objective import layout_offset
-
-        return self.blocks_per_sequence * self.block_size + layout_offset(self.layout)
+        return self.blocks_per_sequence * self.block_size + (self.layout == SHIFTED)  # the shifted layout's anchor token

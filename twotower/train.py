@@ -346,7 +346,7 @@ def build_model(config: TrainConfig):
     twotower checkpoint to go on from (load_model tells them apart; a checkpoint keeps its own).
     With a bf16 backbone the small trained tensors (LoRA, adaLN, the mask embedding) are kept in
     fp32, so that AdamW's updates are not rounded away."""
-    from twotower.model.checkpoint import load_model
+    from twotower.model.loading import load_model
 
     dtype = torch.float32 if config.dtype == "fp32" else torch.bfloat16
     torch.manual_seed(config.seed)  # LoRA A matrices

@@ -16,14 +16,12 @@ from safetensors.torch import load_file, save_file
 
 from twotower.backbones import backbone_fingerprint, load_backbone, read_config, resolve_backbone_path
 from twotower.config import TwoTowerConfig, TwoTowerError
-from twotower.model import inference
-from twotower.model.two_tower import TwoTowerForCausalLM
 
 WEIGHTS_NAME = "denoiser.safetensors"
 SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints" / "smollm2-135m-instruct"
 
 
-def save(model: TwoTowerForCausalLM, path: str | os.PathLike) -> None:
+def save(model, path: str | os.PathLike) -> None:
     """Write config.json and denoiser.safetensors (atomically: temp file, then rename)."""
     if model.weights != "dense" or model.denoiser.merged:
         how = "its LoRA adapters merged" if model.denoiser.merged else f"its weights quantised to {model.weights}"
@@ -102,7 +100,7 @@ def stored_backbone(path: Path, config: TwoTowerConfig) -> str:
     return ref
 
 
-def load_trained_state(model: TwoTowerForCausalLM, file: Path) -> None:
+def load_trained_state(model, file: Path) -> None:
     """Load a denoiser.safetensors into the model's denoiser (`set_trained_state`)."""
     try:
         state = load_file(str(file))
@@ -111,7 +109,7 @@ def load_trained_state(model: TwoTowerForCausalLM, file: Path) -> None:
     set_trained_state(model, state, file)
 
 
-def set_trained_state(model: TwoTowerForCausalLM, state: dict[str, torch.Tensor], file: Path) -> None:
+def set_trained_state(model, state: dict[str, torch.Tensor], file: Path) -> None:
     """Put the tensors read from `file` into the model's denoiser: every tensor it trains, no
     other, each of the shape the model expects."""
     expected = model.denoiser.trained_state_dict()
@@ -133,52 +131,3 @@ def set_trained_state(model: TwoTowerForCausalLM, state: dict[str, torch.Tensor]
 def shipped_denoiser() -> Path | None:
     """The trained denoiser that ships for the default backbone (twotower/checkpoints/), or None."""
     return SHIPPED if (SHIPPED / WEIGHTS_NAME).is_file() else None
-
-
-def load_model(
-    ref: str | os.PathLike | None = None,
-    dtype: torch.dtype = torch.bfloat16,
-    shipped: bool = True,
-    weights: str = "dense",
-    merge: bool = False,
-    compile_steps: bool = False,
-    backbone: str | os.PathLike | None = None,
-    **config_kwargs,
-):
-    """Load what a user names: a twotower checkpoint folder; "default", the default backbone with
-    the denoiser that ships for it (shipped=False, or any config_kwargs: a new untrained one); or
-    a backbone (a folder, a .gguf file) wrapped as an untrained two-tower model with config_kwargs.
-    weights: "dense", or "int8" / "int4" weight-only linear layers for CPU inference; merge: fold
-    a shallow LoRA denoiser's adapters into copies of its layers, for generation; compile_steps:
-    the context passes decoding repeats compiled (`inference`, for all three); backbone: the
-    backbone a checkpoint runs on instead of the one its config.json names (fingerprint checked).
-    Returns (model, tokenizer)."""
-    model, tokenizer = _load(ref, dtype, shipped, backbone, **config_kwargs)
-    if merge:
-        inference.merge_adapters(model)
-    inference.quantize(model, weights)
-    if compile_steps:
-        inference.compile_steps(model)
-    return model, tokenizer
-
-
-def _load(ref, dtype, shipped, backbone, **config_kwargs):
-    path = Path(ref).expanduser() if ref not in (None, "default") else None
-    if path is not None and (path / "config.json").is_file() and (path / WEIGHTS_NAME).is_file():
-        model = from_pretrained(TwoTowerForCausalLM, path, dtype=dtype, backbone=backbone)
-        return model, model.tokenizer
-    if backbone is not None:
-        if path is not None:
-            resolve_backbone_path(path)  # a --model that is not there: say that first
-        raise TwoTowerError(
-            f"--backbone overrides the backbone of a twotower checkpoint, and {ref or 'default'!r} is not one (a "
-            f"checkpoint folder holds config.json and {WEIGHTS_NAME}): to use a backbone, pass it as --model alone"
-        )
-    if path is None and shipped and not config_kwargs and shipped_denoiser() is not None:
-        model = from_pretrained(TwoTowerForCausalLM, shipped_denoiser(), dtype=dtype, backbone="default")
-        return model, model.tokenizer
-    backbone, tokenizer = load_backbone(ref, dtype)
-    model = TwoTowerForCausalLM.from_backbone(
-        backbone, tokenizer, backbone_ref=str(path.resolve()) if path else "default", **config_kwargs
-    )
-    return model, tokenizer
