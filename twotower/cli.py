@@ -242,15 +242,14 @@ def cmd_serve(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    import torch
-
     from twotower.distill import distill
     from twotower.model.loading import load_model
+    from twotower.runtime import torch_dtype
 
     o = options(args, DistillOptions)
     if not o.out:
         raise TwoTowerError("distill needs --out: the JSONL file or folder to write")
-    model, tokenizer = load_model(o.model, dtype=getattr(torch, DTYPES[o.dtype]))
+    model, tokenizer = load_model(o.model, dtype=torch_dtype(o.dtype))
     summary = distill(model, tokenizer, o.out, o.rows, o.batch_size, o.seed, o.max_prompt_tokens, o.max_answer_tokens,
                       max_minutes=o.max_minutes)  # fmt: skip
     print(json.dumps(summary))
@@ -272,14 +271,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    import torch
-
     from twotower.backbones import convert_gguf, resolve_backbone_path
+    from twotower.runtime import torch_dtype
 
     path = resolve_backbone_path(args.model)
     if path.suffix != ".gguf":
         raise TwoTowerError(f"{path} is not a .gguf file: a Hugging Face folder needs no conversion")
-    print(convert_gguf(path, getattr(torch, DTYPES[args.dtype])))
+    print(convert_gguf(path, torch_dtype(args.dtype)))
     return 0
 
 

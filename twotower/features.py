@@ -53,7 +53,7 @@ def _settings(model, sequences: torch.Tensor, block_size: int, top_k: int) -> di
         "sequences": sequences.shape[0],
         "sequences_sha256": digest,
         "top_k": top_k,
-        "dtype": str(model.context_tower.get_input_embeddings().weight.dtype).removeprefix("torch."),
+        "dtype": str(model.dtype).removeprefix("torch."),
     }
 
 

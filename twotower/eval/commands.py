@@ -106,7 +106,7 @@ def evaluate(load: LoadOptions = LoadOptions(), options: EvalOptions = EvalOptio
         except TwoTowerError as err:
             notes.append(f"judge skipped: {err}")
     report = run_eval(model, tokenizer, tasks, points, judge_model, o.batch_size, eos, encode, o.progress, reference_model=dense)
-    report.update(environment=environment(_dtype_of(model), load.model, weights), notes=notes)
+    report.update(environment=environment(model.dtype, load.model, weights), notes=notes)
     print(format_table(report["points"], EVAL_COLUMNS))
     categories = report["categories"]
     print()
@@ -120,10 +120,6 @@ def evaluate(load: LoadOptions = LoadOptions(), options: EvalOptions = EvalOptio
         print(note)
     _write(report, o.out)
     return report
-
-
-def _dtype_of(model) -> torch.dtype:
-    return model.context_tower.get_input_embeddings().weight.dtype
 
 
 def _write(report: dict, out: str | None) -> None:
@@ -187,7 +183,7 @@ def benchmark(load: LoadOptions = LoadOptions(), options: BenchOptions = BenchOp
     notes.append(f"context passes of 1-{model.compiled_positions} positions: {'compiled' if compiled else 'eager'} (--compile)")
     report["notes"] = notes + report["notes"]
     name = "tiny-random-llama (--quick)" if o.quick else load.model
-    report["environment"], report["repeats"] = environment(_dtype_of(model), name, load.weights), o.repeats
+    report["environment"], report["repeats"] = environment(model.dtype, name, load.weights), o.repeats
     report["environment"]["compiled_steps"] = compiled
     print(format_table(report["rows"], BENCH_COLUMNS))
     if "category_rows" in report:
@@ -271,7 +267,7 @@ def pass_costs(model, load: LoadOptions, prompt, measured: dict, both: bool = Tr
     from twotower.eval.speed import denoiser_pass_cost, pass_cost
     from twotower.runtime import load_for_inference
 
-    dtype, weights = _dtype_of(model), load.weights
+    dtype, weights = model.dtype, load.weights
     name = lambda d: str(d).removeprefix("torch.")
     rows = [{"dtype": name(dtype), "weights": weights, **measured, "denoiser": denoiser_pass_cost(model, prompt)}]
     if both and dtype in (torch.bfloat16, torch.float32):

@@ -201,10 +201,10 @@ def resolve_settings(model, mode: str, options: dict) -> GenerationSettings:
     if settings is None:
         eos = options.pop("eos_token_id", None)
         eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
-        unknown = set(options) - set(GenerationSettings.__dataclass_fields__)
+        fields, unknown = GenerationSettings.split(options)
         if unknown:
             raise TwoTowerError(f"unknown generation option(s) {sorted(unknown)}")
-        settings = GenerationSettings(eos_token_id=eos, **options)
+        settings = GenerationSettings(eos_token_id=eos, **fields)
     elif options:
         raise TwoTowerError(f"pass the generation options in `settings` or as keywords, not both: {sorted(options)}")
     if settings.temperature < MIN_TEMPERATURE:  # logits / T would overflow: that small a temperature is greedy

@@ -67,10 +67,9 @@ def compile_steps(model) -> bool:
     otherwise than eagerly); fp32 runs eagerly. Returns whether the family has them."""
     make = model.family.compiled_layers
     model.step_layers = None if make is None else make()
-    dtype = model.context_tower.get_input_embeddings().weight.dtype
-    if model.step_layers is not None and dtype not in COMPILED_DTYPES:
+    if model.step_layers is not None and model.dtype not in COMPILED_DTYPES:
         warnings.warn(
-            f"twotower: compiled passes run in bf16 / fp16 only; this model is {dtype}, so they stay eager", stacklevel=3
+            f"twotower: compiled passes run in bf16 / fp16 only; this model is {model.dtype}, so they stay eager", stacklevel=3
         )
     return model.step_layers is not None
 

@@ -65,6 +65,11 @@ class TwoTowerForCausalLM(nn.Module):
         return self.context_tower.get_input_embeddings().weight.device
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the backbone's weights (its embedding's)."""
+        return self.context_tower.get_input_embeddings().weight.dtype
+
+    @property
     def denoiser_device(self) -> torch.device:
         return self.denoiser.device
 

@@ -103,12 +103,11 @@ class Service:
         sampled = body.temperature > 0
         options = dict(max_new_tokens=self.room(body, prompt_ids), temperature=body.temperature, top_p=body.top_p)
         options.update(seed=body.seed if sampled else None)
-        generation = {k: v for k, v in knobs.items() if k in GenerationSettings.__dataclass_fields__}
+        generation, decoder = GenerationSettings.split(knobs)  # the rest are VerifyOptions'
         try:
             resolve_settings(self.model, mode, {**options, **generation})
         except TwoTowerError as err:
             raise BadRequest(str(err)) from err
-        decoder = {k: v for k, v in knobs.items() if k not in generation}
         stop, timeout = list(body.stop or []), self.options.timeout
         return Job(prompt_ids, mode, {**options, **generation}, decoder, stop=stop, timeout=timeout, events=Channel(loop))
 
