@@ -348,3 +348,16 @@ def test_the_load_test_command_runs_short(tmp_path):
     assert code == 0 and len(runs) == 4
     assert all(r["errors"] == 0 and r["mismatched_vs_alone"] == 0 and r["requests"] >= r["clients"] for r in runs)
     assert all(r["tokens_per_second"] > 0 and r["ttft_median_s"] is not None for r in runs)
+
+
+def test_a_request_is_not_refused_while_a_row_is_free():
+    """The queue limit counts what waits beyond the free rows: requests that arrive before the
+    engine takes them up (here: its thread not started) fill the free rows first."""
+    from twotower.serve.engine import Engine, Job, QueueFull
+
+    engine = Engine(_model(), tiny_tokenizer(), max_batch=2, max_queue=1)
+    for _ in range(3):  # two free rows, one waiting place
+        engine.submit(Job([5, 6], "ar", {"max_new_tokens": 2}))
+    with pytest.raises(QueueFull):
+        engine.submit(Job([5, 6], "ar", {"max_new_tokens": 2}))
+    assert engine.queue_depth == 3

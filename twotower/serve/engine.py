@@ -141,8 +141,12 @@ class Engine:
 
     # ------------------------------------------------------------------ outside the loop
     def submit(self, job: Job) -> Job:
+        """Queue a request. Up to max_queue wait beyond the rows that are free (those are taken at
+        the next cycle boundary), so a request that arrives just before its row is taken up is
+        never refused while the batch has room."""
         with self.lock:
-            if len(self.waiting) >= self.max_queue:
+            free = max(self.max_batch - self.running_rows, 0)
+            if len(self.waiting) >= self.max_queue + free:
                 raise QueueFull(f"the queue holds {self.max_queue} requests; try again later")
             self.waiting.append(job)
         self.wake.set()
@@ -154,7 +158,7 @@ class Engine:
 
     @property
     def running_rows(self) -> int:
-        return sum(len(g.rows) for g in self.groups.values())
+        return sum(len(g.rows) for g in list(self.groups.values()))  # read from other threads too: a copy
 
     def start(self) -> None:
         self.running = True
