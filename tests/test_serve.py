@@ -26,6 +26,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 
+SERVED = "twotower-checkpoint"  # the name `twotower serve` gives the checkpoint folder of process_server
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -127,12 +130,12 @@ def test_openai_client_chat_and_completions(process_server):
     url, reference = process_server
     tok = tiny_tokenizer()
     client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-    assert [m.id for m in client.models.list().data] == ["twotower-checkpoint"]
+    assert [m.id for m in client.models.list().data] == [SERVED]
     for mode in ("ar", "verify", "diffusion"):
         expected = _greedy(reference, mode, encode_prompt(tok, "w5 w6 w7"), 12)
         text = tok.decode(expected, skip_special_tokens=True)
         out = client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "w5 w6 w7"}], max_tokens=12, temperature=0,
+            model=SERVED, messages=[{"role": "user", "content": "w5 w6 w7"}], max_tokens=12, temperature=0,
             extra_body={"mode": mode},
         )  # fmt: skip
         assert out.choices[0].message.content == text
@@ -140,17 +143,17 @@ def test_openai_client_chat_and_completions(process_server):
         assert out.choices[0].finish_reason == ("length" if len(expected) == 12 else "stop")
         assert out.model_extra["twotower"]["mode"] == mode
         chunks = list(client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "w5 w6 w7"}], max_tokens=12, temperature=0, stream=True,
+            model=SERVED, messages=[{"role": "user", "content": "w5 w6 w7"}], max_tokens=12, temperature=0, stream=True,
             stream_options={"include_usage": True}, extra_body={"mode": mode},
         ))  # fmt: skip
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert streamed == text and chunks[-1].usage.completion_tokens == len(expected)
     raw = tok("w9 w10")["input_ids"]
     expected = _greedy(reference, "ar", raw, 8)
-    out = client.completions.create(model="tiny", prompt=["w9 w10", "w5"], max_tokens=8, temperature=0)
+    out = client.completions.create(model=SERVED, prompt=["w9 w10", "w5"], max_tokens=8, temperature=0)
     assert out.choices[0].text == tok.decode(expected, skip_special_tokens=True) and len(out.choices) == 2
     assert out.usage.completion_tokens == len(expected) + len(_greedy(reference, "ar", tok("w5")["input_ids"], 8))
-    pieces = client.completions.create(model="tiny", prompt="w9 w10", max_tokens=8, temperature=0, stream=True)
+    pieces = client.completions.create(model=SERVED, prompt="w9 w10", max_tokens=8, temperature=0, stream=True)
     assert "".join(p.choices[0].text for p in pieces if p.choices) == out.choices[0].text
 
 
@@ -175,7 +178,7 @@ def test_stop_strings_across_block_boundaries_never_send_what_follows(process_se
     expected = full[: edge - 2]
     client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
     messages = [{"role": "user", "content": "w20 w21"}]
-    options = dict(model="tiny", messages=messages, max_tokens=24, temperature=0, stop=[stop], extra_body={"mode": "diffusion"})
+    options = dict(model=SERVED, messages=messages, max_tokens=24, temperature=0, stop=[stop], extra_body={"mode": "diffusion"})
     out = client.chat.completions.create(**options)
     assert out.choices[0].message.content == expected and out.choices[0].finish_reason == "stop"
     streamed = "".join(
@@ -189,9 +192,9 @@ def test_malformed_requests_get_openai_style_4xx(process_server):
     chat = url + "/v1/chat/completions"
     cases = [
         ({"messages": []}, 400, "messages"),
-        ({"messages": [{"role": "user", "content": "w5"}], "n": 2}, 400, "n"),
+        ({"messages": [{"role": "user", "content": "w5"}], "n": 99}, 400, "n"),
         ({"messages": [{"role": "user", "content": "w5"}], "temperature": -1}, 400, "temperature"),
-        ({"messages": [{"role": "user", "content": "w5"}], "logprobs": True}, 400, "logprobs"),
+        ({"messages": [{"role": "user", "content": "w5"}], "tools": [{"type": "function"}]}, 400, "tools"),
         ({"messages": [{"role": "user", "content": "w5"}], "mode": "fast"}, 400, "mode"),
         ({"messages": [{"role": "user", "content": "w5"}], "block_size": 64, "mode": "verify"}, 400, None),
         ({"messages": [{"role": "user", "content": "w5"}], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),

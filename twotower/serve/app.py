@@ -1,9 +1,12 @@
 """`twotower serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the engine.
 
     POST /v1/chat/completions   POST /v1/completions   GET /v1/models   GET /health   GET /metrics
+    POST /tokenize   POST /detokenize   GET /tokenizer_info   (vLLM's; lm-eval's remote tokenizer reads them)
 
 Every malformed request gets a 4xx with an OpenAI-style JSON error (a prompt longer than the
-context is a 400, a full queue a 429), never a 500 or a dead server. Streaming is Server-Sent
+context is a 400, a field twotower does not implement a 400 naming it, an unknown model a 404,
+a full queue a 429), never a 500 or a dead server. Request bodies are parsed and validated off
+the event loop; the OpenAPI schema still describes them (`body_schema`). Streaming is Server-Sent
 Events as tokens commit; a client that goes away cancels its request and frees its row.
 
 `Service` holds what the routes share (the engine, the metrics, the settings) and the steps of
@@ -22,13 +25,25 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from twotower.generate.common import resolve_settings
 from twotower.serve.engine import Engine, Job, QueueFull
 from twotower.serve.guard import Guard, header_timeout_protocol
 from twotower.serve.metrics import Metrics
-from twotower.serve.protocol import ChatRequest, CompletionRequest, error_body, new_id, now, usage
+from twotower.serve.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    chat_logprobs,
+    completion_logprobs,
+    error_body,
+    new_id,
+    now,
+    usage,
+)
 from twotower.settings import GenerationSettings, LoadOptions, ServeOptions, TwoTowerError, refuse_inapplicable, request_knobs
 
 log = logging.getLogger("twotower.serve")
@@ -49,10 +64,16 @@ class Channel:
 
 class BadRequest(Exception):
     def __init__(
-        self, message: str, status: int = 400, param: str | None = None, kind: str = "invalid_request_error", headers=None
+        self,
+        message: str,
+        status: int = 400,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        headers=None,
+        code: str | None = None,
     ):
         super().__init__(message)
-        self.message, self.status, self.param, self.kind, self.headers = message, status, param, kind, headers
+        self.message, self.status, self.param, self.kind, self.headers, self.code = message, status, param, kind, headers, code
 
 
 class Service:
@@ -64,8 +85,18 @@ class Service:
         self.default_mode = options.mode or ("verify" if self.trained else "ar")
         self.metrics = Metrics()
         self.engine = Engine(model, tokenizer, max_batch=options.max_batch, max_queue=options.max_queue, metrics=self.metrics)
+        self.vocab_size = min(len(tokenizer), model.context_tower.get_input_embeddings().num_embeddings)
 
-    def encode_chat(self, body: ChatRequest) -> list[int]:
+    def check_model(self, name: str | None) -> None:
+        """A request names the served model or none (OpenAI answers 404 model_not_found)."""
+        if name is not None and name != self.name:
+            raise BadRequest(
+                f"The model {name!r} does not exist: this server serves {self.name!r} (GET /v1/models)",
+                status=404, param="model", code="model_not_found",
+            )  # fmt: skip
+
+    def encode_chat(self, body) -> list[int]:
+        """The ids of a request's `messages` under the chat template."""
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         return readable(lambda: encode_chat(self.tokenizer, messages), "messages")
 
@@ -74,6 +105,22 @@ class Service:
         if not ids:
             raise BadRequest("the prompt is empty", param="prompt")
         return ids
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """A completions prompt's ids: its text tokenised, or its token ids checked against the vocabulary."""
+        if isinstance(prompt, str):
+            return self.encode_text(prompt)
+        self.check_ids(prompt, "prompt")
+        return list(prompt)
+
+    def check_ids(self, ids: list[int], param: str) -> None:
+        outside = [i for i in ids if not 0 <= i < self.vocab_size]
+        if outside:
+            raise BadRequest(f"{param} holds token id {outside[0]}, outside the vocabulary (0 to {self.vocab_size - 1})", param=param)
+
+    def text_of(self, token: int) -> str:
+        """One token's text, as logprobs name it."""
+        return self.tokenizer.decode([token])
 
     def room(self, body, prompt_ids: list[int]) -> int:
         """The reply's most tokens: the request's limit, else the server's default, within the context."""
@@ -90,8 +137,19 @@ class Service:
             )
         return body.limit or min(self.options.max_tokens, room)
 
-    def make_job(self, body, prompt_ids: list[int], loop) -> Job:
-        """The job of one prompt: the request's knobs checked against its mode and the model once."""
+    def make_jobs(self, body, prompts: list[list[int]], loop) -> list[Job]:
+        """The jobs of a request, n per prompt, every one checked before any is submitted; none
+        for a scoring request (max_tokens 0, echo)."""
+        if body.limit == 0:
+            for ids in prompts:
+                if len(ids) > self.model.max_context:
+                    raise BadRequest(f"the prompt has {len(ids)} tokens, more than the model's context", param="prompt")
+            return []
+        return [self.make_job(body, ids, loop, choice) for ids in prompts for choice in range(body.n)]
+
+    def make_job(self, body, prompt_ids: list[int], loop, choice: int = 0) -> Job:
+        """The job of one prompt (its choice-th choice: seed + choice): the request's knobs checked
+        against its mode and the model once."""
         mode = body.mode or self.default_mode
         if mode == "diffusion" and not self.trained:
             raise BadRequest(f"no trained denoiser for {self.name}: use mode ar or verify (lossless)", param="mode")
@@ -102,7 +160,7 @@ class Service:
             raise BadRequest(str(err), param=next(iter(knobs), None)) from err
         sampled = body.temperature > 0
         options = dict(max_new_tokens=self.room(body, prompt_ids), temperature=body.temperature, top_p=body.top_p)
-        options.update(seed=body.seed if sampled else None)
+        options.update(seed=body.seed + choice if sampled and body.seed is not None else None)
         generation, decoder = GenerationSettings.split(knobs)  # the rest are VerifyOptions'
         try:
             resolve_settings(self.model, mode, {**options, **generation})
@@ -111,13 +169,17 @@ class Service:
         stop, timeout = list(body.stop or []), self.options.timeout
         return Job(prompt_ids, mode, {**options, **generation}, decoder, stop=stop, timeout=timeout, events=Channel(loop))
 
-    def submit(self, job: Job) -> Job:
+    def submit(self, jobs: list[Job]) -> list[Job]:
+        """Queue a request's jobs: all of them, or (a full queue) none."""
         try:
-            self.engine.submit(job)
+            for job in jobs:
+                self.engine.submit(job)
         except QueueFull as err:
+            for job in jobs:
+                job.cancel()
             raise BadRequest(str(err), status=429, kind="rate_limit_error", headers={"Retry-After": "1"}) from err
         self.metrics.queue(self.engine.queue_depth, self.engine.running_rows)
-        return job
+        return jobs
 
     async def events(self, request: Request, job: Job):
         """The job's events; a client that goes away cancels it."""
@@ -133,12 +195,13 @@ class Service:
             if item[0] in ("done", "error"):
                 return
 
-    async def collect(self, request: Request, job: Job) -> tuple[str, dict]:
-        """The whole reply of a job: (text, the engine's closing info)."""
-        parts, info = [], None
-        async for kind, value in self.events(request, job):
+    async def collect(self, request: Request, job: Job) -> tuple[str, list[int], dict]:
+        """The whole reply of a job: (text, the ids of its tokens, the engine's closing info)."""
+        parts, ids, info = [], [], None
+        async for kind, value, *more in self.events(request, job):
             if kind == "text":
                 parts.append(value)
+                ids += more[0]
             elif kind == "done":
                 info = value
             else:
@@ -149,7 +212,26 @@ class Service:
         if info is None:  # the client went away
             raise BadRequest("the client disconnected", status=499)
         self.metrics.finished(info)
-        return "".join(parts), info
+        return "".join(parts), ids, info
+
+    async def collect_all(self, request: Request, jobs: list[Job]) -> list[tuple[str, list[int], dict]]:
+        """The replies of a request's jobs; if one fails, the others are cancelled."""
+        try:
+            return [await self.collect(request, job) for job in jobs]
+        finally:
+            for job in jobs:
+                job.cancel()  # a no-op for a finished job
+
+    async def score(self, ids: list[int], top: int) -> list[tuple]:
+        """Teacher-forced logprobs of `ids` (engine.score_tokens), run by the engine's loop."""
+        return await asyncio.wrap_future(self.engine.score(ids, top))
+
+    async def reply_logprobs(self, prompt_ids: list[int], before: list[int], ids: list[int], top: int) -> list[tuple]:
+        """Entries of reply tokens `ids` that follow `before`: one teacher-forced context pass over
+        the prompt and the reply so far (ar and verify write the AR model's tokens, so these are
+        their logprobs; for diffusion they are the AR model's logprobs of the denoiser's tokens).
+        When the engine's text events carry per-token logprobs, they are taken from there instead."""
+        return (await self.score(prompt_ids + before + ids, top))[-len(ids) :] if ids else []
 
     def envelope(self, kind: str, rid: str, created: int, choices: list, **extra) -> dict:
         """An OpenAI response object (or stream chunk) around its choices."""
@@ -189,9 +271,15 @@ def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
     return ids
 
 
+def printable(text: str) -> str:
+    """Text safe to send as JSON: a lone surrogate (from a "\\ud800" escape) as its escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def stats(info: dict) -> dict:
-    """twotower's own statistics of one reply (the `twotower` field of a response)."""
-    return {k: info[k] for k in ("mode", "passes", "tokens_per_pass", "seconds", "time_to_first_token")}
+    """twotower's own statistics of one reply (the `twotower` field of a response; None where a
+    choice only scored its prompt)."""
+    return {k: info.get(k) for k in ("mode", "passes", "tokens_per_pass", "seconds", "time_to_first_token")}
 
 
 def sse(data) -> str:
@@ -217,12 +305,39 @@ def create_app(model, tokenizer, model_name: str = "twotower", options: ServeOpt
     return app
 
 
+BODIES = (ChatRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest)  # the bodies the routes read themselves
+
+
+def body_schema(model) -> dict:
+    """The OpenAPI request body (and 400) of a route that parses its body off the event loop
+    (`read_body`); `openapi_with_400` adds the model's schema to the components."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    content = {"application/json": {"schema": ref}}
+    return {"requestBody": {"required": True, "content": content}, "responses": {"400": {"description": "Invalid request"}}}
+
+
+async def read_body(request: Request, model):
+    """A request body parsed and validated in a worker thread, so that a large one does not stall
+    the event loop; a failure is the same 400 as FastAPI's own validation gives."""
+    raw = await request.body()
+    try:
+        return await asyncio.to_thread(model.model_validate_json, raw)
+    except ValidationError as err:
+        raise RequestValidationError(err.errors(include_url=False, include_context=False)) from err
+
+
 def openapi_with_400(app: FastAPI) -> dict:
-    """The schema as the server answers: a request that fails validation gets 400, not 422."""
+    """The schema as the server answers: a request that fails validation gets 400, not 422; the
+    bodies the routes read themselves (BODIES) are described as FastAPI describes its own."""
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
 
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in BODIES:
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
         for path in schema.get("paths", {}).values():
             for operation in path.values():
                 responses = operation.get("responses", {})
@@ -238,10 +353,14 @@ def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        where = printable(".".join(loc))
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
+        if first.get("type") == "extra_forbidden":  # OpenAI's words for a field it does not know
+            message = f"Unrecognized request argument supplied: {where}"
         metrics.request(request.url.path, 400)
-        return JSONResponse(error_body(message, param=where or None), status_code=400)
+        param = printable(loc[0]) if loc else None  # the request's field, as OpenAI names it
+        return JSONResponse(error_body(printable(message), param=param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):  # 404, 405 (with its Allow header)
@@ -252,7 +371,8 @@ def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(BadRequest)
     async def _bad(request, exc: BadRequest):
         metrics.request(request.url.path, exc.status)
-        return JSONResponse(error_body(exc.message, exc.kind, exc.param), status_code=exc.status, headers=exc.headers)
+        body = error_body(exc.message, exc.kind, exc.param, exc.code)
+        return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _internal(request, exc: Exception):  # a bug: logged, counted, and an OpenAI-style 500
@@ -277,52 +397,124 @@ def add_routes(app: FastAPI, service: Service) -> None:
         metrics.queue(engine.queue_depth, engine.running_rows)
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, request: Request):
+    @app.post("/v1/chat/completions", openapi_extra=body_schema(ChatRequest))
+    async def chat(request: Request):
+        body = await read_body(request, ChatRequest)
+        service.check_model(body.model)
+        if body.stream and body.n > 1:
+            raise BadRequest("stream takes n = 1", param="n")
         ids = await asyncio.to_thread(service.encode_chat, body)  # a long chat does not stall the other requests
-        job = service.submit(service.make_job(body, ids, asyncio.get_running_loop()))
+        jobs = service.submit(service.make_jobs(body, [ids], asyncio.get_running_loop()))
         rid, created = new_id("chatcmpl"), now()
         if body.stream:
             metrics.request(request.url.path, 200)
-            return StreamingResponse(chat_stream(service, request, body, job, rid, created), media_type="text/event-stream")
-        text, info = await service.collect(request, job)
+            stream = chat_stream(service, request, body, jobs[0], ids, rid, created)
+            return StreamingResponse(stream, media_type="text/event-stream")
+        results = await service.collect_all(request, jobs)
+        choices = [await chat_choice(service, i, body, ids, result) for i, result in enumerate(results)]
         metrics.request(request.url.path, 200)
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": info["finish_reason"]}
-        used = usage(info["prompt_tokens"], info["completion_tokens"])
-        return service.envelope("chat.completion", rid, created, [choice], usage=used, twotower=stats(info))
+        used = usage(len(ids), sum(info["completion_tokens"] for *_, info in results))
+        own = stats(results[0][2]) if body.n == 1 else [stats(info) for *_, info in results]
+        return service.envelope("chat.completion", rid, created, choices, usage=used, twotower=own)
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        loop = asyncio.get_running_loop()
-        prompts = [await asyncio.to_thread(service.encode_text, p) for p in body.prompts]  # off the event loop
-        jobs = [service.submit(service.make_job(body, ids, loop)) for ids in prompts]
+    @app.post("/v1/completions", openapi_extra=body_schema(CompletionRequest))
+    async def completions(request: Request):
+        body = await read_body(request, CompletionRequest)
+        service.check_model(body.model)
+        texts = body.prompts
+        if body.stream and len(texts) * body.n > 1:
+            raise BadRequest("stream takes one prompt and n = 1", param="prompt" if len(texts) > 1 else "n")
+        prompts = await asyncio.to_thread(lambda: [service.encode_prompt(p) for p in texts])  # off the event loop
+        jobs = service.submit(service.make_jobs(body, prompts, asyncio.get_running_loop()))  # all checked first
         rid, created = new_id("cmpl"), now()
-        if body.stream and len(jobs) > 1:
-            for job in jobs:
-                job.cancel()
-            raise BadRequest("stream takes one prompt", param="prompt")
         if body.stream:
             metrics.request(request.url.path, 200)
-            return StreamingResponse(text_stream(service, request, body, jobs[0], rid, created), media_type="text/event-stream")
-        results = [await service.collect(request, job) for job in jobs]
+            stream = text_stream(service, request, body, jobs, (texts[0], prompts[0]), rid, created)
+            return StreamingResponse(stream, media_type="text/event-stream")
+        results = await service.collect_all(request, jobs) if jobs else [("", [], SCORED)] * (len(prompts) * body.n)
+        choices = []
+        for i, result in enumerate(results):
+            prompt = texts[i // body.n], prompts[i // body.n]
+            choices.append(await completion_choice(service, i, body, prompt, result))
         metrics.request(request.url.path, 200)
-        choices = [
-            {"index": i, "text": t, "logprobs": None, "finish_reason": info["finish_reason"]}
-            for i, (t, info) in enumerate(results)
-        ]
-        used = usage(sum(i["prompt_tokens"] for _, i in results), sum(i["completion_tokens"] for _, i in results))
-        return service.envelope("text_completion", rid, created, choices, usage=used, twotower=[stats(i) for _, i in results])
+        used = usage(sum(map(len, prompts)), sum(info["completion_tokens"] for *_, info in results))
+        return service.envelope("text_completion", rid, created, choices, usage=used, twotower=[stats(i) for *_, i in results])
+
+    @app.post("/tokenize", openapi_extra=body_schema(TokenizeRequest))
+    async def tokenize(request: Request):
+        body = await read_body(request, TokenizeRequest)
+        service.check_model(body.model)
+        if body.messages is not None:
+            ids = await asyncio.to_thread(service.encode_chat, body)
+        else:
+            encode = lambda: service.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
+            ids = await asyncio.to_thread(readable, encode, "prompt")
+        metrics.request(request.url.path, 200)
+        return {"tokens": ids, "count": len(ids), "max_model_len": service.model.max_context}
+
+    @app.post("/detokenize", openapi_extra=body_schema(DetokenizeRequest))
+    async def detokenize(request: Request):
+        body = await read_body(request, DetokenizeRequest)
+        service.check_model(body.model)
+        service.check_ids(body.tokens, "tokens")
+        text = await asyncio.to_thread(service.tokenizer.decode, body.tokens)
+        metrics.request(request.url.path, 200)
+        return {"prompt": text}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        tok = service.tokenizer
+        return {
+            "tokenizer_class": type(tok).__name__,
+            **{name: getattr(tok, name) for name in ("eos_token", "bos_token", "pad_token", "unk_token")},
+            "chat_template": getattr(tok, "chat_template", None),
+            "model_max_length": service.model.max_context,
+        }
 
 
-async def chat_stream(service: Service, request: Request, body: ChatRequest, job: Job, rid: str, created: int):
-    """A chat reply as Server-Sent Events: a role chunk, content chunks, the finish chunk, usage."""
-    chunk = lambda delta, finish=None, **extra: sse(
-        service.envelope("chat.completion.chunk", rid, created, [{"index": 0, "delta": delta, "finish_reason": finish}], **extra)
-    )
+SCORED = {"finish_reason": "length", "completion_tokens": 0}  # the info of a choice that only scores its prompt
+
+
+async def chat_choice(service: Service, index: int, body: ChatRequest, prompt_ids: list[int], result) -> dict:
+    text, ids, info = result
+    logprobs = None
+    if body.top is not None:
+        logprobs = chat_logprobs(await service.reply_logprobs(prompt_ids, [], ids, body.top), service.text_of)
+    message = {"role": "assistant", "content": text}
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": info["finish_reason"]}
+
+
+async def completion_choice(service: Service, index: int, body: CompletionRequest, prompt, result) -> dict:
+    """A completions choice: the prompt's text first with echo; logprobs of the prompt's tokens
+    (echo) and the reply's from one teacher-forced pass over both."""
+    (text_or_ids, prompt_ids), (text, ids, info) = prompt, result
+    prompt_text = text_or_ids if isinstance(text_or_ids, str) else service.tokenizer.decode(prompt_ids)
+    logprobs = None
+    if body.top is not None:
+        entries = await service.score(prompt_ids + ids, body.top)
+        shown = entries if body.echo else entries[len(prompt_ids) :]
+        logprobs = completion_logprobs(shown, service.text_of, 0 if body.echo else len(prompt_text))
+    shown_text = prompt_text + text if body.echo else text
+    return {"index": index, "text": shown_text, "logprobs": logprobs, "finish_reason": info["finish_reason"]}
+
+
+async def chat_stream(service: Service, request: Request, body: ChatRequest, job: Job, prompt_ids, rid: str, created: int):
+    """A chat reply as Server-Sent Events: a role chunk, content chunks (each with the logprobs of
+    its tokens when asked), the finish chunk, usage."""
+
+    def chunk(delta, finish=None, logprobs=None, **extra):
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return sse(service.envelope("chat.completion.chunk", rid, created, [choice], **extra))
+
     yield chunk({"role": "assistant", "content": ""})
-    async for kind, value in service.events(request, job):
+    sent: list[int] = []
+    async for kind, value, *more in service.events(request, job):
         if kind == "text":
-            yield chunk({"content": value})
+            logprobs = None
+            if body.top is not None:
+                logprobs = chat_logprobs(await service.reply_logprobs(prompt_ids, sent, more[0], body.top), service.text_of)
+            sent += more[0]
+            yield chunk({"content": value}, logprobs=logprobs)
         elif kind == "done":
             service.metrics.finished(value)
             yield chunk({}, value["finish_reason"], twotower=stats(value))
@@ -334,26 +526,45 @@ async def chat_stream(service: Service, request: Request, body: ChatRequest, job
     yield sse("[DONE]")
 
 
-async def text_stream(service: Service, request: Request, body: CompletionRequest, job: Job, rid: str, created: int):
-    """A completion as Server-Sent Events: text chunks, the finish chunk, usage."""
-    async for kind, value in service.events(request, job):
-        if kind not in ("text", "done"):
-            yield sse(error_body(value, "server_error"))
-            continue
-        done = kind == "done"
-        piece = {
-            "index": 0,
-            "text": "" if done else value,
-            "logprobs": None,
-            "finish_reason": value["finish_reason"] if done else None,
-        }
-        yield sse(service.envelope("text_completion", rid, created, [piece]))
-        if done:
+async def text_stream(service: Service, request: Request, body: CompletionRequest, jobs: list[Job], prompt, rid, created):
+    """A completion as Server-Sent Events: the prompt with echo, text chunks (each with the
+    logprobs of its tokens when asked), the finish chunk, usage."""
+    text_or_ids, prompt_ids = prompt
+
+    def piece(text, logprobs=None, finish=None):
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        return sse(service.envelope("text_completion", rid, created, [choice]))
+
+    prompt_text = text_or_ids if isinstance(text_or_ids, str) else service.tokenizer.decode(prompt_ids)
+    if body.echo:
+        entries = None if body.top is None else await service.score(prompt_ids, body.top)
+        yield piece(prompt_text, None if entries is None else completion_logprobs(entries, service.text_of))
+    info, sent, written = None if jobs else SCORED, [], len(prompt_text)
+    async for kind, value, *more in service.events(request, jobs[0]) if jobs else no_events():
+        if kind == "text":
+            logprobs = None
+            if body.top is not None:
+                entries = await service.reply_logprobs(prompt_ids, sent, more[0], body.top)
+                logprobs = completion_logprobs(entries, service.text_of, written)
+            sent, written = sent + more[0], written + len(value)
+            yield piece(value, logprobs)
+        elif kind == "done":
             service.metrics.finished(value)
-            if body.stream_options and body.stream_options.include_usage:
-                used = usage(value["prompt_tokens"], value["completion_tokens"])
-                yield sse(service.envelope("text_completion", rid, created, [], usage=used))
+            info = value
+        else:
+            yield sse(error_body(value, "server_error"))
+    if info is not None:
+        yield piece("", finish=info["finish_reason"])
+        if body.stream_options and body.stream_options.include_usage:
+            used = usage(len(prompt_ids), info["completion_tokens"])
+            yield sse(service.envelope("text_completion", rid, created, [], usage=used))
     yield sse("[DONE]")
+
+
+async def no_events():
+    """The events of a request that writes nothing (echo with max_tokens 0)."""
+    return
+    yield
 
 
 def serve(load: LoadOptions = LoadOptions(), options: ServeOptions = ServeOptions()) -> None:

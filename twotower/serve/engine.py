@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +55,7 @@ class Job:
     timeout: float = 300.0
     created: float = field(default_factory=time.monotonic)
     # filled by the engine
-    events: queue.Queue = field(default_factory=queue.Queue)  # ("text", str) ... then ("done", info) or ("error", msg)
+    events: queue.Queue = field(default_factory=queue.Queue)  # ("text", str, ids) ... then ("done", info) or ("error", msg)
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -75,6 +76,7 @@ class TextStream:
     def __init__(self, tokenizer, stops: list[str]):
         self.tokenizer, self.stops = tokenizer, stops
         self.sent = ""
+        self.counted = 0  # tokens whose text is wholly sent
 
     def _held(self, text: str) -> int:
         """How many trailing characters could still become the start of a stop string."""
@@ -100,6 +102,15 @@ class TextStream:
             return "", stopped
         delta, self.sent = text[len(self.sent) :], text
         return delta, stopped
+
+    def sent_tokens(self, tokens: list[int]) -> list[int]:
+        """The tokens whose text the last update sent wholly (not yet counted): what its text
+        event carries, so that per-token data (logprobs) goes out with exactly its text."""
+        n = len(tokens)
+        while n > self.counted and not self.sent.startswith(self.tokenizer.decode(tokens[:n], skip_special_tokens=True)):
+            n -= 1
+        ids, self.counted = tokens[self.counted : n], n
+        return ids
 
 
 @dataclass
@@ -132,6 +143,7 @@ class Engine:
         self.eos = eos_token_ids(model, tokenizer)
         self.draft_memory = DraftMemory()  # what verify requests measured, for the next ones
         self.waiting: deque[Job] = deque()
+        self.scores: queue.SimpleQueue = queue.SimpleQueue()  # (ids, top, Future): scoring passes to run
         self.groups: dict[tuple, Group] = {}
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -151,6 +163,14 @@ class Engine:
             self.waiting.append(job)
         self.wake.set()
         return job
+
+    def score(self, ids: list[int], top: int) -> Future:
+        """Queue a teacher-forced scoring pass over `ids` (`score_tokens`) for the loop, which owns
+        the model; the future holds its entries."""
+        future = Future()
+        self.scores.put((ids, top, future))
+        self.wake.set()
+        return future
 
     @property
     def queue_depth(self) -> int:
@@ -175,6 +195,7 @@ class Engine:
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while self.running:
+            self._score_waiting()
             self._admit()
             if not self.groups:
                 self.wake.wait(timeout=0.1)
@@ -200,6 +221,17 @@ class Engine:
             except Exception as err:  # never let one request take the engine down
                 log.error("request failed to start", exc_info=err)
                 job.events.put(("error", f"internal error: {type(err).__name__}: {err}"))
+
+    def _score_waiting(self) -> None:
+        """Run the scoring passes asked for since the last cycle (between cycles, as admission)."""
+        while not self.scores.empty():
+            ids, top, future = self.scores.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(score_tokens(self.model, ids, top))
+            except Exception as err:  # the request gets it, the engine goes on
+                future.set_exception(err)
 
     def _start(self, job: Job) -> None:
         options = {**job.options, "eos_token_id": self.eos}
@@ -254,7 +286,7 @@ class Engine:
             finished = run.room(b) == 0
             delta, stopped = row.text.update(tokens, finished)
             if delta:
-                row.job.events.put(("text", delta))
+                row.job.events.put(("text", delta, row.text.sent_tokens(tokens)))
             if stopped:
                 row.finish_reason = "stop"
             elif row.job.cancelled:
@@ -291,3 +323,18 @@ class Engine:
             group.decoder.keep_rows(keep)
             group.run.keep_rows(keep)
             group.rows = [group.rows[b] for b in keep]
+
+
+def score_tokens(model, ids: list[int], top: int) -> list[tuple]:
+    """Teacher-forced logprobs of a token sequence under the context tower (the AR model), one
+    pass: for each token, (id, its logprob given the tokens before it, the `top` most likely
+    tokens there with theirs, best first); the first token has neither (None, None)."""
+    x = torch.tensor([ids], device=model.context_device)  # (1, T)
+    logp = torch.log_softmax(model(x)[0, :-1].float(), dim=-1)  # (T-1, V): the distribution of token i+1
+    chosen = logp.gather(1, x[0, 1:, None].to(logp.device))[:, 0].tolist()
+    if top:
+        best = logp.topk(top, dim=-1)
+        alternatives = [list(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
+    else:
+        alternatives = [[] for _ in chosen]
+    return [(ids[0], None, None), *zip(ids[1:], chosen, alternatives)]
