@@ -337,6 +337,50 @@ def test_lm_eval_local_completions_runs_against_the_server(tmp_path, monkeypatch
     assert lm_eval.__version__
 
 
+def test_lm_eval_multiple_choice_scores_equal_the_models_own_logits(tmp_path, monkeypatch):
+    """lm-eval's loglikelihood requests (echo, logprobs 1, token-id prompts, its remote tokenizer
+    through /tokenizer_info and /tokenize) on a multiple-choice task: every choice's score and
+    is_greedy, and the accuracy, are what the model's own logits give."""
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    docs = [{"question": f"w{5 + 3 * i} w{6 + 3 * i}", "choices": [f"w{7 + i}", f"w{30 + i}", f"w{50 + i} w{60 + i}"],
+             "label": i % 3} for i in range(4)]  # fmt: skip
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "tiny_choice.yaml").write_text(
+        f"task: tiny_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: choices\ndoc_to_target: label\n'
+        "metric_list:\n  - metric: acc\n"
+    )
+    model, tok = _model(), tiny_tokenizer()
+    with ThreadServer(model, max_batch=4) as server:
+        from lm_eval import simple_evaluate
+        from lm_eval.tasks import TaskManager
+
+        results = simple_evaluate(
+            model="local-completions",
+            model_args=f"model=tiny,base_url={server.url}/v1/completions,num_concurrent=2,max_retries=1",
+            tasks=["tiny_choice"], task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
+        )  # fmt: skip
+    correct = []
+    for sample in sorted(results["samples"]["tiny_choice"], key=lambda s: s["doc_id"]):
+        doc, expected = docs[sample["doc_id"]], []
+        for choice in doc["choices"]:
+            context = tok(doc["question"], add_special_tokens=False)["input_ids"]
+            whole = tok(doc["question"] + " " + choice, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(torch.tensor([whole]))[0, :-1].float(), dim=-1)
+            rows = logprobs[len(context) - 1 :]  # the distributions of the choice's tokens
+            chosen = [rows[i, t] for i, t in enumerate(whole[len(context) :])]
+            greedy = all(rows[i].argmax() == t for i, t in enumerate(whole[len(context) :]))
+            expected.append((sum(chosen).item(), greedy))
+        got = [tuple(r) for r in sample["filtered_resps"]]
+        assert [g for _, g in got] == [g for _, g in expected]
+        assert [s for s, _ in got] == pytest.approx([s for s, _ in expected], abs=1e-4)
+        correct.append(max(range(3), key=lambda k: expected[k][0]) == doc["label"])
+    assert results["results"]["tiny_choice"]["acc,none"] == pytest.approx(sum(correct) / len(correct))
+
+
 def test_the_load_test_command_runs_short(tmp_path):
     """The documented load test (python -m twotower.serve.load), for a few seconds on the tiny
     model: no errors, every reply equal to the same request alone."""

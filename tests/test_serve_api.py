@@ -177,6 +177,10 @@ def test_streamed_chunks_carry_the_logprobs_of_their_own_tokens(served):
     assert [e["logprob"] for e in streamed] == pytest.approx([e["logprob"] for e in chat_whole], abs=1e-5)
     echoed = _stream(client, "/v1/completions", _completion(echo=True, max_tokens=2))
     assert echoed[0]["choices"][0]["text"] == "w5 w6 w7"
+    scored = [c["choices"][0] for c in _stream(client, "/v1/completions", _completion(echo=True, max_tokens=0, logprobs=1))]
+    assert [c["text"] for c in scored] == ["w5 w6 w7", ""] and scored[-1]["finish_reason"] == "length"
+    alone = client.post("/v1/completions", json=_completion(echo=True, max_tokens=0, logprobs=1)).json()["choices"][0]
+    assert scored[0]["logprobs"] == alone["logprobs"]
 
 
 def test_token_id_prompts_get_the_reply_of_their_text(served):

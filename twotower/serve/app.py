@@ -116,7 +116,9 @@ class Service:
     def check_ids(self, ids: list[int], param: str) -> None:
         outside = [i for i in ids if not 0 <= i < self.vocab_size]
         if outside:
-            raise BadRequest(f"{param} holds token id {outside[0]}, outside the vocabulary (0 to {self.vocab_size - 1})", param=param)
+            raise BadRequest(
+                f"{param} holds token id {outside[0]}, outside the vocabulary (0 to {self.vocab_size - 1})", param=param
+            )
 
     def text_of(self, token: int) -> str:
         """One token's text, as logprobs name it."""

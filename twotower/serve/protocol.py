@@ -156,7 +156,9 @@ class CompletionRequest(Sampling):
         description="a prompt, a list of prompts, token ids, or a list of token-id lists (n choices each)"
     )
     max_tokens: int | None = Field(None, ge=0, description="0 with echo: score the prompt, write nothing")
-    echo: bool = Field(False, validate_default=True, description="the prompt before the reply (and its tokens' logprobs with logprobs)")
+    echo: bool = Field(
+        False, validate_default=True, description="the prompt before the reply (and its tokens' logprobs with logprobs)"
+    )
     logprobs: int | None = Field(None, ge=0, le=5, description="the logprob of each token and its k best alternatives")
     best_of: int | None = Field(None, ge=1, description="only 1 (or n): twotower does not rank choices")
     suffix: str | None = Field(None, description="not supported: null or empty")
