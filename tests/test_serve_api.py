@@ -58,6 +58,7 @@ REFUSED = [
     ("/v1/completions", _completion(suffix="w9"), "suffix"),
     ("/v1/completions", _completion(logprobs=6), "logprobs"),
     ("/v1/completions", _completion(max_tokens=0), "echo"),
+    ("/v1/completions", _completion(max_tokens=0, echo=True, mode="verify"), "mode"),
     ("/v1/completions", _completion(tools=[]), "tools"),  # a chat field
     ("/v1/completions", _completion(stream_options={"include_usage": True, "x": 1}), "stream_options"),
     ("/v1/completions", _completion(prompt=[5, 96]), "prompt"),  # outside the vocabulary

@@ -143,6 +143,9 @@ class Service:
         """The jobs of a request, n per prompt, every one checked before any is submitted; none
         for a scoring request (max_tokens 0, echo)."""
         if body.limit == 0:
+            chosen = [name for name in ("mode", *request_knobs()) if getattr(body, name) is not None]
+            if chosen:  # refused, not ignored
+                raise BadRequest(f"{chosen[0]} applies to writing; max_tokens 0 only scores the prompt", param=chosen[0])
             for ids in prompts:
                 if len(ids) > self.model.max_context:
                     raise BadRequest(f"the prompt has {len(ids)} tokens, more than the model's context", param="prompt")
