@@ -324,9 +324,18 @@ def body_schema(model) -> dict:
 async def read_body(request: Request, model):
     """A request body parsed and validated in a worker thread, so that a large one does not stall
     the event loop; a failure is the same 400 as FastAPI's own validation gives."""
-    raw = await request.body()
+    return await asyncio.to_thread(parse_body, await request.body(), model)
+
+
+def parse_body(raw: bytes, model):
+    """Python's JSON parser, as FastAPI's: a lone surrogate escape ("\\ud800") is parsed, and
+    refused where text is read (`readable`), naming its field."""
     try:
-        return await asyncio.to_thread(model.model_validate_json, raw)
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, nested too deep
+        raise BadRequest(f"the request body is not valid JSON: {printable(str(err))}") from err
+    try:
+        return model.model_validate(data)
     except ValidationError as err:
         raise RequestValidationError(err.errors(include_url=False, include_context=False)) from err
 
