@@ -350,6 +350,21 @@ def test_the_load_test_command_runs_short(tmp_path):
     assert all(r["tokens_per_second"] > 0 and r["ttft_median_s"] is not None for r in runs)
 
 
+def test_the_load_test_with_mixed_sampling_runs_short(tmp_path):
+    """--mixed: clients with different sampling settings (greedy, seeded top-p, seeded top-k)
+    share the batch, and every reply, seeded ones too, equals the same request sent alone."""
+    from twotower.serve import load
+
+    model = _model()
+    with ThreadServer(model, max_batch=8) as server:
+        out = tmp_path / "load.json"
+        code = load.main([server.url, "--clients", "4", "--seconds", "2", "--modes", "ar,verify", "--prompts", "8",
+                          "--max-tokens", "8", "--mixed", "--out", str(out)])  # fmt: skip
+    runs = json.loads(out.read_text())["runs"]
+    assert code == 0 and len(runs) == 2 and all(r["mixed"] for r in runs)
+    assert all(r["errors"] == 0 and r["mismatched_vs_alone"] == 0 and r["requests"] >= r["clients"] for r in runs)
+
+
 def test_a_request_is_not_refused_while_a_row_is_free():
     """The queue limit counts what waits beyond the free rows: requests that arrive before the
     engine takes them up (here: its thread not started) fill the free rows first."""

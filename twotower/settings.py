@@ -55,11 +55,40 @@ def int64(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
 
 
+def count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def share(value) -> bool:
+    return isinstance(value, (int, float)) and 0.0 <= value <= 1.0
+
+
+def penalty(value) -> bool:
+    return isinstance(value, (int, float)) and -2.0 <= value <= 2.0
+
+
+def top_logprobs(value) -> bool:
+    return count(value) and value <= 20
+
+
+def bias_map(value) -> bool:
+    """{token id: bias}: ids as ints or digit strings (JSON keys), biases in [-100, 100]."""
+    return isinstance(value, dict) and all(
+        (count(k) or (isinstance(k, str) and k.isdigit())) and isinstance(v, (int, float)) and -100.0 <= v <= 100.0
+        for k, v in value.items()
+    )
+
+
 CHECKS = {
     positive: ">= 1",
     unit_interval: "in (0, 1]",
     non_negative: "a finite number >= 0",
     int64: "an integer that fits in 64 bits",
+    count: "an integer >= 0",
+    share: "in [0, 1]",
+    penalty: "in [-2, 2]",
+    top_logprobs: "an integer in [0, 20]",
+    bias_map: "a map of token ids to biases in [-100, 100]",
 }
 
 
@@ -146,8 +175,26 @@ class GenerationSettings(Settings):
                             "above it", check=unit_interval, modes=BLOCK_MODES, metavar="G", request=True)  # fmt: skip
     temperature: float = knob(0.0, "0 is greedy; above 0 samples", check=non_negative, metavar="T")
     top_p: float = knob(1.0, "nucleus sampling mass (when sampling)", check=unit_interval, metavar="P")
-    seed: int | None = knob(None, "sampling seed: same seed, same output (default: random)", check=int64, metavar="N")
+    top_k: int = knob(0, "sample from the K likeliest tokens only (when sampling; 0: all)", check=count, metavar="K",
+                      request=True)  # fmt: skip
+    min_p: float = knob(0.0, "drop tokens less likely than P times the likeliest one (when sampling; 0: none)",
+                        check=share, metavar="P", request=True)  # fmt: skip
+    presence_penalty: float = knob(0.0, "subtract this from the logit of every token the reply already holds (greedy "
+                                   "too)", check=penalty, metavar="X", request=True)  # fmt: skip
+    frequency_penalty: float = knob(0.0, "subtract this times its count so far from the logit of every token of the "
+                                    "reply (greedy too)", check=penalty, metavar="X", request=True)  # fmt: skip
+    logit_bias: dict[int, float] | None = knob(None, "{token id: bias added to its logit} (greedy too; -100 bans, +100 "
+                                               "forces)", check=bias_map, flag="", request=True)  # fmt: skip
+    seed: int | None = knob(None, "sampling seed: same seed, same output, alone or batched with other requests (default: "
+                            "random); row b of a call draws from seed + b", check=int64, metavar="N")  # fmt: skip
+    logprobs: int | None = knob(None, "give every generated token its log-probability under the model's own distribution "
+                                "and those of the K likeliest tokens (default: none)", check=top_logprobs, flag="")  # fmt: skip
     eos_token_id: tuple[int, ...] = knob((), "token ids that end a row", flag="")  # not a flag: the tokenizer's
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.logit_bias is not None:  # JSON keys are strings: one form, {int: float}
+            object.__setattr__(self, "logit_bias", {int(k): float(v) for k, v in self.logit_bias.items()})
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """The serving engine: one loop that batches every running request (block-level continuous
 batching).
 
-Requests are grouped by how they decode (mode and sampling settings): the rows of a group
+Requests are grouped by what shapes a pass (`Job.group_key`: the mode, block size, steps per
+block, threshold and verify's draft options); each row samples by its own settings and seed
+(temperature, top_p, top_k, ...), so mixed sampling shares one group. The rows of a group
 share every tower pass. The loop runs one cycle of one group at a time (round robin), through
 the same decoders the library's streams use (`twotower.generate`). A request joins a group at
 a cycle boundary: its prompt is read alone (its own prefill), then its row joins the group's
@@ -61,11 +63,10 @@ class Job:
         self.cancelled = True
 
     def group_key(self) -> tuple:
+        """What the rows of one group must share: what shapes a pass. Sampling is per row."""
         o = self.options
-        sampled = o.get("temperature", 0.0) > 0
-        key = (self.mode, o.get("temperature", 0.0), o.get("top_p", 1.0), o.get("block_size"), o.get("steps_per_block"))
-        key += (o.get("threshold"), tuple(sorted(self.decoder_options.items())))
-        return key + ((o.get("seed"),) if sampled and o.get("seed") is not None else ())
+        key = (self.mode, o.get("block_size"), o.get("steps_per_block"), o.get("threshold"))
+        return key + (tuple(sorted(self.decoder_options.items())),)
 
 
 class TextStream:
