@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 # ------------------------------------------------------------------ the lists of choices
@@ -183,7 +184,7 @@ class GenerationSettings(Settings):
                                    "too)", check=penalty, metavar="X", request=True)  # fmt: skip
     frequency_penalty: float = knob(0.0, "subtract this times its count so far from the logit of every token of the "
                                     "reply (greedy too)", check=penalty, metavar="X", request=True)  # fmt: skip
-    logit_bias: dict[int, float] | None = knob(None, "{token id: bias added to its logit} (greedy too; -100 bans, +100 "
+    logit_bias: Mapping[int, float] | None = knob(None, "{token id: bias added to its logit} (greedy too; -100 bans, +100 "
                                                "forces)", check=bias_map, flag="", request=True)  # fmt: skip
     seed: int | None = knob(None, "sampling seed: same seed, same output, alone or batched with other requests (default: "
                             "random); row b of a call draws from seed + b", check=int64, metavar="N")  # fmt: skip

@@ -162,7 +162,7 @@ class Sampling:
         penalties subtracted, divided by the temperature, filtered by top-k / top-p / min-p
         (sampled rows). prefix (B, W - 1): tokens before each position within the pass."""
         x = logits.to(torch.float32, copy=True)
-        batch, width, vocab = x.shape
+        width, vocab = x.shape[1:]
         for b, row in enumerate(self.rows):
             bias = row.settings.logit_bias
             if bias:

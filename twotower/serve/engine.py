@@ -65,8 +65,13 @@ class Job:
     def group_key(self) -> tuple:
         """What the rows of one group must share: what shapes a pass. Sampling is per row."""
         o = self.options
-        key = (self.mode, o.get("block_size"), o.get("steps_per_block"), o.get("threshold"))
-        return key + (tuple(sorted(self.decoder_options.items())),)
+        return (
+            self.mode,
+            o.get("block_size"),
+            o.get("steps_per_block"),
+            o.get("threshold"),
+            tuple(sorted(self.decoder_options.items())),
+        )
 
 
 class TextStream:
