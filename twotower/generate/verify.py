@@ -26,8 +26,9 @@ AR step) where drafting is expected to lose. With several rows, a batch-level ga
 same choice between cycles that draft and plain AR cycles, on the whole batch's tokens per
 second, and a drafting cycle cuts the rows' drafts at the one length that pays best for the
 whole batch (`batch_width`), since one row's long draft widens every row's pass.
-With a sampling seed the cost of a cycle is counted in tower passes instead of seconds, so
-that the choices, and with them the sampled text, are reproducible. Unseeded, rows start from
+With a sampled row that has a seed (when the run starts) the cost of a cycle is counted in
+tower passes instead of seconds, so that the choices and statistics are reproducible (the text
+is anyway: it is AR's). Otherwise rows start from
 what earlier requests measured (a `DraftMemory`, which whoever serves the requests keeps and
 passes in; none given: a fresh one for this call).
 """
