@@ -561,10 +561,8 @@ def test_the_engine_keeps_one_draft_memory_for_its_verify_requests():
     engine = Engine(model, tiny_tokenizer())
     for prompt in PROMPTS[:2]:
         job = engine.submit(Job(prompt, "verify", {"max_new_tokens": 8}))
-        while engine.waiting or engine.groups:
-            engine._admit()
-            for key in list(engine.groups):
-                engine._cycle(key)
+        while engine.step():
+            pass
         events = [job.events.get_nowait() for _ in range(job.events.qsize())]
         assert events[-1][0] == "done"
     (key,) = [k for k in engine.draft_memory.seen if k[0] == "rows"]

@@ -291,9 +291,19 @@ class ServeOptions(Settings):
                             choices=MODES)  # fmt: skip
     max_batch: int = knob(8, "requests running at once", check=positive, metavar="N")
     max_queue: int = knob(64, "requests waiting for a row; more are answered 429", check=positive, metavar="N")
-    timeout: float = knob(300.0, "most seconds one request may run", check=non_negative, metavar="S")
-    max_tokens: int = knob(256, "a request's max_tokens when it names none (never past the context)", check=positive,
-                           metavar="N")  # fmt: skip
+    timeout: float = knob(300.0, "most seconds a request may generate, counted from when its row starts (time in the queue "
+                           "does not count); it then ends with finish_reason 'length' and the tokens made so far (0: no "
+                           "limit)", check=non_negative, metavar="S")  # fmt: skip
+    queue_timeout: float = knob(60.0, "most seconds a request may wait for a row; it is then answered 503 with Retry-After "
+                                "(0: no limit)", check=non_negative, metavar="S")  # fmt: skip
+    max_tokens_default: int | None = knob(None, "a request's max_tokens when it names none (default: the rest of the "
+                                          "context)", check=positive, metavar="N")  # fmt: skip
+    prefill_chunk: int = knob(512, "most prompt tokens read between two cycles of the running requests: a long prompt is "
+                              "read a chunk at a time, so running streams keep their pace. 512 makes passes wide enough to "
+                              "use the hardware about as well as one over a whole long prompt, and short enough that running "
+                              "streams wait for one such pass at a time", check=positive, metavar="N")  # fmt: skip
+    drain_seconds: float = knob(20.0, "on SIGTERM (or Ctrl-C), seconds in-flight requests get to finish; then they are "
+                                "cancelled and the process exits", check=non_negative, metavar="S")  # fmt: skip
     api_key: str | None = knob(None, "answer only requests with 'Authorization: Bearer KEY' (every route but /health); "
                                "default: $TWOTOWER_API_KEY, else no key", metavar="KEY")  # fmt: skip
     header_timeout: float = knob(10.0, "seconds a connection may take to send its request headers; a slower one is closed",

@@ -313,8 +313,20 @@ class Decoder:
     has run). keep_rows(rows): keep only these rows. details(): the mode's statistics.
     """
 
+    prefilled = None  # (cache, logits (B, V)) of prompts read already (the server reads them in chunks), or None
+    cycle_drafts = ()  # verify mode: the last cycle's drafts, (drafted, accepted) per row that drafted
+
     def __init__(self, model: DecodingModel, run: Run):
         self.model, self.run = model, run
+
+    def read_prompts(self, logits: str | None = "last"):
+        """The prefill: a cache holding the run's prompts and the AR logits after them, or the
+        ones read already (`prefilled`)."""
+        if self.prefilled is not None:
+            prefilled, self.prefilled = self.prefilled, None
+            return prefilled
+        self.run.context_passes += 1
+        return self.model.context_prefill(self.run.ids, self.run.attention_mask, logits=logits)
 
     def start(self):
         raise NotImplementedError
@@ -337,9 +349,7 @@ class NextTokenDecoder(Decoder):
     logits from the last context pass (the prefill's at first): AR and diffusion mode."""
 
     def start(self):
-        run = self.run
-        self.cache, self.logits = self.model.context_prefill(run.ids, run.attention_mask, logits="last")  # (B, V)
-        run.context_passes += 1
+        self.cache, self.logits = self.read_prompts()  # (B, V)
         yield from ()
 
     def join(self, other: NextTokenDecoder) -> None:

@@ -190,9 +190,7 @@ class MockARDecoder(Decoder):
     row is finished)."""
 
     def start(self):
-        run = self.run
-        self.cache, _ = self.model.context_prefill(run.ids, run.attention_mask, logits=None)
-        run.context_passes += 1
+        self.cache, _ = self.read_prompts(logits=None)
         yield from ()
 
     def cycle(self):

@@ -223,8 +223,7 @@ class VerifyDecoder(Decoder):
     def start(self):
         # The first token comes from the prefill, exactly as in AR mode.
         run, s = self.run, self.run.settings
-        self.cache, logits = self.model.context_prefill(run.ids, run.attention_mask, logits="last")
-        run.context_passes += 1
+        self.cache, logits = self.read_prompts()
         self.pending, logprobs = run.next_tokens(logits)
         run.count_pass(~run.done)
         rows = zip(run.ids, run.attention_mask, self.pending.tolist())
@@ -272,6 +271,7 @@ class VerifyDecoder(Decoder):
             verified = time.perf_counter() - drafted
             self.memory.add_cycle(run.batch, draft_ids.shape[1] + 1, verified, drafted - begin if drafts.passes else None)
         new = commit(self.cache, run, drafts, active, accepted, following, self.history)
+        self.cycle_drafts = [(len(drafts.tokens[b]), accepted[b]) for b in active if drafts.tokens[b]]
         for b in active:
             self.counts[drafts.source[b]] += 1
             self.drafted += len(drafts.tokens[b])

@@ -29,9 +29,18 @@ from twotower.serve.engine import Engine, Job, QueueFull
 from twotower.serve.guard import Guard, header_timeout_protocol
 from twotower.serve.metrics import Metrics
 from twotower.serve.protocol import ChatRequest, CompletionRequest, error_body, new_id, now, usage
-from twotower.settings import GenerationSettings, LoadOptions, ServeOptions, TwoTowerError, refuse_inapplicable, request_knobs
+from twotower.settings import (
+    DTYPES,
+    GenerationSettings,
+    LoadOptions,
+    ServeOptions,
+    TwoTowerError,
+    refuse_inapplicable,
+    request_knobs,
+)
 
 log = logging.getLogger("twotower.serve")
+POLL_SECONDS = 0.25  # how often a request asks whether its client is still there
 
 
 class Channel:
@@ -63,7 +72,8 @@ class Service:
         self.trained = bool(model.config.trained_tokens)
         self.default_mode = options.mode or ("verify" if self.trained else "ar")
         self.metrics = Metrics()
-        self.engine = Engine(model, tokenizer, max_batch=options.max_batch, max_queue=options.max_queue, metrics=self.metrics)
+        limits = dict(max_batch=options.max_batch, max_queue=options.max_queue, queue_timeout=options.queue_timeout)
+        self.engine = Engine(model, tokenizer, metrics=self.metrics, prefill_chunk=options.prefill_chunk, **limits)
 
     def encode_chat(self, body: ChatRequest) -> list[int]:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
@@ -76,7 +86,8 @@ class Service:
         return ids
 
     def room(self, body, prompt_ids: list[int]) -> int:
-        """The reply's most tokens: the request's limit, else the server's default, within the context."""
+        """The reply's most tokens: the request's limit, else the server's default (the rest of the
+        context unless --max-tokens-default is set), within the context."""
         context = self.model.max_context
         room = context - len(prompt_ids)
         if room <= 0:
@@ -88,7 +99,7 @@ class Service:
                 f"ask for at most {room}",
                 param="max_tokens",
             )
-        return body.limit or min(self.options.max_tokens, room)
+        return body.limit or min(self.options.max_tokens_default or room, room)
 
     def make_job(self, body, prompt_ids: list[int], loop) -> Job:
         """The job of one prompt: the request's knobs checked against its mode and the model once."""
@@ -119,19 +130,38 @@ class Service:
         self.metrics.queue(self.engine.queue_depth, self.engine.running_rows)
         return job
 
-    async def events(self, request: Request, job: Job):
-        """The job's events; a client that goes away cancels it."""
-        while True:
-            try:
-                item = await job.events.get(timeout=1.0)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    job.cancel()
+    async def events(self, request: Request, job: Job, stream: bool = False):
+        """The job's events until it ends. Whether the client is still there is asked every
+        POLL_SECONDS, also while events flow; when it is gone, or whoever reads the events stops
+        (a stream closed, the task cancelled), the job is cancelled, and the engine frees its
+        row at its next cycle. An error ends the events: raised as its HTTP error, or in a
+        stream (whose 200 was sent) yielded as ("error", message) and counted."""
+        ended, asked = False, time.monotonic()
+        try:
+            while True:
+                if time.monotonic() - asked >= POLL_SECONDS:
+                    asked = time.monotonic()
+                    if await request.is_disconnected():
+                        return
+                try:
+                    kind, value = await job.events.get(timeout=POLL_SECONDS)
+                except TimeoutError:
+                    continue
+                ended = kind != "text"
+                if kind in ("text", "done"):
+                    yield kind, value
+                elif not stream:
+                    raise engine_error(kind, value)
+                else:
+                    status = engine_error(kind, value).status
+                    if status >= 500:
+                        self.metrics.stream_error(request.url.path, status)
+                    yield "error", value
+                if ended:
                     return
-                continue
-            yield item
-            if item[0] in ("done", "error"):
-                return
+        finally:
+            if not ended:
+                job.cancel()
 
     async def collect(self, request: Request, job: Job) -> tuple[str, dict]:
         """The whole reply of a job: (text, the engine's closing info)."""
@@ -141,11 +171,6 @@ class Service:
                 parts.append(value)
             elif kind == "done":
                 info = value
-            else:
-                internal = value.startswith("internal error")
-                raise BadRequest(
-                    value, status=500 if internal else 400, kind="server_error" if internal else "invalid_request_error"
-                )
         if info is None:  # the client went away
             raise BadRequest("the client disconnected", status=499)
         self.metrics.finished(info)
@@ -154,6 +179,15 @@ class Service:
     def envelope(self, kind: str, rid: str, created: int, choices: list, **extra) -> dict:
         """An OpenAI response object (or stream chunk) around its choices."""
         return {"id": rid, "object": kind, "created": created, "model": self.name, "choices": choices, **extra}
+
+
+def engine_error(kind: str, message: str) -> BadRequest:
+    """The HTTP error of an engine's error event (engine.py's docstring): 503 with Retry-After
+    for "busy", else 500 for an internal error and 400 for the rest."""
+    if kind == "busy":
+        return BadRequest(message, status=503, kind="server_error", headers={"Retry-After": "1"})
+    internal = message.startswith("internal error")
+    return BadRequest(message, status=500 if internal else 400, kind="server_error" if internal else "invalid_request_error")
 
 
 def readable(encode, param: str):
@@ -208,7 +242,8 @@ def create_app(model, tokenizer, model_name: str = "twotower", options: ServeOpt
         service.engine.stop()
 
     app = FastAPI(title="twotower", version="0.1.0", lifespan=lifespan)
-    app.state.engine, app.state.metrics, app.state.started = service.engine, service.metrics, time.time()
+    app.state.service, app.state.engine, app.state.metrics = service, service.engine, service.metrics
+    app.state.started = time.time()
     add_error_handlers(app, service.metrics)
     add_routes(app, service)
     app.openapi = lambda: openapi_with_400(app)
@@ -266,7 +301,14 @@ def add_routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": service.name, "running": engine.running_rows, "queued": engine.queue_depth}
+        """200 while the engine's loop comes round; 503 with the reason when its thread is not
+        running or one cycle has taken too long."""
+        state = {"model": service.name, "running": engine.running_rows, "queued": engine.queue_depth}
+        trouble = engine.trouble()
+        if trouble is None:
+            return {"status": "ok", **state}
+        metrics.request("/health", 503)
+        return JSONResponse({"status": "unavailable", "reason": trouble, **state}, status_code=503)
 
     @app.get("/v1/models")
     async def models():
@@ -320,7 +362,7 @@ async def chat_stream(service: Service, request: Request, body: ChatRequest, job
         service.envelope("chat.completion.chunk", rid, created, [{"index": 0, "delta": delta, "finish_reason": finish}], **extra)
     )
     yield chunk({"role": "assistant", "content": ""})
-    async for kind, value in service.events(request, job):
+    async for kind, value in service.events(request, job, stream=True):
         if kind == "text":
             yield chunk({"content": value})
         elif kind == "done":
@@ -336,7 +378,7 @@ async def chat_stream(service: Service, request: Request, body: ChatRequest, job
 
 async def text_stream(service: Service, request: Request, body: CompletionRequest, job: Job, rid: str, created: int):
     """A completion as Server-Sent Events: text chunks, the finish chunk, usage."""
-    async for kind, value in service.events(request, job):
+    async for kind, value in service.events(request, job, stream=True):
         if kind not in ("text", "done"):
             yield sse(error_body(value, "server_error"))
             continue
@@ -356,6 +398,28 @@ async def text_stream(service: Service, request: Request, body: CompletionReques
     yield sse("[DONE]")
 
 
+def server_config(app: FastAPI, options: ServeOptions):
+    """uvicorn's settings: the address, slow request headers closed, and the drain on SIGTERM
+    (in-flight requests get --drain-seconds, then their tasks are cancelled, which cancels their
+    jobs, and the engine stops)."""
+    import uvicorn
+
+    protocol = header_timeout_protocol(options.header_timeout)
+    return uvicorn.Config(app, host=options.host, port=options.port, log_level="warning", http=protocol,
+                          timeout_graceful_shutdown=options.drain_seconds)  # fmt: skip
+
+
+def startup_line(service: Service, load: LoadOptions) -> str:
+    """What `twotower serve` prints once it listens: where, which model, mode, dtype and weights."""
+    o, model = service.options, service.model
+    dtype = {torch_name: name for name, torch_name in DTYPES.items()}.get(str(model.dtype).removeprefix("torch."), model.dtype)
+    compiled = ", compiled" if model.step_layers is not None else ""
+    return (
+        f"twotower: serving {service.name} on http://{o.host}:{o.port}/v1 (model {load.model}, mode {service.default_mode}, "
+        f"dtype {dtype}, weights {model.weights}{compiled}); Ctrl-C or SIGTERM stops it after a drain of {o.drain_seconds:g} s"
+    )
+
+
 def serve(load: LoadOptions = LoadOptions(), options: ServeOptions = ServeOptions()) -> None:
     """Load the model and run the server until interrupted (`twotower serve`); with compiled
     passes, batch 1's are compiled before the first request."""
@@ -367,6 +431,5 @@ def serve(load: LoadOptions = LoadOptions(), options: ServeOptions = ServeOption
     model.warm_steps((1,))  # wider batches compile on first use
     name = "twotower-" + ("smollm2-135m" if load.model in (None, "default") else str(load.model).rstrip("/").split("/")[-1])
     app = create_app(model, tokenizer, name, options)
-    print(f"twotower: serving {name} on http://{options.host}:{options.port}/v1 (Ctrl-C stops)", flush=True)
-    protocol = header_timeout_protocol(options.header_timeout)
-    uvicorn.run(app, host=options.host, port=options.port, log_level="warning", http=protocol)
+    print(startup_line(app.state.service, load), flush=True)
+    uvicorn.Server(server_config(app, options)).run()
