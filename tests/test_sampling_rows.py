@@ -99,6 +99,7 @@ def test_the_engine_puts_mixed_sampling_in_one_group(model):
     for job in jobs:
         engine.submit(job)
     engine._admit()
+    engine._read_prompts()  # the short prompts in one turn
     sizes = sorted(len(group.rows) for group in engine.groups.values())
     assert sizes == [1, len(ROWS)]
 
