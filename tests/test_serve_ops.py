@@ -234,6 +234,7 @@ def test_the_queue_limit_is_a_503_and_the_generation_limit_counts_from_the_row(m
         assert "--queue-timeout" in late.json()["error"]["message"] and "0.5 s" in late.json()["error"]["message"]
         cut = results["first"].json()
         assert cut["choices"][0]["finish_reason"] == "length" and 1 <= cut["usage"]["completion_tokens"] < 100
+        assert 'twotower_requests_total{route="/v1/completions",status="503"} 1.0' in httpx.get(server.url + "/metrics").text
     with Server(model, timeout=0.5) as server:
         admitting, admit = threading.Event(), server.engine._admit
         monkeypatch.setattr(server.engine, "_admit", lambda: admit() if admitting.is_set() else None)
