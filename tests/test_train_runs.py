@@ -322,3 +322,136 @@ def test_features_are_sized_first_and_a_full_disk_is_refused_before_any_work(tmp
     monkeypatch.setattr(features.shutil, "disk_usage", shutil.disk_usage)
     with pytest.raises(TwoTowerError, match=r"--features .* other data or settings .*; give another --features folder"):
         features.build_features(model, ids[:4], tmp_path / "a", 4, top_k=4, progress=False)
+
+
+# --- training longer: --extend -----------------------------------------------------------------
+
+
+def _log(run: Path, key: str) -> list:
+    return [json.loads(line)[key] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_extend_goes_on_from_the_learning_rate_reached_and_resumes_exactly(tmp_path, capsys):
+    """A run stopped in its decay (4 of 6 steps, the decay over steps 4-6) made longer with
+    --extend: one line says so, the learning rate goes on from step 4's (held, then decayed to
+    min_lr over the last half of the steps added, never back to the peak) and the change is in
+    the run state. Killed once before and once after its first checkpoint and rerun with the
+    same command, the extended run equals the uninterrupted one bit for bit."""
+    schedule = dict(decay_fraction=0.5, min_lr=1e-4)
+    longer = dict(schedule, max_steps=10, extend=True)
+    for name in ("a", "b"):
+        train(_config(tmp_path / name, **schedule), _model(), tiny_tokenizer(), progress=False, stop_after=4)
+    capsys.readouterr()
+    whole = train(_config(tmp_path / "a", **longer), _model(), tiny_tokenizer(), progress=False)
+    lrs, peak = _log(tmp_path / "a" / "run", "lr"), _config(tmp_path).lr
+    assert max(lrs[:3]) == peak > lrs[3]  # step 4 was in the decay
+    assert lrs[4:7] == [lrs[3]] * 3 and lrs[6] > lrs[7] > lrs[8] > lrs[9] == pytest.approx(schedule["min_lr"])
+    expected = f"training longer: --max-steps 6 -> 10 at step 4: the learning rate goes on from {lrs[3]:.3g} (not back to"
+    assert expected in capsys.readouterr().err
+    assert whole["extensions"] == [{"step": 4, "max_steps": 6, "to": 10, "lr": lrs[3]}]
+
+    run = tmp_path / "b" / "run"
+    train(_config(tmp_path / "b", **longer), _model(), tiny_tokenizer(), progress=False, stop_after=1)  # killed: step 5
+    train(_config(tmp_path / "b", **longer), _model(), tiny_tokenizer(), progress=False, stop_after=3)  # saved at 6
+    assert json.loads((run / "step-6" / "state.json").read_text())["extensions"] == whole["extensions"]
+    capsys.readouterr()
+    resumed = train(_config(tmp_path / "b", **longer), _model(), tiny_tokenizer(), progress=False)
+    err = capsys.readouterr().err
+    assert f"resuming from step 6 of 10 ({run / 'step-6'})" in err and "training longer" not in err
+    assert resumed["losses"] == whole["losses"] and _log(run, "lr") == lrs
+    a, b = _final_weights(tmp_path / "a" / "run"), _final_weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_extending_a_finished_run_goes_on_at_its_final_learning_rate(tmp_path, capsys):
+    """A finished run (its last step at min_lr) extended: the steps added stay at min_lr, no
+    warmup to the peak again; the same command rerun after that says the run is finished."""
+    train(_config(tmp_path), _model(), tiny_tokenizer(), progress=False)
+    longer = _config(tmp_path, max_steps=9, extend=True)
+    state = train(longer, _model(), tiny_tokenizer(), progress=False)
+    lrs = _log(tmp_path / "run", "lr")
+    assert state["step"] == 9 and lrs[6:] == [lrs[5]] * 3 and lrs[5] == pytest.approx(longer.min_lr)
+    capsys.readouterr()
+    assert train(longer, _model(), tiny_tokenizer(), progress=False)["losses"] == state["losses"]
+    assert f"{tmp_path / 'run'} already finished at step 9" in capsys.readouterr().err
+
+
+# --- the held-out share ------------------------------------------------------------------------
+
+
+def test_held_out_sequences_are_a_tenth_at_most_the_cap_unless_chosen(tmp_path, capsys):
+    """Without --eval-sequences 10% of the packed sequences are held out (at least one, at most
+    --max-eval-sequences), and the start line says so; --eval-sequences N holds out exactly N.
+    Too little data for a batch: one line naming --eval-sequences and the rows that are enough."""
+    tok = tiny_tokenizer()
+    n = len(pack(read_rows(_write_data(tmp_path / "data.jsonl")), tok, seq_len=13).sequences)
+    config = _config(tmp_path, eval_sequences=None, max_eval_sequences=64, max_steps=1)
+    capsys.readouterr()
+    train(config, _model(), tok, progress=False)
+    held = n // 10
+    line = f"60 rows -> {n} packed sequences of 13 tokens: {n - held} train, {held} held out (10%, at most --max-eval"
+    assert line in capsys.readouterr().err
+    capped = _config(tmp_path / "capped", eval_sequences=None, max_eval_sequences=3, max_steps=1)
+    train(capped, _model(), tok, progress=False)
+    assert f"{n - 3} train, 3 held out (10%" in capsys.readouterr().err
+    chosen = _config(tmp_path / "chosen", eval_sequences=20, max_eval_sequences=3, max_steps=1)
+    train(chosen, _model(), tok, progress=False)
+    assert f"{n - 20} train, 20 held out; warning: --eval-sequences 20 holds out" in capsys.readouterr().err
+
+    small = _config(tmp_path / "small", eval_sequences=None, batch_size=16)
+    small.data = str(_write_data(tmp_path / "small" / "few.jsonl", rows=8))
+    with pytest.raises(TwoTowerError, match=r"--eval-sequences 1 leaves 9 to train on, .*give about (\d+) rows") as err:
+        train(small, _model(), tok, progress=False)
+    rows = int(re.search(r"give about (\d+) rows", str(err.value))[1])
+    enough = pack(read_rows(_write_data(tmp_path / "enough.jsonl", rows=rows)), tok, seq_len=13)
+    assert len(enough.split(enough.held_out(None, 64), batch_size=16)[0]) >= 16
+
+
+# --- the features folder -----------------------------------------------------------------------
+
+
+def test_features_auto_is_one_folder_per_data_and_settings(tmp_path, monkeypatch):
+    """--features auto: other data, or other settings that shape the features, get a folder of
+    their own under $TWOTOWER_CACHE/features (listed by `twotower cache list`); the same data and
+    settings find theirs again and build nothing."""
+    from twotower import cache
+
+    monkeypatch.setenv("TWOTOWER_CACHE", str(tmp_path / "cache"))
+    features = tmp_path / "cache" / "features"
+
+    def run(name, data_seed=0, backbone_seed=0, **overrides):
+        config = _config(tmp_path / name, features="auto", max_steps=2, **overrides)
+        config.data = str(_write_data(tmp_path / name / "data.jsonl", seed=data_seed))
+        train(config, _model(seed=backbone_seed), tiny_tokenizer(), progress=False)
+        return {f: f.stat().st_mtime_ns for f in features.glob("*/shard-*")}
+
+    first = run("a")
+    assert len(first) == 1 and [f.name.startswith("data-") for f in features.iterdir()] == [True]
+    assert len(run("b", data_seed=1)) == 2 and len(list(features.iterdir())) == 2  # other data
+    run("c", top_k=8)  # other settings
+    run("d", backbone_seed=1)  # another backbone
+    assert len(list(features.iterdir())) == 4
+    again = run("e")  # the data and settings of "a": found, not rebuilt
+    assert len(list(features.iterdir())) == 4 and all(again[k] == v for k, v in first.items())
+    listed = cache.describe()
+    assert all(f"features/{f.name}" in listed for f in features.iterdir())
+
+
+# --- the command line --------------------------------------------------------------------------
+
+
+def test_none_on_the_command_line_undoes_a_preset_value_and_help_says_how(tmp_path, capsys):
+    from twotower.cli import main
+
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("denoiser_depth: 1\n")
+    args = [*_cli_args(tmp_path, "--max-steps", "1"), "--config", str(preset)]
+    assert main(args) == 0
+    assert main([*args, "--denoiser-depth", "None", "--out", str(tmp_path / "all")]) == 0
+    depth = [json.loads((tmp_path / run / "final" / "config.json").read_text())["denoiser_depth"] for run in ("run", "all")]
+    assert depth == [1, None]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "its values override the defaults shown below" in shown and "`--denoiser-depth None` undoes a preset's K" in shown
