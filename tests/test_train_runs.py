@@ -76,6 +76,9 @@ def test_resume_refuses_other_settings_before_any_work(tmp_path):
     log = (run / "log.jsonl").read_text()
     with pytest.raises(TwoTowerError, match=r"other settings: --lora-rank 4 -> 8, --lr 0.003 -> 0.0005; .*new --out$"):
         train(_config(tmp_path, lr=5e-4, lora_rank=8), _model(), tiny_tokenizer(), progress=False)
+    each = r"--lora-rank 4 -> 8, --lr 0.003 -> 0.0005, --max-steps 6 -> 10; .*; to train it longer, add --extend"
+    with pytest.raises(TwoTowerError, match=each):
+        train(_config(tmp_path, lr=5e-4, lora_rank=8, max_steps=10), _model(), tiny_tokenizer(), progress=False)
     with pytest.raises(TwoTowerError, match="--max-steps 6 -> 1"):
         train(_config(tmp_path, max_steps=1), _model(), tiny_tokenizer(), progress=False)
     assert (run / "log.jsonl").read_text() == log and (run / "latest").read_text() == "step-2"
@@ -455,3 +458,26 @@ def test_none_on_the_command_line_undoes_a_preset_value_and_help_says_how(tmp_pa
         main(["train", "--help"])
     shown = " ".join(capsys.readouterr().out.split())
     assert "its values override the defaults shown below" in shown and "`--denoiser-depth None` undoes a preset's K" in shown
+
+
+def test_training_on_from_a_checkpoint_whose_backbone_moved(tmp_path, capsys):
+    """`train --model CKPT --backbone PATH`: the backbone where it lies now trains on; another
+    backbone is refused in one line naming both, before any work."""
+    from twotower import load_model
+    from twotower.cli import main
+
+    args = _cli_args(tmp_path, "--max-steps", "1")  # writes the backbone folder and the data
+    model, _ = load_model(str(tmp_path / "backbone"), dtype=torch.float32, block_size=4)
+    model.save_pretrained(tmp_path / "checkpoint")
+    moved = (tmp_path / "backbone").rename(tmp_path / "moved")
+    other = tmp_path / "other"
+    tiny_backbone(seed=1).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    args[args.index("--model") + 1] = str(tmp_path / "checkpoint")
+    capsys.readouterr()
+    assert main([*args, "--backbone", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(tmp_path / "backbone") in err and str(other) in err
+    assert not (tmp_path / "run").exists()
+    assert main([*args, "--backbone", str(moved)]) == 0
+    assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["backbone_ref"] == str(moved)

@@ -691,7 +691,6 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
         say(f"{'; '.join(damaged)}: going on from the one before it, {resume.folder}")
     if resume is not None and resume.state["step"] >= config.max_steps:
         return finished_run(out, resume, accelerator.is_main_process)
-    out.mkdir(parents=True, exist_ok=True)
     try:
         if model is None:
             model, tokenizer = build_model(config)
@@ -699,6 +698,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
         data = prepare_data(config, model, tokenizer, accelerator.is_main_process, progress)
     except KeyboardInterrupt:  # nothing trained yet; cached features are kept shard by shard
         raise TrainingStopped("stopped before the first step of this call: run the same command to go on") from None
+    out.mkdir(parents=True, exist_ok=True)  # once the model and the data are found: a refused run leaves nothing
     run = start_run(config, out, model, tokenizer, data, accelerator, resume)
     last = config.max_steps if stop_after is None else min(config.max_steps, run.state["step"] + stop_after)
     try:
