@@ -329,7 +329,7 @@ class TrainConfig:
     eval_every: int = knob(50, "eval loss every N steps (0: never)")
     eval_sequences: int | None = knob(None, "packed sequences held out for the eval loss, exactly (default: 10%% of "
                                       "them, at most --max-eval-sequences)")  # fmt: skip
-    max_eval_sequences: int = knob(64, "without --eval-sequences: the most sequences held out")
+    max_eval_sequences: int = knob(64, "without --eval-sequences: the most sequences held out", check=positive)
     save_every: int = knob(50, "checkpoint every N steps")
     nfe_prompts: int = knob(0, "at every eval, diffusion tokens per denoiser pass on this many held-out prompts (0: off)")
     nfe_threshold: float = knob(0.8, "confidence threshold of that measurement")
