@@ -374,7 +374,7 @@ def test_extending_a_finished_run_goes_on_at_its_final_learning_rate(tmp_path, c
     state = train(longer, _model(), tiny_tokenizer(), progress=False)
     lrs = _log(tmp_path / "run", "lr")
     assert state["step"] == 9 and lrs[6:] == [lrs[5]] * 3 and lrs[5] == pytest.approx(longer.min_lr)
-    capsys.readouterr()
+    assert "training longer: --max-steps 6 -> 9 at step 6: the learning rate stays at its final" in capsys.readouterr().err
     assert train(longer, _model(), tiny_tokenizer(), progress=False)["losses"] == state["losses"]
     assert f"{tmp_path / 'run'} already finished at step 9" in capsys.readouterr().err
 

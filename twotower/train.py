@@ -189,15 +189,17 @@ def extension(saved: dict, config: TrainConfig) -> dict | None:
 
 
 def describe_extension(config: TrainConfig, ext: dict) -> str:
+    """The line printed when a run is made longer: what its learning rate does from here."""
     start = 0 if ext["lr"] is None else ext["step"]
     decay = int((config.max_steps - start) * config.decay_fraction)
-    how = (
-        "the steps done keep their learning rates"
-        if ext["lr"] is None
-        else f"the learning rate goes on from {ext['lr']:.3g} (not back to the peak {config.lr:g})"
-    )
     tail = f", then decays to {config.min_lr:g} over steps {config.max_steps - decay + 1}-{config.max_steps}" if decay else ""
-    return f"training longer: --max-steps {ext['max_steps']} -> {ext['to']} at step {ext['step']}: {how}{tail}"
+    if ext["lr"] is None:
+        how = f"the steps done keep their learning rates{tail}"
+    elif math.isclose(ext["lr"], config.min_lr):
+        how = f"the learning rate stays at its final {ext['lr']:.3g} (not back to the peak {config.lr:g})"
+    else:
+        how = f"the learning rate goes on from {ext['lr']:.3g} (not back to the peak {config.lr:g}){tail}"
+    return f"training longer: --max-steps {ext['max_steps']} -> {ext['to']} at step {ext['step']}: {how}"
 
 
 # ------------------------------------------------------------------ checkpoints (safetensors + JSON)
