@@ -481,3 +481,25 @@ def test_training_on_from_a_checkpoint_whose_backbone_moved(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
     assert main([*args, "--backbone", str(moved)]) == 0
     assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["backbone_ref"] == str(moved)
+
+
+def test_a_base_model_without_a_chat_template_trains_on_plain_text(tmp_path, capsys):
+    """What the README says of a base model: distill refuses it in one line naming the chat
+    template; train takes a .txt file (one row per line) instead."""
+    from twotower.cli import main
+
+    base = tmp_path / "base"
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(base)
+    tiny_backbone().save_pretrained(base)
+    capsys.readouterr()
+    assert main(["distill", "--model", str(base), "--out", str(tmp_path / "d.jsonl"), "--rows", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs an instruct model with a chat template" in err[0]
+    text = tmp_path / "notes.txt"
+    text.write_text("".join(" ".join(f"w{3 + (i + k) % 90}" for k in range(12)) + "\n" for i in range(40)))
+    args = _cli_args(tmp_path, "--max-steps", "1")
+    args[args.index("--data") + 1], args[args.index("--model") + 1] = str(text), str(base)
+    assert main(args) == 0
+    assert "40 rows -> " in capsys.readouterr().err and (tmp_path / "run" / "final" / "denoiser.safetensors").is_file()
