@@ -362,11 +362,14 @@ class TrainConfig:
     lora_rank: int = knob(16, "LoRA rank")
     lora_alpha: float = knob(32.0, "LoRA alpha")
     adaln: bool = knob(True, "adaLN-single time conditioning")
-    denoiser_depth: int | None = knob(None, "denoiser layers K (None: all); a shallow one aligns with context layers")
+    denoiser_depth: int | None = knob(None, "denoiser layers K (None: all; `--denoiser-depth None` undoes a preset's K); "
+                                      "a shallow one aligns with context layers")  # fmt: skip
     alignment: str = knob("top", "context layers a shallow denoiser aligns with: top or spread")
     kl_weight: float = knob(0.0, "weight of the distillation loss against the AR teacher's top-k distribution (0: off)")
     top_k: int = knob(32, "tokens of the AR teacher's distribution kept for distillation")
-    features: str = knob("", "folder of cached frozen-tower features, built once and reused every epoch ('': none)")
+    features: str = knob("", "cached frozen-tower features, built once and reused every epoch: a folder, 'auto' (one "
+                         "under $TWOTOWER_CACHE/features/ keyed by the data and the settings that shape them) or '' "
+                         "(none)")  # fmt: skip
     block_size: int = knob(16, "block size S trained")
     blocks_per_sequence: int = knob(8, "blocks per training sequence (L = blocks * S, + 1 in the shifted layout)")
     batch_size: int = knob(8, "sequences per optimizer step (over all devices and micro-batches)")
@@ -378,8 +381,13 @@ class TrainConfig:
     weight_decay: float = knob(0.0, "AdamW weight decay")
     clip: float = knob(1.0, "gradient norm clip (0: none)")
     max_steps: int = knob(200, "optimizer steps")
+    extend: bool = knob(False, "train the run in --out longer: a --max-steps above its own is refused without it; the "
+                        "learning rate goes on from where it is (never back to the peak) and decays again over the "
+                        "steps added")  # fmt: skip
     eval_every: int = knob(50, "eval loss every N steps (0: never)")
-    eval_sequences: int = knob(16, "packed sequences held out for the eval loss")
+    eval_sequences: int | None = knob(None, "packed sequences held out for the eval loss, exactly (default: 10%% of "
+                                      "them, at most --max-eval-sequences)")  # fmt: skip
+    max_eval_sequences: int = knob(64, "without --eval-sequences: the most sequences held out", check=positive)
     save_every: int = knob(50, "checkpoint every N steps")
     nfe_prompts: int = knob(0, "at every eval, diffusion tokens per denoiser pass on this many held-out prompts (0: off)")
     nfe_threshold: float = knob(0.8, "confidence threshold of that measurement")
