@@ -122,7 +122,7 @@ def test_bad_text_is_400_and_a_server_bug_is_a_counted_500(monkeypatch):
 
 
 def test_429_says_when_to_retry_405_says_what_is_allowed_and_the_schema_says_400():
-    with ThreadServer(_model(), max_batch=1, max_queue=1, max_tokens=200) as server:
+    with ThreadServer(_model(), max_batch=1, max_queue=1, max_tokens_default=200) as server:
         r = httpx.get(server.url + "/v1/completions")
         assert r.status_code == 405 and r.headers["allow"] == "POST"
         schema = httpx.get(server.url + "/openapi.json").json()

@@ -1,6 +1,7 @@
 """Verify mode: drafts checked by the context tower. Greedy output must equal generate_ar token
-for token; sampled output must follow the AR distribution; the cache must hold exactly the
-committed tokens after a rejection."""
+for token; sampled output must follow the AR distribution (tests/test_sampling_rows.py: and be
+AR's seeded reply token for token); the cache must hold exactly the committed tokens after a
+rejection."""
 
 from __future__ import annotations
 
@@ -16,9 +17,18 @@ from twotower import GenerationSettings, TwoTowerError, generate_ar, generate_ve
 from twotower.backbones.base import RowWise, exact_attention, linear
 from twotower.generate.common import left_pad
 from twotower.generate.draft import DraftMemory, TokenHistory, batch_bucket, lookup_kind, lookup_match, static_cost
-from twotower.generate.verify import DraftPolicy, accept_drafts, lookup_draft, target_probs
+from twotower.generate.sampling import Sampling, filtered
+from twotower.generate.verify import DraftPolicy, accept_drafts, lookup_draft
 
 DRAFTS = ["auto", "denoiser", "lookup", "ar"]
+
+
+def target_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+    """The distribution a sampled row draws from: softmax(top-p(logits / T))."""
+    scalar = lambda value: torch.tensor(float(value))
+    return filtered(logits.float() / temperature, scalar(logits.shape[-1]), scalar(top_p if top_p < 1 else 2), scalar(0)).softmax(
+        -1
+    )
 
 
 def _model(kind="lora", trained=False, family="llama", **config):
@@ -276,7 +286,7 @@ def test_cache_after_rejection_equals_ar_prefill_of_the_committed_tokens(ragged,
     draft_ids = torch.tensor(drafts)
     logits = model.context_extend(cache, torch.cat([pending[:, None], draft_ids], dim=1), logits="all")
     settings = GenerationSettings(temperature=0.0)
-    accepted, following = accept_drafts(logits, draft_ids, torch.tensor([5, 5]), None, settings, None)
+    accepted, following, _ = accept_drafts(logits, draft_ids, torch.tensor([5, 5]), Sampling.of(settings, 2), {})
     assert accepted.tolist() == ([3, 0] if ragged else [3, 3])
     assert following.tolist() == [ar[0][3], ar[1][accepted[1]]]
     cache.keep_new(6, 1 + accepted)
@@ -391,23 +401,23 @@ def test_sampled_verify_follows_the_ar_distribution(draft):
 @pytest.mark.parametrize("one_hot", [False, True], ids=["draft-distribution", "one-hot"])
 @pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 0.8)])
 def test_accept_rule_keeps_the_target_distribution(one_hot, temperature, top_p):
-    """The accept/reject rule alone, on fixed distributions: drafts sampled from q (or fixed tokens,
-    as prompt lookup proposes), targets p = softmax(top-p(logits / T)). The first output
-    token must follow p1; the second, in rows whose first draft was accepted, p2."""
+    """The accept rule alone, on fixed distributions: drafts sampled from q (or fixed tokens,
+    as prompt lookup proposes), targets p = softmax(top-p(logits / T)), every row with its own
+    seed. The first output token must follow p1; the second, in rows whose first draft was
+    accepted, p2."""
     g = torch.Generator().manual_seed(0)
     vocab, n = 8, 20000
     logits = torch.randn(1, 3, vocab, generator=g).mul(2).expand(n, -1, -1)
     p = target_probs(logits[0], temperature, top_p)  # (3, V)
     if one_hot:
         drafts = torch.tensor([[int(p[0].argmax()), int(p[1].argsort()[-2])]]).expand(n, -1)
-        q = None
     else:
         q_distribution = torch.randn(2, vocab, generator=g).mul(2).softmax(-1)
         drafts = torch.multinomial(q_distribution, n, replacement=True, generator=g).T  # (n, 2)
-        q = q_distribution.expand(n, -1, -1)
         assert 0.5 * (q_distribution[0] - p[0]).abs().sum() > 0.1  # a draft distribution unlike the target
-    settings = GenerationSettings(temperature=temperature, top_p=top_p)
-    accepted, following = accept_drafts(logits, drafts, torch.full((n,), 2), q, settings, g)
+    settings = GenerationSettings(temperature=temperature, top_p=top_p, seed=0)
+    starts = dict.fromkeys(range(n), 0)
+    accepted, following, _ = accept_drafts(logits, drafts, torch.full((n,), 2), Sampling.of(settings, n), starts)
     first = torch.where(accepted >= 1, drafts[:, 0], following)
     second = torch.where(accepted >= 2, drafts[:, 1], following)[accepted >= 1]
     for distribution, sample in ((p[0], first), (p[1], second)):
@@ -551,10 +561,8 @@ def test_the_engine_keeps_one_draft_memory_for_its_verify_requests():
     engine = Engine(model, tiny_tokenizer())
     for prompt in PROMPTS[:2]:
         job = engine.submit(Job(prompt, "verify", {"max_new_tokens": 8}))
-        while engine.waiting or engine.groups:
-            engine._admit()
-            for key in list(engine.groups):
-                engine._cycle(key)
+        while engine.step():
+            pass
         events = [job.events.get_nowait() for _ in range(job.events.qsize())]
         assert events[-1][0] == "done"
     (key,) = [k for k in engine.draft_memory.seen if k[0] == "rows"]
@@ -693,7 +701,7 @@ def test_accept_rule_greedy_counts_the_matching_prefix():
         logits[:, pos, tok] = 5.0
     drafts = torch.tensor([[3, 4, 9], [3, 4, 5]])
     settings = GenerationSettings(temperature=0.0)
-    accepted, following = accept_drafts(logits, drafts, torch.tensor([3, 2]), None, settings, None)
+    accepted, following, _ = accept_drafts(logits, drafts, torch.tensor([3, 2]), Sampling.of(settings, 2), {})
     assert accepted.tolist() == [2, 2]  # row 1: only 2 drafted, both right -> bonus token
     assert following.tolist() == [5, 5]
 

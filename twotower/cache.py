@@ -1,6 +1,7 @@
 """What twotower keeps on disk between runs, under `$TWOTOWER_CACHE` (default
 `~/.cache/twotower`): dequantised GGUF backbones under backbones/ (one folder per file, dtype and
-fingerprint), and whatever else lives there. `twotower cache list` shows each entry with its size
+fingerprint), training features under features/ (`train --features auto`: one folder per data
+and settings), and whatever else lives there. `twotower cache list` shows each entry with its size
 and the total; `twotower cache clear [NAME ...]` removes them. No torch here: the command answers
 at once.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from twotower.settings import TwoTowerError
 
-GROUPS = ("backbones",)  # folders whose every item is one entry
+GROUPS = ("backbones", "features")  # folders whose every item is one entry
 
 
 def cache_dir() -> Path:

@@ -33,6 +33,9 @@ def _converter(type_text: str):
     return int if "int" in type_text else float if "float" in type_text else str
 
 
+GIVEN_NONE = object()  # `--flag None` for a field that may be None: given (it overrides a preset), unlike a flag left out
+
+
 def _parse(f: dataclasses.Field):
     """An argparse type for a field: convert the text (a comma-separated list for a list
     field), then run the field's own check, with a message that says what is wanted."""
@@ -43,7 +46,7 @@ def _parse(f: dataclasses.Field):
 
     def one(text: str):
         if convert is int and text.strip().lower() == "none" and "None" in text_type:
-            return None
+            return GIVEN_NONE
         try:
             return convert(text)
         except ValueError:
@@ -52,7 +55,7 @@ def _parse(f: dataclasses.Field):
     def parse(text: str):
         value = [one(part.strip()) for part in text.split(",") if part.strip()] if listed else one(text)
         try:
-            check_value(f.name, f.metadata, value)
+            check_value(f.name, f.metadata, None if value is GIVEN_NONE else value)
         except TwoTowerError as err:
             raise argparse.ArgumentTypeError(str(err)) from None
         return value
@@ -87,7 +90,8 @@ def add_knobs(parser: argparse.ArgumentParser, cls, defaults: dict | None = None
 
 def given(args: argparse.Namespace, cls) -> dict:
     """The fields of cls whose flags were given."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+    values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
+    return {name: None if value is GIVEN_NONE else value for name, value in values.items() if value is not None}
 
 
 def options(args: argparse.Namespace, cls):
@@ -136,8 +140,8 @@ def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:
             command.add_argument("--stream", action="store_true", help="print text as it becomes final (with --json: JSON lines)")
             command.add_argument("--json", action="store_true", help="print the text and the statistics as one JSON object")
         if name == "train":
-            command.add_argument("--config", metavar="FILE.yaml", help="preset (configs/*.yaml) whose values the defaults "
-                                 "below show when it is given; flags override it")  # fmt: skip
+            command.add_argument("--config", metavar="FILE.yaml", help="preset (configs/*.yaml): its values override the "
+                                 "defaults shown below (`train --config FILE --help` shows them); flags override it")  # fmt: skip
         for cls in classes:
             add_knobs(command, cls, preset if name == "train" else None)
     convert = sub.add_parser(
@@ -156,9 +160,10 @@ def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:
 def add_cache_command(sub) -> None:
     cache = sub.add_parser(
         "cache",
-        help="list or clear what twotower caches ($TWOTOWER_CACHE: dequantised GGUF backbones)",
+        help="list or clear what twotower caches ($TWOTOWER_CACHE: dequantised GGUF backbones, training features)",
         description="List or clear what twotower keeps under $TWOTOWER_CACHE (default ~/.cache/twotower): "
-        "dequantised GGUF backbones under backbones/, and whatever else lives there.",
+        "dequantised GGUF backbones under backbones/, training features under features/ (train --features auto), "
+        "and whatever else lives there.",
     )
     actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION", help="list or clear")
     actions.add_parser("list", help="each entry with its size, and the total")

@@ -109,14 +109,24 @@ class PackedData:
     refused: int  # rows dropped because their prompt is a held-out evaluation prompt
     tokens: int = 0  # tokens of the rows used (the remainder after the last whole sequence included)
 
-    def describe_split(self, eval_sequences: int) -> str:
-        """One line: rows -> packed sequences: train, held out (with a warning above 10%)."""
+    def held_out(self, eval_sequences: int | None, most: int) -> int:
+        """How many sequences to hold out: `eval_sequences` where chosen, else 10% of the packed
+        ones (at least one), at most `most`."""
+        if eval_sequences is not None:
+            return eval_sequences
+        return min(most, max(len(self.sequences) // 10, 1))
+
+    def describe_split(self, held: int, chosen: bool = True) -> str:
+        """One line: rows -> packed sequences: train, held out (how many, where not `chosen`
+        with --eval-sequences; a warning above 10% where it is)."""
         n, length = self.sequences.shape
-        held = min(eval_sequences, n)
+        held = min(held, n)
         line = f"{self.rows} rows -> {n} packed sequences of {length} tokens: {n - held} train, {held} held out"
+        if not chosen:
+            line += " (10%, at most --max-eval-sequences; --eval-sequences N holds out exactly N)"
         if self.refused:
             line += f" ({self.refused} rows left out: their prompt is a held-out evaluation prompt)"
-        if n and held > 0.1 * n:
+        if chosen and n and held > 0.1 * n:
             line += f"; warning: --eval-sequences {held} holds out {held / n:.0%} (10% or less leaves more to train on)"
         return line
 

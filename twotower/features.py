@@ -13,7 +13,8 @@ written to disk and reused every epoch, so a training step runs the denoiser alo
 A folder holds `shard-00000.safetensors`, ... (at most `shard_size` sequences each, read
 memory-mapped) and `index.json`, which names the settings the features were made for (backbone
 fingerprint, aligned layers, block layout, top-k, dtype, a hash of the sequences): a store made
-for other settings is refused, not silently reused. Building is resumable: each shard is written
+for other settings is refused, naming what differs, not silently reused; `--features auto` picks
+a folder keyed by all of that, so each dataset and setting gets its own. Building is resumable: each shard is written
 to a temporary file and renamed, and a rerun continues after the last complete shard.
 """
 
@@ -38,6 +39,7 @@ from twotower.model.cache import ContextView
 from twotower.objective import Features, Teacher, context_features
 
 INDEX = "index.json"
+AUTO_FEATURES = "auto"  # `--features auto`: the folder is keyed by the data and the settings (keyed_folder)
 
 
 def _settings(model, sequences: torch.Tensor, block_size: int, top_k: int) -> dict:
@@ -55,6 +57,28 @@ def _settings(model, sequences: torch.Tensor, block_size: int, top_k: int) -> di
         "top_k": top_k,
         "dtype": str(model.dtype).removeprefix("torch."),
     }
+
+
+def keyed_folder(model, sequences: torch.Tensor, block_size: int, top_k: int, data: str) -> Path:
+    """`--features auto`: $TWOTOWER_CACHE/features/DATA-KEY, KEY a hash of everything that shapes
+    the features (the packed sequences, the backbone's fingerprint, the layers kept, the block
+    layout, top-k, dtype), so that other data or settings never land in the same folder."""
+    from twotower.cache import cache_dir
+
+    settings = json.dumps(_settings(model, sequences, block_size, top_k), sort_keys=True)
+    key = hashlib.sha256(settings.encode()).hexdigest()[:12]
+    return cache_dir() / "features" / f"{Path(data).stem or 'data'}-{key}"
+
+
+def refuse_other_features(folder: Path, stored: dict, settings: dict) -> None:
+    """One TwoTowerError naming --features and each setting that differs, stored -> wanted."""
+    changed = [f"{k} {stored.get(k)} -> {settings[k]}" for k in settings if stored.get(k) != settings[k]]
+    if changed:
+        other = " (other data)" if stored.get("sequences_sha256") != settings["sequences_sha256"] else ""
+        raise TwoTowerError(
+            f"--features {folder} holds features made for other data or settings{other}: {', '.join(changed)}; give "
+            f"another --features folder, --features {AUTO_FEATURES} (a folder per data and settings), or remove this one"
+        )
 
 
 def _tensors(model, ids: torch.Tensor, features: Features) -> dict[str, torch.Tensor]:
@@ -127,12 +151,7 @@ def build_features(
     index = {"settings": settings, "shard_size": shard_size, "shards": []}
     if index_file.is_file():
         index = json.loads(index_file.read_text())
-        if index.get("settings") != settings:
-            changed = sorted(k for k in settings if index.get("settings", {}).get(k) != settings[k])
-            raise TwoTowerError(
-                f"{folder} holds features made for other settings ({', '.join(changed)}), e.g. of other data: "
-                "give another --features folder (or remove this one)"
-            )
+        refuse_other_features(folder, index.get("settings", {}), settings)
         shard_size = index["shard_size"]
     n_blocks = settings["blocks_per_sequence"]
     done = len(index["shards"]) * shard_size

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 # ------------------------------------------------------------------ the lists of choices
@@ -55,11 +56,40 @@ def int64(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
 
 
+def count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def share(value) -> bool:
+    return isinstance(value, (int, float)) and 0.0 <= value <= 1.0
+
+
+def penalty(value) -> bool:
+    return isinstance(value, (int, float)) and -2.0 <= value <= 2.0
+
+
+def top_logprobs(value) -> bool:
+    return count(value) and value <= 20
+
+
+def bias_map(value) -> bool:
+    """{token id: bias}: ids as ints or digit strings (JSON keys), biases in [-100, 100]."""
+    return isinstance(value, dict) and all(
+        (count(k) or (isinstance(k, str) and k.isdigit())) and isinstance(v, (int, float)) and -100.0 <= v <= 100.0
+        for k, v in value.items()
+    )
+
+
 CHECKS = {
     positive: ">= 1",
     unit_interval: "in (0, 1]",
     non_negative: "a finite number >= 0",
     int64: "an integer that fits in 64 bits",
+    count: "an integer >= 0",
+    share: "in [0, 1]",
+    penalty: "in [-2, 2]",
+    top_logprobs: "an integer in [0, 20]",
+    bias_map: "a map of token ids to biases in [-100, 100]",
 }
 
 
@@ -146,8 +176,26 @@ class GenerationSettings(Settings):
                             "above it", check=unit_interval, modes=BLOCK_MODES, metavar="G", request=True)  # fmt: skip
     temperature: float = knob(0.0, "0 is greedy; above 0 samples", check=non_negative, metavar="T")
     top_p: float = knob(1.0, "nucleus sampling mass (when sampling)", check=unit_interval, metavar="P")
-    seed: int | None = knob(None, "sampling seed: same seed, same output (default: random)", check=int64, metavar="N")
+    top_k: int = knob(0, "sample from the K likeliest tokens only (when sampling; 0: all)", check=count, metavar="K",
+                      request=True)  # fmt: skip
+    min_p: float = knob(0.0, "drop tokens less likely than P times the likeliest one (when sampling; 0: none)",
+                        check=share, metavar="P", request=True)  # fmt: skip
+    presence_penalty: float = knob(0.0, "subtract this from the logit of every token the reply already holds (greedy "
+                                   "too)", check=penalty, metavar="X", request=True)  # fmt: skip
+    frequency_penalty: float = knob(0.0, "subtract this times its count so far from the logit of every token of the "
+                                    "reply (greedy too)", check=penalty, metavar="X", request=True)  # fmt: skip
+    logit_bias: Mapping[int, float] | None = knob(None, "{token id: bias added to its logit} (greedy too; -100 bans, +100 "
+                                               "forces)", check=bias_map, flag="", request=True)  # fmt: skip
+    seed: int | None = knob(None, "sampling seed: same seed, same output, alone or batched with other requests (default: "
+                            "random); row b of a call draws from seed + b", check=int64, metavar="N")  # fmt: skip
+    logprobs: int | None = knob(None, "give every generated token its log-probability under the model's own distribution "
+                                "and those of the K likeliest tokens (default: none)", check=top_logprobs, flag="")  # fmt: skip
     eos_token_id: tuple[int, ...] = knob((), "token ids that end a row", flag="")  # not a flag: the tokenizer's
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.logit_bias is not None:  # JSON keys are strings: one form, {int: float}
+            object.__setattr__(self, "logit_bias", {int(k): float(v) for k, v in self.logit_bias.items()})
 
 
 @dataclass(frozen=True)
@@ -243,9 +291,19 @@ class ServeOptions(Settings):
                             choices=MODES)  # fmt: skip
     max_batch: int = knob(8, "requests running at once", check=positive, metavar="N")
     max_queue: int = knob(64, "requests waiting for a row; more are answered 429", check=positive, metavar="N")
-    timeout: float = knob(300.0, "most seconds one request may run", check=non_negative, metavar="S")
-    max_tokens: int = knob(256, "a request's max_tokens when it names none (never past the context)", check=positive,
-                           metavar="N")  # fmt: skip
+    timeout: float = knob(300.0, "most seconds a request may generate, counted from when its row starts (time in the queue "
+                           "does not count); it then ends with finish_reason 'length' and the tokens made so far (0: no "
+                           "limit)", check=non_negative, metavar="S")  # fmt: skip
+    queue_timeout: float = knob(60.0, "most seconds a request may wait for a row; it is then answered 503 with Retry-After "
+                                "(0: no limit)", check=non_negative, metavar="S")  # fmt: skip
+    max_tokens_default: int | None = knob(None, "a request's max_tokens when it names none (default: the rest of the "
+                                          "context)", check=positive, metavar="N")  # fmt: skip
+    prefill_chunk: int = knob(512, "most prompt tokens read between two cycles of the running requests: a long prompt is "
+                              "read a chunk at a time, so running streams keep their pace. 512 makes passes wide enough to "
+                              "use the hardware about as well as one over a whole long prompt, and short enough that running "
+                              "streams wait for one such pass at a time", check=positive, metavar="N")  # fmt: skip
+    drain_seconds: float = knob(20.0, "on SIGTERM (or Ctrl-C), seconds in-flight requests get to finish; then they are "
+                                "cancelled and the process exits", check=non_negative, metavar="S")  # fmt: skip
     api_key: str | None = knob(None, "answer only requests with 'Authorization: Bearer KEY' (every route but /health); "
                                "default: $TWOTOWER_API_KEY, else no key", metavar="KEY")  # fmt: skip
     header_timeout: float = knob(10.0, "seconds a connection may take to send its request headers; a slower one is closed",
@@ -304,11 +362,14 @@ class TrainConfig:
     lora_rank: int = knob(16, "LoRA rank")
     lora_alpha: float = knob(32.0, "LoRA alpha")
     adaln: bool = knob(True, "adaLN-single time conditioning")
-    denoiser_depth: int | None = knob(None, "denoiser layers K (None: all); a shallow one aligns with context layers")
+    denoiser_depth: int | None = knob(None, "denoiser layers K (None: all; `--denoiser-depth None` undoes a preset's K); "
+                                      "a shallow one aligns with context layers")  # fmt: skip
     alignment: str = knob("top", "context layers a shallow denoiser aligns with: top or spread")
     kl_weight: float = knob(0.0, "weight of the distillation loss against the AR teacher's top-k distribution (0: off)")
     top_k: int = knob(32, "tokens of the AR teacher's distribution kept for distillation")
-    features: str = knob("", "folder of cached frozen-tower features, built once and reused every epoch ('': none)")
+    features: str = knob("", "cached frozen-tower features, built once and reused every epoch: a folder, 'auto' (one "
+                         "under $TWOTOWER_CACHE/features/ keyed by the data and the settings that shape them) or '' "
+                         "(none)")  # fmt: skip
     block_size: int = knob(16, "block size S trained")
     blocks_per_sequence: int = knob(8, "blocks per training sequence (L = blocks * S, + 1 in the shifted layout)")
     batch_size: int = knob(8, "sequences per optimizer step (over all devices and micro-batches)")
@@ -320,8 +381,13 @@ class TrainConfig:
     weight_decay: float = knob(0.0, "AdamW weight decay")
     clip: float = knob(1.0, "gradient norm clip (0: none)")
     max_steps: int = knob(200, "optimizer steps")
+    extend: bool = knob(False, "train the run in --out longer: a --max-steps above its own is refused without it; the "
+                        "learning rate goes on from where it is (never back to the peak) and decays again over the "
+                        "steps added")  # fmt: skip
     eval_every: int = knob(50, "eval loss every N steps (0: never)")
-    eval_sequences: int = knob(16, "packed sequences held out for the eval loss")
+    eval_sequences: int | None = knob(None, "packed sequences held out for the eval loss, exactly (default: 10%% of "
+                                      "them, at most --max-eval-sequences)")  # fmt: skip
+    max_eval_sequences: int = knob(64, "without --eval-sequences: the most sequences held out", check=positive)
     save_every: int = knob(50, "checkpoint every N steps")
     nfe_prompts: int = knob(0, "at every eval, diffusion tokens per denoiser pass on this many held-out prompts (0: off)")
     nfe_threshold: float = knob(0.8, "confidence threshold of that measurement")

@@ -40,13 +40,14 @@ from torch import nn
 
 from twotower.config import TwoTowerError
 from twotower.data import batch_indices, heldout_prompts, pack, read_rows
-from twotower.features import FeatureStore, build_features
+from twotower.features import AUTO_FEATURES, FeatureStore, build_features, keyed_folder
 from twotower.objective import Features, Noise, ar_first, masked_loss_sum, sample_noise
 from twotower.settings import TrainConfig
 
 
 def load_config(path: str | None, overrides: dict) -> TrainConfig:
-    """A YAML preset (optional) with flags on top; unknown keys are refused."""
+    """A YAML preset (optional) with the flags given on top (`overrides`: only those given, so
+    that `--denoiser-depth None` can undo a preset's value); unknown keys are refused."""
     values = {}
     if path:
         import yaml
@@ -55,7 +56,7 @@ def load_config(path: str | None, overrides: dict) -> TrainConfig:
             values = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as err:
             raise TwoTowerError(f"could not read config {path}: {err}") from err
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values.update(overrides)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -65,17 +66,30 @@ def load_config(path: str | None, overrides: dict) -> TrainConfig:
     return config
 
 
-def learning_rate(config: TrainConfig, step: int) -> float:
+def learning_rate(config: TrainConfig, step: int, extensions: list[dict] = ()) -> float:
     """Warmup-stable-decay: linear warmup, constant, then linear decay to min_lr over the last
-    `decay_fraction` of the steps. `step` is 0-based."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    decay_steps = int(config.max_steps * config.decay_fraction)
-    decay_start = config.max_steps - decay_steps
+    `decay_fraction` of the steps. `step` is 0-based. `extensions`: the run's state["extensions"]
+    (`--extend`, oldest first); from the step of each that holds a learning rate ("lr"), that
+    rate is held, then decays to min_lr over the last decay_fraction of the steps from there."""
+    held = [e for e in extensions if e["lr"] is not None]
+    ends = [e["max_steps"] for e in held] + [config.max_steps]  # where each part of the schedule ends
+    part = sum(e["step"] <= step for e in held)
+    if part == 0:
+        if step < config.warmup_steps:
+            return config.lr * (step + 1) / config.warmup_steps
+        return hold_then_decay(config, config.lr, step, ends[0])
+    start = held[part - 1]
+    return hold_then_decay(config, start["lr"], step - start["step"], ends[part] - start["step"])
+
+
+def hold_then_decay(config: TrainConfig, rate: float, step: int, steps: int) -> float:
+    """`rate` at step `step` of `steps`, then linear decay to min_lr over the last decay_fraction of them."""
+    decay_steps = int(steps * config.decay_fraction)
+    decay_start = steps - decay_steps
     if decay_steps == 0 or step < decay_start:
-        return config.lr
+        return rate
     frac = (step - decay_start + 1) / decay_steps
-    return config.lr + (config.min_lr - config.lr) * min(frac, 1.0)
+    return rate + (config.min_lr - rate) * min(frac, 1.0)
 
 
 class Objective(nn.Module):
@@ -106,13 +120,14 @@ def trainable_parameters(model) -> list[nn.Parameter]:
 # ------------------------------------------------------------------ what may change when a run resumes
 # The one list of settings that a resumed run may change: where output goes, how often it is
 # logged, evaluated and saved, how long one call may run, what is measured at an eval,
-# where cached frozen-tower features are read from, and where the backbone of a checkpoint
-# to go on from lies (its fingerprint is checked). None of them changes what is trained.
-# Every other TrainConfig field must match the run's; max_steps may change only while the
-# steps already done keep their learning rates (before the decay starts: warmup-stable-decay
-# was made for that), so a finished run is never continued from the peak learning rate again.
+# where cached frozen-tower features are read from, where the backbone of a checkpoint to go
+# on from lies (its fingerprint is checked), and whether it may be trained longer. None of them
+# changes what is trained. Every other TrainConfig field must match the run's; max_steps may
+# go down only while the steps already done keep their learning rates (before the decay
+# starts), and up only with --extend (`extension`), which never takes the learning rate back
+# to its peak.
 MAY_CHANGE_ON_RESUME = frozenset(
-    {"out", "eval_every", "save_every", "max_minutes", "nfe_prompts", "nfe_threshold", "features", "backbone"}
+    {"out", "eval_every", "save_every", "max_minutes", "nfe_prompts", "nfe_threshold", "features", "backbone", "extend"}
 )
 
 
@@ -120,10 +135,11 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def schedule_keeps_done_steps(config: TrainConfig, old_max_steps: int, done: int) -> bool:
+def schedule_keeps_done_steps(config: TrainConfig, old_max_steps: int, done: int, extensions: list[dict]) -> bool:
     """Whether the steps already done had the same learning rates with `old_max_steps`."""
     old = dataclasses.replace(config, max_steps=old_max_steps)
-    return done <= config.max_steps and all(learning_rate(old, s) == learning_rate(config, s) for s in range(done))
+    rates = (learning_rate(old, s, extensions) == learning_rate(config, s, extensions) for s in range(done))
+    return done <= config.max_steps and all(rates)
 
 
 def changed_settings(saved: dict, config: TrainConfig) -> list[str]:
@@ -134,28 +150,56 @@ def changed_settings(saved: dict, config: TrainConfig) -> list[str]:
         old, new = settings.get(f.name, f.default), getattr(config, f.name)
         if f.name in MAY_CHANGE_ON_RESUME or old == new:
             continue
-        if f.name == "max_steps" and schedule_keeps_done_steps(config, old, done):
+        if f.name == "max_steps" and (
+            config.extend if new > old else schedule_keeps_done_steps(config, old, done, saved.get("extensions", []))
+        ):
             continue
         changes.append(f"{flag(f.name)} {old} -> {new}")
     return changes
 
 
-def train_longer(out: Path) -> str:
-    return (
-        f"to train longer, start a new run from its result: --model {out / 'final'} --out NEW_FOLDER "
-        "(it warms up to --lr again: choose a lower one)"
-    )
+TRAIN_LONGER = "to train it longer, add --extend to a larger --max-steps (the learning rate goes on from where it is)"
 
 
 def refuse_other_settings(out: Path, saved: dict, config: TrainConfig) -> None:
     changes = changed_settings(saved, config)
     if not changes:
         return
-    longer = f"; {train_longer(out)}" if any(c.startswith("--max-steps") for c in changes) else ""
+    old_max = saved.get("config", {}).get("max_steps", 0)
+    longer = f"; {TRAIN_LONGER}" if config.max_steps > old_max and not config.extend else ""
     raise TwoTowerError(
         f"{out} holds a run (at step {saved['step']}) with other settings: {', '.join(changes)}; "
         f"to resume it, run with its settings; to train with these, choose a new --out{longer}"
     )
+
+
+def extension(saved: dict, config: TrainConfig) -> dict | None:
+    """What `--extend` records in the run state when config.max_steps is above the saved run's
+    (None otherwise): the step, max_steps before and after, and "lr": the learning rate of the
+    last step done, held from here on and then decayed over the steps added; None where the
+    steps done keep their rates under the new max_steps (warmup or stable phase: the schedule
+    just ends later)."""
+    old_max, done, extensions = saved["config"]["max_steps"], saved["step"], saved.get("extensions", [])
+    if config.max_steps <= old_max:
+        return None
+    lr = None
+    if not schedule_keeps_done_steps(config, old_max, done, extensions):
+        lr = learning_rate(dataclasses.replace(config, max_steps=old_max), done - 1, extensions)
+    return {"step": done, "max_steps": old_max, "to": config.max_steps, "lr": lr}
+
+
+def describe_extension(config: TrainConfig, ext: dict) -> str:
+    """The line printed when a run is made longer: what its learning rate does from here."""
+    start = 0 if ext["lr"] is None else ext["step"]
+    decay = int((config.max_steps - start) * config.decay_fraction)
+    tail = f", then decays to {config.min_lr:g} over steps {config.max_steps - decay + 1}-{config.max_steps}" if decay else ""
+    if ext["lr"] is None:
+        how = f"the steps done keep their learning rates{tail}"
+    elif math.isclose(ext["lr"], config.min_lr):
+        how = f"the learning rate stays at its final {ext['lr']:.3g} (not back to the peak {config.lr:g})"
+    else:
+        how = f"the learning rate goes on from {ext['lr']:.3g} (not back to the peak {config.lr:g}){tail}"
+    return f"training longer: --max-steps {ext['max_steps']} -> {ext['to']} at step {ext['step']}: {how}"
 
 
 # ------------------------------------------------------------------ checkpoints (safetensors + JSON)
@@ -411,12 +455,16 @@ class TrainingData:
 def prepare_data(config: TrainConfig, model, tokenizer, main: bool, progress: bool) -> TrainingData:
     """Read, pack and split the data (the split reported in one line), and cache its features."""
     packed = pack(read_rows(config.data, config.max_rows), tokenizer, config.seq_len, heldout_prompts())
-    train_seqs, eval_seqs = packed.split(config.eval_sequences, config.batch_size)
+    held = packed.held_out(config.eval_sequences, config.max_eval_sequences)
+    train_seqs, eval_seqs = packed.split(held, config.batch_size)
     if main:
-        say(packed.describe_split(config.eval_sequences))
+        say(packed.describe_split(held, chosen=config.eval_sequences is not None))
     store = None
     if config.features:  # the frozen tower runs once per sequence, here, instead of in every step
-        store = build_features(model, packed.sequences, config.features, config.block_size, config.top_k, progress=progress)
+        folder = config.features
+        if folder == AUTO_FEATURES:
+            folder = keyed_folder(model, packed.sequences, config.block_size, config.top_k, config.data)
+        store = build_features(model, packed.sequences, folder, config.block_size, config.top_k, progress=progress)
     return TrainingData(train_seqs, eval_seqs, store, packed.refused)
 
 
@@ -449,7 +497,8 @@ class Run:
 
 def start_run(config: TrainConfig, out: Path, model, tokenizer, data: TrainingData, accelerator, resume) -> Run:
     """The optimizer and the run state, fresh or loaded from the checkpoint `resume` (or
-    None), and the model placed for accelerate."""
+    None; a larger max_steps with --extend adds its `extension` to the state), and the model
+    placed for accelerate."""
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     state = {
@@ -460,12 +509,17 @@ def start_run(config: TrainConfig, out: Path, model, tokenizer, data: TrainingDa
         "seconds": 0.0,
         "config": dataclasses.asdict(config),
         "refused_heldout_rows": data.refused,
+        "extensions": [],
     }
     if resume is not None:
+        longer = extension(resume.state, config)
         state = {**load_checkpoint(resume, model, optimizer), "config": dataclasses.asdict(config)}
+        state["extensions"] = [*state.get("extensions", []), *([longer] if longer else [])]
         if accelerator.is_main_process:
             _truncate_log(out / "log.jsonl", state["step"])
             say(f"resuming from step {state['step']} of {config.max_steps} ({resume.folder})")
+            if longer:
+                say(describe_extension(config, longer))
     model.to(accelerator.device)
     objective, optimizer = accelerator.prepare(Objective(model, config.kl_weight, config.top_k), optimizer)
     return Run(config, out, model, tokenizer, data, accelerator, objective, optimizer, params, state, state["step"])
@@ -516,8 +570,9 @@ def train_step(run: Run) -> dict:
     """One optimizer step; updates the run state and returns the step's log record."""
     config, state = run.config, run.state
     step, begin = state["step"], time.perf_counter()
+    rate = learning_rate(config, step, state["extensions"])
     for group in run.optimizer.param_groups:
-        group["lr"] = learning_rate(config, step)
+        group["lr"] = rate
     total_loss, total_count = accumulate_gradients(run, step)
     value = (total_loss / total_count.clamp(min=1)).item()
     if not math.isfinite(value):
@@ -536,7 +591,7 @@ def train_step(run: Run) -> dict:
         "step": step + 1,
         "loss": value,
         "grad_norm": grad_norm,
-        "lr": learning_rate(config, step),
+        "lr": rate,
         "training_tokens": state["training_tokens"],
         "masked_tokens": state["masked_tokens"],
         "seconds": round(state["seconds"], 3),
@@ -618,7 +673,7 @@ def finished_run(out: Path, last: Checkpoint, main: bool) -> dict:
     if main:
         rewritten = publish_final(last.folder, final)
         how = f"{final} written from {last.folder.name}" if rewritten else f"its model: {final}"
-        say(f"{out} already finished at step {last.state['step']} ({how}); {train_longer(out)}")
+        say(f"{out} already finished at step {last.state['step']} ({how}); {TRAIN_LONGER}")
     state = {k: v for k, v in last.state.items() if k != "param_groups"}
     return {**state, "main_process": main}
 
@@ -638,7 +693,6 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
         say(f"{'; '.join(damaged)}: going on from the one before it, {resume.folder}")
     if resume is not None and resume.state["step"] >= config.max_steps:
         return finished_run(out, resume, accelerator.is_main_process)
-    out.mkdir(parents=True, exist_ok=True)
     try:
         if model is None:
             model, tokenizer = build_model(config)
@@ -646,6 +700,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
         data = prepare_data(config, model, tokenizer, accelerator.is_main_process, progress)
     except KeyboardInterrupt:  # nothing trained yet; cached features are kept shard by shard
         raise TrainingStopped("stopped before the first step of this call: run the same command to go on") from None
+    out.mkdir(parents=True, exist_ok=True)  # once the model and the data are found: a refused run leaves nothing
     run = start_run(config, out, model, tokenizer, data, accelerator, resume)
     last = config.max_steps if stop_after is None else min(config.max_steps, run.state["step"] + stop_after)
     try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from twotower.generate.common import NextTokenDecoder, drive, start_run
-from twotower.generate.sampling import sample_tokens
 
 
 class ARDecoder(NextTokenDecoder):
@@ -15,10 +14,10 @@ class ARDecoder(NextTokenDecoder):
     finished. Between cycles every row holds its next-token logits, so rows join by stacking."""
 
     def cycle(self):
-        run, s = self.run, self.run.settings
-        tokens, _ = sample_tokens(self.logits, s.temperature, s.top_p, run.generator)  # (B,)
+        run = self.run
+        tokens, logprobs = run.next_tokens(self.logits)  # (B,)
         run.count_pass(run.live_rows())
-        event = run.emit([[t] for t in tokens.tolist()])
+        event = run.emit([[t] for t in tokens.tolist()], logprobs)
         if not run.finished:
             self.logits = self.model.context_extend(self.cache, run.context_inputs(tokens), logits="last")
             run.context_passes += 1
@@ -28,6 +27,7 @@ class ARDecoder(NextTokenDecoder):
 @torch.inference_mode()
 def ar_stream(model, input_ids, attention_mask=None, **options):
     """Yields a StreamEvent per token; returns a GenerationResult. Options: GenerationSettings
-    fields (max_new_tokens, temperature, top_p, seed, eos_token_id)."""
+    fields (max_new_tokens, temperature, top_p, top_k, min_p, penalties, logit_bias, seed,
+    logprobs, eos_token_id)."""
     run = start_run(model, input_ids, attention_mask, "ar", options)
     return (yield from drive(ARDecoder(model, run)))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from twotower.generate.sampling import make_generator
+from twotower.generate.sampling import Sampling, TokenLogprob
 from twotower.model.protocol import DecodingModel
 from twotower.settings import BLOCK_MODES, GenerationSettings, TwoTowerError, resolve_block_size
 
@@ -22,6 +22,7 @@ from twotower.settings import BLOCK_MODES, GenerationSettings, TwoTowerError, re
 @dataclass
 class StreamEvent:
     tokens: list[list[int]]  # per row: ids that became final since the previous event
+    logprobs: list[list[TokenLogprob] | None] | None = None  # per row asking for them: one per token (None: no row asks)
 
 
 @dataclass
@@ -33,6 +34,7 @@ class GenerationResult:
     context_passes: int  # batched context-tower forward passes, prefill included
     seconds: float
     details: dict = field(default_factory=dict)  # mode-specific statistics (verify: cycles, sources)
+    logprobs: list[list[TokenLogprob] | None] = field(default_factory=list)  # per row: one per token (None: not asked)
 
     @property
     def new_tokens(self) -> int:
@@ -64,14 +66,16 @@ class GenerationResult:
 
 @dataclass
 class Run:
-    """State every mode keeps: inputs, settings, sampling RNG, finished rows, outputs."""
+    """State every mode keeps: inputs, settings, each row's sampling, finished rows, outputs.
+    `settings` are what the rows share (block size, threshold, ...); each row samples by its
+    own (`sampling`), which may differ from row to row once runs join."""
 
     ids: torch.Tensor  # (B, T) left-padded prompt on the context device
     attention_mask: torch.Tensor  # (B, T)
     settings: GenerationSettings
     eos: torch.Tensor  # (E,) long
     pad_id: int
-    generator: torch.Generator | None
+    sampling: Sampling
     mode: str
     started: float = field(default_factory=time.perf_counter)
     tokens: list[list[int]] = field(default_factory=list)
@@ -80,6 +84,7 @@ class Run:
     denoiser_passes: int = 0
     context_passes: int = 0
     max_new: list[int] = field(default_factory=list)  # per row: most tokens (settings.max_new_tokens unless set)
+    logprobs: list[list[TokenLogprob] | None] = field(default_factory=list)  # per row asking: one per token
 
     def __post_init__(self):
         batch = self.ids.shape[0]
@@ -87,6 +92,7 @@ class Run:
         self.row_nfe = [0] * batch
         self.done = torch.zeros(batch, dtype=torch.bool, device=self.ids.device)
         self.max_new = self.max_new or [self.settings.max_new_tokens] * batch
+        self.logprobs = [None if r.settings.logprobs is None else [] for r in self.sampling.rows]
 
     @property
     def batch(self) -> int:
@@ -104,15 +110,29 @@ class Run:
     def live_rows(self) -> list[int]:
         return [b for b in range(self.batch) if self.room(b) > 0]
 
+    def positions(self, rows: list[int]) -> dict[int, int]:
+        """Row -> the reply position its next token takes (where its position noise starts)."""
+        return {b: len(self.tokens[b]) for b in rows}
+
+    def next_tokens(self, logits: torch.Tensor) -> tuple[torch.Tensor, list | None]:
+        """Each row's next token (B,) from its next-token logits (B, V) (the context tower's or
+        the denoiser's), with its logprobs for the rows that ask."""
+        logits = logits[:, None]
+        tokens = self.sampling.pick(logits, self.sampling.noise(logits, self.positions(self.live_rows())))
+        return tokens[:, 0], self.sampling.logprobs(logits, tokens)
+
     @property
     def finished(self) -> bool:
         return not self.live_rows()
 
     def join(self, other: Run) -> None:
-        """Take the rows of another run of the same mode and settings (continuous batching)."""
+        """Take the rows of another run of the same mode and shared settings (continuous
+        batching); each row keeps its own sampling."""
         self.tokens += other.tokens
         self.row_nfe += other.row_nfe
         self.max_new += other.max_new
+        self.logprobs += other.logprobs
+        self.sampling.join(other.sampling)
         self.done = torch.cat([self.done, other.done.to(self.done.device)])
         self.ids = self.attention_mask = None  # prompts are read at the start of a run only
 
@@ -121,6 +141,8 @@ class Run:
         self.tokens = [self.tokens[b] for b in rows]
         self.row_nfe = [self.row_nfe[b] for b in rows]
         self.max_new = [self.max_new[b] for b in rows]
+        self.logprobs = [self.logprobs[b] for b in rows]
+        self.sampling.keep_rows(rows)
         self.done = select_rows(self.done, rows)
 
     def context_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -137,8 +159,9 @@ class Run:
         for b in rows:
             self.row_nfe[b] += passes
 
-    def emit(self, new: list[list[int]]) -> StreamEvent:
-        """Append final tokens per row, cutting each row after its first EOS and at its most tokens."""
+    def emit(self, new: list[list[int]], logprobs: list[list[TokenLogprob] | None] | None = None) -> StreamEvent:
+        """Append final tokens per row, cutting each row after its first EOS and at its most
+        tokens. logprobs: per row asking for them, one per token of `new` (cut with it)."""
         eos = set(self.eos.tolist())
         out = []
         for b, toks in enumerate(new):
@@ -150,8 +173,15 @@ class Run:
                         self.done[b] = True
                         break
             self.tokens[b].extend(taken)
+            self.sampling.record(b, taken)
             out.append(taken)
-        return StreamEvent(out)
+        if logprobs is None:
+            return StreamEvent(out)
+        kept = [None if lp is None else lp[: len(taken)] for lp, taken in zip(logprobs, out)]
+        for b, lp in enumerate(kept):
+            if lp is not None:
+                self.logprobs[b].extend(lp)
+        return StreamEvent(out, kept)
 
     def result(self) -> GenerationResult:
         return GenerationResult(
@@ -161,6 +191,7 @@ class Run:
             denoiser_passes=self.denoiser_passes,
             context_passes=self.context_passes,
             seconds=time.perf_counter() - self.started,
+            logprobs=self.logprobs,
         )
 
 
@@ -209,6 +240,9 @@ def resolve_settings(model, mode: str, options: dict) -> GenerationSettings:
         raise TwoTowerError(f"pass the generation options in `settings` or as keywords, not both: {sorted(options)}")
     if settings.temperature < MIN_TEMPERATURE:  # logits / T would overflow: that small a temperature is greedy
         settings = replace(settings, temperature=0.0)
+    outside = [t for t in settings.logit_bias or {} if t >= model.num_embeddings]
+    if outside:
+        raise TwoTowerError(f"logit_bias names token ids outside the vocabulary [0, {model.num_embeddings}): {outside[:5]}")
     if mode in BLOCK_MODES:
         settings = replace(settings, block_size=resolve_block_size(settings.block_size, model.config.block_size))
     return settings
@@ -264,7 +298,7 @@ def start_run(model, input_ids, attention_mask, mode: str, options: dict) -> Run
         settings=settings,
         eos=torch.tensor(eos, dtype=torch.long, device=device),
         pad_id=pad_id,
-        generator=make_generator(settings.seed, model.denoiser_device if mode != "ar" else device),
+        sampling=Sampling.of(settings, ids.shape[0]),
         mode=mode,
     )
 
@@ -279,8 +313,20 @@ class Decoder:
     has run). keep_rows(rows): keep only these rows. details(): the mode's statistics.
     """
 
+    prefilled = None  # (cache, logits (B, V)) of prompts read already (the server reads them in chunks), or None
+    cycle_drafts = ()  # verify mode: the last cycle's drafts, (drafted, accepted) per row that drafted
+
     def __init__(self, model: DecodingModel, run: Run):
         self.model, self.run = model, run
+
+    def read_prompts(self, logits: str | None = "last"):
+        """The prefill: a cache holding the run's prompts and the AR logits after them, or the
+        ones read already (`prefilled`)."""
+        if self.prefilled is not None:
+            prefilled, self.prefilled = self.prefilled, None
+            return prefilled
+        self.run.context_passes += 1
+        return self.model.context_prefill(self.run.ids, self.run.attention_mask, logits=logits)
 
     def start(self):
         raise NotImplementedError
@@ -303,9 +349,7 @@ class NextTokenDecoder(Decoder):
     logits from the last context pass (the prefill's at first): AR and diffusion mode."""
 
     def start(self):
-        run = self.run
-        self.cache, self.logits = self.model.context_prefill(run.ids, run.attention_mask, logits="last")  # (B, V)
-        run.context_passes += 1
+        self.cache, self.logits = self.read_prompts()  # (B, V)
         yield from ()
 
     def join(self, other: NextTokenDecoder) -> None:

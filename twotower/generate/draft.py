@@ -6,8 +6,9 @@ chooses between the sources per row.
   tokens indexed so that finding it costs the same over any length of history;
 - `denoiser_draft`: the denoiser fills a block after the pending token (the context tower's
   own next token, slot 0 of the block, as in diffusion mode) in `steps` passes,
-  keeping the left-to-right run of slots above the confidence threshold; with sampling it
-  also returns the distribution each kept token was drawn from, which the accept/reject rule needs;
+  keeping the left-to-right run of slots above the confidence threshold; a sampled row picks
+  each slot with the noise of its reply position, the noise the context tower's pick there
+  uses, so a denoiser close to the context tower drafts the token that will be picked;
 - `DraftPolicy`: per row, an EMA of committed tokens per unit of cost for each source, the
   fastest used, the others re-tried with a doubling wait; a draft is as long as pays, from how
   often the source's tokens are accepted and what a pass over so many positions costs.
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from twotower.generate.sampling import sample_tokens, top_p_filter
+from twotower.generate.sampling import Sampling
 from twotower.model.protocol import DecodingModel
 
 
@@ -76,18 +77,10 @@ def lookup_kind(match: int) -> str:
     return f"lookup{match}"
 
 
-def one_hot_distribution(drafts: torch.Tensor, vocab: int) -> torch.Tensor:
-    """The draft distribution of a deterministic draft (prompt lookup): one-hot, (B, K) -> (B, K, V)."""
-    return torch.zeros(*drafts.shape, vocab, device=drafts.device).scatter_(-1, drafts[..., None], 1.0)
-
-
-def target_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """The sampling distribution a mode draws from: softmax(top-p(logits / T))."""
-    return top_p_filter(logits / temperature, top_p).softmax(-1)
-
-
 @torch.no_grad()
-def denoiser_draft(model: DecodingModel, cache, pending, width: int, settings, generator, steps: int):
+def denoiser_draft(
+    model: DecodingModel, cache, pending, width: int, threshold: float, sampling: Sampling, starts: dict[int, int], steps: int
+):
     """Draft `width` tokens after `pending` with the denoiser, left to right.
 
     The cache holds every committed token but `pending`, the context tower's own next token. As
@@ -95,8 +88,9 @@ def denoiser_draft(model: DecodingModel, cache, pending, width: int, settings, g
     are masked: in the shifted layout the denoiser reads [anchor, pending, M, ...] over the view
     without the anchor (the cache's last token, whose hidden state a shallow denoiser reads).
     Every pass keeps the drafted prefix and extends it over the following slots predicted above
-    the confidence threshold (at least one). Returns tokens (B, W), their draft distributions
-    (B, W, V) or None when greedy, draft lengths (B,), and the number of passes."""
+    the confidence threshold (at least one). Each row picks by its own sampling; starts: row
+    -> the reply position of its first draft (where its position noise starts). Returns tokens
+    (B, W), draft lengths (B,), and the number of passes."""
     den, mask_id = model.denoiser_device, model.mask_token_id
     batch = pending.shape[0]
     reads = model.layout.reads(cache, den)
@@ -104,31 +98,22 @@ def denoiser_draft(model: DecodingModel, cache, pending, width: int, settings, g
     block[:, 0] = pending.to(den)
     length = torch.zeros(batch, dtype=torch.long, device=den)
     slots = torch.arange(width, device=den)[None]
-    q = None
     passes = 0
     for _ in range(steps):
         t = (width - length).float() / width
         logits = model.denoise_block(reads, block, t)[:, 1:]  # (B, W, V)
         passes += 1
-        tokens, confidence = sample_tokens(logits, settings.temperature, settings.top_p, generator)
+        tokens = sampling.pick(logits, sampling.noise(logits, starts))
+        confidence = logits.softmax(-1).gather(-1, tokens[..., None])[..., 0]
         open_slots = slots >= length[:, None]
         forced = slots == length[:, None]
-        take = (confidence > settings.threshold) | forced
+        take = (confidence > threshold) | forced
         take = (take | ~open_slots).long().cumprod(1).bool() & open_slots  # contiguous from `length`
         block[:, 1:] = torch.where(take, tokens, block[:, 1:])
-        if settings.temperature > 0:
-            probs = target_probs(logits, settings.temperature, settings.top_p)
-            # A slot past the forced one is kept only when its token is confident, so the token
-            # it holds is distributed as q restricted to the confident tokens, renormalised;
-            # the accept/reject rule must see that distribution, not q.
-            confident = (logits.softmax(-1) > settings.threshold) | forced[..., None]
-            kept = probs * confident
-            kept = kept / kept.sum(-1, keepdim=True).clamp(min=1e-30)
-            q = kept if q is None else torch.where(take[..., None], kept, q)
         length = length + take.sum(1)
         if bool((length >= width).all()):
             break
-    return block[:, 1:], q, length, passes
+    return block[:, 1:], length, passes
 
 
 def ema(old: float | None, new: float | None, decay: float) -> float | None:

@@ -28,7 +28,7 @@ import torch
 
 from twotower.config import TwoTowerError
 from twotower.generate.common import Decoder, NextTokenDecoder, drive, start_run
-from twotower.generate.sampling import sample_tokens
+from twotower.generate.sampling import TokenLogprob
 from twotower.model.protocol import DecodingModel
 
 
@@ -52,6 +52,7 @@ class Block:
     allowed: torch.Tensor  # (B, S) bool: slots the row may still commit (its room, nothing after an EOS)
     slots: torch.Tensor  # (B, S) bool: the row's own block (its room): the denoiser attends to these only
     emitted: list[int]  # per row: slots already streamed
+    logprobs: list[list[TokenLogprob | None] | None] | None = None  # per row asking: each committed slot's (None: no row asks)
 
     @property
     def masked(self) -> torch.Tensor:
@@ -61,9 +62,9 @@ class Block:
         return committed_prefix(self.filled & self.allowed)
 
 
-def open_block(run, first: torch.Tensor, size: int, mask_id: int, device) -> Block:
-    """Step 1: a block whose slot 0 is the context tower's own token; the row's other slots up
-    to its room are masked. Finished rows get no slot."""
+def open_block(run, first: torch.Tensor, size: int, mask_id: int, device, first_logprobs=None) -> Block:
+    """Step 1: a block whose slot 0 is the context tower's own token (with its logprobs, per
+    row asking for them); the row's other slots up to its room are masked. Finished rows get no slot."""
     batch = first.shape[0]
     room = torch.tensor([run.room(b) for b in range(batch)], device=device)
     live = room > 0
@@ -72,7 +73,10 @@ def open_block(run, first: torch.Tensor, size: int, mask_id: int, device) -> Blo
     tokens[:, 0] = first.to(device)
     filled = (slots == 0) & live[:, None]
     allowed = (slots < room[:, None]) & live[:, None]
-    return Block(tokens, filled, allowed, allowed | (slots == 0), [0] * batch)
+    logprobs = None
+    if first_logprobs is not None:
+        logprobs = [None if lp is None else [*lp, *[None] * (size - 1)] for lp in first_logprobs]
+    return Block(tokens, filled, allowed, allowed | (slots == 0), [0] * batch, logprobs)
 
 
 def emit_prefix(run, block: Block):
@@ -83,7 +87,10 @@ def emit_prefix(run, block: Block):
     block.allowed &= slots <= first_eos(block.tokens, block.filled & block.allowed, eos)[:, None]
     ready = block.prefix().tolist()
     rows = block.tokens.tolist()
-    event = run.emit([rows[b][block.emitted[b] : ready[b]] for b in range(len(rows))])
+    logprobs = None
+    if block.logprobs is not None:
+        logprobs = [None if lp is None else lp[e:r] for lp, e, r in zip(block.logprobs, block.emitted, ready)]
+    event = run.emit([rows[b][block.emitted[b] : ready[b]] for b in range(len(rows))], logprobs)
     block.emitted = [max(e, r) for e, r in zip(block.emitted, ready)]
     block.allowed &= ~run.done.to(block.tokens.device)[:, None] | block.filled  # a finished row fills no more
     return event
@@ -104,13 +111,27 @@ def fill_block(model: DecodingModel, run, cache, block: Block):
         logits = model.denoise_block(reads, block.tokens, t, slots=block.slots)
         run.denoiser_passes += 1
         run.count_pass(live.cpu())
-        tokens, confidence = sample_tokens(logits, s.temperature, s.top_p, run.generator)
+        noise = run.sampling.fresh_noise(logits, live.nonzero().flatten().tolist(), s.block_size)
+        tokens = run.sampling.pick(logits, noise)  # (B, S)
+        confidence = logits.softmax(-1).gather(-1, tokens[..., None])[..., 0]  # the denoiser's own probability
         commit = masked & (confidence > s.threshold) & live[:, None]
         block.tokens = torch.where(commit, tokens, block.tokens)
         block.filled |= commit
+        keep_logprobs(run, block, logits, tokens, commit)
         event = emit_prefix(run, block)
         live &= commit.any(1) & block.masked.any(1)
         yield event
+
+
+def keep_logprobs(run, block: Block, logits: torch.Tensor, tokens: torch.Tensor, commit: torch.Tensor) -> None:
+    """The logprobs of the slots this pass committed, under the denoiser's logits (B, S, V),
+    for the rows that ask."""
+    found = run.sampling.logprobs(logits, tokens)
+    if found is None:
+        return
+    for b, slots in enumerate(commit.tolist()):
+        if found[b] is not None:
+            block.logprobs[b] = [found[b][j] if now else old for j, (now, old) in enumerate(zip(slots, block.logprobs[b]))]
 
 
 def extend_context(model: DecodingModel, run, cache, block: Block) -> torch.Tensor:
@@ -140,12 +161,12 @@ class DiffusionDecoder(NextTokenDecoder):
 
     def cycle(self):
         model, run, s = self.model, self.run, self.run.settings
-        first, _ = sample_tokens(self.logits.to(model.denoiser_device), s.temperature, s.top_p, run.generator)  # AR's
+        first, logprobs = run.next_tokens(self.logits.to(model.denoiser_device))  # AR's
         live = run.live_rows()
         for b in live:
             self.starts[b].append(len(run.tokens[b]))
         size = min(s.block_size, max(run.room(b) for b in live))
-        block = open_block(run, first, size, model.mask_token_id, model.denoiser_device)
+        block = open_block(run, first, size, model.mask_token_id, model.denoiser_device, logprobs)
         yield emit_prefix(run, block)
         yield from fill_block(model, run, self.cache, block)
         if not run.finished:
@@ -169,20 +190,18 @@ class MockARDecoder(Decoder):
     row is finished)."""
 
     def start(self):
-        run = self.run
-        self.cache, _ = self.model.context_prefill(run.ids, run.attention_mask, logits=None)
-        run.context_passes += 1
+        self.cache, _ = self.read_prompts(logits=None)
         yield from ()
 
     def cycle(self):
-        model, run, s = self.model, self.run, self.run.settings
+        model, run = self.model, self.run
         den, cache = model.denoiser_device, self.cache
         mask = torch.full((run.batch, 1), model.mask_token_id, dtype=torch.long, device=den)
         logits = model.denoise_block(model.layout.reads(cache, den), mask)
         run.denoiser_passes += 1
         run.count_pass(run.live_rows())
-        tokens, _ = sample_tokens(logits[:, 0], s.temperature, s.top_p, run.generator)
-        event = run.emit([[t] for t in tokens.tolist()])
+        tokens, logprobs = run.next_tokens(logits[:, 0])
+        event = run.emit([[t] for t in tokens.tolist()], logprobs)
         if not run.finished:
             model.context_extend(cache, run.context_inputs(tokens).to(cache.valid.device))
             run.context_passes += 1

@@ -1,44 +1,217 @@
-"""Sampling primitives shared by every generation mode.
+"""Sampling: each row's own settings and random source, applied to a batch's logits at once.
 
-Written as plain tensor functions (no Python loops over rows) so they can be compiled.
+A row's sampling (`RowSampler`) is its GenerationSettings (temperature, top_p, top_k, min_p,
+presence / frequency penalties, logit_bias, logprobs) and its seed. `Sampling`, the rows of a
+run, shapes every row's logits in tensor form (`shaped`) and picks each token by Gumbel-max:
+the argmax of the shaped logits plus Gumbel noise, none for a greedy row (temperature 0, which
+ignores top_p / top_k / min_p; logit_bias and the penalties apply to greedy rows too). A row's
+noise comes from its own generator (a seeded row; unseeded rows share torch's), drawn in
+shapes that depend on that row alone, so that a seeded row writes the same tokens alone and
+in any batch:
+
+- `position_noise`: one (V,) draw per position of the reply, drawn once and kept until the
+  position is committed. AR, mock-AR, the first token of a diffusion block and verify use it.
+  Verify checks each draft against the context tower's Gumbel-max pick at its position with
+  that position's noise, so its sampled reply is AR's token for token, whatever was drafted;
+- `fresh_noise`: a new (block size, V) draw per denoiser pass, for the slots of a diffusion block.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-
-def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    if seed is None:
-        return None
-    return torch.Generator(device=device).manual_seed(seed)
+from twotower.settings import GenerationSettings
 
 
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability mass reaches top_p; -inf elsewhere. The
-    likeliest token is always kept (a top_p that rounds to 0 in the logits' dtype keeps it alone)."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    cum = sorted_logits.softmax(-1).cumsum(-1)
-    drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p  # mass before this token already enough
-    drop_sorted[..., 0] = False
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the distribution it was chosen from (the
+    model's own, before temperature, penalties and bias), and the k likeliest tokens'."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # (id, logprob), likeliest first
 
 
-def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator=None):
-    """Pick a token at every position. logits: (..., V) float.
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """logits (N, V) as the model gave them, tokens (N,) -> each token's TokenLogprob."""
+    logp = logits.float().log_softmax(-1)
+    picked = logp.gather(-1, tokens[:, None])[:, 0].tolist()
+    top_logp, top_ids = logp.topk(k, dim=-1)
+    rows = zip(tokens.tolist(), picked, top_ids.tolist(), top_logp.tolist())
+    return [TokenLogprob(t, lp, list(zip(ids, lps))) for t, lp, ids, lps in rows]
 
-    Greedy at temperature 0, otherwise Gumbel-max on top-p-filtered logits / temperature.
-    Returns (tokens (...,) long, confidence (...,) float): confidence is the unscaled
-    probability of the picked token, which the diffusion commit rule compares with gamma.
-    """
-    probs = logits.softmax(-1)
-    if temperature == 0.0:
-        tokens = logits.argmax(-1)
-    else:
-        scaled = top_p_filter(logits / temperature, top_p)
-        uniform = torch.rand(scaled.shape, generator=generator, device=scaled.device).clamp_(1e-20, 1.0)
-        tokens = (scaled - torch.log(-torch.log(uniform))).argmax(-1)
-    return tokens, probs.gather(-1, tokens[..., None])[..., 0]
+
+def gumbel(uniform: torch.Tensor) -> torch.Tensor:
+    return -torch.log(-torch.log(uniform.clamp_(1e-20, 1.0)))
+
+
+class RowSampler:
+    """One row's sampling: its settings, its random source, and how often it generated each
+    token (for the penalties)."""
+
+    def __init__(self, settings: GenerationSettings, seed: int | None):
+        self.settings, self.seed = settings, seed
+        self.generator: torch.Generator | None = None  # made at the first draw, on that device
+        self.ahead: dict[int, torch.Tensor] = {}  # reply position -> its (V,) noise, until committed
+        self.counts: dict[int, int] = {}  # token -> times generated (kept with a penalty only)
+
+    @property
+    def greedy(self) -> bool:
+        return self.settings.temperature == 0
+
+    @property
+    def penalised(self) -> bool:
+        return self.settings.presence_penalty != 0 or self.settings.frequency_penalty != 0
+
+    def draw(self, shape: tuple[int, ...], device) -> torch.Tensor:
+        """Gumbel noise of this shape from the row's generator (torch's for an unseeded row)."""
+        if self.seed is None:
+            return gumbel(torch.rand(shape, device=device))
+        if self.generator is None:
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        return gumbel(torch.rand(shape, generator=self.generator, device=self.generator.device)).to(device)
+
+    def position_noise(self, start: int, width: int, vocab: int, device) -> torch.Tensor:
+        """(width, V) noise of reply positions start .. start + width - 1: positions drawn
+        before are reused, new ones drawn in order; positions before `start` are committed."""
+        for p in [p for p in self.ahead if p < start]:
+            del self.ahead[p]
+        for p in range(start, start + width):
+            if p not in self.ahead:
+                self.ahead[p] = self.draw((vocab,), device)
+        return torch.stack([self.ahead[p] for p in range(start, start + width)]).to(device)
+
+    def record(self, tokens: list[int]) -> None:
+        if self.penalised:
+            for t in tokens:
+                self.counts[t] = self.counts.get(t, 0) + 1
+
+    def penalty(self, width: int, vocab: int, device, prefix: torch.Tensor | None) -> torch.Tensor:
+        """(width, V) what the penalties subtract at each position; prefix (width - 1,): the
+        tokens before each position within the pass (verify's drafts), counted too."""
+        counts = torch.zeros(vocab, device=device)
+        if self.counts:
+            counts[torch.tensor(list(self.counts), device=device)] = torch.tensor(
+                list(self.counts.values()), dtype=torch.float32, device=device
+            )
+        counts = counts.expand(width, vocab)
+        if prefix is not None and width > 1:
+            before = torch.zeros(width, vocab, device=device)
+            before[1:] = torch.nn.functional.one_hot(prefix[: width - 1].to(device), vocab).float().cumsum(0)
+            counts = counts + before
+        s = self.settings
+        return s.frequency_penalty * counts + s.presence_penalty * (counts > 0).float()
+
+
+class Sampling:
+    """The rows of a run, each with its RowSampler, in the run's order (rows join and leave
+    with the run)."""
+
+    def __init__(self, rows: list[RowSampler]):
+        self.rows = rows
+
+    @classmethod
+    def of(cls, settings: GenerationSettings, batch: int) -> Sampling:
+        """One setting for every row of a call; row b draws from seed + b."""
+        seed = settings.seed
+        return cls([RowSampler(settings, None if seed is None else (seed + b) % 2**64) for b in range(batch)])
+
+    def join(self, other: Sampling) -> None:
+        self.rows += other.rows
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.rows = [self.rows[b] for b in rows]
+
+    @property
+    def seeded(self) -> bool:
+        """Whether a sampled row has a seed (its reply must not depend on wall-clock time)."""
+        return any(r.seed is not None and not r.greedy for r in self.rows)
+
+    @property
+    def plain(self) -> bool:
+        """Every row greedy, with no bias and no penalty: the pick is the logits' argmax."""
+        return all(r.greedy and not r.settings.logit_bias and not r.penalised for r in self.rows)
+
+    def noise(self, logits: torch.Tensor, starts: dict[int, int]) -> torch.Tensor | None:
+        """(B, W, V) position noise of row b's reply positions starts[b] .. + W - 1 for the
+        rows in `starts`; zero elsewhere and in greedy rows (None: no row draws)."""
+        rows = {b: p for b, p in starts.items() if not self.rows[b].greedy}
+        if not rows:
+            return None
+        noise = torch.zeros(logits.shape, device=logits.device)
+        for b, p in rows.items():
+            noise[b] = self.rows[b].position_noise(p, logits.shape[1], logits.shape[2], logits.device)
+        return noise
+
+    def fresh_noise(self, logits: torch.Tensor, rows: list[int], size: int) -> torch.Tensor | None:
+        """(B, W, V) noise for one denoiser pass over a block of W <= size slots: a new (size, V)
+        draw per sampled row in `rows`, its first W slots (so a draw's shape is the row's own)."""
+        rows = [b for b in rows if not self.rows[b].greedy]
+        if not rows:
+            return None
+        noise = torch.zeros(logits.shape, device=logits.device)
+        for b in rows:
+            noise[b] = self.rows[b].draw((size, logits.shape[2]), logits.device)[: logits.shape[1]]
+        return noise
+
+    def shaped(self, logits: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, W, V) logits -> what each row's pick maximises before the noise: logit_bias added,
+        penalties subtracted, divided by the temperature, filtered by top-k / top-p / min-p
+        (sampled rows). prefix (B, W - 1): tokens before each position within the pass."""
+        x = logits.to(torch.float32, copy=True)
+        width, vocab = x.shape[1:]
+        for b, row in enumerate(self.rows):
+            bias = row.settings.logit_bias
+            if bias:
+                x[b, :, torch.tensor(list(bias), device=x.device)] += torch.tensor(list(bias.values()), device=x.device)
+            if row.penalised:
+                x[b] -= row.penalty(width, vocab, x.device, None if prefix is None else prefix[b])
+        sampled = [not r.greedy for r in self.rows]
+        if not any(sampled):
+            return x
+        per_row = lambda values: torch.tensor(values, dtype=torch.float32, device=x.device)[:, None, None]
+        x = x / per_row([r.settings.temperature if s else 1.0 for r, s in zip(self.rows, sampled)])
+        top_k = [r.settings.top_k if s and r.settings.top_k else vocab for r, s in zip(self.rows, sampled)]
+        top_p = [r.settings.top_p if s and r.settings.top_p < 1 else 2.0 for r, s in zip(self.rows, sampled)]
+        min_p = [r.settings.min_p if s else 0.0 for r, s in zip(self.rows, sampled)]
+        if min(top_k) < vocab or min(top_p) < 1 or max(min_p) > 0:
+            x = filtered(x, per_row(top_k), per_row(top_p), per_row(min_p))
+        return x
+
+    def pick(self, logits: torch.Tensor, noise: torch.Tensor | None = None, prefix: torch.Tensor | None = None):
+        """The token each row picks at each position: logits (B, W, V) -> (B, W)."""
+        if self.plain:
+            return logits.argmax(-1)
+        x = self.shaped(logits, prefix)
+        return (x if noise is None else x + noise).argmax(-1)
+
+    def record(self, b: int, tokens: list[int]) -> None:
+        self.rows[b].record(tokens)
+
+    def wants_logprobs(self) -> bool:
+        return any(r.settings.logprobs is not None for r in self.rows)
+
+    def logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> list[list[TokenLogprob] | None] | None:
+        """Per row asking for them: the TokenLogprob of its token at every position, logits
+        (B, W, V) as the model gave them, tokens (B, W); None for the other rows (None: no row asks)."""
+        if not self.wants_logprobs():
+            return None
+        return [
+            None if r.settings.logprobs is None else token_logprobs(logits[b], tokens[b], r.settings.logprobs)
+            for b, r in enumerate(self.rows)
+        ]
+
+
+def filtered(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """-inf outside each row's kept tokens: its top_k likeliest, the smallest set whose mass
+    reaches top_p, and those at least min_p times as likely as the likeliest; the likeliest is
+    always kept. x (B, W, V); top_k, top_p, min_p (B, 1, 1)."""
+    sorted_x, order = x.sort(dim=-1, descending=True)
+    probs = sorted_x.softmax(-1)
+    rank = torch.arange(x.shape[-1], device=x.device)
+    drop = (rank >= top_k) | ((probs.cumsum(-1) - probs) >= top_p) | (probs < min_p * probs[..., :1])
+    drop[..., 0] = False
+    return x.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))

@@ -1,5 +1,8 @@
 """Verify mode: lossless speed-up. Drafts are checked by the context tower, so the output is
-the AR model's (greedy: token for token; sampling: the same distribution).
+the AR model's token for token, greedy or sampled: at every position a row picks what AR
+picks there, the argmax of its shaped logits (greedy) or their Gumbel-max with the noise of
+that reply position (sampled, `twotower.generate.sampling`), and a draft is kept while it
+equals those picks. Each row samples by its own settings and seed.
 
 State between cycles: the context cache holds every committed token but the last one
 (`pending`). That is exactly the denoiser's view in the shifted layout. One cycle, in named
@@ -9,9 +12,8 @@ steps:
   2. `make_drafts`: up to k tokens after `pending` per row;
   3. `verify_pass`: the context tower reads [pending, d_1 .. d_k] in one pass; its logits give
      the AR choice a_1 .. a_{k+1} after each prefix, and `accept_drafts` keeps the longest
-     prefix with d_i == a_i (or, when sampling, passing the speculative-sampling test), plus
-     a_{j+1} from the context tower's own logits (the correction, or a bonus token when every
-     draft passed), so a cycle commits >= 1 token;
+     prefix with d_i == a_i, plus a_{j+1} (the correction, or a bonus token when every draft
+     passed), so a cycle commits >= 1 token;
   4. `commit`: drop the rejected drafts from the cache; a_{j+1} becomes `pending`.
 
 Draft policy (draft="auto"), per row: three sources, the denoiser, prompt lookup (only when the
@@ -24,8 +26,9 @@ AR step) where drafting is expected to lose. With several rows, a batch-level ga
 same choice between cycles that draft and plain AR cycles, on the whole batch's tokens per
 second, and a drafting cycle cuts the rows' drafts at the one length that pays best for the
 whole batch (`batch_width`), since one row's long draft widens every row's pass.
-With a sampling seed the cost of a cycle is counted in tower passes instead of seconds, so
-that the choices, and with them the sampled text, are reproducible. Unseeded, rows start from
+With a sampled row that has a seed (when the run starts) the cost of a cycle is counted in
+tower passes instead of seconds, so that the choices and statistics are reproducible (the text
+is anyway: it is AR's). Otherwise rows start from
 what earlier requests measured (a `DraftMemory`, which whoever serves the requests keeps and
 passes in; none given: a fresh one for this call).
 """
@@ -47,46 +50,35 @@ from twotower.generate.draft import (
     expected_tokens,
     lookup_draft,
     lookup_kind,
-    one_hot_distribution,
     static_cost,
-    target_probs,
 )
-from twotower.generate.sampling import sample_tokens
+from twotower.generate.sampling import Sampling
 from twotower.model.protocol import DecodingModel
 from twotower.settings import DRAFT_SOURCES, TwoTowerError, VerifyOptions
 
-__all__ = ["DRAFT_SOURCES", "DraftPolicy", "accept_drafts", "lookup_draft", "target_probs", "verify_stream"]
+__all__ = ["DRAFT_SOURCES", "DraftPolicy", "accept_drafts", "lookup_draft", "verify_stream"]
 
 SOURCES_BY_DRAFT = {"auto": ("denoiser", "lookup", "ar"), "denoiser": ("denoiser",), "lookup": ("lookup", "ar"), "ar": ("ar",)}
 
 
 @dataclass
 class Drafts:
-    """What one cycle proposes: per row its tokens and source, the denoiser rows' draft distributions."""
+    """What one cycle proposes: per row its tokens and source."""
 
     tokens: list[list[int]]  # per row (inactive rows: [])
     source: dict[int, str]  # per active row: "denoiser", "lookup" or "ar"
     den_rows: dict[int, int] = field(default_factory=dict)  # denoiser rows: the draft length each asks for
     kinds: dict[int, str] = field(default_factory=dict)  # lookup rows: the kind of their draft (`lookup_kind`)
-    q: torch.Tensor | None = None  # (B, W, V) denoiser draft distributions when sampling, else None
     passes: int = 0  # denoiser passes made
 
-    def padded(self, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(B, k) draft ids padded with pad_id, (B,) lengths and the (B, k, V) draft distributions (one-hot
-        for rows not drafted by the denoiser), or None when greedy."""
+    def padded(self, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, k) draft ids padded with pad_id, and (B,) lengths."""
         batch, k = len(self.tokens), max(len(d) for d in self.tokens)
         ids = torch.full((batch, k), pad_id, dtype=torch.long)
         for b, d in enumerate(self.tokens):
             ids[b, : len(d)] = torch.tensor(d, dtype=torch.long)
         lengths = torch.tensor([len(d) for d in self.tokens])
-        q = self.q
-        if q is not None:
-            q = q[:, :k].to(device)
-            if q.shape[1] < k:
-                q = torch.cat([q, q.new_zeros(batch, k - q.shape[1], q.shape[2])], dim=1)
-            others = [b for b in range(batch) if b not in self.den_rows]
-            q[others] = one_hot_distribution(ids[others].to(device), q.shape[-1]).to(q.dtype)
-        return ids.to(device), lengths.to(device), q
+        return ids.to(device), lengths.to(device)
 
 
 def choose_sources(cycle_source: str, active, room, history, policy, sources, draft: str, block_size: int):
@@ -151,8 +143,9 @@ def make_drafts(model: DecodingModel, cache, pending, drafts: Drafts, settings, 
     length they ask for (`drafts.den_rows`)."""
     if drafts.den_rows:
         width = max(drafts.den_rows.values())
-        tokens, drafts.q, lengths, drafts.passes = denoiser_draft(
-            model, cache, pending, width, settings, run.generator, draft_steps
+        starts = run.positions(list(drafts.den_rows))
+        tokens, lengths, drafts.passes = denoiser_draft(
+            model, cache, pending, width, settings.threshold, run.sampling, starts, draft_steps
         )
         run.denoiser_passes += drafts.passes
         run.count_pass(list(drafts.den_rows), drafts.passes)
@@ -175,35 +168,19 @@ def verify_pass(model: DecodingModel, cache, pending: torch.Tensor, draft_ids: t
     return model.context_extend(cache, tokens, logits="all", exact=tokens.shape[0] == 1)
 
 
-def accept_drafts(logits, drafts, draft_len, q, settings, generator):
+def accept_drafts(logits, drafts, draft_len, sampling: Sampling, starts: dict[int, int]):
     """Step 3 of the cycle. logits: (B, K+1, V) context logits after [pending, d_1..d_K];
-    drafts: (B, K); draft_len: (B,); q: (B, K, V) draft distributions or None (greedy, or
-    one-hot drafts). Returns accepted counts (B,) and the token committed after them (B,)."""
-    batch, width = drafts.shape
-    if width == 0 and settings.temperature == 0:  # no row drafted: an AR step's choice
-        return torch.zeros(batch, dtype=torch.long, device=drafts.device), logits[:, 0].argmax(-1)
-    slots = torch.arange(width, device=drafts.device)[None]
-    in_draft = slots < draft_len[:, None]
-    if settings.temperature == 0:
-        choice = logits.argmax(-1)  # (B, K+1)
-        ok = (drafts == choice[:, :width]) & in_draft
-        accepted = ok.long().cumprod(1).sum(1)
-        return accepted, choice.gather(1, accepted[:, None])[:, 0]
-    p = target_probs(logits, settings.temperature, settings.top_p)  # (B, K+1, V)
-    if q is None:  # deterministic drafts (prompt lookup)
-        q = one_hot_distribution(drafts, p.shape[-1]).to(p.dtype)
-    p_draft = p[:, :width].gather(-1, drafts[..., None])[..., 0]
-    q_draft = q.gather(-1, drafts[..., None])[..., 0].clamp(min=1e-20)
-    u = torch.rand((batch, width), generator=generator, device=p.device)
-    ok = (u < p_draft / q_draft) & in_draft
+    drafts: (B, K); draft_len: (B,); starts: row -> the reply position of d_1, where a sampled
+    row's position noise starts. Every row picks at each position as AR would there (its
+    penalties counting the drafts before it) and keeps its drafts up to the first that differs
+    from the pick. Returns accepted counts (B,), the token committed after them (B,), and the
+    picks (B, K+1)."""
+    width = drafts.shape[1]
+    choice = sampling.pick(logits, sampling.noise(logits, starts), prefix=drafts)  # (B, K+1)
+    in_draft = torch.arange(width, device=drafts.device)[None] < draft_len[:, None]
+    ok = (drafts == choice[:, :width]) & in_draft
     accepted = ok.long().cumprod(1).sum(1)
-    rows = torch.arange(batch, device=p.device)
-    at = accepted.clamp(max=width - 1) if width else accepted
-    residual = (p[rows, at] - q[rows, at]).clamp(min=0) if width else p[rows, accepted]
-    all_taken = accepted >= draft_len
-    dist = torch.where(all_taken[:, None], p[rows, accepted], residual)
-    dist = torch.where(dist.sum(-1, keepdim=True) > 0, dist, p[rows, accepted])  # p == q: nothing to correct
-    return accepted, torch.multinomial(dist, 1, generator=generator)[:, 0]
+    return accepted, choice.gather(1, accepted[:, None])[:, 0], choice
 
 
 def commit(cache, run, drafts: Drafts, active, accepted: list[int], following: list[int], history) -> list[list[int]]:
@@ -246,15 +223,15 @@ class VerifyDecoder(Decoder):
     def start(self):
         # The first token comes from the prefill, exactly as in AR mode.
         run, s = self.run, self.run.settings
-        self.cache, logits = self.model.context_prefill(run.ids, run.attention_mask, logits="last")
-        run.context_passes += 1
-        self.pending, _ = sample_tokens(logits, s.temperature, s.top_p, run.generator)
+        self.cache, logits = self.read_prompts()
+        self.pending, logprobs = run.next_tokens(logits)
         run.count_pass(~run.done)
         rows = zip(run.ids, run.attention_mask, self.pending.tolist())
         self.history = [TokenHistory([*row[mask.bool()].tolist(), token], self.lookup_ngram) for row, mask, token in rows]
         # Unseeded, a row starts from what earlier requests with these settings measured.
         memory = self.given_memory if self.given_memory is not None else DraftMemory()
-        self.memory = memory if run.generator is None else None
+        self.timed = not run.sampling.seeded  # else costs are counted in passes (module docstring)
+        self.memory = memory if self.timed else None
         self.setting = (self.sources, s.block_size, s.threshold, batch_bucket(run.batch))  # what the memory is kept by
         # What a cycle of each width costs: measured seconds (unseeded), else counted in passes.
         cost = static_cost if self.memory is None else self.memory.cycle_cost(run.batch)
@@ -268,7 +245,7 @@ class VerifyDecoder(Decoder):
         self.batch_gate = None
         if self.draft == "auto":
             self.batch_gate = DraftPolicy(1, ("draft", "ar"), self.probe_every, prior=self.prior("gate"))
-        yield run.emit([[t] for t in self.pending.tolist()])
+        yield run.emit([[t] for t in self.pending.tolist()], logprobs)
 
     def cycle(self):
         model, run, s = self.model, self.run, self.run.settings
@@ -283,16 +260,18 @@ class VerifyDecoder(Decoder):
             drafts = cap_drafts(drafts, batch_width(drafts, self.policy, least=1 if gate.probing[0] else 0))
         drafts = make_drafts(model, self.cache, self.pending, drafts, s, run, self.draft_steps)
         drafted = time.perf_counter()
-        draft_ids, draft_len, q = drafts.padded(run.pad_id, self.pending.device)
+        draft_ids, draft_len = drafts.padded(run.pad_id, self.pending.device)
         logits = verify_pass(model, self.cache, self.pending, draft_ids)
         run.context_passes += 1
         run.count_pass(active)
-        accepted, following = accept_drafts(logits, draft_ids, draft_len, q, s, run.generator)
+        accepted, following, choice = accept_drafts(logits, draft_ids, draft_len, run.sampling, run.positions(active))
+        logprobs = run.sampling.logprobs(logits, choice)  # the accepted drafts and the token after them are the picks
         accepted, following = accepted.tolist(), following.tolist()
         if self.memory is not None:  # what the pass over this width cost, and the denoiser's draft
             verified = time.perf_counter() - drafted
             self.memory.add_cycle(run.batch, draft_ids.shape[1] + 1, verified, drafted - begin if drafts.passes else None)
         new = commit(self.cache, run, drafts, active, accepted, following, self.history)
+        self.cycle_drafts = [(len(drafts.tokens[b]), accepted[b]) for b in active if drafts.tokens[b]]
         for b in active:
             self.counts[drafts.source[b]] += 1
             self.drafted += len(drafts.tokens[b])
@@ -301,9 +280,9 @@ class VerifyDecoder(Decoder):
             [following[b] if b in active else run.pad_id for b in range(run.batch)], device=self.pending.device
         )
         self.cycles += 1
-        event = run.emit(new)
+        event = run.emit(new, logprobs)
         # cost of the cycle: wall time; with a seed, tower passes (so a seeded run is reproducible)
-        cost = time.perf_counter() - begin if run.generator is None else None
+        cost = time.perf_counter() - begin if self.timed else None
         if gate is not None:
             gate.record(0, cycle_source, sum(len(new[b]) for b in active), cost if cost is not None else 1 + drafts.passes)
         if cycle_source == "draft":

@@ -44,9 +44,18 @@ from twotower.serve.protocol import (
     now,
     usage,
 )
-from twotower.settings import GenerationSettings, LoadOptions, ServeOptions, TwoTowerError, refuse_inapplicable, request_knobs
+from twotower.settings import (
+    DTYPES,
+    GenerationSettings,
+    LoadOptions,
+    ServeOptions,
+    TwoTowerError,
+    refuse_inapplicable,
+    request_knobs,
+)
 
 log = logging.getLogger("twotower.serve")
+POLL_SECONDS = 0.25  # how often a request asks whether its client is still there
 
 
 class Channel:
@@ -84,7 +93,8 @@ class Service:
         self.trained = bool(model.config.trained_tokens)
         self.default_mode = options.mode or ("verify" if self.trained else "ar")
         self.metrics = Metrics()
-        self.engine = Engine(model, tokenizer, max_batch=options.max_batch, max_queue=options.max_queue, metrics=self.metrics)
+        limits = dict(max_batch=options.max_batch, max_queue=options.max_queue, queue_timeout=options.queue_timeout)
+        self.engine = Engine(model, tokenizer, metrics=self.metrics, prefill_chunk=options.prefill_chunk, **limits)
         self.vocab_size = min(len(tokenizer), model.context_tower.get_input_embeddings().num_embeddings)
 
     def check_model(self, name: str | None) -> None:
@@ -125,7 +135,8 @@ class Service:
         return self.tokenizer.decode([token])
 
     def room(self, body, prompt_ids: list[int]) -> int:
-        """The reply's most tokens: the request's limit, else the server's default, within the context."""
+        """The reply's most tokens: the request's limit, else the server's default (the rest of the
+        context unless --max-tokens-default is set), within the context."""
         context = self.model.max_context
         room = context - len(prompt_ids)
         if room <= 0:
@@ -137,7 +148,7 @@ class Service:
                 f"ask for at most {room}",
                 param="max_tokens",
             )
-        return body.limit or min(self.options.max_tokens, room)
+        return body.limit or min(self.options.max_tokens_default or room, room)
 
     def make_jobs(self, body, prompts: list[list[int]], loop) -> list[Job]:
         """The jobs of a request, n per prompt, every one checked before any is submitted; none
@@ -165,7 +176,7 @@ class Service:
             raise BadRequest(str(err), param=next(iter(knobs), None)) from err
         sampled = body.temperature > 0
         options = dict(max_new_tokens=self.room(body, prompt_ids), temperature=body.temperature, top_p=body.top_p)
-        options.update(seed=body.seed + choice if sampled and body.seed is not None else None)
+        options.update(seed=body.seed + choice if sampled and body.seed is not None else None, logprobs=body.top)
         generation, decoder = GenerationSettings.split(knobs)  # the rest are VerifyOptions'
         try:
             resolve_settings(self.model, mode, {**options, **generation})
@@ -186,40 +197,55 @@ class Service:
         self.metrics.queue(self.engine.queue_depth, self.engine.running_rows)
         return jobs
 
-    async def events(self, request: Request, job: Job):
-        """The job's events; a client that goes away cancels it."""
-        while True:
-            try:
-                item = await job.events.get(timeout=1.0)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    job.cancel()
+    async def events(self, request: Request, job: Job, stream: bool = False):
+        """The job's events until it ends. Whether the client is still there is asked every
+        POLL_SECONDS, also while events flow; when it is gone, or whoever reads the events stops
+        (a stream closed, the task cancelled), the job is cancelled, and the engine frees its
+        row at its next cycle. An error ends the events: raised as its HTTP error, or in a
+        stream (whose 200 was sent) yielded as ("error", message) and counted."""
+        ended, asked = False, time.monotonic()
+        try:
+            while True:
+                if time.monotonic() - asked >= POLL_SECONDS:
+                    asked = time.monotonic()
+                    if await request.is_disconnected():
+                        return
+                try:
+                    item = await job.events.get(timeout=POLL_SECONDS)
+                except TimeoutError:
+                    continue
+                kind, value = item[:2]
+                ended = kind != "text"
+                if kind in ("text", "done"):
+                    yield item  # a text event carries its tokens' entries too
+                elif not stream:
+                    raise engine_error(kind, value)
+                else:
+                    status = engine_error(kind, value).status
+                    if status >= 500:
+                        self.metrics.stream_error(request.url.path, status)
+                    yield "error", value
+                if ended:
                     return
-                continue
-            yield item
-            if item[0] in ("done", "error"):
-                return
+        finally:
+            if not ended:
+                job.cancel()
 
-    async def collect(self, request: Request, job: Job) -> tuple[str, list[int], dict]:
-        """The whole reply of a job: (text, the ids of its tokens, the engine's closing info)."""
-        parts, ids, info = [], [], None
+    async def collect(self, request: Request, job: Job) -> tuple[str, list[tuple], dict]:
+        """The whole reply of a job: (text, its tokens' entries (engine.py), the engine's closing info)."""
+        parts, entries, info = [], [], None
         async for kind, value, *more in self.events(request, job):
             if kind == "text":
                 parts.append(value)
-                ids += more[0]
+                entries += more[0]
             elif kind == "done":
                 info = value
-            else:
-                internal = value.startswith("internal error")
-                raise BadRequest(
-                    value, status=500 if internal else 400, kind="server_error" if internal else "invalid_request_error"
-                )
         if info is None:  # the client went away
             raise BadRequest("the client disconnected", status=499)
         self.metrics.finished(info)
-        return "".join(parts), ids, info
+        return "".join(parts), entries, info
 
-    async def collect_all(self, request: Request, jobs: list[Job]) -> list[tuple[str, list[int], dict]]:
+    async def collect_all(self, request: Request, jobs: list[Job]) -> list[tuple[str, list[tuple], dict]]:
         """The replies of a request's jobs; if one fails, the others are cancelled."""
         try:
             return [await self.collect(request, job) for job in jobs]
@@ -228,19 +254,21 @@ class Service:
                 job.cancel()  # a no-op for a finished job
 
     async def score(self, ids: list[int], top: int) -> list[tuple]:
-        """Teacher-forced logprobs of `ids` (engine.score_tokens), run by the engine's loop."""
+        """Teacher-forced logprobs of a prompt's tokens (engine.score_tokens), run by the engine's loop."""
         return await asyncio.wrap_future(self.engine.score(ids, top))
-
-    async def reply_logprobs(self, prompt_ids: list[int], before: list[int], ids: list[int], top: int) -> list[tuple]:
-        """Entries of reply tokens `ids` that follow `before`: one teacher-forced context pass over
-        the prompt and the reply so far (ar and verify write the AR model's tokens, so these are
-        their logprobs; for diffusion they are the AR model's logprobs of the denoiser's tokens).
-        When the engine's text events carry per-token logprobs, they are taken from there instead."""
-        return (await self.score(prompt_ids + before + ids, top))[-len(ids) :] if ids else []
 
     def envelope(self, kind: str, rid: str, created: int, choices: list, **extra) -> dict:
         """An OpenAI response object (or stream chunk) around its choices."""
         return {"id": rid, "object": kind, "created": created, "model": self.name, "choices": choices, **extra}
+
+
+def engine_error(kind: str, message: str) -> BadRequest:
+    """The HTTP error of an engine's error event (engine.py's docstring): 503 with Retry-After
+    for "busy", else 500 for an internal error and 400 for the rest."""
+    if kind == "busy":
+        return BadRequest(message, status=503, kind="server_error", headers={"Retry-After": "1"})
+    internal = message.startswith("internal error")
+    return BadRequest(message, status=500 if internal else 400, kind="server_error" if internal else "invalid_request_error")
 
 
 def readable(encode, param: str):
@@ -301,7 +329,8 @@ def create_app(model, tokenizer, model_name: str = "twotower", options: ServeOpt
         service.engine.stop()
 
     app = FastAPI(title="twotower", version="0.1.0", lifespan=lifespan)
-    app.state.engine, app.state.metrics, app.state.started = service.engine, service.metrics, time.time()
+    app.state.service, app.state.engine, app.state.metrics = service, service.engine, service.metrics
+    app.state.started = time.time()
     add_error_handlers(app, service.metrics)
     add_routes(app, service)
     app.openapi = lambda: openapi_with_400(app)
@@ -400,7 +429,14 @@ def add_routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": service.name, "running": engine.running_rows, "queued": engine.queue_depth}
+        """200 while the engine's loop comes round; 503 with the reason when its thread is not
+        running or one cycle has taken too long."""
+        state = {"model": service.name, "running": engine.running_rows, "queued": engine.queue_depth}
+        trouble = engine.trouble()
+        if trouble is None:
+            return {"status": "ok", **state}
+        metrics.request("/health", 503)
+        return JSONResponse({"status": "unavailable", "reason": trouble, **state}, status_code=503)
 
     @app.get("/v1/models")
     async def models():
@@ -422,10 +458,10 @@ def add_routes(app: FastAPI, service: Service) -> None:
         rid, created = new_id("chatcmpl"), now()
         if body.stream:
             metrics.request(request.url.path, 200)
-            stream = chat_stream(service, request, body, jobs[0], ids, rid, created)
+            stream = chat_stream(service, request, body, jobs[0], rid, created)
             return StreamingResponse(stream, media_type="text/event-stream")
         results = await service.collect_all(request, jobs)
-        choices = [await chat_choice(service, i, body, ids, result) for i, result in enumerate(results)]
+        choices = [chat_choice(service, i, body, result) for i, result in enumerate(results)]
         metrics.request(request.url.path, 200)
         used = usage(len(ids), sum(info["completion_tokens"] for *_, info in results))
         own = stats(results[0][2]) if body.n == 1 else [stats(info) for *_, info in results]
@@ -489,30 +525,27 @@ def add_routes(app: FastAPI, service: Service) -> None:
 SCORED = {"finish_reason": "length", "completion_tokens": 0}  # the info of a choice that only scores its prompt
 
 
-async def chat_choice(service: Service, index: int, body: ChatRequest, prompt_ids: list[int], result) -> dict:
-    text, ids, info = result
-    logprobs = None
-    if body.top is not None:
-        logprobs = chat_logprobs(await service.reply_logprobs(prompt_ids, [], ids, body.top), service.text_of)
+def chat_choice(service: Service, index: int, body: ChatRequest, result) -> dict:
+    text, entries, info = result
+    logprobs = None if body.top is None else chat_logprobs(entries, service.text_of)
     message = {"role": "assistant", "content": text}
     return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": info["finish_reason"]}
 
 
 async def completion_choice(service: Service, index: int, body: CompletionRequest, prompt, result) -> dict:
-    """A completions choice: the prompt's text first with echo; logprobs of the prompt's tokens
-    (echo) and the reply's from one teacher-forced pass over both."""
-    (text_or_ids, prompt_ids), (text, ids, info) = prompt, result
+    """A completions choice: the prompt's text first with echo, and logprobs: the prompt's tokens'
+    (echo; a teacher-forced pass over the prompt) and the reply's (the engine's)."""
+    (text_or_ids, prompt_ids), (text, entries, info) = prompt, result
     prompt_text = text_or_ids if isinstance(text_or_ids, str) else service.tokenizer.decode(prompt_ids)
     logprobs = None
     if body.top is not None:
-        entries = await service.score(prompt_ids + ids, body.top)
-        shown = entries if body.echo else entries[len(prompt_ids) :]
+        shown = (await service.score(prompt_ids, body.top) if body.echo else []) + entries
         logprobs = completion_logprobs(shown, service.text_of, 0 if body.echo else len(prompt_text))
     shown_text = prompt_text + text if body.echo else text
     return {"index": index, "text": shown_text, "logprobs": logprobs, "finish_reason": info["finish_reason"]}
 
 
-async def chat_stream(service: Service, request: Request, body: ChatRequest, job: Job, prompt_ids, rid: str, created: int):
+async def chat_stream(service: Service, request: Request, body: ChatRequest, job: Job, rid: str, created: int):
     """A chat reply as Server-Sent Events: a role chunk, content chunks (each with the logprobs of
     its tokens when asked), the finish chunk, usage."""
 
@@ -521,13 +554,9 @@ async def chat_stream(service: Service, request: Request, body: ChatRequest, job
         return sse(service.envelope("chat.completion.chunk", rid, created, [choice], **extra))
 
     yield chunk({"role": "assistant", "content": ""})
-    sent: list[int] = []
-    async for kind, value, *more in service.events(request, job):
+    async for kind, value, *more in service.events(request, job, stream=True):
         if kind == "text":
-            logprobs = None
-            if body.top is not None:
-                logprobs = chat_logprobs(await service.reply_logprobs(prompt_ids, sent, more[0], body.top), service.text_of)
-            sent += more[0]
+            logprobs = None if body.top is None else chat_logprobs(more[0], service.text_of)
             yield chunk({"content": value}, logprobs=logprobs)
         elif kind == "done":
             service.metrics.finished(value)
@@ -553,14 +582,11 @@ async def text_stream(service: Service, request: Request, body: CompletionReques
     if body.echo:
         entries = None if body.top is None else await service.score(prompt_ids, body.top)
         yield piece(prompt_text, None if entries is None else completion_logprobs(entries, service.text_of))
-    info, sent, written = None if jobs else SCORED, [], len(prompt_text)
-    async for kind, value, *more in service.events(request, jobs[0]) if jobs else no_events():
+    info, written = None if jobs else SCORED, len(prompt_text)
+    async for kind, value, *more in service.events(request, jobs[0], stream=True) if jobs else no_events():
         if kind == "text":
-            logprobs = None
-            if body.top is not None:
-                entries = await service.reply_logprobs(prompt_ids, sent, more[0], body.top)
-                logprobs = completion_logprobs(entries, service.text_of, written)
-            sent, written = sent + more[0], written + len(value)
+            logprobs = None if body.top is None else completion_logprobs(more[0], service.text_of, written)
+            written += len(value)
             yield piece(value, logprobs)
         elif kind == "done":
             service.metrics.finished(value)
@@ -581,6 +607,28 @@ async def no_events():
     yield
 
 
+def server_config(app: FastAPI, options: ServeOptions):
+    """uvicorn's settings: the address, slow request headers closed, and the drain on SIGTERM
+    (in-flight requests get --drain-seconds, then their tasks are cancelled, which cancels their
+    jobs, and the engine stops)."""
+    import uvicorn
+
+    protocol = header_timeout_protocol(options.header_timeout)
+    return uvicorn.Config(app, host=options.host, port=options.port, log_level="warning", http=protocol,
+                          timeout_graceful_shutdown=options.drain_seconds)  # fmt: skip
+
+
+def startup_line(service: Service, load: LoadOptions) -> str:
+    """What `twotower serve` prints once it listens: where, which model, mode, dtype and weights."""
+    o, model = service.options, service.model
+    dtype = {torch_name: name for name, torch_name in DTYPES.items()}.get(str(model.dtype).removeprefix("torch."), model.dtype)
+    compiled = ", compiled" if model.step_layers is not None else ""
+    return (
+        f"twotower: serving {service.name} on http://{o.host}:{o.port}/v1 (model {load.model}, mode {service.default_mode}, "
+        f"dtype {dtype}, weights {model.weights}{compiled}); Ctrl-C or SIGTERM stops it after a drain of {o.drain_seconds:g} s"
+    )
+
+
 def serve(load: LoadOptions = LoadOptions(), options: ServeOptions = ServeOptions()) -> None:
     """Load the model and run the server until interrupted (`twotower serve`); with compiled
     passes, batch 1's are compiled before the first request."""
@@ -592,6 +640,5 @@ def serve(load: LoadOptions = LoadOptions(), options: ServeOptions = ServeOption
     model.warm_steps((1,))  # wider batches compile on first use
     name = "twotower-" + ("smollm2-135m" if load.model in (None, "default") else str(load.model).rstrip("/").split("/")[-1])
     app = create_app(model, tokenizer, name, options)
-    print(f"twotower: serving {name} on http://{options.host}:{options.port}/v1 (Ctrl-C stops)", flush=True)
-    protocol = header_timeout_protocol(options.header_timeout)
-    uvicorn.run(app, host=options.host, port=options.port, log_level="warning", http=protocol)
+    print(startup_line(app.state.service, load), flush=True)
+    uvicorn.Server(server_config(app, options)).run()

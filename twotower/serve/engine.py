@@ -1,17 +1,28 @@
 """The serving engine: one loop that batches every running request (block-level continuous
 batching).
 
-Requests are grouped by how they decode (mode and sampling settings): the rows of a group
-share every tower pass. The loop runs one cycle of one group at a time (round robin), through
-the same decoders the library's streams use (`twotower.generate`). A request joins a group at
-a cycle boundary: its prompt is read alone (its own prefill), then its row joins the group's
-cache and run; it leaves at once when it finishes (EOS, its token limit, a stop string, its
-time limit) or its client goes away, and its row is freed. Each row keeps its own position,
-limit and stopping, so the greedy reply of a request under load is its reply alone.
+Requests are grouped by what shapes a pass (`Job.group_key`: the mode, block size, steps per
+block, threshold and verify's draft options); each row samples by its own settings and seed
+(temperature, top_p, top_k, ...), so mixed sampling shares one group. The rows of a group
+share every tower pass. Each turn of the loop reads up to `--prefill-chunk` tokens of new
+requests' prompts (a long prompt a chunk per turn, several short ones at once) and runs one
+cycle of one group (round robin), through the same decoders the library's streams use
+(`twotower.generate`), so a long prompt never stalls the running streams for more than one
+chunk. A request takes a row when one is free; after its last chunk its row joins the group of
+its settings at a cycle boundary. It leaves at once when it finishes (EOS, its token limit, a
+stop string, its generation time limit) or its client goes away, and its row is freed. Each row
+keeps its own position, limit and stopping, so the greedy reply of a request under load is its
+reply alone.
 
 Text goes out as tokens commit. A stop string may span two committed blocks: text that could
 still become the start of a stop string is held back until it cannot, so nothing after a stop
 string is ever sent.
+
+A job's events: ("text", str, entries) ... (entries: the tokens whose text it carries, each as
+(id, logprob, [(alternative id, logprob), ...]), logprob and alternatives None unless the job's
+options ask for `logprobs`), then ("done", info), ("error", message) (a 400, or a 500
+when the message starts with "internal error"), or ("busy", message) (a 503: the request waited
+past the queue limit, or the server stopped before it finished).
 """
 
 from __future__ import annotations
@@ -28,12 +39,14 @@ import torch
 
 from twotower.config import TwoTowerError
 from twotower.generate import DECODERS
-from twotower.generate.common import start_run
+from twotower.generate.common import Decoder, start_run
 from twotower.generate.draft import DraftMemory
+from twotower.model.cache import ContextCache
 from twotower.settings import VerifyOptions
 from twotower.text import eos_token_ids
 
 BLOCK_MODES = ("diffusion", "verify")
+STUCK_AFTER = 120.0  # seconds one turn of the loop (a cycle or a chunk) may take before /health answers 503
 
 
 log = logging.getLogger("twotower.serve")
@@ -52,21 +65,26 @@ class Job:
     options: dict  # GenerationSettings fields (max_new_tokens, temperature, top_p, seed, block_size, ...)
     decoder_options: dict = field(default_factory=dict)  # verify: draft
     stop: list[str] = field(default_factory=list)
-    timeout: float = 300.0
+    timeout: float = 300.0  # most seconds of generation, from when the engine takes the job up (0: no limit)
     created: float = field(default_factory=time.monotonic)
     # filled by the engine
-    events: queue.Queue = field(default_factory=queue.Queue)  # ("text", str, ids) ... then ("done", info) or ("error", msg)
+    events: queue.Queue = field(default_factory=queue.Queue)  # the module docstring's events
     cancelled: bool = False
+    started: float | None = None  # when the engine took it up (its row's start)
 
     def cancel(self) -> None:
         self.cancelled = True
 
     def group_key(self) -> tuple:
+        """What the rows of one group must share: what shapes a pass. Sampling is per row."""
         o = self.options
-        sampled = o.get("temperature", 0.0) > 0
-        key = (self.mode, o.get("temperature", 0.0), o.get("top_p", 1.0), o.get("block_size"), o.get("steps_per_block"))
-        key += (o.get("threshold"), tuple(sorted(self.decoder_options.items())))
-        return key + ((o.get("seed"),) if sampled and o.get("seed") is not None else ())
+        return (
+            self.mode,
+            o.get("block_size"),
+            o.get("steps_per_block"),
+            o.get("threshold"),
+            tuple(sorted(self.decoder_options.items())),
+        )
 
 
 class TextStream:
@@ -103,14 +121,17 @@ class TextStream:
         delta, self.sent = text[len(self.sent) :], text
         return delta, stopped
 
-    def sent_tokens(self, tokens: list[int]) -> list[int]:
-        """The tokens whose text the last update sent wholly (not yet counted): what its text
-        event carries, so that per-token data (logprobs) goes out with exactly its text."""
+    def sent_entries(self, tokens: list[int], logprobs: list | None) -> list[tuple]:
+        """The tokens whose text the last update sent wholly (not yet counted), as a text event
+        carries them: (id, logprob, alternatives), from the row's TokenLogprobs when it asked for
+        them, else (id, None, None); so per-token data goes out with exactly its text."""
         n = len(tokens)
         while n > self.counted and not self.sent.startswith(self.tokenizer.decode(tokens[:n], skip_special_tokens=True)):
             n -= 1
-        ids, self.counted = tokens[self.counted : n], n
-        return ids
+        first, self.counted = self.counted, n
+        if logprobs is None:
+            return [(t, None, None) for t in tokens[first:n]]
+        return [(lp.token, lp.logprob, lp.top) for lp in logprobs[first:n]]
 
 
 @dataclass
@@ -133,16 +154,51 @@ class Group:
         return self.decoder.run
 
 
-class Engine:
-    """Owns the model; `submit` from any thread, read the Job's events; `start`/`stop` the loop."""
+@dataclass
+class Reading:
+    """A request whose prompt is being read, a chunk per turn of the loop, before its row joins
+    its group: its decoder (not started yet), and the cache and logits of what was read."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, metrics=None):
+    job: Job
+    decoder: Decoder
+    read: int = 0  # prompt tokens read
+    cache: ContextCache | None = None
+    logits: torch.Tensor | None = None  # (1, V) after the last token read
+
+    @property
+    def left(self) -> int:
+        return self.decoder.run.ids.shape[1] - self.read
+
+    def read_chunk(self, model, chunk: int) -> None:
+        """Read the next `chunk` prompt tokens: the first chunk as a prefill, each later one
+        extends the cache. After the last, the decoder starts from them (`Decoder.prefilled`)."""
+        run = self.decoder.run
+        ids = run.ids[:, self.read : self.read + chunk]  # (1, C): one row, no padding
+        if self.cache is None:
+            self.cache, self.logits = model.context_prefill(ids, torch.ones_like(ids), logits="last")
+        else:
+            self.logits = model.context_extend(self.cache, ids, logits="last")
+        run.context_passes += 1
+        self.read += ids.shape[1]
+        if self.left == 0:
+            self.decoder.prefilled = (self.cache, self.logits)
+
+
+class Engine:
+    """Owns the model; `submit` from any thread, read the Job's events; `start`/`stop` the loop.
+    prefill_chunk: most prompt tokens read per turn of the loop; queue_timeout: most seconds a job
+    waits for a row (0: no limit)."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, metrics=None, prefill_chunk: int = 512,
+                 queue_timeout: float = 0.0):  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.prefill_chunk, self.queue_timeout = prefill_chunk, queue_timeout
         self.metrics = metrics
         self.eos = eos_token_ids(model, tokenizer)
         self.draft_memory = DraftMemory()  # what verify requests measured, for the next ones
         self.waiting: deque[Job] = deque()
+        self.reading: deque[Reading] = deque()  # rows whose prompts are being read, oldest first
         self.scores: queue.SimpleQueue = queue.SimpleQueue()  # (ids, top, Future): scoring passes to run
         self.groups: dict[tuple, Group] = {}
         self.lock = threading.Lock()
@@ -150,11 +206,14 @@ class Engine:
         self.running = False
         self.thread: threading.Thread | None = None
         self.turn = 0
+        self.beat = time.monotonic()  # when the loop last began a turn
+        self.stuck_after = STUCK_AFTER
+        self.failure: str | None = None  # what ended the loop's thread, if an error did
 
     # ------------------------------------------------------------------ outside the loop
     def submit(self, job: Job) -> Job:
         """Queue a request. Up to max_queue wait beyond the rows that are free (those are taken at
-        the next cycle boundary), so a request that arrives just before its row is taken up is
+        the next turn of the loop), so a request that arrives just before its row is taken up is
         never refused while the batch has room."""
         with self.lock:
             free = max(self.max_batch - self.running_rows, 0)
@@ -178,7 +237,18 @@ class Engine:
 
     @property
     def running_rows(self) -> int:
-        return sum(len(g.rows) for g in list(self.groups.values()))  # read from other threads too: a copy
+        """Rows taken: requests decoding, and those whose prompts are being read."""
+        return sum(len(g.rows) for g in list(self.groups.values())) + len(self.reading)  # read from other threads too: a copy
+
+    def trouble(self) -> str | None:
+        """Why the engine cannot serve now (its thread is not running, or one turn of its loop
+        has taken longer than `stuck_after`), or None."""
+        if self.thread is None or not self.thread.is_alive():
+            return "the engine's loop is not running" + (f": {self.failure}" if self.failure else "")
+        busy = time.monotonic() - self.beat
+        if busy > self.stuck_after:
+            return f"the engine has been on one cycle for {busy:.0f} s (the bound is {self.stuck_after:g} s)"
+        return None
 
     def start(self) -> None:
         self.running = True
@@ -186,44 +256,66 @@ class Engine:
         self.thread.start()
 
     def stop(self) -> None:
+        """End the loop after its current turn; requests still queued or running end with a 503."""
         self.running = False
         self.wake.set()
         if self.thread is not None:
             self.thread.join(timeout=10)
+        with self.lock:
+            jobs = [*self.waiting, *(r.job for r in self.reading), *(row.job for g in self.groups.values() for row in g.rows)]
+            self.waiting.clear()
+        for job in jobs:
+            job.cancel()
+            job.events.put(("busy", "the server stopped before the request finished"))
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
-        while self.running:
-            self._score_waiting()
-            self._admit()
-            if not self.groups:
-                self.wake.wait(timeout=0.1)
-                self.wake.clear()
-                continue
+        try:
+            while self.running:
+                self.beat = time.monotonic()
+                if not self.step():
+                    self.wake.wait(timeout=0.1)
+                    self.wake.clear()
+        except Exception as err:  # a bug in the loop itself: the thread ends, /health reports it
+            self.failure = f"{type(err).__name__}: {err}"
+            log.critical("the engine's loop stopped", exc_info=err)
+
+    def step(self) -> bool:
+        """One turn of the loop: take waiting requests into free rows, read up to a chunk of their
+        prompts, run one cycle of one group (round robin). False when there was nothing to do."""
+        self._score_waiting()
+        self._admit()
+        if not self.reading and not self.groups:
+            return False
+        if self.reading:
+            self._read_prompts()
+        if self.groups:
             keys = list(self.groups)
             key = keys[self.turn % len(keys)]
             self.turn += 1
             self._cycle(key)
+        return True
 
     def _admit(self) -> None:
-        """Start waiting requests while there is room: each reads its prompt alone, then joins the
-        group of its settings at this cycle boundary."""
+        """Requests whose clients went away leave the queue, those that waited past the queue
+        limit get a 503; the others take free rows, where their prompts are read (`_read_prompts`)."""
+        now = time.monotonic()
+        overdue = lambda job: bool(self.queue_timeout) and now - job.created > self.queue_timeout
+        with self.lock:
+            late = [job for job in self.waiting if not job.cancelled and overdue(job)]
+            self.waiting = deque(job for job in self.waiting if not job.cancelled and not overdue(job))
+        for job in late:
+            waited = now - job.created
+            message = f"the request waited {waited:.1f} s for a row, past the server's queue limit of {self.queue_timeout:g} s"
+            job.events.put(("busy", message + " (--queue-timeout); try again later"))
         while self.waiting and self.running_rows < self.max_batch:
             with self.lock:
                 job = self.waiting.popleft()
-            if job.cancelled:
-                continue
-            try:
-                self._start(job)
-            except TwoTowerError as err:
-                job.events.put(("error", str(err)))
-            except Exception as err:  # never let one request take the engine down
-                log.error("request failed to start", exc_info=err)
-                job.events.put(("error", f"internal error: {type(err).__name__}: {err}"))
+            self._guarded(job, self._take_up, job)
 
     def _score_waiting(self) -> None:
-        """Run the scoring passes asked for since the last cycle (between cycles, as admission)."""
+        """Run the scoring passes asked for since the last turn (`score`)."""
         while not self.scores.empty():
             ids, top, future = self.scores.get()
             if not future.set_running_or_notify_cancel():
@@ -233,20 +325,57 @@ class Engine:
             except Exception as err:  # the request gets it, the engine goes on
                 future.set_exception(err)
 
-    def _start(self, job: Job) -> None:
+    def _guarded(self, job: Job, step, *args) -> bool:
+        """Run one request's step; a bad request or a bug ends that request, not the engine."""
+        try:
+            step(*args)
+            return True
+        except TwoTowerError as err:
+            job.events.put(("error", str(err)))
+        except Exception as err:  # never let one request take the engine down
+            log.error("a request failed", exc_info=err)
+            job.events.put(("error", f"internal error: {type(err).__name__}: {err}"))
+        return False
+
+    def _take_up(self, job: Job) -> None:
+        """The job's run and decoder; its prompt is read from the next turn on."""
+        job.started = time.monotonic()
         options = {**job.options, "eos_token_id": self.eos}
         run = start_run(self.model, [job.prompt_ids], None, job.mode, options)
         verify = {"options": VerifyOptions(**job.decoder_options), "memory": self.draft_memory} if job.mode == "verify" else {}
-        decoder = DECODERS[job.mode](self.model, run, **verify)
-        row = Row(job, TextStream(self.tokenizer, job.stop))
+        self.reading.append(Reading(job, DECODERS[job.mode](self.model, run, **verify)))
+
+    def _read_prompts(self) -> None:
+        """Read up to prefill_chunk prompt tokens, oldest prompt first (a long prompt a chunk per
+        turn, several short ones in one turn); a row whose prompt is read joins its group."""
+        self.reading = deque(r for r in self.reading if not r.job.cancelled)
+        budget = self.prefill_chunk
+        while self.reading and budget > 0:
+            reading = self.reading[0]
+            chunk = min(budget, reading.left)
+            if not self._guarded(reading.job, reading.read_chunk, self.model, chunk):
+                self.reading.popleft()
+                continue
+            budget -= chunk
+            if self.metrics is not None:
+                self.metrics.passes(1, 0)
+            if reading.left == 0:
+                self.reading.popleft()
+                self._guarded(reading.job, self._join, reading)
+
+    def _join(self, reading: Reading) -> None:
+        """A row whose prompt is read starts (verify mode: its first token) and joins the group
+        of its settings at this cycle boundary."""
+        job, decoder = reading.job, reading.decoder
         for _ in decoder.start():
             pass
+        row = Row(job, TextStream(self.tokenizer, job.stop))
         key = job.group_key()
         group = self.groups.get(key)
         if group is None:
             self.groups[key] = Group(decoder, [row])
         else:
-            group.run.join(run)
+            group.run.join(decoder.run)
             group.decoder.join(decoder)
             group.rows.append(row)
         self._dispatch(self.groups[key])
@@ -266,6 +395,7 @@ class Engine:
             return
         if self.metrics is not None:
             self.metrics.passes(group.run.context_passes - before[0], group.run.denoiser_passes - before[1])
+            self.metrics.drafts(group.decoder.cycle_drafts)
         self._dispatch(group)
         self._release(key)
 
@@ -286,18 +416,26 @@ class Engine:
             finished = run.room(b) == 0
             delta, stopped = row.text.update(tokens, finished)
             if delta:
-                row.job.events.put(("text", delta, row.text.sent_tokens(tokens)))
-            if stopped:
-                row.finish_reason = "stop"
-            elif row.job.cancelled:
-                row.finish_reason = "cancelled"
-            elif now - row.job.created > row.job.timeout:
-                row.finish_reason = "length"  # the server's time limit for one request
-            elif finished:
-                row.finish_reason = "stop" if bool(run.done[b]) else "length"
+                row.job.events.put(("text", delta, row.text.sent_entries(tokens, run.logprobs[b])))
+            row.finish_reason = self._finish_reason(row, run, b, stopped, finished, now)
             if row.finish_reason is not None:
                 run.done[b] = True  # the decoder does no more work for this row
                 row.job.events.put(("done", self._info(group, b, row)))
+
+    @staticmethod
+    def _finish_reason(row: Row, run, b: int, stopped: bool, finished: bool, now: float) -> str | None:
+        """Why row b ends now, or None. The generation time limit ends a row only once it has a
+        token, so a reply is never empty for want of time."""
+        job = row.job
+        if stopped:
+            return "stop"
+        if job.cancelled:
+            return "cancelled"
+        if job.timeout and run.tokens[b] and now - job.started > job.timeout:
+            return "length"  # the server's generation time limit
+        if finished:
+            return "stop" if bool(run.done[b]) else "length"
+        return None
 
     def _info(self, group: Group, b: int, row: Row) -> dict:
         run = group.run

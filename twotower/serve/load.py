@@ -1,11 +1,12 @@
-"""A load test for `twotower serve`: N concurrent clients (asyncio + httpx) send greedy chat
-requests for a while; aggregate tokens/s, time to first token, errors, and whether every reply
-equals the same request's reply sent alone.
+"""A load test for `twotower serve`: N concurrent clients (asyncio + httpx) send chat requests
+for a while (greedy, or with --mixed a different sampling setting per prompt); aggregate
+tokens/s, time to first token, errors, and whether every reply equals the same request's reply
+sent alone.
 
     python -m twotower.serve.load http://127.0.0.1:8000 --clients 1,8,32 --seconds 60 --modes ar,verify --out load.json
 
 Each client streams its requests (so time to first token is the client's own), cycling over
-the built-in evaluation prompts; a reference pass first sends every prompt alone, one at a time.
+the built-in evaluation prompts; a reference pass first sends every request alone, one at a time.
 """
 
 from __future__ import annotations
@@ -18,9 +19,27 @@ import time
 
 import httpx
 
+GREEDY = {"temperature": 0}
+# --mixed: prompt i is sent with MIXED[i % 4], seeded with i where it samples
+MIXED = (
+    GREEDY,
+    {"temperature": 0.7, "top_p": 0.9},
+    {"temperature": 1.0, "top_k": 40},
+    {"temperature": 0, "top_p": 0.5},
+)
 
-async def _one(client: httpx.AsyncClient, url: str, prompt: str, mode: str, max_tokens: int) -> dict:
-    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0, "mode": mode,
+
+def requests(prompts: list[str], mixed: bool) -> list[tuple[str, dict]]:
+    """(prompt, sampling fields) of each request a client cycles over."""
+    if not mixed:
+        return [(p, GREEDY) for p in prompts]
+    sampling = [MIXED[i % len(MIXED)] for i in range(len(prompts))]
+    return [(p, s | {"seed": i} if s["temperature"] else s) for i, (p, s) in enumerate(zip(prompts, sampling))]
+
+
+async def _one(client: httpx.AsyncClient, url: str, request: tuple[str, dict], mode: str, max_tokens: int) -> dict:
+    prompt, sampling = request
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "mode": mode, **sampling,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     begin, first, text, tokens = time.perf_counter(), None, [], 0
     async with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
@@ -43,18 +62,17 @@ async def _one(client: httpx.AsyncClient, url: str, prompt: str, mode: str, max_
     return {"text": "".join(text), "tokens": tokens, "ttft": (first or end) - begin, "seconds": end - begin}
 
 
-async def load(url: str, prompts: list[str], mode: str, clients: int, seconds: float, max_tokens: int,
-               reference: dict[str, str] | None = None) -> dict:  # fmt: skip
-    """`clients` concurrent clients for `seconds`; each client sends the prompts in turn."""
+async def load(url: str, jobs: list[tuple[str, dict]], mode: str, clients: int, seconds: float, max_tokens: int,
+               reference: list[str] | None = None) -> dict:  # fmt: skip
+    """`clients` concurrent clients for `seconds`; each client sends the requests in turn."""
     results, stop_at = [], time.perf_counter() + seconds
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=clients + 4)) as client:
 
         async def worker(k: int):
             i = k
             while time.perf_counter() < stop_at:
-                prompt = prompts[i % len(prompts)]
-                out = await _one(client, url, prompt, mode, max_tokens)
-                out["prompt"] = prompt
+                out = await _one(client, url, jobs[i % len(jobs)], mode, max_tokens)
+                out["request"] = i % len(jobs)
                 results.append(out)
                 i += clients
 
@@ -62,7 +80,7 @@ async def load(url: str, prompts: list[str], mode: str, clients: int, seconds: f
         await asyncio.gather(*(worker(k) for k in range(clients)))
         wall = time.perf_counter() - begin
     ok = [r for r in results if "error" not in r]
-    mismatched = sum(1 for r in ok if reference is not None and reference.get(r["prompt"]) != r["text"])
+    mismatched = sum(1 for r in ok if reference is not None and reference[r["request"]] != r["text"])
     ttft = sorted(r["ttft"] for r in ok)
     return {
         "mode": mode,
@@ -79,15 +97,15 @@ async def load(url: str, prompts: list[str], mode: str, clients: int, seconds: f
     }
 
 
-async def alone(url: str, prompts: list[str], mode: str, max_tokens: int) -> dict[str, str]:
-    """Every prompt's reply sent alone, one request at a time (the reference of the load runs)."""
+async def alone(url: str, jobs: list[tuple[str, dict]], mode: str, max_tokens: int) -> list[str]:
+    """Every request's reply sent alone, one at a time (the reference of the load runs)."""
     async with httpx.AsyncClient() as client:
-        out = {}
-        for p in prompts:
-            reply = await _one(client, url, p, mode, max_tokens)
+        out = []
+        for job in jobs:
+            reply = await _one(client, url, job, mode, max_tokens)
             if "error" in reply:
                 raise RuntimeError(f"the reference request failed: {reply['error']}")
-            out[p] = reply["text"]
+            out.append(reply["text"])
         return out
 
 
@@ -99,21 +117,26 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default="ar,verify", help="modes, comma-separated (default: ar,verify)")
     parser.add_argument("--prompts", type=int, default=16, help="built-in evaluation prompts to cycle over (default: 16)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per reply (default: 64)")
+    parser.add_argument("--mixed", action="store_true", help="prompt i with sampling setting i mod 4: greedy; "
+                        "temperature 0.7, top_p 0.9; temperature 1, top_k 40; greedy with top_p 0.5 (sampled ones "
+                        "seeded with i)")  # fmt: skip
     parser.add_argument("--out", default=None, help="write the figures to this JSON file")
     args = parser.parse_args(argv)
     from twotower.eval.tasks import builtin_tasks, interleave_categories
 
     prompts = [t.prompt for t in interleave_categories(builtin_tasks())[: args.prompts]]
+    jobs = requests(prompts, args.mixed)
     rows = []
     for mode in args.modes.split(","):
-        reference = asyncio.run(alone(args.url, prompts, mode, args.max_tokens))
+        reference = asyncio.run(alone(args.url, jobs, mode, args.max_tokens))
         for n in [int(c) for c in args.clients.split(",")]:
-            row = asyncio.run(load(args.url, prompts, mode, n, args.seconds, args.max_tokens, reference))
-            rows.append(row)
+            row = asyncio.run(load(args.url, jobs, mode, n, args.seconds, args.max_tokens, reference))
+            rows.append(row | {"mixed": args.mixed})
             print(json.dumps(row), flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"url": args.url, "runs": rows, "prompts": len(prompts), "max_tokens": args.max_tokens}, f, indent=2)
+            json.dump({"url": args.url, "runs": rows, "prompts": len(prompts), "max_tokens": args.max_tokens,
+                       "mixed": args.mixed}, f, indent=2)  # fmt: skip
     return 0 if all(r["errors"] == 0 and r["mismatched_vs_alone"] == 0 for r in rows) else 1
 
 

@@ -1,5 +1,8 @@
-"""Prometheus metrics of `twotower serve` (GET /metrics): requests, tokens, tower passes, tokens
-per pass, queue depth, time to first token and per-token latency."""
+"""Prometheus metrics of `twotower serve` (GET /metrics): requests by status (every 5xx, also an
+error inside a stream whose status was already sent), tokens, tower passes, tokens per pass,
+queue depth, time to first token, per-token latency, and verify mode's drafts under vLLM's
+names (`spec_decode_num_drafts`, `..._num_draft_tokens`, `..._num_accepted_tokens`,
+`..._num_accepted_tokens_per_pos{position}`), so that dashboards made for vLLM read them."""
 
 from __future__ import annotations
 
@@ -21,6 +24,20 @@ class Metrics:
         self.token_latency = Histogram(
             "twotower_token_latency_seconds", "seconds per generated token, per request", buckets=LATENCY_BUCKETS, registry=r
         )
+        self.stream_errors_total = Counter(
+            "twotower_stream_errors", "errors inside a stream (sent after its 200) by route and the status they stand for",
+            ["route", "status"], registry=r,
+        )  # fmt: skip
+        spec = "verify mode: "
+        self.drafts_total = Counter(
+            "twotower_spec_decode_num_drafts", spec + "drafts checked (a row's cycle that drafted)", registry=r
+        )
+        self.draft_tokens_total = Counter("twotower_spec_decode_num_draft_tokens", spec + "tokens drafted", registry=r)
+        self.accepted_total = Counter("twotower_spec_decode_num_accepted_tokens", spec + "drafted tokens accepted", registry=r)
+        self.accepted_per_pos = Counter(
+            "twotower_spec_decode_num_accepted_tokens_per_pos", spec + "drafted tokens accepted at each draft position (from 0)",
+            ["position"], registry=r,
+        )  # fmt: skip
         self._tokens = self._passes = 0
 
     def request(self, route: str, status: int) -> None:
@@ -35,6 +52,18 @@ class Metrics:
         self.passes_total.labels("context").inc(context)
         self.passes_total.labels("denoiser").inc(denoiser)
         self._passes += context + denoiser
+
+    def drafts(self, cycle) -> None:
+        """One verify cycle's drafts: (drafted, accepted) per row that drafted (`Decoder.cycle_drafts`)."""
+        for drafted, accepted in cycle:
+            self.drafts_total.inc()
+            self.draft_tokens_total.inc(drafted)
+            self.accepted_total.inc(accepted)
+            for k in range(accepted):
+                self.accepted_per_pos.labels(str(k)).inc()
+
+    def stream_error(self, route: str, status: int) -> None:
+        self.stream_errors_total.labels(route, str(status)).inc()
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)

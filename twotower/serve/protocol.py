@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, get_type_hints
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
 
-from twotower.settings import MODES, GenerationSettings, VerifyOptions, check_value, request_knobs
+from twotower.settings import MODES, check_value, request_knobs
 
 MAX_STOPS = 4
 MAX_CHOICES = 16  # n: the most choices per prompt
@@ -46,21 +46,18 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-def _knob_fields() -> dict:
-    """Request fields from the settings knobs marked request=True (twotower/settings.py): their
-    type (or their choices), None by default (the server's setting), their help as the
-    description; their checks run in `Sampling`."""
-    hints = {**get_type_hints(GenerationSettings), **get_type_hints(VerifyOptions)}
-    fields = {}
-    for name, f in request_knobs().items():
-        choices = f.metadata.get("choices")
-        kind = Literal[choices] if choices else hints[name]
-        fields[name] = (kind | None, Field(None, description=f.metadata.get("help")))
-    return fields
+def _knob_field(f):
+    """A request field from a settings knob (twotower/settings.py): its type, None by default
+    (the server's setting), its help as the description; its check runs in `Sampling`."""
+    choices = f.metadata.get("choices")
+    kind = Literal[choices] if choices else int if "int" in str(f.type) else float if "float" in str(f.type) else str
+    if str(f.type).startswith("Mapping"):  # logit_bias: JSON keys are strings
+        kind = dict[str, float]
+    return kind | None, Field(None, description=f.metadata.get("help"))
 
 
 # twotower's own fields besides `mode`: every knob of GenerationSettings / VerifyOptions marked request=True
-Knobs = create_model("Knobs", __config__=ConfigDict(extra="forbid"), **_knob_fields())
+Knobs = create_model("Knobs", __config__=ConfigDict(extra="forbid"), **{n: _knob_field(f) for n, f in request_knobs().items()})
 
 
 class Sampling(Knobs):
