@@ -145,7 +145,7 @@ def test_a_prompt_read_in_chunks_decodes_as_one_read_whole(family, mode):
         pass
     events = _drain_events(job)
     assert chunks == math.ceil(len(PROMPT) / 6) and events[-1][0] == "done"
-    assert "".join(v for k, v in events if k == "text") == _text_alone(model, mode, PROMPT, 16)
+    assert "".join(e[1] for e in events if e[0] == "text") == _text_alone(model, mode, PROMPT, 16)
 
 
 def test_a_running_stream_gets_cycles_between_the_chunks_of_a_long_prompt(monkeypatch):
@@ -168,7 +168,7 @@ def test_a_running_stream_gets_cycles_between_the_chunks_of_a_long_prompt(monkey
     chunks = [i for i, what in enumerate(log) if what == "chunk"]
     assert len(chunks) == 5  # 40 tokens, 8 a pass
     assert all(log[i + 1] == "cycle" for i in chunks)  # the running stream's cycle after every chunk
-    texts = ["".join(v for k, v in _drain_events(job) if k == "text") for job in (running, new)]
+    texts = ["".join(e[1] for e in _drain_events(job) if e[0] == "text") for job in (running, new)]
     assert texts == [_text_alone(model, "ar", [5, 6, 7], 30), _text_alone(model, "ar", PROMPT, 10)]
 
 
