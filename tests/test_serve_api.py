@@ -164,6 +164,12 @@ def test_reply_logprobs_are_the_models_logprobs_of_the_reply_tokens(served):
         assert c["top_logprobs"][0]["logprob"] == pytest.approx(expected[i].max().item(), abs=1e-5)
     plain = client.post("/v1/chat/completions", json=_chat()).json()["choices"][0]
     assert plain["logprobs"] is None and plain["message"] == chat["message"]
+    for mode in ("diffusion", "mock-ar"):  # the denoiser's distribution: one entry per reply token
+        out = client.post("/v1/completions", json=_completion(max_tokens=6, logprobs=1, mode=mode)).json()["choices"][0]
+        assert out["logprobs"]["tokens"] == [tok.decode([t]) for t in tok(out["text"])["input_ids"]]
+        assert all(lp <= 0 for lp in out["logprobs"]["token_logprobs"]) and all(
+            len(t) == 1 for t in out["logprobs"]["top_logprobs"]
+        )
 
 
 def _stream(client, route: str, body: dict) -> list[dict]:

@@ -5,9 +5,10 @@ Requests carry the fields OpenAI's have for chat and completions. A field twotow
 implement is refused with a 400 that names it, never ignored: tools, functions, a
 `response_format` other than text, `best_of`, `suffix`, and any unknown field (OpenAI's
 "Unrecognized request argument supplied"). Only the harmless fields of IGNORED are accepted and
-ignored. twotower's own fields (mode, threshold, block_size, draft, max_draft: the request knobs
-of twotower/settings.py) choose how the reply is made; responses carry usage and finish_reason
-as OpenAI's do, and twotower's statistics in an extra `twotower` field.
+ignored. The request knobs of twotower/settings.py are fields too: sampling ones (top_k,
+min_p, the penalties, logit_bias) and twotower's own (mode, threshold, block_size, draft,
+max_draft), which choose how the reply is made. Responses carry usage, finish_reason and
+logprobs as OpenAI's do, and twotower's statistics in an extra `twotower` field.
 """
 
 from __future__ import annotations
