@@ -52,6 +52,7 @@ from twotower.generate.draft import (
     target_probs,
 )
 from twotower.generate.sampling import sample_tokens
+from twotower.generate.tree import accept_path, tree_drafts
 from twotower.model.protocol import DecodingModel
 from twotower.settings import DRAFT_SOURCES, TwoTowerError, VerifyOptions
 
@@ -70,6 +71,7 @@ class Drafts:
     kinds: dict[int, str] = field(default_factory=dict)  # lookup rows: the kind of their draft (`lookup_kind`)
     q: torch.Tensor | None = None  # (B, W, V) denoiser draft distributions when sampling, else None
     passes: int = 0  # denoiser passes made
+    parents: torch.Tensor | None = None  # (B, N) token trees' parents (tree.py), None for chains
 
     def padded(self, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(B, k) draft ids padded with pad_id, (B,) lengths and the (B, k, V) draft distributions (one-hot
@@ -162,7 +164,7 @@ def make_drafts(model: DecodingModel, cache, pending, drafts: Drafts, settings, 
     return drafts
 
 
-def verify_pass(model: DecodingModel, cache, pending: torch.Tensor, draft_ids: torch.Tensor) -> torch.Tensor:
+def verify_pass(model: DecodingModel, cache, pending: torch.Tensor, draft_ids: torch.Tensor, parents=None) -> torch.Tensor:
     """Step 3: the context tower reads [pending, drafts] (B, k+1) in one pass, appending them to
     the cache. Returns its logits (B, k+1, V): the AR choice after every prefix.
 
@@ -170,9 +172,11 @@ def verify_pass(model: DecodingModel, cache, pending: torch.Tensor, draft_ids: t
     the logits an AR step gives it, so the output is AR's token for token. With more rows it is
     not: rows that keep different numbers of drafts leave masked slots at different places, so
     a row's keys lie otherwise than in an AR batch anyway, and the exact form would cost a copy
-    of the keys per query (docs/verify.md)."""
+    of the keys per query (docs/verify.md). parents: (B, k) token trees' (tree.py), or None."""
     tokens = torch.cat([pending[:, None], draft_ids], dim=1)
-    return model.context_extend(cache, tokens, logits="all", exact=tokens.shape[0] == 1)
+    if parents is not None:  # the pass holds the root (pending) first
+        parents = torch.cat([parents.new_full((parents.shape[0], 1), -1), parents + 1], dim=1)
+    return model.context_extend(cache, tokens, logits="all", exact=tokens.shape[0] == 1, parents=parents)
 
 
 def accept_drafts(logits, drafts, draft_len, q, settings, generator):
@@ -242,6 +246,8 @@ class VerifyDecoder(Decoder):
         self.sources = tuple(w for w in SOURCES_BY_DRAFT[draft] if w != "denoiser" or model.layout.anchored)
         self.counts = dict.fromkeys(("denoiser", "lookup", "ar"), 0)
         self.cycles = self.drafted = self.accepted = 0
+        # Token trees where a pass can verify them (attention backbones; tree.py), at most as wide as a chain may be.
+        self.tree_nodes = options.tree_nodes if model.verifies_trees else 0
 
     def start(self):
         # The first token comes from the prefill, exactly as in AR mode.
@@ -281,13 +287,20 @@ class VerifyDecoder(Decoder):
         drafts = choose_sources(cycle_source, active, room, self.history, self.policy, self.sources, self.draft, s.block_size)
         if gate is not None and cycle_source == "draft":  # the rows' drafts share one pass: one length that pays for all
             drafts = cap_drafts(drafts, batch_width(drafts, self.policy, least=1 if gate.probing[0] else 0))
-        drafts = make_drafts(model, self.cache, self.pending, drafts, s, run, self.draft_steps)
+        if self.tree_nodes and drafts.den_rows and run.batch == 1 and s.temperature == 0:  # tree.py
+            depth = {b: min(room[b], s.block_size - 1) for b in drafts.den_rows}
+            drafts = tree_drafts(model, self.cache, self.pending, drafts, self.history, min(self.tree_nodes, longest), depth, run)
+        else:
+            drafts = make_drafts(model, self.cache, self.pending, drafts, s, run, self.draft_steps)
         drafted = time.perf_counter()
         draft_ids, draft_len, q = drafts.padded(run.pad_id, self.pending.device)
-        logits = verify_pass(model, self.cache, self.pending, draft_ids)
+        logits = verify_pass(model, self.cache, self.pending, draft_ids, drafts.parents)
         run.context_passes += 1
         run.count_pass(active)
-        accepted, following = accept_drafts(logits, draft_ids, draft_len, q, s, run.generator)
+        if drafts.parents is not None:  # the accepted path moved first (tree.py)
+            accepted, following = accept_path(logits, drafts, self.cache)
+        else:
+            accepted, following = accept_drafts(logits, draft_ids, draft_len, q, s, run.generator)
         accepted, following = accepted.tolist(), following.tolist()
         if self.memory is not None:  # what the pass over this width cost, and the denoiser's draft
             verified = time.perf_counter() - drafted
