@@ -217,3 +217,25 @@ def test_tree_nodes_is_checked(options, field):
         VerifyOptions(**options)
     with pytest.raises(TwoTowerError, match=field):
         generate_verify(_model(), PROMPTS[:1], max_new_tokens=4, **options)
+
+
+def test_the_simulated_cycles_read_the_draft_a_cycle_makes_and_count_nested_trees():
+    """`eval.drafting`: the one-pass distributions at a block start are the ones a verify cycle's
+    draft gets there (`slot_probs` after the same tokens); larger trees without the lookup branch
+    hold the smaller ones, so they commit at least as much; every cycle commits >= 1 token."""
+    from twotower.eval.drafting import block_drafts, simulate_cycles
+
+    model = _model()
+    prompt = PROMPTS[2]
+    sequence = prompt + generate_ar(model, [prompt], max_new_tokens=40).tokens[0]
+    probs, pending = block_drafts(model, sequence)
+    for block in (1, 3):
+        at = pending[block]
+        cache = _ar_cache(model, sequence[:at], [])
+        drafted = tree_module.slot_probs(model, cache, torch.tensor([sequence[at]]), model.config.block_size - 1)
+        torch.testing.assert_close(probs[block], drafted[0], atol=1e-5, rtol=1e-4)
+    result = simulate_cycles(model, [sequence], [len(prompt)], tree_sizes=(2, 4, 16))
+    rates = result["tokens_per_cycle"]
+    assert result["cycles"] > 0 and min(rates.values()) >= 1
+    assert rates["tree2-no-lookup"] <= rates["tree4-no-lookup"] <= rates["tree16-no-lookup"]
+    assert all(0 <= a <= 1 for a in result["slot_top1"])
