@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from twotower.eval.metrics import common_prefix
 from twotower.generate.draft import lookup_match
 from twotower.generate.tree import TokenTree, build_tree
 from twotower.objective import Noise, training_hidden
@@ -50,12 +51,13 @@ def block_drafts(model, ids: list[int]) -> tuple[torch.Tensor, list[int]]:
 
 
 def simulate_cycles(model, sequences: list[list[int]], starts: list[int], tree_sizes=(4, 8, 16), ngram: int = 3) -> dict:
-    """Per way of drafting ("chain", "tree{N}", "tree{N}-no-lookup"): cycles, tokens committed
+    """Per way of drafting ("chain"; "lookup-else-chain", prompt lookup's draft where it finds a
+    match; "tree{N}"; "tree{N}-no-lookup"): cycles, tokens committed
     and tokens per cycle, over the block starts whose pending token lies in a reply (sequence i's
     reply begins at starts[i]); and the chain's top-1 accuracy per slot after the pending token."""
     if not model.layout.anchored:
         raise ValueError("simulated verify cycles need the shifted layout (the denoiser drafts after the pending token)")
-    names = ["chain", *(f"tree{n}" for n in tree_sizes), *(f"tree{n}-no-lookup" for n in tree_sizes)]
+    names = ["chain", "lookup-else-chain", *(f"tree{n}" for n in tree_sizes), *(f"tree{n}-no-lookup" for n in tree_sizes)]
     tokens = dict.fromkeys(names, 0)
     width = model.config.block_size - 1
     right, judged, cycles = [0] * width, [0] * width, 0
@@ -70,10 +72,9 @@ def simulate_cycles(model, sequences: list[list[int]], starts: list[int], tree_s
             for d, (guess, token) in enumerate(zip(chain, truth)):
                 right[d] += guess == token
                 judged[d] += 1
-            tokens["chain"] += 1 + accepted_along(
-                TokenTree(chain, list(range(-1, len(chain) - 1)), list(range(1, len(chain) + 1))), truth
-            )
+            tokens["chain"] += 1 + common_prefix(chain, truth)
             lookup = lookup_match(ids[: at + 1], len(truth), ngram)[0]
+            tokens["lookup-else-chain"] += 1 + common_prefix(lookup or chain, truth)  # lookup where it finds a match
             for n in tree_sizes:
                 tokens[f"tree{n}"] += 1 + accepted_along(build_tree(probs[block, : len(truth)], n, lookup), truth)
                 tokens[f"tree{n}-no-lookup"] += 1 + accepted_along(build_tree(probs[block, : len(truth)], n), truth)

@@ -246,7 +246,7 @@ class VerifyDecoder(Decoder):
         self.sources = tuple(w for w in SOURCES_BY_DRAFT[draft] if w != "denoiser" or model.layout.anchored)
         self.counts = dict.fromkeys(("denoiser", "lookup", "ar"), 0)
         self.cycles = self.drafted = self.accepted = 0
-        # Token trees where a pass can verify them (attention backbones; tree.py), at most as wide as a chain may be.
+        # Token trees where a pass can verify them (attention backbones; tree.py).
         self.tree_nodes = options.tree_nodes if model.verifies_trees else 0
 
     def start(self):

@@ -176,7 +176,7 @@ class TwoTowerForCausalLM(nn.Module):
         Llama family, whose other ops are row by row). parents: None, or (B, S) a token tree
         (`masks.tree_mask`; attention backbones): each token sees the cache and its ancestors, at
         the position after its parent's; the cache then holds every node until the caller keeps
-        one path (`ContextCache.keep_new` with `order`)."""
+        one path (`ContextCache.reorder_new`, then `keep_new`)."""
         new_valid = torch.ones_like(tokens, dtype=torch.bool)
         if parents is None:
             positions = cache.next_pos[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
