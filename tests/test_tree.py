@@ -239,3 +239,14 @@ def test_the_simulated_cycles_read_the_draft_a_cycle_makes_and_count_nested_tree
     assert result["cycles"] > 0 and min(rates.values()) >= 1
     assert rates["tree2-no-lookup"] <= rates["tree4-no-lookup"] <= rates["tree16-no-lookup"]
     assert all(0 <= a <= 1 for a in result["slot_top1"])
+
+
+def test_a_tree_may_hold_more_nodes_than_the_block_but_no_more_than_max_draft(monkeypatch):
+    model, sizes = _model(), []
+    real = tree_module.tree_drafts
+    monkeypatch.setattr(verify_module, "tree_drafts", lambda *a: sizes.append(a[5]) or real(*a))
+    for options, most in ((dict(), 16), (dict(max_draft=3), 3)):
+        sizes.clear()
+        result = generate_verify(model, PROMPTS[:1], max_new_tokens=24, draft="denoiser", tree_nodes=16, **options)
+        assert result.tokens == generate_ar(model, PROMPTS[:1], max_new_tokens=24).tokens
+        assert sizes and set(sizes) == {most}  # the block holds 8 slots

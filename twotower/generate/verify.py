@@ -287,9 +287,9 @@ class VerifyDecoder(Decoder):
         drafts = choose_sources(cycle_source, active, room, self.history, self.policy, self.sources, self.draft, s.block_size)
         if gate is not None and cycle_source == "draft":  # the rows' drafts share one pass: one length that pays for all
             drafts = cap_drafts(drafts, batch_width(drafts, self.policy, least=1 if gate.probing[0] else 0))
-        if self.tree_nodes and drafts.den_rows and run.batch == 1 and s.temperature == 0:  # tree.py
+        if self.tree_size() and drafts.den_rows and run.batch == 1 and s.temperature == 0:  # tree.py
             depth = {b: min(room[b], s.block_size - 1) for b in drafts.den_rows}
-            drafts = tree_drafts(model, self.cache, self.pending, drafts, self.history, min(self.tree_nodes, longest), depth, run)
+            drafts = tree_drafts(model, self.cache, self.pending, drafts, self.history, self.tree_size(), depth, run)
         else:
             drafts = make_drafts(model, self.cache, self.pending, drafts, s, run, self.draft_steps)
         drafted = time.perf_counter()
@@ -334,6 +334,14 @@ class VerifyDecoder(Decoder):
         if self.model.exact_rows is not None:
             longest = min(longest, self.model.exact_rows // self.run.batch - 1)
         return max(longest, 0)
+
+    def tree_size(self) -> int:
+        """The most nodes a token tree holds (0: chains): tree_nodes, cut by max_draft and, on
+        quantised weights, to the rows that keep the pass on them (as `longest_draft`)."""
+        nodes = min(self.tree_nodes, self.options.max_draft or self.tree_nodes)
+        if self.model.exact_rows is not None:
+            nodes = min(nodes, self.model.exact_rows // self.run.batch - 1)
+        return max(nodes, 0)
 
     def prior(self, kind: str):
         """What the DraftMemory holds for this setting: of the rows ("rows") or of the
