@@ -23,6 +23,7 @@ PROTOCOL = {
     "context_device",
     "denoiser_device",
     "exact_rows",
+    "verifies_trees",
     "context_prefill",
     "context_extend",
     "denoise_block",
@@ -39,6 +40,7 @@ class NextIdModel:
     max_context = 64
     context_device = denoiser_device = torch.device("cpu")
     exact_rows = None
+    verifies_trees = False
 
     def _logits(self, last: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.one_hot((last + 1) % self.num_embeddings, self.num_embeddings).float() * 10  # (B, V)

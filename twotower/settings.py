@@ -80,7 +80,15 @@ def bias_map(value) -> bool:
     )
 
 
+MAX_TREE_NODES = 64  # a token tree's pass reads the nodes one query at a time (exact attention)
+
+
+def tree_size(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TREE_NODES
+
+
 CHECKS = {
+    tree_size: f"an integer from 0 to {MAX_TREE_NODES}",
     positive: ">= 1",
     unit_interval: "in (0, 1]",
     non_negative: "a finite number >= 0",
@@ -211,6 +219,14 @@ class VerifyOptions(Settings):
                             check=positive, modes=("verify",), metavar="N")  # fmt: skip
     max_draft: int | None = knob(None, "most tokens a row drafts in one verify cycle (default: the block size)",
                                  check=positive, modes=("verify",), metavar="N", request=True)  # fmt: skip
+    tree_nodes: int = knob(0, "denoiser drafts as a token tree of at most N nodes, verified in one pass (0: a chain); "
+                           "greedy rows at batch 1 on attention backbones, a chain elsewhere (docs/verify.md)",
+                           check=tree_size, modes=("verify",), metavar="N")  # fmt: skip
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.tree_nodes and self.draft in ("lookup", "ar"):
+            raise TwoTowerError(f"tree_nodes builds trees from denoiser drafts: use draft auto or denoiser, not {self.draft!r}")
 
 
 def resolve_block_size(requested: int | None, trained: int) -> int:

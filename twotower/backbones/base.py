@@ -195,6 +195,15 @@ class AttentionState:
             self.length = cut
         return self
 
+    def reorder_new(self, width: int, order: torch.Tensor) -> AttentionState:
+        """The last `width` slots rewritten in `order` (B, width) per row: a token tree's pass
+        keeps its accepted path first (`ContextCache.keep_new`)."""
+        start = self.length - width
+        index = order.to(self.buf_k.device)[:, None, :, None].expand(-1, self.buf_k.shape[1], -1, self.buf_k.shape[3])
+        self.buf_k[:, :, start : self.length] = self.buf_k[:, :, start : self.length].gather(2, index)
+        self.buf_v[:, :, start : self.length] = self.buf_v[:, :, start : self.length].gather(2, index)
+        return self
+
     def drop_last(self, cut: bool = True) -> AttentionState:
         """Without the last slot: cut when every row's last slot is a token (cut), else unchanged
         (the view marks each row's last valid slot invalid instead)."""
@@ -254,23 +263,28 @@ def exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, m
     keys the call holds even when the extra ones are masked (bf16: now and then, on the data),
     and on which thread computes a row, so on how many rows share the call (fp32); neither holds
     on every CPU, and a check on random data cannot show that it holds for every input.
+    A token tree's pass (`masks.tree_mask`: a query sees the past slots and its ancestors among
+    the pass's own) gives each query the keys an AR step over its path reads: the past slots,
+    then its ancestors' and its own, in order (gathered; a chain's are a prefix, sliced).
     mask: None or (B, 1, T, P + T) bool. Returns (B, Hq, T, D)."""
     batch, _, seq, _ = q.shape
-    slots = keys.shape[2]
+    past = keys.shape[2] - seq
+    own_slots = None if mask is None else mask[..., past:]
+    tree = own_slots is not None and not bool(own_slots.eq(torch.ones_like(own_slots).tril()).all())  # not a chain
     out = torch.empty_like(q)
     for b in range(batch):
         for i in range(seq):
-            upto = slots - seq + i + 1  # the keys this query reads in an AR step
-            own = None if mask is None else mask[b : b + 1, :, i : i + 1, :upto]
+            if tree:  # the past slots, then its ancestors' and its own
+                reads = torch.cat([torch.arange(past, device=mask.device), past + mask[b, 0, i, past:].nonzero()[:, 0]])
+                k, v, own = keys[b : b + 1, :, reads], values[b : b + 1, :, reads], mask[b : b + 1, :, i : i + 1, reads]
+            else:  # the keys up to its own, as an AR step reads them
+                upto = past + i + 1
+                k, v = keys[b : b + 1, :, :upto], values[b : b + 1, :, :upto]
+                own = None if mask is None else mask[b : b + 1, :, i : i + 1, :upto]
             if own is not None and bool(own.all()):
                 own = None
             out[b : b + 1, :, i : i + 1] = F.scaled_dot_product_attention(
-                q[b : b + 1, :, i : i + 1],
-                keys[b : b + 1, :, :upto],
-                values[b : b + 1, :, :upto],
-                attn_mask=own,
-                scale=scale,
-                enable_gqa=True,
+                q[b : b + 1, :, i : i + 1], k, v, attn_mask=own, scale=scale, enable_gqa=True
             )
     return out
 

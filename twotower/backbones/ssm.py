@@ -178,6 +178,10 @@ class MambaState:
         """The state before the last drop[b] tokens of the last pass (per row)."""
         return self.at(self.kept - drop)
 
+    def reorder_new(self, width: int, order: torch.Tensor) -> MambaState:
+        """A recurrent state cannot keep one path of a token tree (verify uses a chain here)."""
+        raise ValueError("a Mamba state keeps a chain of tokens, not a path of a token tree")
+
     def drop_last(self, cut: bool = True) -> MambaState:
         """The state before each row's last kept token, without a tail (a view's state). A row
         that kept none of its last pass (a finished row) stays at the start of the pass."""

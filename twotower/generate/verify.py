@@ -53,6 +53,7 @@ from twotower.generate.draft import (
     static_cost,
 )
 from twotower.generate.sampling import Sampling
+from twotower.generate.tree import accept_path, tree_drafts
 from twotower.model.protocol import DecodingModel
 from twotower.settings import DRAFT_SOURCES, TwoTowerError, VerifyOptions
 
@@ -70,6 +71,7 @@ class Drafts:
     den_rows: dict[int, int] = field(default_factory=dict)  # denoiser rows: the draft length each asks for
     kinds: dict[int, str] = field(default_factory=dict)  # lookup rows: the kind of their draft (`lookup_kind`)
     passes: int = 0  # denoiser passes made
+    parents: torch.Tensor | None = None  # (B, N) token trees' parents (tree.py), None for chains
 
     def padded(self, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, k) draft ids padded with pad_id, and (B,) lengths."""
@@ -155,7 +157,7 @@ def make_drafts(model: DecodingModel, cache, pending, drafts: Drafts, settings, 
     return drafts
 
 
-def verify_pass(model: DecodingModel, cache, pending: torch.Tensor, draft_ids: torch.Tensor) -> torch.Tensor:
+def verify_pass(model: DecodingModel, cache, pending: torch.Tensor, draft_ids: torch.Tensor, parents=None) -> torch.Tensor:
     """Step 3: the context tower reads [pending, drafts] (B, k+1) in one pass, appending them to
     the cache. Returns its logits (B, k+1, V): the AR choice after every prefix.
 
@@ -163,9 +165,11 @@ def verify_pass(model: DecodingModel, cache, pending: torch.Tensor, draft_ids: t
     the logits an AR step gives it, so the output is AR's token for token. With more rows it is
     not: rows that keep different numbers of drafts leave masked slots at different places, so
     a row's keys lie otherwise than in an AR batch anyway, and the exact form would cost a copy
-    of the keys per query (docs/verify.md)."""
+    of the keys per query (docs/verify.md). parents: (B, k) token trees' (tree.py), or None."""
     tokens = torch.cat([pending[:, None], draft_ids], dim=1)
-    return model.context_extend(cache, tokens, logits="all", exact=tokens.shape[0] == 1)
+    if parents is not None:  # the pass holds the root (pending) first
+        parents = torch.cat([parents.new_full((parents.shape[0], 1), -1), parents + 1], dim=1)
+    return model.context_extend(cache, tokens, logits="all", exact=tokens.shape[0] == 1, parents=parents)
 
 
 def accept_drafts(logits, drafts, draft_len, sampling: Sampling, starts: dict[int, int]):
@@ -219,6 +223,8 @@ class VerifyDecoder(Decoder):
         self.sources = tuple(w for w in SOURCES_BY_DRAFT[draft] if w != "denoiser" or model.layout.anchored)
         self.counts = dict.fromkeys(("denoiser", "lookup", "ar"), 0)
         self.cycles = self.drafted = self.accepted = 0
+        # Token trees where a pass can verify them (attention backbones; tree.py).
+        self.tree_nodes = options.tree_nodes if model.verifies_trees else 0
 
     def start(self):
         # The first token comes from the prefill, exactly as in AR mode.
@@ -258,13 +264,21 @@ class VerifyDecoder(Decoder):
         drafts = choose_sources(cycle_source, active, room, self.history, self.policy, self.sources, self.draft, s.block_size)
         if gate is not None and cycle_source == "draft":  # the rows' drafts share one pass: one length that pays for all
             drafts = cap_drafts(drafts, batch_width(drafts, self.policy, least=1 if gate.probing[0] else 0))
-        drafts = make_drafts(model, self.cache, self.pending, drafts, s, run, self.draft_steps)
+        if self.tree_size() and drafts.den_rows and run.batch == 1 and run.sampling.plain:  # tree.py
+            depth = {b: min(room[b], s.block_size - 1) for b in drafts.den_rows}
+            drafts = tree_drafts(model, self.cache, self.pending, drafts, self.history, self.tree_size(), depth, run)
+        else:
+            drafts = make_drafts(model, self.cache, self.pending, drafts, s, run, self.draft_steps)
         drafted = time.perf_counter()
         draft_ids, draft_len = drafts.padded(run.pad_id, self.pending.device)
-        logits = verify_pass(model, self.cache, self.pending, draft_ids)
+        logits = verify_pass(model, self.cache, self.pending, draft_ids, drafts.parents)
         run.context_passes += 1
         run.count_pass(active)
-        accepted, following, choice = accept_drafts(logits, draft_ids, draft_len, run.sampling, run.positions(active))
+        if drafts.parents is not None:  # the accepted path moved first, in the cache and the logits (tree.py)
+            accepted, following, logits = accept_path(logits, drafts, self.cache)
+            choice = logits.argmax(-1)
+        else:
+            accepted, following, choice = accept_drafts(logits, draft_ids, draft_len, run.sampling, run.positions(active))
         logprobs = run.sampling.logprobs(logits, choice)  # the accepted drafts and the token after them are the picks
         accepted, following = accepted.tolist(), following.tolist()
         if self.memory is not None:  # what the pass over this width cost, and the denoiser's draft
@@ -300,6 +314,14 @@ class VerifyDecoder(Decoder):
         if self.model.exact_rows is not None:
             longest = min(longest, self.model.exact_rows // self.run.batch - 1)
         return max(longest, 0)
+
+    def tree_size(self) -> int:
+        """The most nodes a token tree holds (0: chains): tree_nodes, cut by max_draft and, on
+        quantised weights, to the rows that keep the pass on them (as `longest_draft`)."""
+        nodes = min(self.tree_nodes, self.options.max_draft or self.tree_nodes)
+        if self.model.exact_rows is not None:
+            nodes = min(nodes, self.model.exact_rows // self.run.batch - 1)
+        return max(nodes, 0)
 
     def prior(self, kind: str):
         """What the DraftMemory holds for this setting: of the rows ("rows") or of the

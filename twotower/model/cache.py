@@ -147,6 +147,18 @@ class ContextCache:
         self.valid = torch.cat([self.valid, new_valid], dim=1)
         self.next_pos = self.next_pos + new_valid.sum(dim=1)
 
+    def reorder_new(self, width: int, order: torch.Tensor) -> None:
+        """Rewrite the last `width` slots just appended in `order` (B, width), per row: after a
+        token tree's pass (`TwoTowerForCausalLM.context_extend` with parents), its accepted path
+        first, so that `keep_new` keeps it. Attention states only (`Family.stateful` is False)."""
+        self.states = [None if s is None else s.reorder_new(width, order) for s in self.states]
+        if self.tail is not None:
+            t = self.tail
+            hidden = t.hidden
+            if hidden is not None:
+                hidden = hidden.gather(1, order.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[2]))
+            self.tail = Tail(t.ids.gather(1, order.to(t.ids.device)), hidden, t.last)
+
     def keep_new(self, width: int, keep: torch.Tensor) -> None:
         """Of the last `width` slots just appended, keep the first keep[b] of each row (verify
         mode drops rejected drafts). Cut when every row keeps as many; otherwise the dropped

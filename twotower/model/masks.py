@@ -36,6 +36,21 @@ def extend_mask(ctx_valid: torch.Tensor, new_valid: torch.Tensor) -> torch.Tenso
     return torch.cat([ctx, own], dim=2)[:, None]
 
 
+def tree_mask(ctx_valid: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+    """Context tower reading a token tree of N nodes: all valid cached slots, and among the
+    nodes each one's ancestors and itself. parents: (B, N) long, each node's parent (an earlier
+    node; -1: the tree's root, which follows the cache). ctx_valid: (B, P) -> (B, 1, N, P + N).
+    A chain (parent i - 1) gives `extend_mask`."""
+    n = parents.shape[1]
+    own = torch.eye(n, dtype=torch.bool, device=parents.device)[None].repeat(parents.shape[0], 1, 1)
+    for i in range(n):  # parents come first, so row i is its parent's row and itself
+        parent = parents[:, i]
+        has = parent >= 0
+        own[has, i] |= own[has, parent[has]]
+    ctx = ctx_valid[:, None, :].expand(-1, n, -1)
+    return torch.cat([ctx, own], dim=2)[:, None]
+
+
 def within_block(size: int, layout: str, device=None) -> torch.Tensor:
     """(S, S): who sees whom inside one denoiser block. Bidirectional; in the shifted layout
     the anchor query (slot 0) sees only itself, while the masked slots see the whole block."""

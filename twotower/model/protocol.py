@@ -71,13 +71,25 @@ class DecodingModel(Protocol):
         `select` and `keep_new` and read its `valid` (B, T') mask."""
         ...
 
+    @property
+    def verifies_trees(self) -> bool:
+        """Whether `context_extend` reads token trees (parents): the cache can keep one path of
+        one (attention K,V can, a recurrent state cannot)."""
+        ...
+
     def context_extend(
-        self, cache: ContextCache, tokens: torch.Tensor, logits: str | torch.Tensor | None = None, exact: bool = False
+        self,
+        cache: ContextCache,
+        tokens: torch.Tensor,
+        logits: str | torch.Tensor | None = None,
+        exact: bool = False,
+        parents: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Read S tokens per row (B, S) after what the cache holds and append them to it. Returns
         the float AR logits: None for None, (B, V) for "last", (B, S, V) for "all", and (B, V) at
         one position per row for a (B,) long tensor. exact: each position's logits are a
-        one-token pass's bit for bit (verify mode at batch 1)."""
+        one-token pass's bit for bit (verify mode at batch 1). parents: None, or (B, S) long, a
+        token tree (each token's parent among them, -1: the cache's last token; `verifies_trees`)."""
         ...
 
     def denoise_block(

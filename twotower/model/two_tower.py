@@ -29,7 +29,7 @@ from twotower.model import inference
 from twotower.model.cache import ContextCache, ContextView, TrainingContext
 from twotower.model.denoiser import build_denoiser, resolve_mask_token
 from twotower.model.layout import BlockLayout
-from twotower.model.masks import extend_mask, prefill_mask
+from twotower.model.masks import extend_mask, prefill_mask, tree_mask
 
 
 class TwoTowerForCausalLM(nn.Module):
@@ -123,6 +123,12 @@ class TwoTowerForCausalLM(nn.Module):
         """The most rows a context pass gives each row a one-row pass's logits (`inference.exact_rows`)."""
         return inference.exact_rows(self)
 
+    @property
+    def verifies_trees(self) -> bool:
+        """Whether `context_extend` reads token trees: attention backbones (the cache keeps one
+        path's K,V), not recurrent Mamba states (`Family.stateful`)."""
+        return not self.family.stateful
+
     # ---------------------------------------------------------------- context tower
     def ar_logits(self, hidden: torch.Tensor, which):
         """The AR model's float next-token logits from the context tower's final hidden states
@@ -161,17 +167,24 @@ class TwoTowerForCausalLM(nn.Module):
         )
 
     @torch.no_grad()
-    def context_extend(self, cache: ContextCache, tokens: torch.Tensor, logits=None, exact: bool = False):
+    def context_extend(self, cache: ContextCache, tokens: torch.Tensor, logits=None, exact: bool = False, parents=None):
         """Read S committed tokens (B, S) in one pass and append their states to the cache (a
         Mamba state keeps the whole pass as its tail: verify may drop any of the pass's drafts).
         logits: None, "last", "all", or (B,) positions (see `ar_logits`); exact: each query
         attended over exactly the keys a one-token pass at its position reads, so that each
         position's logits are a one-token pass's bit for bit (`backbones.base.exact_attention`;
-        Llama family, whose other ops are row by row)."""
+        Llama family, whose other ops are row by row). parents: None, or (B, S) a token tree
+        (`masks.tree_mask`; attention backbones): each token sees the cache and its ancestors, at
+        the position after its parent's; the cache then holds every node until the caller keeps
+        one path (`ContextCache.reorder_new`, then `keep_new`)."""
         new_valid = torch.ones_like(tokens, dtype=torch.bool)
-        positions = cache.next_pos[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+        if parents is None:
+            positions = cache.next_pos[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+            mask = extend_mask(cache.valid, new_valid)
+        else:
+            mask = tree_mask(cache.valid, parents)
+            positions = cache.next_pos[:, None] + mask[:, 0, :, cache.length :].sum(-1) - 1  # depth: ancestors and itself
         embeds = self.context_tower.get_input_embeddings()(tokens)
-        mask = extend_mask(cache.valid, new_valid)
         capture = self.denoiser.capture_layer
         p = LayerPass(embeds, positions, mask, cache.states, keep=Keep.end(), capture=capture, exact=exact)
         compiled = self.step_layers is not None and tokens.shape[1] <= self.compiled_positions
