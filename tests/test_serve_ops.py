@@ -153,7 +153,7 @@ def test_a_running_stream_gets_cycles_between_the_chunks_of_a_long_prompt(monkey
     followed by a cycle of the running group before the next chunk; the new row joins after
     its last chunk, and both replies are their replies alone."""
     model = _model()
-    engine = Engine(model, tiny_tokenizer(), prefill_chunk=8)
+    engine = Engine(model, tiny_tokenizer(), prefill_chunk=8, prefill_share=0)  # chunks by tokens alone
     log = []
     read, cycle = engine._read_prompts, engine._cycle
     monkeypatch.setattr(engine, "_read_prompts", lambda: (log.append("chunk"), read())[1])
@@ -170,6 +170,40 @@ def test_a_running_stream_gets_cycles_between_the_chunks_of_a_long_prompt(monkey
     assert all(log[i + 1] == "cycle" for i in chunks)  # the running stream's cycle after every chunk
     texts = ["".join(e[1] for e in _drain_events(job) if e[0] == "text") for job in (running, new)]
     assert texts == [_text_alone(model, "ar", [5, 6, 7], 30), _text_alone(model, "ar", PROMPT, 10)]
+
+
+def test_while_rows_decode_a_turn_reads_prompts_for_a_share_of_a_cycle(monkeypatch):
+    """With a clock on which a chunk of c tokens costs 0.01 + 0.004 c and a cycle 0.1: while a
+    stream decodes, chunks are sized to about prefill_share of a cycle (after the first, which
+    has no measure yet) and the prompt is still read whole; with no row decoding, a turn reads
+    prefill_chunk tokens. Replies equal their replies alone."""
+    from twotower.serve import engine as engine_module
+
+    model = _model()
+    engine = Engine(model, tiny_tokenizer(), prefill_chunk=64, prefill_share=0.5)
+    clock = [0.0]
+    engine.clock = lambda: clock[0]
+    chunks, read, cycle = [], engine_module.Reading.read_chunk, engine._cycle
+
+    def timed_read(self, model, chunk):
+        clock[0] += 0.01 + 0.004 * chunk
+        chunks.append((chunk, bool(engine.groups)))
+        return read(self, model, chunk)
+
+    monkeypatch.setattr(engine_module.Reading, "read_chunk", timed_read)
+    monkeypatch.setattr(engine, "_cycle", lambda key: (clock.__setitem__(0, clock[0] + 0.1), cycle(key))[1])
+    running = engine.submit(Job([5, 6, 7], "ar", {"max_new_tokens": 60}))
+    while not engine.groups:
+        engine.step()
+    assert chunks == [(3, False)]  # no row decoding yet: the whole prompt at once
+    new = engine.submit(Job(PROMPT, "ar", {"max_new_tokens": 5}))
+    while engine.step():
+        pass
+    during = [c for c, decoding in chunks[1:] if decoding]
+    assert sum(c for c, _ in chunks[1:]) == len(PROMPT) and during[0] == engine_module.FIRST_CHUNK
+    assert all(0.01 + 0.004 * c <= 0.5 * 0.1 + 1e-9 for c in during[2:])  # sized to half a cycle once measured
+    texts = ["".join(e[1] for e in _drain_events(job) if e[0] == "text") for job in (running, new)]
+    assert texts == [_text_alone(model, "ar", [5, 6, 7], 60), _text_alone(model, "ar", PROMPT, 5)]
 
 
 def test_short_prompts_that_arrive_together_are_read_in_one_turn():

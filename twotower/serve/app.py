@@ -94,7 +94,8 @@ class Service:
         self.default_mode = options.mode or ("verify" if self.trained else "ar")
         self.metrics = Metrics()
         limits = dict(max_batch=options.max_batch, max_queue=options.max_queue, queue_timeout=options.queue_timeout)
-        self.engine = Engine(model, tokenizer, metrics=self.metrics, prefill_chunk=options.prefill_chunk, **limits)
+        reading = dict(prefill_chunk=options.prefill_chunk, prefill_share=options.prefill_share)
+        self.engine = Engine(model, tokenizer, metrics=self.metrics, **limits, **reading)
         self.vocab_size = min(len(tokenizer), model.context_tower.get_input_embeddings().num_embeddings)
 
     def check_model(self, name: str | None) -> None:

@@ -46,6 +46,7 @@ from twotower.settings import VerifyOptions
 from twotower.text import eos_token_ids
 
 BLOCK_MODES = ("diffusion", "verify")
+FIRST_CHUNK = 16  # tokens of a prompt's first chunk while rows are decoding (a pass about as dear as a cycle's)
 STUCK_AFTER = 120.0  # seconds one turn of the loop (a cycle or a chunk) may take before /health answers 503
 
 
@@ -164,6 +165,16 @@ class Reading:
     read: int = 0  # prompt tokens read
     cache: ContextCache | None = None
     logits: torch.Tensor | None = None  # (1, V) after the last token read
+    chunk: int = 0  # tokens of the last chunk read
+    took: float = 0.0  # the seconds it took
+
+    def next_chunk(self, seconds: float) -> int:
+        """Tokens to read next in about `seconds`, from what the last chunk took (a chunk costs
+        more as the prompt gets longer, so the size follows the last one's cost, never more than
+        4x it): FIRST_CHUNK before any was read."""
+        if not self.chunk:
+            return FIRST_CHUNK
+        return max(1, min(4 * self.chunk, int(self.chunk * seconds / max(self.took, 1e-6))))
 
     @property
     def left(self) -> int:
@@ -190,10 +201,12 @@ class Engine:
     waits for a row (0: no limit)."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, metrics=None, prefill_chunk: int = 512,
-                 queue_timeout: float = 0.0):  # fmt: skip
+                 queue_timeout: float = 0.0, prefill_share: float = 0.5):  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.prefill_chunk, self.queue_timeout = prefill_chunk, queue_timeout
+        self.prefill_chunk, self.queue_timeout, self.prefill_share = prefill_chunk, queue_timeout, prefill_share
+        self.clock = time.perf_counter  # what chunks and cycles are timed with
+        self.cycle_seconds: float | None = None  # a running average of what one cycle takes
         self.metrics = metrics
         self.eos = eos_token_ids(model, tokenizer)
         self.draft_memory = DraftMemory()  # what verify requests measured, for the next ones
@@ -294,7 +307,10 @@ class Engine:
             keys = list(self.groups)
             key = keys[self.turn % len(keys)]
             self.turn += 1
+            begin = self.clock()
             self._cycle(key)
+            took = self.clock() - begin
+            self.cycle_seconds = took if self.cycle_seconds is None else 0.7 * self.cycle_seconds + 0.3 * took
         return True
 
     def _admit(self) -> None:
@@ -347,16 +363,21 @@ class Engine:
 
     def _read_prompts(self) -> None:
         """Read up to prefill_chunk prompt tokens, oldest prompt first (a long prompt a chunk per
-        turn, several short ones in one turn); a row whose prompt is read joins its group."""
+        turn, several short ones in one turn); a row whose prompt is read joins its group. While
+        rows are decoding, a turn also reads for at most prefill_share of a cycle's time (chunks
+        sized by what the last one took), so their streams keep their pace at any prompt length."""
         self.reading = deque(r for r in self.reading if not r.job.cancelled)
-        budget = self.prefill_chunk
-        while self.reading and budget > 0:
+        seconds = self.prefill_share * self.cycle_seconds if self.groups and self.prefill_share and self.cycle_seconds else None
+        budget, spent = self.prefill_chunk, 0.0
+        while self.reading and budget > 0 and (seconds is None or spent < seconds):
             reading = self.reading[0]
-            chunk = min(budget, reading.left)
+            chunk = min(budget, reading.left, reading.next_chunk(seconds - spent) if seconds else budget)
+            begin = self.clock()
             if not self._guarded(reading.job, reading.read_chunk, self.model, chunk):
                 self.reading.popleft()
                 continue
-            budget -= chunk
+            reading.chunk, reading.took = chunk, self.clock() - begin
+            budget, spent = budget - chunk, spent + reading.took
             if self.metrics is not None:
                 self.metrics.passes(1, 0)
             if reading.left == 0:
