@@ -391,6 +391,22 @@ def test_the_load_test_command_runs_short(tmp_path):
     assert all(r["tokens_per_second"] > 0 and r["ttft_median_s"] is not None for r in runs)
 
 
+def test_the_load_test_reports_stream_gaps_while_a_long_prompt_is_read(tmp_path):
+    """--long-prompt N: one more request with an N-token prompt joins each run; the run reports it
+    (answered 200) and the streams' chunk gaps while it was read and otherwise, and the replies
+    still equal the requests alone."""
+    from twotower.serve import load
+
+    with ThreadServer(_model(), max_batch=8) as server:
+        out = tmp_path / "load.json"
+        code = load.main([server.url, "--clients", "2", "--seconds", "3", "--modes", "ar", "--prompts", "4",
+                          "--max-tokens", "16", "--long-prompt", "200", "--out", str(out)])  # fmt: skip
+    (run,) = json.loads(out.read_text())["runs"]
+    assert code == 0 and run["long_prompt"]["status"] == 200 and run["long_prompt"]["tokens"] == 200
+    assert run["gap_p90_otherwise_s"] > 0 and run["latency_p90_s"] >= run["latency_median_s"] > 0
+    assert run["gap_p90_while_long_prompt_s"] is None or run["gap_p90_while_long_prompt_s"] > 0
+
+
 def test_the_load_test_with_mixed_sampling_runs_short(tmp_path):
     """--mixed: clients with different sampling settings (greedy, seeded top-p, seeded top-k)
     share the batch, and every reply, seeded ones too, equals the same request sent alone."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
 import time
@@ -41,8 +42,8 @@ async def _one(client: httpx.AsyncClient, url: str, request: tuple[str, dict], m
     prompt, sampling = request
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "mode": mode, **sampling,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
-    begin, first, text, tokens = time.perf_counter(), None, [], 0
-    async with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+    begin, first, text, tokens, stamps = time.perf_counter(), None, [], 0, []
+    async with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=1200) as r:
         if r.status_code != 200:
             return {"error": f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}"}
         async for line in r.aiter_lines():
@@ -57,31 +58,71 @@ async def _one(client: httpx.AsyncClient, url: str, request: tuple[str, dict], m
                 piece = choice["delta"].get("content")
                 if piece:
                     first = first or time.perf_counter()
+                    stamps.append(time.perf_counter())
                     text.append(piece)
     end = time.perf_counter()
-    return {"text": "".join(text), "tokens": tokens, "ttft": (first or end) - begin, "seconds": end - begin}
+    return {"text": "".join(text), "tokens": tokens, "ttft": (first or end) - begin, "seconds": end - begin, "stamps": stamps}
+
+
+async def _long_prompt(client: httpx.AsyncClient, url: str, tokens: int, after: float) -> dict:
+    """After `after` seconds, one completion whose prompt is `tokens` token ids (one token back):
+    when it was sent and answered."""
+    await asyncio.sleep(after)
+    prompt = [5 + (7 * i) % 80 for i in range(tokens)]  # ids every vocabulary holds
+    begin = time.perf_counter()
+    r = await client.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 1, "temperature": 0}, timeout=1800)
+    return {"tokens": tokens, "status": r.status_code, "begin": begin, "end": time.perf_counter()}
+
+
+def quantile(values: list[float], q: float) -> float | None:
+    values = sorted(values)
+    return round(values[int(q * (len(values) - 1))], 4) if values else None
+
+
+def gaps(results: list[dict], window: tuple[float, float] | None = None, inside: bool = True) -> list[float]:
+    """The gaps between a stream's text chunks (each request's own), those that end inside (or
+    outside) `window`."""
+    out = []
+    for r in results:
+        stamps = r.get("stamps", [])
+        for a, b in itertools.pairwise(stamps):
+            if window is None or (window[0] <= b <= window[1]) == inside:
+                out.append(b - a)
+    return out
 
 
 async def load(url: str, jobs: list[tuple[str, dict]], mode: str, clients: int, seconds: float, max_tokens: int,
-               reference: list[str] | None = None) -> dict:  # fmt: skip
-    """`clients` concurrent clients for `seconds`; each client sends the requests in turn."""
-    results, stop_at = [], time.perf_counter() + seconds
+               reference: list[str] | None = None, long_prompt: int = 0) -> dict:  # fmt: skip
+    """`clients` concurrent clients for `seconds`; each client sends the requests in turn. With
+    long_prompt, one more request with a prompt of that many tokens arrives after 2 s: the
+    streams' chunk gaps while it is read are reported beside the others."""
+    results, stop_at, long = [], time.perf_counter() + seconds, None
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=clients + 4)) as client:
 
         async def worker(k: int):
             i = k
-            while time.perf_counter() < stop_at:
+            while time.perf_counter() < stop_at or (long is not None and not long.done()):
                 out = await _one(client, url, jobs[i % len(jobs)], mode, max_tokens)
                 out["request"] = i % len(jobs)
                 results.append(out)
                 i += clients
 
         begin = time.perf_counter()
+        if long_prompt:
+            long = asyncio.create_task(_long_prompt(client, url, long_prompt, after=2.0))
         await asyncio.gather(*(worker(k) for k in range(clients)))
         wall = time.perf_counter() - begin
     ok = [r for r in results if "error" not in r]
     mismatched = sum(1 for r in ok if reference is not None and reference[r["request"]] != r["text"])
     ttft = sorted(r["ttft"] for r in ok)
+    latency = [r["seconds"] for r in ok]
+    extra = {}
+    if long is not None:
+        read = long.result()
+        window = (read["begin"], read["end"])
+        extra = {"long_prompt": {k: read[k] for k in ("tokens", "status")} | {"seconds": round(window[1] - window[0], 2)},
+                 "gap_p90_while_long_prompt_s": quantile(gaps(ok, window), 0.9),
+                 "gap_p90_otherwise_s": quantile(gaps(ok, window, inside=False), 0.9)}  # fmt: skip
     return {
         "mode": mode,
         "clients": clients,
@@ -93,7 +134,11 @@ async def load(url: str, jobs: list[tuple[str, dict]], mode: str, clients: int, 
         "seconds": round(wall, 2),
         "tokens_per_second": round(sum(r["tokens"] for r in ok) / max(wall, 1e-9), 2),
         "ttft_median_s": round(statistics.median(ttft), 4) if ttft else None,
-        "ttft_p90_s": round(ttft[int(0.9 * (len(ttft) - 1))], 4) if ttft else None,
+        "ttft_p90_s": quantile(ttft, 0.9),
+        "latency_median_s": round(statistics.median(latency), 4) if latency else None,
+        "latency_p90_s": quantile(latency, 0.9),
+        "gap_p90_s": quantile(gaps(ok), 0.9),
+        **extra,
     }
 
 
@@ -120,6 +165,8 @@ def main(argv=None) -> int:
     parser.add_argument("--mixed", action="store_true", help="prompt i with sampling setting i mod 4: greedy; "
                         "temperature 0.7, top_p 0.9; temperature 1, top_k 40; greedy with top_p 0.5 (sampled ones "
                         "seeded with i)")  # fmt: skip
+    parser.add_argument("--long-prompt", type=int, default=0, metavar="N", help="one more request, 2 s into each run, "
+                        "with a prompt of N tokens: the streams' chunk gaps while it is read are reported apart")  # fmt: skip
     parser.add_argument("--out", default=None, help="write the figures to this JSON file")
     args = parser.parse_args(argv)
     from twotower.eval.tasks import builtin_tasks, interleave_categories
@@ -130,7 +177,7 @@ def main(argv=None) -> int:
     for mode in args.modes.split(","):
         reference = asyncio.run(alone(args.url, jobs, mode, args.max_tokens))
         for n in [int(c) for c in args.clients.split(",")]:
-            row = asyncio.run(load(args.url, jobs, mode, n, args.seconds, args.max_tokens, reference))
+            row = asyncio.run(load(args.url, jobs, mode, n, args.seconds, args.max_tokens, reference, args.long_prompt))
             rows.append(row | {"mixed": args.mixed})
             print(json.dumps(row), flush=True)
     if args.out:
