@@ -81,11 +81,20 @@ class DecodingModel(Protocol):
         ...
 
     def denoise_block(
-        self, reads: BlockReads, block: torch.Tensor, t: torch.Tensor | None = None, slots: torch.Tensor | None = None
+        self,
+        reads: BlockReads,
+        block: torch.Tensor,
+        t: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
+        causal: bool = False,
+        head=None,
+        first: int = 0,
     ) -> torch.Tensor:
         """One denoiser pass over the next block after a cache: reads = `layout.reads(cache,
         denoiser_device)`; block (B, S) long, each slot's committed id or `mask_token_id`; t (B,)
         float, the share of the block still masked (None: no time conditioning); slots (B, S)
-        bool, the slots of each row's own block (None: all). Returns float logits (B, S, V),
-        output j predicting slot j, the mask token never chosen."""
+        bool, the slots of each row's own block (None: all); causal: each slot attends to the
+        slots before it only; head: a `DraftHead`, logits over its tokens only (None: the whole
+        vocabulary); first: the first slot whose logits are wanted. Returns float logits
+        (B, S - first, V or N), output j predicting slot first + j, the mask token never chosen."""
         ...

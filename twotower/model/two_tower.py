@@ -208,12 +208,20 @@ class TwoTowerForCausalLM(nn.Module):
         Arguments as `denoise_hidden`."""
         return self.denoiser_logits(self.denoise_hidden(*args, **kwargs))
 
-    def denoise_block(self, reads, block: torch.Tensor, t=None, slots: torch.Tensor | None = None) -> torch.Tensor:
+    def denoise_block(
+        self, reads, block: torch.Tensor, t=None, slots=None, causal: bool = False, head=None, first: int = 0
+    ) -> torch.Tensor:
         """One denoiser pass over the next block after a cache: reads = `layout.reads(cache,
         denoiser_device)`, block (B, S) the block's committed ids and mask ids (slot j = y_j),
-        t (B,) or None, slots as `denoise_hidden`. Returns logits (B, S, V), output j for y_j."""
+        t (B,) or None, slots as `denoise_hidden`; causal: each slot attends to the slots before
+        it only (mock-AR); head: a `DraftHead` (logits over its tokens only), else the full head;
+        first: the first slot whose logits are wanted. Returns logits (B, S - first, V or N),
+        output j for y_{first + j}."""
         inputs = self.layout.inputs(reads.anchor, block)
-        return self.denoise(reads.view, inputs, reads.start, t, anchor_hidden=reads.anchor_hidden, slots=slots)
+        mask = extend_mask(reads.view.valid, torch.ones_like(block, dtype=torch.bool)) if causal else None
+        hidden = self.denoise_hidden(reads.view, inputs, reads.start, t, mask, anchor_hidden=reads.anchor_hidden, slots=slots)
+        hidden = hidden[:, first:]
+        return self.denoiser_logits(hidden) if head is None else head(hidden)
 
     def denoise_hidden(
         self,
