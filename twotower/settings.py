@@ -163,6 +163,9 @@ class VerifyOptions(Settings):
                             check=positive, modes=("verify",), metavar="N")  # fmt: skip
     max_draft: int | None = knob(None, "most tokens a row drafts in one verify cycle (default: the block size)",
                                  check=positive, modes=("verify",), metavar="N", request=True)  # fmt: skip
+    draft_vocab: int = knob(4096, "denoiser drafts pick among the N most frequent tokens of the checkpoint's training data "
+                            "(its draft_vocab.safetensors; 0, or none stored: the whole vocabulary)", check=non_negative,
+                            modes=("verify",), metavar="N")  # fmt: skip
 
 
 def resolve_block_size(requested: int | None, trained: int) -> int:

@@ -87,7 +87,7 @@ def target_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torc
 
 
 @torch.no_grad()
-def denoiser_draft(model: DecodingModel, cache, pending, width: int, settings, generator, steps: int):
+def denoiser_draft(model: DecodingModel, cache, pending, width: int, settings, generator, steps: int, head=None):
     """Draft `width` tokens after `pending` with the denoiser, left to right.
 
     The cache holds every committed token but `pending`, the context tower's own next token. As
@@ -95,8 +95,12 @@ def denoiser_draft(model: DecodingModel, cache, pending, width: int, settings, g
     are masked: in the shifted layout the denoiser reads [anchor, pending, M, ...] over the view
     without the anchor (the cache's last token, whose hidden state a shallow denoiser reads).
     Every pass keeps the drafted prefix and extends it over the following slots predicted above
-    the confidence threshold (at least one). Returns tokens (B, W), their draft distributions
-    (B, W, V) or None when greedy, draft lengths (B,), and the number of passes."""
+    the confidence threshold (at least one). head: a `DraftHead` (the draft vocabulary's N
+    tokens: logits, picks and confidence among them only; a sampled draft's distribution is zero
+    outside them, which the accept/reject rule reads as it is), or None: the whole head. Only the
+    drafted slots' logits are computed (not slot 0's, the pending token). Returns tokens (B, W),
+    their draft distributions (B, W, V) or None when greedy, draft lengths (B,), and the number
+    of passes."""
     den, mask_id = model.denoiser_device, model.mask_token_id
     batch = pending.shape[0]
     reads = model.layout.reads(cache, den)
@@ -108,9 +112,11 @@ def denoiser_draft(model: DecodingModel, cache, pending, width: int, settings, g
     passes = 0
     for _ in range(steps):
         t = (width - length).float() / width
-        logits = model.denoise_block(reads, block, t)[:, 1:]  # (B, W, V)
+        logits = model.denoise_block(reads, block, t, head=head, first=1)  # (B, W, V), or (B, W, N) with a head
         passes += 1
         tokens, confidence = sample_tokens(logits, settings.temperature, settings.top_p, generator)
+        if head is not None:
+            tokens = head.ids[tokens]  # token ids
         open_slots = slots >= length[:, None]
         forced = slots == length[:, None]
         take = (confidence > settings.threshold) | forced
@@ -124,6 +130,7 @@ def denoiser_draft(model: DecodingModel, cache, pending, width: int, settings, g
             confident = (logits.softmax(-1) > settings.threshold) | forced[..., None]
             kept = probs * confident
             kept = kept / kept.sum(-1, keepdim=True).clamp(min=1e-30)
+            kept = kept if head is None else head.spread(kept)
             q = kept if q is None else torch.where(take[..., None], kept, q)
         length = length + take.sum(1)
         if bool((length >= width).all()):
@@ -183,6 +190,18 @@ class DraftMemory:
         self.seen: dict[tuple, dict[str, tuple[float, float, float]]] = {}
         self.passes: dict[int, dict[int, float]] = {}  # batch -> width -> seconds of a verify pass
         self.drafting: dict[int, float] = {}  # batch -> seconds of a denoiser draft
+        self.timed: set[tuple] = set()  # the shapes timed once already (`first_timing`)
+
+    def first_timing(self, batch: int, width: int, draft_width: int | None) -> bool:
+        """Whether this cycle is the first at this batch size with a verify pass over `width`
+        positions, or with a denoiser draft of `draft_width` tokens (None: no draft): its time
+        includes one-time set-up (kernels chosen, buffers allocated for a new shape) that later
+        passes do not pay, so it is neither kept here nor counted in a row's rates."""
+        batch = batch_bucket(batch)
+        shapes = {(batch, width)} | (set() if draft_width is None else {(batch, "draft", draft_width)})
+        first = not shapes <= self.timed
+        self.timed |= shapes
+        return first
 
     def prior(self, key) -> dict[str, tuple[float, float, float]]:
         """source -> (rate, acceptance, wait) measured under this setting so far (empty: none)."""
@@ -337,13 +356,16 @@ class DraftPolicy:
         return least + max(range(len(pays)), key=pays.__getitem__)  # the shortest of the best
 
     def record(
-        self, row: int, source: str, tokens: int, cost: float, accepted: int = 0, drafted: int = 0, kind: str | None = None
+        self, row: int, source: str, tokens: int, cost: float | None, accepted: int = 0, drafted: int = 0, kind: str | None = None
     ) -> None:
         """A cycle of `source` committed `tokens` at `cost`, accepting `accepted` of `drafted` drafts
-        (counted under `kind`, default the source)."""
+        (counted under `kind`, default the source). cost None: a cycle whose time says nothing of
+        later ones (`DraftMemory.first_timing`): its acceptance counts, its rate does not (a
+        source without a rate is tried again)."""
         self.last_used[row][source] = self.cycles[row]
         self.cycles[row] += 1
-        self.rates[row][source] = ema(self.rates[row][source], tokens / max(cost, 1e-9), self.decay)
+        if cost is not None:
+            self.rates[row][source] = ema(self.rates[row][source], tokens / max(cost, 1e-9), self.decay)
         if drafted:
             hits, trials = self.counts[row].get(kind or source, (0.0, 0.0))
             judged = accepted + (1 if accepted < drafted else 0)  # the run, and the token that broke it

@@ -146,13 +146,13 @@ def cap_drafts(drafts: Drafts, cap: int | None) -> Drafts:
     return drafts
 
 
-def make_drafts(model: DecodingModel, cache, pending, drafts: Drafts, settings, run, draft_steps: int) -> Drafts:
+def make_drafts(model: DecodingModel, cache, pending, drafts: Drafts, settings, run, draft_steps: int, head=None) -> Drafts:
     """Step 2: the denoiser drafts for the rows that chose it, one batched draft of the longest
-    length they ask for (`drafts.den_rows`)."""
+    length they ask for (`drafts.den_rows`), over the draft head `head` (None: the whole LM head)."""
     if drafts.den_rows:
         width = max(drafts.den_rows.values())
         tokens, drafts.q, lengths, drafts.passes = denoiser_draft(
-            model, cache, pending, width, settings, run.generator, draft_steps
+            model, cache, pending, width, settings, run.generator, draft_steps, head
         )
         run.denoiser_passes += drafts.passes
         run.count_pass(list(drafts.den_rows), drafts.passes)
@@ -240,6 +240,7 @@ class VerifyDecoder(Decoder):
             draft, options.draft_steps, options.lookup_ngram, options.probe_every)  # fmt: skip
         self.given_memory = memory
         self.sources = tuple(w for w in SOURCES_BY_DRAFT[draft] if w != "denoiser" or model.layout.anchored)
+        self.draft_head = model.draft_head(options.draft_vocab) if "denoiser" in self.sources else None
         self.counts = dict.fromkeys(("denoiser", "lookup", "ar"), 0)
         self.cycles = self.drafted = self.accepted = 0
 
@@ -281,7 +282,7 @@ class VerifyDecoder(Decoder):
         drafts = choose_sources(cycle_source, active, room, self.history, self.policy, self.sources, self.draft, s.block_size)
         if gate is not None and cycle_source == "draft":  # the rows' drafts share one pass: one length that pays for all
             drafts = cap_drafts(drafts, batch_width(drafts, self.policy, least=1 if gate.probing[0] else 0))
-        drafts = make_drafts(model, self.cache, self.pending, drafts, s, run, self.draft_steps)
+        drafts = make_drafts(model, self.cache, self.pending, drafts, s, run, self.draft_steps, self.draft_head)
         drafted = time.perf_counter()
         draft_ids, draft_len, q = drafts.padded(run.pad_id, self.pending.device)
         logits = verify_pass(model, self.cache, self.pending, draft_ids)
@@ -289,9 +290,13 @@ class VerifyDecoder(Decoder):
         run.count_pass(active)
         accepted, following = accept_drafts(logits, draft_ids, draft_len, q, s, run.generator)
         accepted, following = accepted.tolist(), following.tolist()
-        if self.memory is not None:  # what the pass over this width cost, and the denoiser's draft
-            verified = time.perf_counter() - drafted
-            self.memory.add_cycle(run.batch, draft_ids.shape[1] + 1, verified, drafted - begin if drafts.passes else None)
+        timed = self.memory is not None  # unseeded: what the pass over this width cost, and the denoiser's draft
+        if timed:
+            width, verified = draft_ids.shape[1] + 1, time.perf_counter() - drafted
+            draft_width = max(drafts.den_rows.values()) if drafts.passes else None
+            timed = not self.memory.first_timing(run.batch, width, draft_width)  # a first one pays set-up
+            if timed:
+                self.memory.add_cycle(run.batch, width, verified, drafted - begin if drafts.passes else None)
         new = commit(self.cache, run, drafts, active, accepted, following, self.history)
         for b in active:
             self.counts[drafts.source[b]] += 1
@@ -302,14 +307,16 @@ class VerifyDecoder(Decoder):
         )
         self.cycles += 1
         event = run.emit(new)
-        # cost of the cycle: wall time; with a seed, tower passes (so a seeded run is reproducible)
-        cost = time.perf_counter() - begin if run.generator is None else None
+        # cost of the cycle: wall time (None: a first timing); with a seed, tower passes (so a
+        # seeded run is reproducible)
+        seconds = time.perf_counter() - begin if timed else None
+        counted = run.generator is not None
         if gate is not None:
-            gate.record(0, cycle_source, sum(len(new[b]) for b in active), cost if cost is not None else 1 + drafts.passes)
+            gate.record(0, cycle_source, sum(len(new[b]) for b in active), 1 + drafts.passes if counted else seconds)
         if cycle_source == "draft":
             for b in active:
                 passes = 1 + (drafts.passes if drafts.source[b] == "denoiser" else 0)
-                tokens, spent = len(new[b]), cost if cost is not None else passes
+                tokens, spent = len(new[b]), passes if counted else seconds
                 self.policy.record(b, drafts.source[b], tokens, spent, accepted[b], len(drafts.tokens[b]), drafts.kinds.get(b))
         self.remember([b for b in active if run.room(b) == 0])
         yield event

@@ -23,7 +23,7 @@ from twotower.model.layout import BlockLayout, BlockReads
 @runtime_checkable
 class DecodingModel(Protocol):
     """Everything `twotower.generate` reads of a model: four numbers, three devices and limits,
-    the block layout, and three passes (`context_prefill`, `context_extend`, `denoise_block`)."""
+    the block layout, three passes (`context_prefill`, `context_extend`, `denoise_block`) and the draft head."""
 
     config: TwoTowerConfig
     """Read: `config.block_size`, the block size the denoiser was trained on (the default and
@@ -78,6 +78,12 @@ class DecodingModel(Protocol):
         the float AR logits: None for None, (B, V) for "last", (B, S, V) for "all", and (B, V) at
         one position per row for a (B,) long tensor. exact: each position's logits are a
         one-token pass's bit for bit (verify mode at batch 1)."""
+        ...
+
+    def draft_head(self, size: int):
+        """The denoiser's LM head over the `size` most frequent tokens of its training data (a
+        `DraftHead`: logits (..., N), `ids` (N,) their token ids), or None where there is no such
+        vocabulary or size is 0: drafts then read the whole head."""
         ...
 
     def denoise_block(

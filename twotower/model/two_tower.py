@@ -53,6 +53,7 @@ class TwoTowerForCausalLM(nn.Module):
         # The context layers the denoiser's layers align with: all of them, or K of them (shallow).
         config.aligned_layers = config.resolve_aligned_layers(len(backbone.model.layers))
         self.denoiser = build_denoiser(config, backbone, self.family, self.mask_token_id)
+        self.draft_vocab = None  # the training data's tokens by frequency (`model.draft_vocab`), from a checkpoint
 
     @classmethod
     def from_backbone(cls, backbone: nn.Module, tokenizer=None, backbone_ref: str = "default", **config_kwargs):
@@ -251,6 +252,13 @@ class TwoTowerForCausalLM(nn.Module):
         if mask is None:
             mask = self.layout.block_mask(view.valid, block_ids.shape[1], slots)
         return self.denoiser.hidden(view, block_ids, positions, mask, t, blocks, anchor_hidden)
+
+    def draft_head(self, size: int):
+        """The denoiser's LM head over the `size` most frequent tokens of the draft vocabulary
+        (`Denoiser.draft_head`), or None: size 0, or no draft vocabulary."""
+        if not size or self.draft_vocab is None:
+            return None
+        return self.denoiser.draft_head(self.draft_vocab.top(size))
 
     def denoiser_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
         """Logits (..., V) from the denoiser's final hidden states, the mask token forbidden
