@@ -4,6 +4,8 @@ for an AR-first denoiser."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from conftest import EOS, PROMPTS, VOCAB, perturb_trained, tiny_backbone, tiny_two_tower
 from test_verify import _tv_tolerance
@@ -152,6 +154,8 @@ def test_the_shipped_checkpoint_states_the_coverage_of_its_draft_vocabulary():
     assert vocab is not None and len(vocab.ids) > 4096 and vocab.coverage(4096) > 0.9
     card = (SHIPPED / "MODEL_CARD.md").read_text()
     assert draft_vocab.card_line(vocab) in card.splitlines()
+    docs = (Path(__file__).parent.parent / "docs" / "verify.md").read_text()
+    assert f"> {draft_vocab.card_line(vocab)}" in docs.splitlines()  # the figures the command wrote, not typed
 
 
 def test_the_model_card_line_is_replaced_not_repeated(tmp_path):
@@ -188,3 +192,10 @@ def test_mock_ar_with_a_denoiser_that_predicts_ars_next_token_is_ar(denoiser_kin
     ar = generate_ar(model, PROMPTS, max_new_tokens=13, eos_token_id=EOS).tokens
     mock = generate_mock_ar(model, PROMPTS, max_new_tokens=13, eos_token_id=EOS)
     assert mock.tokens == ar and mock.details["block_starts"][2] == [0, 4, 8, 12]
+
+
+def test_the_draft_head_is_gathered_again_when_the_head_is_cast():
+    model = _with_vocab(tiny_two_tower("lora"), list(range(3, 30)))
+    assert model.draft_head(8) is model.draft_head(8)  # gathered once
+    model.to(torch.bfloat16)
+    assert model.draft_head(8).weight.dtype == torch.bfloat16
