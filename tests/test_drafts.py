@@ -199,3 +199,28 @@ def test_the_draft_head_is_gathered_again_when_the_head_is_cast():
     assert model.draft_head(8) is model.draft_head(8)  # gathered once
     model.to(torch.bfloat16)
     assert model.draft_head(8).weight.dtype == torch.bfloat16
+
+
+def test_the_draft_vocab_command_stores_a_checkpoints_vocabulary(tmp_path, capsys):
+    import json
+
+    from conftest import tiny_tokenizer
+
+    from twotower import load_model
+    from twotower.cli import main
+
+    backbone_folder, checkpoint = tmp_path / "backbone", tmp_path / "checkpoint"
+    tiny_tokenizer().save_pretrained(backbone_folder)
+    tiny_backbone().save_pretrained(backbone_folder)
+    model, _ = load_model(str(backbone_folder), dtype=torch.float32)
+    model.save_pretrained(checkpoint)
+    (checkpoint / "MODEL_CARD.md").write_text("# a card\n")
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": "w5 w6", "response": f"w7 w7 w7 w{i}"}) for i in range(8, 11)) + "\n")
+    assert main(["draft-vocab", str(checkpoint), str(data)]) == 0
+    vocab = draft_vocab.load(checkpoint)
+    assert vocab.ids[0] == 7 and vocab.counts[0] == 9  # "w7" three times in each of the three rows
+    assert capsys.readouterr().out.strip() == draft_vocab.card_line(vocab)
+    assert draft_vocab.card_line(vocab) in (checkpoint / "MODEL_CARD.md").read_text()
+    assert main(["draft-vocab", str(backbone_folder), str(data)]) == 2  # not a checkpoint: one line, no traceback
+    assert "not a twotower checkpoint" in capsys.readouterr().err

@@ -6,7 +6,8 @@ State between cycles: the context cache holds every committed token but the last
 steps:
   1. `choose_sources`: per row, where the draft comes from (the denoiser, prompt lookup, or
      nothing: a plain AR step), by the draft policy (`twotower.generate.draft`);
-  2. `make_drafts`: up to k tokens after `pending` per row;
+  2. `make_drafts`: up to k tokens after `pending` per row (the denoiser's among the draft
+     vocabulary's N tokens, `VerifyOptions.draft_vocab`);
   3. `verify_pass`: the context tower reads [pending, d_1 .. d_k] in one pass; its logits give
      the AR choice a_1 .. a_{k+1} after each prefix, and `accept_drafts` keeps the longest
      prefix with d_i == a_i (or, when sampling, passing the speculative-sampling test), plus
