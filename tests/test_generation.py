@@ -155,7 +155,7 @@ def _stub_denoiser(model, monkeypatch):
     """A stub denoiser over a block [y_0, y_1, ...]: slot 1 predicts token 60 with probability
     0.84, slot 2 EOS with 0.90, slots 3-7 token 50 with 0.89 (after normalisation)."""
 
-    def denoise(view, block_ids, start_pos, t=None, anchor_hidden=None, slots=None):
+    def denoise(view, block_ids, start_pos, t=None, anchor_hidden=None, slots=None, **pass_options):
         probs = torch.full((*block_ids.shape, VOCAB), 1e-3)
         probs[:, 1:2, 60], probs[:, 2:3, EOS], probs[:, 3:, 50] = 0.5, 0.9, 0.8
         return probs.log()

@@ -175,8 +175,9 @@ class DiffusionDecoder(NextTokenDecoder):
 def fill_left_to_right(model: DecodingModel, run, cache, block: Block):
     """Mock-AR's step 2: one denoiser pass per slot, left to right, each committing the row's
     first masked slot whatever its confidence. Each slot attends to the slots before it only
-    (`causal`), so that an untrained denoiser, which is the backbone, gives each slot the AR
-    model's next token. Yields a StreamEvent per pass."""
+    (`causal`), so that an untrained full-depth denoiser, which is the backbone, gives each
+    slot the AR model's next token (a shallow one's slots after the anchor enter an upper layer
+    as token embeddings: only training teaches them). Yields a StreamEvent per pass."""
     s = run.settings
     reads = model.layout.reads(cache, model.denoiser_device)
     slots = torch.arange(block.tokens.shape[1], device=block.tokens.device)[None]
@@ -229,8 +230,9 @@ def diffusion_stream(model, input_ids, attention_mask=None, *, mask_token_id=Non
 def mock_ar_stream(model, input_ids, attention_mask=None, **options):
     """Mock-AR: the denoiser as a one-token-per-pass predictor for an AR-first denoiser: each
     block's first token is the context pass's own, then one denoiser pass per slot, left to
-    right, in blocks of the trained size (`MockARDecoder`). With an untrained denoiser it
-    reproduces AR exactly; a check that the two towers line up. nfe counts denoiser passes."""
+    right, in blocks of the trained size (`MockARDecoder`). With an untrained full-depth
+    denoiser it reproduces AR exactly; a check that the two towers line up. nfe counts
+    denoiser passes."""
     for name in ("block_size", "steps_per_block", "threshold"):
         if name in options:
             raise TwoTowerError(f"mock-ar commits one token per pass; {name} does not apply")

@@ -204,10 +204,12 @@ class TwoTowerForCausalLM(nn.Module):
         return self.context_prefill(input_ids, attention_mask, logits="all")[1]
 
     # ---------------------------------------------------------------- denoiser tower (denoiser.py)
-    def denoise(self, *args, **kwargs) -> torch.Tensor:
-        """One denoiser pass over a block: float logits (B, S, V), the mask token forbidden.
-        Arguments as `denoise_hidden`."""
-        return self.denoiser_logits(self.denoise_hidden(*args, **kwargs))
+    def denoise(self, *args, head=None, first: int = 0, **kwargs) -> torch.Tensor:
+        """One denoiser pass over a block: float logits (B, S - first, V), the mask token
+        forbidden, from slot `first` on; head: a `DraftHead`, logits (B, S - first, N) over its
+        tokens only. Other arguments as `denoise_hidden`."""
+        hidden = self.denoise_hidden(*args, **kwargs)[:, first:]
+        return self.denoiser_logits(hidden) if head is None else head(hidden)
 
     def denoise_block(
         self, reads, block: torch.Tensor, t=None, slots=None, causal: bool = False, head=None, first: int = 0
@@ -220,9 +222,9 @@ class TwoTowerForCausalLM(nn.Module):
         output j for y_{first + j}."""
         inputs = self.layout.inputs(reads.anchor, block)
         mask = extend_mask(reads.view.valid, torch.ones_like(block, dtype=torch.bool)) if causal else None
-        hidden = self.denoise_hidden(reads.view, inputs, reads.start, t, mask, anchor_hidden=reads.anchor_hidden, slots=slots)
-        hidden = hidden[:, first:]
-        return self.denoiser_logits(hidden) if head is None else head(hidden)
+        return self.denoise(
+            reads.view, inputs, reads.start, t, mask=mask, anchor_hidden=reads.anchor_hidden, slots=slots, head=head, first=first
+        )
 
     def denoise_hidden(
         self,
