@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import EOS, PROMPTS, VOCAB, perturb_trained, tiny_backbone, tiny_two_tower
 from test_verify import _tv_tolerance
@@ -28,6 +29,11 @@ def test_a_first_timing_of_each_shape_is_dropped():
     assert memory.first_timing(1, 5, 2)  # a new draft shape alone counts too
     assert memory.first_timing(2, 5, 4) and not memory.first_timing(2, 5, None)  # per batch size
     assert memory.first_timing(1, 1, None) and not memory.first_timing(1, 1, None)
+    assert memory.estimate(1, 3, True) is None  # nothing kept yet: the cycle has no cost
+    memory.add_cycle(1, 1, 0.045, None)
+    memory.add_cycle(1, 5, 0.060, 0.020)
+    assert memory.estimate(1, 3, True) == pytest.approx(0.0525 + 0.020)  # what kept timings say
+    assert memory.estimate(2, 3, True) is None
 
 
 def test_a_first_sample_outlier_does_not_decide_the_source():

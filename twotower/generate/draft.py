@@ -196,12 +196,19 @@ class DraftMemory:
         """Whether this cycle is the first at this batch size with a verify pass over `width`
         positions, or with a denoiser draft of `draft_width` tokens (None: no draft): its time
         includes one-time set-up (kernels chosen, buffers allocated for a new shape) that later
-        passes do not pay, so it is neither kept here nor counted in a row's rates."""
+        passes do not pay, so it is not kept: the cycle counts as `estimate` says."""
         batch = batch_bucket(batch)
         shapes = {(batch, width)} | (set() if draft_width is None else {(batch, "draft", draft_width)})
         first = not shapes <= self.timed
         self.timed |= shapes
         return first
+
+    def estimate(self, batch: int, width: int, denoiser: bool) -> float | None:
+        """The seconds of a cycle of this width (with a denoiser draft or not) from the timings
+        kept so far at this batch size (`cycle_cost`), None while none is kept."""
+        if not self.passes.get(batch_bucket(batch)):
+            return None
+        return self.cycle_cost(batch)(width, denoiser)
 
     def prior(self, key) -> dict[str, tuple[float, float, float]]:
         """source -> (rate, acceptance, wait) measured under this setting so far (empty: none)."""

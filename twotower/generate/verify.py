@@ -291,13 +291,7 @@ class VerifyDecoder(Decoder):
         run.count_pass(active)
         accepted, following = accept_drafts(logits, draft_ids, draft_len, q, s, run.generator)
         accepted, following = accepted.tolist(), following.tolist()
-        timed = self.memory is not None  # unseeded: what the pass over this width cost, and the denoiser's draft
-        if timed:
-            width, verified = draft_ids.shape[1] + 1, time.perf_counter() - drafted
-            draft_width = max(drafts.den_rows.values()) if drafts.passes else None
-            timed = not self.memory.first_timing(run.batch, width, draft_width)  # a first one pays set-up
-            if timed:
-                self.memory.add_cycle(run.batch, width, verified, drafted - begin if drafts.passes else None)
+        seconds = self.measure(begin, drafted, draft_ids.shape[1] + 1, drafts)
         new = commit(self.cache, run, drafts, active, accepted, following, self.history)
         for b in active:
             self.counts[drafts.source[b]] += 1
@@ -308,10 +302,7 @@ class VerifyDecoder(Decoder):
         )
         self.cycles += 1
         event = run.emit(new)
-        # cost of the cycle: wall time (None: a first timing); with a seed, tower passes (so a
-        # seeded run is reproducible)
-        seconds = time.perf_counter() - begin if timed else None
-        counted = run.generator is not None
+        counted = run.generator is not None  # a seed: cost in tower passes, so that a seeded run is reproducible
         if gate is not None:
             gate.record(0, cycle_source, sum(len(new[b]) for b in active), 1 + drafts.passes if counted else seconds)
         if cycle_source == "draft":
@@ -321,6 +312,21 @@ class VerifyDecoder(Decoder):
                 self.policy.record(b, drafts.source[b], tokens, spent, accepted[b], len(drafts.tokens[b]), drafts.kinds.get(b))
         self.remember([b for b in active if run.room(b) == 0])
         yield event
+
+    def measure(self, begin: float, drafted: float, width: int, drafts: Drafts) -> float | None:
+        """Unseeded, the seconds this cycle cost (None: seeded). Its verify pass over `width`
+        positions and its denoiser draft go to the DraftMemory, unless this is the first cycle
+        of their shape at this batch size, whose time includes one-time set-up: such a cycle
+        costs what the timings kept so far say (`DraftMemory.estimate`; None while none is
+        kept, and a source whose rate is None is tried again)."""
+        if self.memory is None:
+            return None
+        verified, batch = time.perf_counter(), self.run.batch
+        draft_width = max(drafts.den_rows.values()) if drafts.passes else None
+        if self.memory.first_timing(batch, width, draft_width):
+            return self.memory.estimate(batch, width, draft_width is not None)
+        self.memory.add_cycle(batch, width, verified - drafted, drafted - begin if drafts.passes else None)
+        return verified - begin
 
     def longest_draft(self) -> int:
         """The most drafts a row's pass may hold: the block size, and on quantised weights as
