@@ -1,8 +1,9 @@
 """Checkpoints: a folder of config.json and denoiser.safetensors, the trained tensors only (the
 denoiser's `trained_state_dict`), and where there is one the draft vocabulary
-(`draft_vocab.safetensors`, `twotower.model.draft_vocab`); the backbone is referenced by `config.backbone_ref` and checked
-by fingerprint. And `load_model`, which loads what a user names: a checkpoint, "default" with the
-denoiser that ships for it (`shipped_denoiser`), or a backbone wrapped as an untrained model.
+(`draft_vocab.safetensors`, `twotower.model.draft_vocab`); the backbone is referenced by
+`config.backbone_ref` and checked by fingerprint. And `load_model`, which loads what a user
+names: a checkpoint, "default" with the denoiser that ships for it (`shipped_denoiser`), or a
+backbone wrapped as an untrained model.
 """
 
 from __future__ import annotations
