@@ -138,7 +138,7 @@ def test_distill_cli_writes_rows(tmp_path, capsys, tiny_folder):
 def test_help_describes_every_option(capsys):
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"generate", "eval", "bench", "train", "distill", "convert", "serve", "cache"}
+    assert set(commands) == {"generate", "eval", "bench", "train", "distill", "convert", "draft-vocab", "serve", "cache"}
     for name, command in commands.items():
         for action in command._actions:
             assert action.help, (name, action.dest)

@@ -62,7 +62,8 @@ def test_untrained_mock_ar_equals_ar(denoiser_kind, family):
     ar = generate_ar(model, PROMPTS, max_new_tokens=20)
     mock = generate_mock_ar(model, PROMPTS, max_new_tokens=20)
     assert mock.tokens == ar.tokens
-    assert mock.denoiser_passes == 20 and mock.tokens_per_nfe == 1.0
+    blocks = len(mock.details["block_starts"][0])  # each block's first token is a context pass's
+    assert mock.denoiser_passes == 20 - blocks and mock.context_passes == blocks
 
 
 @pytest.mark.parametrize("family", ["llama", "nemotron_h"])
@@ -154,7 +155,7 @@ def _stub_denoiser(model, monkeypatch):
     """A stub denoiser over a block [y_0, y_1, ...]: slot 1 predicts token 60 with probability
     0.84, slot 2 EOS with 0.90, slots 3-7 token 50 with 0.89 (after normalisation)."""
 
-    def denoise(view, block_ids, start_pos, t=None, anchor_hidden=None, slots=None):
+    def denoise(view, block_ids, start_pos, t=None, anchor_hidden=None, slots=None, **pass_options):
         probs = torch.full((*block_ids.shape, VOCAB), 1e-3)
         probs[:, 1:2, 60], probs[:, 2:3, EOS], probs[:, 3:, 50] = 0.5, 0.9, 0.8
         return probs.log()

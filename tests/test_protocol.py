@@ -27,6 +27,7 @@ PROTOCOL = {
     "context_prefill",
     "context_extend",
     "denoise_block",
+    "draft_head",
 }
 
 
@@ -53,8 +54,11 @@ class NextIdModel:
         cache["last"] = tokens[:, -1]
         return self._logits(cache["last"]) if logits == "last" else None
 
-    def denoise_block(self, reads, block, t=None, slots=None):
+    def denoise_block(self, reads, block, t=None, slots=None, causal=False, head=None, first=0):
         raise AssertionError("AR mode never runs the denoiser")
+
+    def draft_head(self, size):
+        raise AssertionError("AR mode never drafts")
 
 
 class OnlyTheProtocol:

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 
 from twotower.settings import (
     DTYPES,
@@ -154,6 +155,16 @@ def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:
     convert.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype (default: %(default)s)")
     convert.set_defaults(func=cmd_convert)
     add_cache_command(sub)
+    vocab = sub.add_parser(
+        "draft-vocab",
+        help="store a checkpoint's draft vocabulary, the tokens of its training data by frequency (docs/verify.md)",
+        description="Count the tokens of a checkpoint's training data (tokenised as training does) and store them "
+        "most frequent first in its draft_vocab.safetensors, which verify mode's --draft-vocab N reads; prints the "
+        "coverage, also written into the checkpoint's MODEL_CARD.md where it has one.",
+    )
+    vocab.add_argument("model", metavar="CHECKPOINT", help="a twotower checkpoint folder")
+    vocab.add_argument("data", nargs="+", metavar="DATA", help="its training data files (as `twotower train --data`)")
+    vocab.set_defaults(func=cmd_draft_vocab)
     return parser
 
 
@@ -283,6 +294,21 @@ def cmd_convert(args) -> int:
     if path.suffix != ".gguf":
         raise TwoTowerError(f"{path} is not a .gguf file: a Hugging Face folder needs no conversion")
     print(convert_gguf(path, torch_dtype(args.dtype)))
+    return 0
+
+
+def cmd_draft_vocab(args) -> int:
+    from twotower.model import draft_vocab
+    from twotower.model.checkpoint import WEIGHTS_NAME
+    from twotower.model.loading import load_model
+
+    if not (Path(args.model) / WEIGHTS_NAME).is_file():
+        raise TwoTowerError(f"{args.model} is not a twotower checkpoint (no {WEIGHTS_NAME})")
+    model, tokenizer = load_model(args.model)
+    vocab = draft_vocab.from_data(args.data, tokenizer, model.num_embeddings)
+    draft_vocab.save(args.model, vocab)
+    draft_vocab.write_card_line(args.model, vocab)
+    print(draft_vocab.card_line(vocab))
     return 0
 
 

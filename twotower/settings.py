@@ -219,6 +219,9 @@ class VerifyOptions(Settings):
                             check=positive, modes=("verify",), metavar="N")  # fmt: skip
     max_draft: int | None = knob(None, "most tokens a row drafts in one verify cycle (default: the block size)",
                                  check=positive, modes=("verify",), metavar="N", request=True)  # fmt: skip
+    draft_vocab: int = knob(4096, "denoiser drafts pick among the N most frequent tokens of the checkpoint's training data "
+                            "(its draft_vocab.safetensors; 0, or none stored: the whole vocabulary)", check=non_negative,
+                            modes=("verify",), metavar="N")  # fmt: skip
     tree_nodes: int = knob(0, "denoiser drafts as a token tree of at most N nodes, verified in one pass (0: a chain); "
                            "greedy rows at batch 1 on attention backbones, a chain elsewhere (docs/verify.md)",
                            check=tree_size, modes=("verify",), metavar="N")  # fmt: skip

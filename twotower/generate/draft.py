@@ -79,7 +79,15 @@ def lookup_kind(match: int) -> str:
 
 @torch.no_grad()
 def denoiser_draft(
-    model: DecodingModel, cache, pending, width: int, threshold: float, sampling: Sampling, starts: dict[int, int], steps: int
+    model: DecodingModel,
+    cache,
+    pending,
+    width: int,
+    threshold: float,
+    sampling: Sampling,
+    starts: dict[int, int],
+    steps: int,
+    head=None,
 ):
     """Draft `width` tokens after `pending` with the denoiser, left to right.
 
@@ -89,8 +97,11 @@ def denoiser_draft(
     without the anchor (the cache's last token, whose hidden state a shallow denoiser reads).
     Every pass keeps the drafted prefix and extends it over the following slots predicted above
     the confidence threshold (at least one). Each row picks by its own sampling; starts: row
-    -> the reply position of its first draft (where its position noise starts). Returns tokens
-    (B, W), draft lengths (B,), and the number of passes."""
+    -> the reply position of its first draft (where its position noise starts). head: a
+    `DraftHead` (the draft vocabulary's N tokens: logits, picks, noise and confidence among
+    them only; for rows with no logit_bias and no penalty), or None: the whole head. Only the
+    drafted slots' logits are computed (not slot 0's, the pending token). Returns tokens (B, W),
+    draft lengths (B,), and the number of passes."""
     den, mask_id = model.denoiser_device, model.mask_token_id
     batch = pending.shape[0]
     reads = model.layout.reads(cache, den)
@@ -101,10 +112,14 @@ def denoiser_draft(
     passes = 0
     for _ in range(steps):
         t = (width - length).float() / width
-        logits = model.denoise_block(reads, block, t)[:, 1:]  # (B, W, V)
+        logits = model.denoise_block(reads, block, t, head=head, first=1)  # (B, W, V), or (B, W, N) with a head
         passes += 1
-        tokens = sampling.pick(logits, sampling.noise(logits, starts))
+        noise = sampling.noise(logits if head is None else logits.new_empty(*logits.shape[:2], head.width), starts)
+        noise = noise if noise is None or head is None else noise[..., head.ids.to(noise.device)]
+        tokens = sampling.pick(logits, noise)
         confidence = logits.softmax(-1).gather(-1, tokens[..., None])[..., 0]
+        if head is not None:
+            tokens = head.ids[tokens]  # token ids
         open_slots = slots >= length[:, None]
         forced = slots == length[:, None]
         take = (confidence > threshold) | forced
@@ -168,6 +183,25 @@ class DraftMemory:
         self.seen: dict[tuple, dict[str, tuple[float, float, float]]] = {}
         self.passes: dict[int, dict[int, float]] = {}  # batch -> width -> seconds of a verify pass
         self.drafting: dict[int, float] = {}  # batch -> seconds of a denoiser draft
+        self.timed: set[tuple] = set()  # the shapes timed once already (`first_timing`)
+
+    def first_timing(self, batch: int, width: int, draft_width: int | None) -> bool:
+        """Whether this cycle is the first at this batch size with a verify pass over `width`
+        positions, or with a denoiser draft of `draft_width` tokens (None: no draft): its time
+        includes one-time set-up (kernels chosen, buffers allocated for a new shape) that later
+        passes do not pay, so it is not kept: the cycle counts as `estimate` says."""
+        batch = batch_bucket(batch)
+        shapes = {(batch, width)} | (set() if draft_width is None else {(batch, "draft", draft_width)})
+        first = not shapes <= self.timed
+        self.timed |= shapes
+        return first
+
+    def estimate(self, batch: int, width: int, denoiser: bool) -> float | None:
+        """The seconds of a cycle of this width (with a denoiser draft or not) from the timings
+        kept so far at this batch size (`cycle_cost`), None while none is kept."""
+        if not self.passes.get(batch_bucket(batch)):
+            return None
+        return self.cycle_cost(batch)(width, denoiser)
 
     def prior(self, key) -> dict[str, tuple[float, float, float]]:
         """source -> (rate, acceptance, wait) measured under this setting so far (empty: none)."""
@@ -322,13 +356,16 @@ class DraftPolicy:
         return least + max(range(len(pays)), key=pays.__getitem__)  # the shortest of the best
 
     def record(
-        self, row: int, source: str, tokens: int, cost: float, accepted: int = 0, drafted: int = 0, kind: str | None = None
+        self, row: int, source: str, tokens: int, cost: float | None, accepted: int = 0, drafted: int = 0, kind: str | None = None
     ) -> None:
         """A cycle of `source` committed `tokens` at `cost`, accepting `accepted` of `drafted` drafts
-        (counted under `kind`, default the source)."""
+        (counted under `kind`, default the source). cost None: a cycle whose time says nothing of
+        later ones (`DraftMemory.first_timing`): its acceptance counts, its rate does not (a
+        source without a rate is tried again)."""
         self.last_used[row][source] = self.cycles[row]
         self.cycles[row] += 1
-        self.rates[row][source] = ema(self.rates[row][source], tokens / max(cost, 1e-9), self.decay)
+        if cost is not None:
+            self.rates[row][source] = ema(self.rates[row][source], tokens / max(cost, 1e-9), self.decay)
         if drafted:
             hits, trials = self.counts[row].get(kind or source, (0.0, 0.0))
             judged = accepted + (1 if accepted < drafted else 0)  # the run, and the token that broke it

@@ -1,4 +1,4 @@
-"""Mask-diffusion mode, and mock-AR (the denoiser as a one-token predictor).
+"""Mask-diffusion mode, and mock-AR (the denoiser as a one-token-per-pass predictor).
 
 Diffusion, one cycle per context pass, in named steps:
   1. the context pass that read the committed text gives the AR distribution of the next
@@ -11,6 +11,8 @@ Diffusion, one cycle per context pass, in named steps:
      denoiser token is never forced into the text;
   3. `extend_context`: the context tower reads each row's committed prefix [y_0 .. y_j] in one
      pass (rows may keep different numbers), which gives the next cycle's y_0.
+Mock-AR is the same cycle with another step 2 (`fill_left_to_right`, docs/METHOD.md section
+3.9): the denoiser commits one slot per pass, left to right, whatever its confidence.
 Tokens committed after a row's first still-masked slot are dropped with the block: only the
 committed prefix becomes text. A weak denoiser therefore degrades to AR's text at a little
 less than AR's speed, not to garbage; a trained one commits several tokens per pass.
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from twotower.config import TwoTowerError
-from twotower.generate.common import Decoder, NextTokenDecoder, drive, start_run
+from twotower.generate.common import NextTokenDecoder, drive, start_run
 from twotower.generate.sampling import TokenLogprob
 from twotower.model.protocol import DecodingModel
 
@@ -160,17 +162,24 @@ class DiffusionDecoder(NextTokenDecoder):
         self.starts = [[] for _ in self.run.tokens]  # per row: where each block (each context pass's token) starts
 
     def cycle(self):
-        model, run, s = self.model, self.run, self.run.settings
+        model, run = self.model, self.run
         first, logprobs = run.next_tokens(self.logits.to(model.denoiser_device))  # AR's
         live = run.live_rows()
         for b in live:
             self.starts[b].append(len(run.tokens[b]))
-        size = min(s.block_size, max(run.room(b) for b in live))
+        size = min(self.block_size(), max(run.room(b) for b in live))
         block = open_block(run, first, size, model.mask_token_id, model.denoiser_device, logprobs)
         yield emit_prefix(run, block)
-        yield from fill_block(model, run, self.cache, block)
+        yield from self.fill(block)
         if not run.finished:
             self.logits = extend_context(model, run, self.cache, block)
+
+    def block_size(self) -> int:
+        return self.run.settings.block_size
+
+    def fill(self, block: Block):
+        """Step 2: the denoiser's passes over the block (`fill_block`)."""
+        return fill_block(self.model, self.run, self.cache, block)
 
     def join(self, other: DiffusionDecoder) -> None:
         super().join(other)
@@ -184,34 +193,45 @@ class DiffusionDecoder(NextTokenDecoder):
         return {"cycles": self.run.context_passes, "block_starts": self.starts}
 
 
-class MockARDecoder(Decoder):
-    """One cycle: the denoiser, fed each row's last committed token with the layout's view and
-    no time conditioning, predicts the next token; the context tower reads it (unless every
-    row is finished)."""
-
-    def start(self):
-        self.cache, _ = self.read_prompts(logits=None)
-        yield from ()
-
-    def cycle(self):
-        model, run = self.model, self.run
-        den, cache = model.denoiser_device, self.cache
-        mask = torch.full((run.batch, 1), model.mask_token_id, dtype=torch.long, device=den)
-        logits = model.denoise_block(model.layout.reads(cache, den), mask)
+def fill_left_to_right(model: DecodingModel, run, cache, block: Block):
+    """Mock-AR's step 2: one denoiser pass per slot, left to right, each committing the row's
+    first masked slot whatever its confidence. Each slot attends to the slots before it only
+    (`causal`), so that an untrained full-depth denoiser, which is the backbone, gives each
+    slot the AR model's next token (a shallow one's slots after the anchor enter an upper layer
+    as token embeddings: only training teaches them). Each row picks by its own sampling.
+    Yields a StreamEvent per pass."""
+    reads = model.layout.reads(cache, model.denoiser_device)
+    slots = torch.arange(block.tokens.shape[1], device=block.tokens.device)[None]
+    maskable = (block.allowed.sum(1) - 1).clamp(min=1)
+    while bool(block.masked.any()):
+        masked = block.masked
+        live = masked.any(1)
+        first = masked.int().argmax(1)[:, None]  # (B, 1): each live row's first masked slot
+        t = masked.sum(1).float() / maskable
+        logits = model.denoise_block(reads, block.tokens, t, causal=True)
         run.denoiser_passes += 1
-        run.count_pass(run.live_rows())
-        tokens, logprobs = run.next_tokens(logits[:, 0])
-        event = run.emit([[t] for t in tokens.tolist()], logprobs)
-        if not run.finished:
-            model.context_extend(cache, run.context_inputs(tokens).to(cache.valid.device))
-            run.context_passes += 1
-        yield event
+        run.count_pass(live.cpu())
+        noise = run.sampling.fresh_noise(logits, live.nonzero().flatten().tolist(), model.config.block_size)
+        tokens = run.sampling.pick(logits, noise)
+        commit = (slots == first) & live[:, None]
+        block.tokens = torch.where(commit, tokens, block.tokens)
+        block.filled |= commit
+        keep_logprobs(run, block, logits, tokens, commit)
+        yield emit_prefix(run, block)
 
-    def join(self, other: MockARDecoder) -> None:
-        self.cache.join(other.cache)
 
-    def keep_rows(self, rows: list[int]) -> None:
-        self.cache.select(rows)
+class MockARDecoder(DiffusionDecoder):
+    """Mock-AR for an AR-first denoiser (docs/METHOD.md section 3.9): one cycle per context
+    pass, whose own token opens each row's block as in diffusion mode; the denoiser then commits
+    one slot per pass, left to right, to the block's end (`fill_left_to_right`); the context
+    tower reads the block. The denoiser's own next-token slot, which an AR-first denoiser is
+    never trained on, is not used."""
+
+    def block_size(self) -> int:
+        return self.model.config.block_size  # the trained one: mock-AR takes no block size
+
+    def fill(self, block: Block):
+        return fill_left_to_right(self.model, self.run, self.cache, block)
 
 
 @torch.inference_mode()
@@ -231,9 +251,11 @@ def diffusion_stream(model, input_ids, attention_mask=None, *, mask_token_id=Non
 
 @torch.inference_mode()
 def mock_ar_stream(model, input_ids, attention_mask=None, **options):
-    """Mock-AR: the denoiser as a one-token-per-pass predictor over the context caches (fed the
-    last committed token with the layout's view, no time conditioning). With an untrained
-    denoiser it reproduces AR exactly; a check that the two towers line up."""
+    """Mock-AR: the denoiser as a one-token-per-pass predictor for an AR-first denoiser: each
+    block's first token is the context pass's own, then one denoiser pass per slot, left to
+    right, in blocks of the trained size (`MockARDecoder`). With an untrained full-depth
+    denoiser it reproduces AR exactly; a check that the two towers line up. nfe counts
+    denoiser passes."""
     for name in ("block_size", "steps_per_block", "threshold"):
         if name in options:
             raise TwoTowerError(f"mock-ar commits one token per pass; {name} does not apply")

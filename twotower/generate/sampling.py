@@ -131,6 +131,11 @@ class Sampling:
         return any(r.seed is not None and not r.greedy for r in self.rows)
 
     @property
+    def reshaped(self) -> bool:
+        """Whether a row adds a logit_bias or penalties (its picks read the whole vocabulary)."""
+        return any(r.settings.logit_bias or r.penalised for r in self.rows)
+
+    @property
     def plain(self) -> bool:
         """Every row greedy, with no bias and no penalty: the pick is the logits' argmax."""
         return all(r.greedy and not r.settings.logit_bias and not r.penalised for r in self.rows)

@@ -9,7 +9,8 @@ State between cycles: the context cache holds every committed token but the last
 steps:
   1. `choose_sources`: per row, where the draft comes from (the denoiser, prompt lookup, or
      nothing: a plain AR step), by the draft policy (`twotower.generate.draft`);
-  2. `make_drafts`: up to k tokens after `pending` per row;
+  2. `make_drafts`: up to k tokens after `pending` per row (the denoiser's among the draft
+     vocabulary's N tokens, `VerifyOptions.draft_vocab`);
   3. `verify_pass`: the context tower reads [pending, d_1 .. d_k] in one pass; its logits give
      the AR choice a_1 .. a_{k+1} after each prefix, and `accept_drafts` keeps the longest
      prefix with d_i == a_i, plus a_{j+1} (the correction, or a bonus token when every draft
@@ -140,14 +141,14 @@ def cap_drafts(drafts: Drafts, cap: int | None) -> Drafts:
     return drafts
 
 
-def make_drafts(model: DecodingModel, cache, pending, drafts: Drafts, settings, run, draft_steps: int) -> Drafts:
+def make_drafts(model: DecodingModel, cache, pending, drafts: Drafts, settings, run, draft_steps: int, head=None) -> Drafts:
     """Step 2: the denoiser drafts for the rows that chose it, one batched draft of the longest
-    length they ask for (`drafts.den_rows`)."""
+    length they ask for (`drafts.den_rows`), over the draft head `head` (None: the whole LM head)."""
     if drafts.den_rows:
         width = max(drafts.den_rows.values())
         starts = run.positions(list(drafts.den_rows))
         tokens, lengths, drafts.passes = denoiser_draft(
-            model, cache, pending, width, settings.threshold, run.sampling, starts, draft_steps
+            model, cache, pending, width, settings.threshold, run.sampling, starts, draft_steps, head
         )
         run.denoiser_passes += drafts.passes
         run.count_pass(list(drafts.den_rows), drafts.passes)
@@ -221,6 +222,7 @@ class VerifyDecoder(Decoder):
             draft, options.draft_steps, options.lookup_ngram, options.probe_every)  # fmt: skip
         self.given_memory = memory
         self.sources = tuple(w for w in SOURCES_BY_DRAFT[draft] if w != "denoiser" or model.layout.anchored)
+        self.draft_head = model.draft_head(options.draft_vocab) if "denoiser" in self.sources else None
         self.counts = dict.fromkeys(("denoiser", "lookup", "ar"), 0)
         self.cycles = self.drafted = self.accepted = 0
         # Token trees where a pass can verify them (attention backbones; tree.py).
@@ -268,7 +270,8 @@ class VerifyDecoder(Decoder):
             depth = {b: min(room[b], s.block_size - 1) for b in drafts.den_rows}
             drafts = tree_drafts(model, self.cache, self.pending, drafts, self.history, self.tree_size(), depth, run)
         else:
-            drafts = make_drafts(model, self.cache, self.pending, drafts, s, run, self.draft_steps)
+            head = self.draft_head if not run.sampling.reshaped else None  # bias and penalties read the whole vocabulary
+            drafts = make_drafts(model, self.cache, self.pending, drafts, s, run, self.draft_steps, head)
         drafted = time.perf_counter()
         draft_ids, draft_len = drafts.padded(run.pad_id, self.pending.device)
         logits = verify_pass(model, self.cache, self.pending, draft_ids, drafts.parents)
@@ -281,9 +284,7 @@ class VerifyDecoder(Decoder):
             accepted, following, choice = accept_drafts(logits, draft_ids, draft_len, run.sampling, run.positions(active))
         logprobs = run.sampling.logprobs(logits, choice)  # the accepted drafts and the token after them are the picks
         accepted, following = accepted.tolist(), following.tolist()
-        if self.memory is not None:  # what the pass over this width cost, and the denoiser's draft
-            verified = time.perf_counter() - drafted
-            self.memory.add_cycle(run.batch, draft_ids.shape[1] + 1, verified, drafted - begin if drafts.passes else None)
+        seconds = self.measure(begin, drafted, draft_ids.shape[1] + 1, drafts)
         new = commit(self.cache, run, drafts, active, accepted, following, self.history)
         self.cycle_drafts = [(len(drafts.tokens[b]), accepted[b]) for b in active if drafts.tokens[b]]
         for b in active:
@@ -295,17 +296,31 @@ class VerifyDecoder(Decoder):
         )
         self.cycles += 1
         event = run.emit(new, logprobs)
-        # cost of the cycle: wall time; with a seed, tower passes (so a seeded run is reproducible)
-        cost = time.perf_counter() - begin if self.timed else None
+        counted = not self.timed  # a seed: cost in tower passes, so that a seeded run is reproducible
         if gate is not None:
-            gate.record(0, cycle_source, sum(len(new[b]) for b in active), cost if cost is not None else 1 + drafts.passes)
+            gate.record(0, cycle_source, sum(len(new[b]) for b in active), 1 + drafts.passes if counted else seconds)
         if cycle_source == "draft":
             for b in active:
                 passes = 1 + (drafts.passes if drafts.source[b] == "denoiser" else 0)
-                tokens, spent = len(new[b]), cost if cost is not None else passes
+                tokens, spent = len(new[b]), passes if counted else seconds
                 self.policy.record(b, drafts.source[b], tokens, spent, accepted[b], len(drafts.tokens[b]), drafts.kinds.get(b))
         self.remember([b for b in active if run.room(b) == 0])
         yield event
+
+    def measure(self, begin: float, drafted: float, width: int, drafts: Drafts) -> float | None:
+        """Unseeded, the seconds this cycle cost (None: seeded). Its verify pass over `width`
+        positions and its denoiser draft go to the DraftMemory, unless this is the first cycle
+        of their shape at this batch size, whose time includes one-time set-up: such a cycle
+        costs what the timings kept so far say (`DraftMemory.estimate`; None while none is
+        kept, and a source whose rate is None is tried again)."""
+        if self.memory is None:
+            return None
+        verified, batch = time.perf_counter(), self.run.batch
+        draft_width = max(drafts.den_rows.values()) if drafts.passes else None
+        if self.memory.first_timing(batch, width, draft_width):
+            return self.memory.estimate(batch, width, draft_width is not None)
+        self.memory.add_cycle(batch, width, verified - drafted, drafted - begin if drafts.passes else None)
+        return verified - begin
 
     def longest_draft(self) -> int:
         """The most drafts a row's pass may hold: the block size, and on quantised weights as

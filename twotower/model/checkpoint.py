@@ -1,7 +1,9 @@
 """Checkpoints: a folder of config.json and denoiser.safetensors, the trained tensors only (the
-denoiser's `trained_state_dict`); the backbone is referenced by `config.backbone_ref` and checked
-by fingerprint. And `load_model`, which loads what a user names: a checkpoint, "default" with the
-denoiser that ships for it (`shipped_denoiser`), or a backbone wrapped as an untrained model.
+denoiser's `trained_state_dict`), and where there is one the draft vocabulary
+(`draft_vocab.safetensors`, `twotower.model.draft_vocab`); the backbone is referenced by
+`config.backbone_ref` and checked by fingerprint. And `load_model`, which loads what a user
+names: a checkpoint, "default" with the denoiser that ships for it (`shipped_denoiser`), or a
+backbone wrapped as an untrained model.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from twotower.backbones import backbone_fingerprint, load_backbone, read_config, resolve_backbone_path
 from twotower.config import TwoTowerConfig, TwoTowerError
+from twotower.model import draft_vocab
 
 WEIGHTS_NAME = "denoiser.safetensors"
 SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints" / "smollm2-135m-instruct"
@@ -38,6 +41,8 @@ def save(model, path: str | os.PathLike) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    if model.draft_vocab is not None:
+        draft_vocab.save(path, model.draft_vocab)
 
 
 def from_pretrained(cls, path: str | os.PathLike, backbone=None, dtype=None, config=None, **kwargs):
@@ -80,7 +85,18 @@ def from_pretrained(cls, path: str | os.PathLike, backbone=None, dtype=None, con
     model = cls(config, backbone, tokenizer)
     model.tokenizer = tokenizer
     load_trained_state(model, path / WEIGHTS_NAME)
+    model.draft_vocab = load_draft_vocab(path, model.num_embeddings)
     return model
+
+
+def load_draft_vocab(path: Path, num_embeddings: int):
+    """The checkpoint's draft vocabulary (None: it has none), its ids checked against the backbone."""
+    vocab = draft_vocab.load(path)
+    if vocab is not None and len(vocab.ids) and int(vocab.ids.max()) >= num_embeddings:
+        raise TwoTowerError(
+            f"{path / draft_vocab.FILE_NAME} holds token ids outside the backbone's vocabulary [0, {num_embeddings})"
+        )
+    return vocab
 
 
 def resolve_backbone_ref(ref: str | os.PathLike) -> str:

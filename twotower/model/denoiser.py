@@ -189,6 +189,45 @@ class Denoiser(nn.Module):
             logits[..., self.mask_token_id] = float("-inf")
         return logits
 
+    def draft_head(self, ids: torch.Tensor) -> DraftHead:
+        """The LM head restricted to the tokens `ids` (a draft vocabulary's N most frequent),
+        gathered once per set of ids and kept while the head's weights stay where they are."""
+        head = self.backbone.lm_head
+        weight = head.dense_weight if hasattr(head, "dense_weight") else head.weight
+        cached = getattr(self, "_draft_head", None)
+        if cached is None or cached.source != DraftHead.key(weight) or not torch.equal(cached.given, ids):
+            cached = DraftHead(weight, getattr(head, "bias", None), ids, self.mask_token_id)
+            object.__setattr__(self, "_draft_head", cached)  # derived weights: no submodule, not saved
+        return cached
+
+
+class DraftHead:
+    """The LM head's rows of N tokens: logits (..., N) over them only, fp32, for drafts that
+    pick among a draft vocabulary (`twotower.model.draft_vocab`); `ids` maps a pick back to its
+    token id. The mask token is never among them."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor, mask_token_id: int):
+        self.source, self.given = self.key(weight), ids
+        self.width = weight.shape[0]  # V: the whole head's
+        self.ids = ids[ids != mask_token_id].to(weight.device)  # (N,)
+        self.weight = weight.detach()[self.ids].contiguous()  # (N, H)
+        self.bias = None if bias is None else bias.detach()[self.ids]
+
+    @staticmethod
+    def key(weight: torch.Tensor) -> tuple:
+        """What says the head's weights moved, were cast or replaced (the rows must be gathered again)."""
+        return weight.data_ptr(), weight.dtype, weight.device
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., N) fp32 logits."""
+        return torch.nn.functional.linear(hidden.to(self.weight.dtype), self.weight, self.bias).float()
+
+    def spread(self, probs: torch.Tensor) -> torch.Tensor:
+        """A distribution over the N tokens (..., N) as one over the whole vocabulary (..., V),
+        zero outside them."""
+        full = probs.new_zeros(*probs.shape[:-1], self.width)
+        return full.scatter_(-1, self.ids.to(probs.device).expand(probs.shape), probs)
+
 
 class FullDenoiser(Denoiser):
     """Full depth, full weights: its own trainable copy of the whole backbone, whose embedding,

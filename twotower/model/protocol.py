@@ -23,7 +23,7 @@ from twotower.model.layout import BlockLayout, BlockReads
 @runtime_checkable
 class DecodingModel(Protocol):
     """Everything `twotower.generate` reads of a model: four numbers, three devices and limits,
-    the block layout, and three passes (`context_prefill`, `context_extend`, `denoise_block`)."""
+    the block layout, three passes (`context_prefill`, `context_extend`, `denoise_block`) and the draft head."""
 
     config: TwoTowerConfig
     """Read: `config.block_size`, the block size the denoiser was trained on (the default and
@@ -92,12 +92,27 @@ class DecodingModel(Protocol):
         token tree (each token's parent among them, -1: the cache's last token; `verifies_trees`)."""
         ...
 
+    def draft_head(self, size: int):
+        """The denoiser's LM head over the `size` most frequent tokens of its training data (a
+        `DraftHead`: logits (..., N), `ids` (N,) their token ids), or None where there is no such
+        vocabulary or size is 0: drafts then read the whole head."""
+        ...
+
     def denoise_block(
-        self, reads: BlockReads, block: torch.Tensor, t: torch.Tensor | None = None, slots: torch.Tensor | None = None
+        self,
+        reads: BlockReads,
+        block: torch.Tensor,
+        t: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
+        causal: bool = False,
+        head=None,
+        first: int = 0,
     ) -> torch.Tensor:
         """One denoiser pass over the next block after a cache: reads = `layout.reads(cache,
         denoiser_device)`; block (B, S) long, each slot's committed id or `mask_token_id`; t (B,)
         float, the share of the block still masked (None: no time conditioning); slots (B, S)
-        bool, the slots of each row's own block (None: all). Returns float logits (B, S, V),
-        output j predicting slot j, the mask token never chosen."""
+        bool, the slots of each row's own block (None: all); causal: each slot attends to the
+        slots before it only; head: a `DraftHead`, logits over its tokens only (None: the whole
+        vocabulary); first: the first slot whose logits are wanted. Returns float logits
+        (B, S - first, V or N), output j predicting slot first + j, the mask token never chosen."""
         ...

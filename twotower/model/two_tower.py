@@ -53,6 +53,7 @@ class TwoTowerForCausalLM(nn.Module):
         # The context layers the denoiser's layers align with: all of them, or K of them (shallow).
         config.aligned_layers = config.resolve_aligned_layers(len(backbone.model.layers))
         self.denoiser = build_denoiser(config, backbone, self.family, self.mask_token_id)
+        self.draft_vocab = None  # the training data's tokens by frequency (`model.draft_vocab`), from a checkpoint
 
     @classmethod
     def from_backbone(cls, backbone: nn.Module, tokenizer=None, backbone_ref: str = "default", **config_kwargs):
@@ -216,17 +217,27 @@ class TwoTowerForCausalLM(nn.Module):
         return self.context_prefill(input_ids, attention_mask, logits="all")[1]
 
     # ---------------------------------------------------------------- denoiser tower (denoiser.py)
-    def denoise(self, *args, **kwargs) -> torch.Tensor:
-        """One denoiser pass over a block: float logits (B, S, V), the mask token forbidden.
-        Arguments as `denoise_hidden`."""
-        return self.denoiser_logits(self.denoise_hidden(*args, **kwargs))
+    def denoise(self, *args, head=None, first: int = 0, **kwargs) -> torch.Tensor:
+        """One denoiser pass over a block: float logits (B, S - first, V), the mask token
+        forbidden, from slot `first` on; head: a `DraftHead`, logits (B, S - first, N) over its
+        tokens only. Other arguments as `denoise_hidden`."""
+        hidden = self.denoise_hidden(*args, **kwargs)[:, first:]
+        return self.denoiser_logits(hidden) if head is None else head(hidden)
 
-    def denoise_block(self, reads, block: torch.Tensor, t=None, slots: torch.Tensor | None = None) -> torch.Tensor:
+    def denoise_block(
+        self, reads, block: torch.Tensor, t=None, slots=None, causal: bool = False, head=None, first: int = 0
+    ) -> torch.Tensor:
         """One denoiser pass over the next block after a cache: reads = `layout.reads(cache,
         denoiser_device)`, block (B, S) the block's committed ids and mask ids (slot j = y_j),
-        t (B,) or None, slots as `denoise_hidden`. Returns logits (B, S, V), output j for y_j."""
+        t (B,) or None, slots as `denoise_hidden`; causal: each slot attends to the slots before
+        it only (mock-AR); head: a `DraftHead` (logits over its tokens only), else the full head;
+        first: the first slot whose logits are wanted. Returns logits (B, S - first, V or N),
+        output j for y_{first + j}."""
         inputs = self.layout.inputs(reads.anchor, block)
-        return self.denoise(reads.view, inputs, reads.start, t, anchor_hidden=reads.anchor_hidden, slots=slots)
+        mask = extend_mask(reads.view.valid, torch.ones_like(block, dtype=torch.bool)) if causal else None
+        return self.denoise(
+            reads.view, inputs, reads.start, t, mask=mask, anchor_hidden=reads.anchor_hidden, slots=slots, head=head, first=first
+        )
 
     def denoise_hidden(
         self,
@@ -256,6 +267,13 @@ class TwoTowerForCausalLM(nn.Module):
         if mask is None:
             mask = self.layout.block_mask(view.valid, block_ids.shape[1], slots)
         return self.denoiser.hidden(view, block_ids, positions, mask, t, blocks, anchor_hidden)
+
+    def draft_head(self, size: int):
+        """The denoiser's LM head over the `size` most frequent tokens of the draft vocabulary
+        (`Denoiser.draft_head`), or None: size 0, or no draft vocabulary."""
+        if not size or self.draft_vocab is None:
+            return None
+        return self.denoiser.draft_head(self.draft_vocab.top(size))
 
     def denoiser_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
         """Logits (..., V) from the denoiser's final hidden states, the mask token forbidden
