@@ -56,10 +56,11 @@ def test_the_readme_train_your_own_commands_run_as_written(tmp_path):
         assert done.returncode == 0, (line, done.stderr[-2000:])
         runs.append((words[0], done))
 
-    assert [command for command, _ in runs] == ["distill", "train", "train", "train", "generate"]
+    assert [command for command, _ in runs] == ["distill", "train", "train", "train", "draft-vocab", "generate"]
     assert len((tmp_path / "runs" / "distill" / "rows.jsonl").read_text().splitlines()) == 48
     first, again, longer = (json.loads(done.stdout.strip().splitlines()[-1]) for _, done in runs[1:4])
     assert first["step"] == again["step"] == 2 and "already finished at step 2" in runs[2][1].stderr
     assert longer["step"] == 3 and "training longer: --max-steps 2 -> 3 at step 2" in runs[3][1].stderr
     assert "held out (10%" in runs[1][1].stderr and list((tmp_path / "cache" / "features").iterdir())
-    assert runs[4][1].stdout.strip()  # the reply
+    assert (tmp_path / "runs" / "mine" / "final" / "draft_vocab.safetensors").is_file()
+    assert runs[5][1].stdout.strip()  # the reply
