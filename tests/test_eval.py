@@ -160,6 +160,13 @@ def test_operating_points_put_ar_first_and_respect_the_trained_block():
         operating_points(["diffusion"], [16], [0.8], [0.0], trained_block_size=8)
 
 
+def test_verify_runs_once_per_tree_size_and_the_point_carries_it():
+    points = operating_points(["diffusion", "verify"], [None], [0.8], [0.0], trained_block_size=8, trees=(0, 16))
+    assert [(p.mode, p.tree_nodes) for p in points] == [("ar", 0), ("diffusion", 0), ("verify", 0), ("verify", 16)]
+    assert points[3].label.endswith("tree=16") and points[3].options()["tree_nodes"] == 16
+    assert "tree_nodes" not in points[2].options()
+
+
 def test_eval_on_a_tiny_model_mock_ar_retains_everything():
     model, tokenizer = tiny_two_tower(block_size=4), tiny_tokenizer()
     tasks = [Task(f"w{i}", "any-word", " ".join(f"w{j}" for j in p), "regex", r"w\d") for i, p in enumerate(PROMPTS)]

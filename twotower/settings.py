@@ -258,6 +258,8 @@ class PointsOptions(Settings):
     block_sizes: tuple[int | None, ...] = knob((None,), "diffusion block sizes (default: the trained one)", check=positive,
                                                each=True)  # fmt: skip
     thresholds: tuple[float, ...] = knob((0.8,), "confidence thresholds", check=unit_interval, each=True)
+    trees: tuple[int, ...] = knob((0,), "verify mode: token-tree sizes to run, each a point (0: a chain of drafts; "
+                                  "--tree-nodes)", check=tree_size, each=True)  # fmt: skip
     progress: bool = knob(True, "a progress bar")
     out: str | None = knob(None, "write every figure to this JSON file", metavar="FILE.json")
 

@@ -96,7 +96,7 @@ def evaluate(load: LoadOptions = LoadOptions(), options: EvalOptions = EvalOptio
             f"{weights} rows measure a mix; --batch-size 1 measures the {weights} weights alone"
         )
     tasks = select_tasks(load_prompts(o.prompts) if o.prompts else suite_tasks(o.suite), o.tasks_per_category)
-    points = operating_points(o.modes, o.block_sizes, o.thresholds, o.temperatures, model.config.block_size)
+    points = operating_points(o.modes, o.block_sizes, o.thresholds, o.temperatures, model.config.block_size, o.trees)
     judge_model = None
     if o.judge and any(t.check == "none" for t in tasks):
         from twotower.eval.judge import Judge
@@ -172,7 +172,7 @@ def benchmark(load: LoadOptions = LoadOptions(), options: BenchOptions = BenchOp
         modes = tuple(dict.fromkeys([*modes, "mock-ar", "diffusion"]))
         block_sizes = tuple(s for s in SWEEP_BLOCK_SIZES if s <= model.config.block_size)
         thresholds = SWEEP_THRESHOLDS
-    points = operating_points(modes, block_sizes, thresholds, (0.0,), model.config.block_size)
+    points = operating_points(modes, block_sizes, thresholds, (0.0,), model.config.block_size, o.trees)
     model.warm_steps(
         sorted({len(rows) for b in o.batch_sizes for rows, _ in batches(prompts, labels or [None] * len(prompts), b)})
     )

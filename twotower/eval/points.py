@@ -16,6 +16,7 @@ class OperatingPoint:
     threshold: float = 0.8
     temperature: float = 0.0
     seed: int = 0
+    tree_nodes: int = 0  # verify mode: drafts as a token tree of this many nodes (0: a chain)
 
     @property
     def label(self) -> str:
@@ -23,28 +24,32 @@ class OperatingPoint:
             text = f"{self.mode} S={self.block_size} g={self.threshold}"
         else:
             text = self.mode
+        text += f" tree={self.tree_nodes}" if self.tree_nodes else ""
         return text + (f" T={self.temperature}" if self.temperature else "")
 
     def options(self) -> dict:
         opts = {"temperature": self.temperature, "seed": self.seed if self.temperature else None}
         if self.mode in BLOCK_MODES:
             opts.update(block_size=self.block_size, threshold=self.threshold)
+        if self.tree_nodes:
+            opts.update(tree_nodes=self.tree_nodes)
         return opts
 
 
 AR = OperatingPoint("ar")
 
 
-def operating_points(modes, block_sizes, thresholds, temperatures, trained_block_size: int) -> list[OperatingPoint]:
+def operating_points(modes, block_sizes, thresholds, temperatures, trained_block_size: int, trees=(0,)) -> list[OperatingPoint]:
     """AR greedy first (the reference), then every requested combination (a block size of None
-    is the trained block size)."""
+    is the trained block size; verify mode once per tree size)."""
     points = [AR]
     for temperature in temperatures:
         for mode in modes:
             if mode in BLOCK_MODES:
                 for size in block_sizes:
                     size = resolve_block_size(size, trained_block_size)  # None: the trained block size
-                    points += [OperatingPoint(mode, size, g, temperature) for g in thresholds]
+                    nodes = trees if mode == "verify" else (0,)
+                    points += [OperatingPoint(mode, size, g, temperature, tree_nodes=n) for g in thresholds for n in nodes]
             else:
                 points.append(OperatingPoint(mode, None, 0.8, temperature))
     unique = []
