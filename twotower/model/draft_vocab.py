@@ -53,13 +53,6 @@ def count_tokens(token_lists, vocab_size: int) -> DraftVocab:
     return DraftVocab(seen, counts[seen], int(counts.sum()))
 
 
-def from_data(paths, tokenizer, vocab_size: int) -> DraftVocab:
-    """The draft vocabulary of training data files, tokenised as training tokenises them."""
-    from twotower.data import read_rows, row_tokens
-
-    return count_tokens((row_tokens(row, tokenizer) for path in paths for row in read_rows(path)), vocab_size)
-
-
 def save(folder: str | Path, vocab: DraftVocab) -> Path:
     path = Path(folder) / FILE_NAME
     save_file({"ids": vocab.ids.contiguous(), "counts": vocab.counts.contiguous()}, str(path),
