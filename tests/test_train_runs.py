@@ -87,6 +87,15 @@ def test_resume_refuses_other_settings_before_any_work(tmp_path):
         train(_config(tmp_path, max_steps=10), _model(), tiny_tokenizer(), progress=False)
 
 
+def test_a_run_with_an_explicit_held_out_count_resumes_without_naming_it(tmp_path):
+    """A run saved with --eval-sequences 2 (every run before the 10% default named a number)
+    resumed without it keeps its 2 held-out sequences and ends as the uninterrupted run."""
+    whole = train(_config(tmp_path / "a"), _model(), tiny_tokenizer(), progress=False)
+    train(_config(tmp_path / "b"), _model(), tiny_tokenizer(), progress=False, stop_after=3)
+    resumed = train(_config(tmp_path / "b", eval_sequences=None), _model(), tiny_tokenizer(), progress=False)
+    assert resumed["losses"] == whole["losses"] and resumed["step"] == whole["step"]
+
+
 def test_resume_accepts_scheduling_settings_and_a_longer_stable_phase(tmp_path):
     """Log, eval and save intervals and the time limit may change; a larger max_steps only with
     --extend, and while the steps done keep their learning rates (before the decay) the result

@@ -158,6 +158,13 @@ def changed_settings(saved: dict, config: TrainConfig) -> list[str]:
     return changes
 
 
+def kept_held_out(saved: dict, config: TrainConfig) -> TrainConfig:
+    """A run that held out an explicit number of sequences (as every run before the 10% rule did)
+    keeps that number when resumed without --eval-sequences: the same split, the same run."""
+    held = saved.get("config", {}).get("eval_sequences")
+    return config if config.eval_sequences is not None or held is None else dataclasses.replace(config, eval_sequences=held)
+
+
 TRAIN_LONGER = "to train it longer, add --extend to a larger --max-steps (the learning rate goes on from where it is)"
 
 
@@ -687,6 +694,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, progress: bool = True
     out = Path(config.out)
     resume, damaged = resume_point(out)  # the newest checkpoint that loads
     if resume is not None:
+        config = kept_held_out(resume.state, config)
         refuse_other_settings(out, resume.state, config)  # before any work
     accelerator = make_accelerator(config)
     if accelerator.is_main_process and damaged:
