@@ -293,3 +293,16 @@ def test_the_openapi_schema_describes_the_bodies_read_off_the_event_loop(served)
     completion = schema["components"]["schemas"]["CompletionRequest"]
     assert {"prompt", "echo", "logprobs", "n", "mode"} <= set(completion["properties"])
     assert completion["additionalProperties"] is False
+
+
+def test_a_request_may_draft_token_trees(served):
+    """tree_nodes is a request field of verify mode: a greedy reply with trees is the chain's
+    (both AR's), and the field is refused for another mode, by name."""
+    client, _ = served
+    body = _completion(mode="verify", max_tokens=12)
+    chain = client.post("/v1/completions", json=body)
+    tree = client.post("/v1/completions", json=body | {"tree_nodes": 8})
+    assert chain.status_code == tree.status_code == 200
+    assert tree.json()["choices"][0]["text"] == chain.json()["choices"][0]["text"]
+    refused = client.post("/v1/completions", json=_completion(mode="ar", tree_nodes=8))
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "tree_nodes"

@@ -224,7 +224,7 @@ class VerifyOptions(Settings):
                             modes=("verify",), metavar="N")  # fmt: skip
     tree_nodes: int = knob(0, "denoiser drafts as a token tree of at most N nodes, verified in one pass (0: a chain); "
                            "greedy rows at batch 1 on attention backbones, a chain elsewhere (docs/verify.md)",
-                           check=tree_size, modes=("verify",), metavar="N")  # fmt: skip
+                           check=tree_size, modes=("verify",), metavar="N", request=True)  # fmt: skip
 
     def __post_init__(self):
         super().__post_init__()
