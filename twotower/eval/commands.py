@@ -13,7 +13,7 @@ from twotower.eval.quality import run_eval
 from twotower.eval.report import environment, format_table, plot_curve, write_json
 from twotower.eval.speed import batches, run_bench
 from twotower.eval.tasks import Task, builtin_tasks, interleave_categories, load_prompts
-from twotower.settings import EVAL_SUITES, BenchOptions, EvalOptions, LoadOptions, TwoTowerError
+from twotower.settings import EVAL_SUITES, BenchOptions, EvalOptions, LoadOptions, TwoTowerError, VerifyOptions
 
 SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 SWEEP_BLOCK_SIZES = (4, 8, 16)
@@ -193,7 +193,9 @@ def benchmark(load: LoadOptions = LoadOptions(), options: BenchOptions = BenchOp
     print()
     print(format_table(report["pass_cost_ms"], PASS_COLUMNS))
     print(
-        "ms of one batch-1 pass (eager): the context tower over N new positions (logits of each), and the denoiser over a block"
+        "ms of one batch-1 pass (eager): the context tower over N new positions (logits of each), the denoiser over a block "
+        "(every slot's logits over the whole vocabulary), and verify's draft pass (the drafted slots' logits over the draft "
+        f"vocabulary's {VerifyOptions().draft_vocab} tokens; - when the checkpoint stores none)"
     )
     if o.sweep and o.quick:
         report["notes"].append("sweep quality skipped with --quick (no tokenizer)")
@@ -257,7 +259,8 @@ CATEGORY_COLUMNS = [("category", "category"), ("point", "point"), ("batch", "bat
                     ("=AR", "exact_match_vs_ar"), ("x AR", "speedup_vs_generate_ar")]  # fmt: skip
 
 PASS_COLUMNS = [("dtype", "dtype"), ("weights", "weights"), *[(f"ctx {w}", str(w)) for w in (1, 2, 4, 8, 16, 17)],
-                ("17 / 1", "ratio_17_1"), ("denoiser block", "denoiser")]  # fmt: skip
+                ("17 / 1", "ratio_17_1"), ("denoiser block", "denoiser"), ("draft", "draft"),
+                ("draft / 1", "ratio_draft_1")]  # fmt: skip
 
 
 def pass_costs(model, load: LoadOptions, prompt, measured: dict, both: bool = True) -> list[dict]:
@@ -269,17 +272,18 @@ def pass_costs(model, load: LoadOptions, prompt, measured: dict, both: bool = Tr
 
     dtype, weights = model.dtype, load.weights
     name = lambda d: str(d).removeprefix("torch.")
-    rows = [{"dtype": name(dtype), "weights": weights, **measured, "denoiser": denoiser_pass_cost(model, prompt)}]
+    vocab = VerifyOptions().draft_vocab
+    denoiser = lambda m: {"denoiser": denoiser_pass_cost(m, prompt), "draft": denoiser_pass_cost(m, prompt, draft_vocab=vocab)}
+    rows = [{"dtype": name(dtype), "weights": weights, **measured, **denoiser(model)}]
     if both and dtype in (torch.bfloat16, torch.float32):
         other = dtype if weights != "dense" else torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
         twin, _ = load_for_inference(load, dtype=other, weights="dense", compile_steps=False)
-        rows.append(
-            {"dtype": name(other), "weights": "dense", **pass_cost(twin, prompt), "denoiser": denoiser_pass_cost(twin, prompt)}
-        )
+        rows.append({"dtype": name(other), "weights": "dense", **pass_cost(twin, prompt), **denoiser(twin)})
         del twin
     for row in rows:
         row.update({str(k): v for k, v in list(row.items()) if isinstance(k, int)})
         row["ratio_17_1"] = round(row[17] / row[1], 2) if 17 in row and 1 in row else None
+        row["ratio_draft_1"] = round(row["draft"] / row[1], 2) if row["draft"] is not None and 1 in row else None
     return [{k: v for k, v in row.items() if not isinstance(k, int)} for row in rows]
 
 

@@ -116,9 +116,14 @@ def batches(prompts: list, labels: list, batch: int) -> list[tuple[list, object]
 PASS_WIDTHS = (1, 2, 4, 8, 16, 17)
 
 
-def denoiser_pass_cost(model, prompt: list[int], repeats: int = 3) -> float:
+def denoiser_pass_cost(model, prompt: list[int], repeats: int = 3, draft_vocab: int | None = None) -> float | None:
     """Milliseconds of one denoiser pass over a block of the trained size (batch 1, best of
-    `repeats`), logits of every slot included: what a draft or a diffusion step costs."""
+    `repeats`), logits of every slot included: what a diffusion step costs. With draft_vocab,
+    verify's draft pass instead: logits of the drafted slots only, over the draft head of that
+    many tokens (None when the model has no draft vocabulary)."""
+    head = None if draft_vocab is None else model.draft_head(draft_vocab)
+    if draft_vocab is not None and head is None:
+        return None
     from twotower.generate.common import start_run
     from twotower.generate.mask_diffusion import DiffusionDecoder
 
@@ -132,7 +137,8 @@ def denoiser_pass_cost(model, prompt: list[int], repeats: int = 3) -> float:
         block = torch.full((1, model.config.block_size), model.mask_token_id, device=den)
         block[:, 0] = decoder.logits.argmax(-1).to(den)
         begin = time.perf_counter()
-        model.denoise_block(model.layout.reads(decoder.cache, den), block, torch.ones(1, device=den))
+        reads, t = model.layout.reads(decoder.cache, den), torch.ones(1, device=den)
+        model.denoise_block(reads, block, t, head=head, first=0 if head is None else 1)
         best = min(best, time.perf_counter() - begin)
     return round(best * 1000, 2)
 
