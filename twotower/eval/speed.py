@@ -116,6 +116,7 @@ def batches(prompts: list, labels: list, batch: int) -> list[tuple[list, object]
 PASS_WIDTHS = (1, 2, 4, 8, 16, 17)
 
 
+@torch.no_grad()
 def denoiser_pass_cost(model, prompt: list[int], repeats: int = 3, draft_vocab: int | None = None) -> float | None:
     """Milliseconds of one denoiser pass over a block of the trained size (batch 1, best of
     `repeats`), logits of every slot included: what a diffusion step costs. With draft_vocab,

@@ -177,8 +177,12 @@ class Reading:
         return max(1, min(4 * self.chunk, int(self.chunk * seconds / max(self.took, 1e-6))))
 
     @property
+    def total(self) -> int:
+        return self.decoder.run.ids.shape[1]
+
+    @property
     def left(self) -> int:
-        return self.decoder.run.ids.shape[1] - self.read
+        return self.total - self.read
 
     def read_chunk(self, model, chunk: int) -> None:
         """Read the next `chunk` prompt tokens: the first chunk as a prefill, each later one
@@ -362,27 +366,38 @@ class Engine:
         self.reading.append(Reading(job, DECODERS[job.mode](self.model, run, **verify)))
 
     def _read_prompts(self) -> None:
-        """Read up to prefill_chunk prompt tokens, oldest prompt first (a long prompt a chunk per
-        turn, several short ones in one turn); a row whose prompt is read joins its group. While
-        rows are decoding, a turn also reads for at most prefill_share of a cycle's time (chunks
-        sized by what the last one took), so their streams keep their pace at any prompt length."""
+        """Read up to prefill_chunk prompt tokens a turn; a row whose prompt is read joins its
+        group. Short prompts (prefill_chunk tokens at most) are read whole, oldest first, several
+        in one turn; then the oldest long prompt gets a chunk: while rows are decoding, one that
+        takes about prefill_share of a cycle's time (sized by what its last chunk took: a chunk
+        gets dearer as the prompt gets longer), so running streams keep their pace at any prompt
+        length and a long prompt never holds up the short ones behind it."""
         self.reading = deque(r for r in self.reading if not r.job.cancelled)
-        seconds = self.prefill_share * self.cycle_seconds if self.groups and self.prefill_share and self.cycle_seconds else None
-        budget, spent = self.prefill_chunk, 0.0
-        while self.reading and budget > 0 and (seconds is None or spent < seconds):
-            reading = self.reading[0]
-            chunk = min(budget, reading.left, reading.next_chunk(seconds - spent) if seconds else budget)
-            begin = self.clock()
-            if not self._guarded(reading.job, reading.read_chunk, self.model, chunk):
-                self.reading.popleft()
-                continue
-            reading.chunk, reading.took = chunk, self.clock() - begin
-            budget, spent = budget - chunk, spent + reading.took
-            if self.metrics is not None:
-                self.metrics.passes(1, 0)
-            if reading.left == 0:
-                self.reading.popleft()
-                self._guarded(reading.job, self._join, reading)
+        budget = self.prefill_chunk
+        for reading in [r for r in self.reading if r.total <= self.prefill_chunk]:
+            if reading.left > budget:
+                break
+            budget -= reading.left
+            self._read(reading, reading.left)
+        long = next((r for r in self.reading if r.total > self.prefill_chunk), None)
+        if long is not None and budget > 0:
+            seconds = (
+                self.prefill_share * self.cycle_seconds if self.groups and self.prefill_share and self.cycle_seconds else None
+            )
+            self._read(long, min(budget, long.left, long.next_chunk(seconds) if seconds else budget))
+
+    def _read(self, reading: Reading, chunk: int) -> None:
+        """Read `chunk` tokens of one prompt (timed); the row joins its group after its last."""
+        begin = self.clock()
+        if not self._guarded(reading.job, reading.read_chunk, self.model, chunk):
+            self.reading.remove(reading)
+            return
+        reading.chunk, reading.took = chunk, self.clock() - begin
+        if self.metrics is not None:
+            self.metrics.passes(1, 0)
+        if reading.left == 0:
+            self.reading.remove(reading)
+            self._guarded(reading.job, self._join, reading)
 
     def _join(self, reading: Reading) -> None:
         """A row whose prompt is read starts (verify mode: its first token) and joins the group

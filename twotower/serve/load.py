@@ -121,6 +121,7 @@ async def load(url: str, jobs: list[tuple[str, dict]], mode: str, clients: int, 
         read = long.result()
         window = (read["begin"], read["end"])
         extra = {"long_prompt": {k: read[k] for k in ("tokens", "status")} | {"seconds": round(window[1] - window[0], 2)},
+                 "gaps_while_long_prompt": len(gaps(ok, window)),
                  "gap_p90_while_long_prompt_s": quantile(gaps(ok, window), 0.9),
                  "gap_p90_otherwise_s": quantile(gaps(ok, window, inside=False), 0.9)}  # fmt: skip
     return {
