@@ -173,20 +173,22 @@ def test_a_running_stream_gets_cycles_between_the_chunks_of_a_long_prompt(monkey
 
 
 def test_while_rows_decode_a_turn_reads_prompts_for_a_share_of_a_cycle(monkeypatch):
-    """With a clock on which a chunk of c tokens costs 0.01 + 0.004 c and a cycle 0.1: while a
-    stream decodes, a long prompt's chunks are sized to about prefill_share of a cycle (after
-    the first, which has no measure yet) and the prompt is still read whole; a short prompt is
-    read whole in one turn, also behind a long one. Replies equal their replies alone."""
+    """With a clock on which a chunk of c tokens costs 0.002 + 0.002 c and a cycle 0.1: while a
+    stream decodes, a 120-token prompt (longer than prefill_chunk) is read in chunks sized to
+    about prefill_share of a cycle (after the first, which has no measure yet; never fewer
+    than MIN_CHUNK tokens) and still read whole; a short prompt is read whole in one turn,
+    also behind the long one. Replies equal their replies alone."""
     from twotower.serve import engine as engine_module
 
-    model = _model()
-    engine = Engine(model, tiny_tokenizer(), prefill_chunk=32, prefill_share=0.5)  # the 40-token prompt is long
+    model, long_prompt = _model(), PROMPT * 3
+    engine = Engine(model, tiny_tokenizer(), prefill_chunk=32, prefill_share=0.5)
     clock = [0.0]
     engine.clock = lambda: clock[0]
     chunks, read, cycle = [], engine_module.Reading.read_chunk, engine._cycle
+    cost = lambda c: 0.002 + 0.002 * c
 
     def timed_read(self, model, chunk):
-        clock[0] += 0.01 + 0.004 * chunk
+        clock[0] += cost(chunk)
         chunks.append((chunk, bool(engine.groups), len(self.job.prompt_ids)))
         return read(self, model, chunk)
 
@@ -196,7 +198,7 @@ def test_while_rows_decode_a_turn_reads_prompts_for_a_share_of_a_cycle(monkeypat
     while not engine.groups:
         engine.step()
     assert chunks == [(3, False, 3)]  # no row decoding yet: the whole prompt at once
-    new = engine.submit(Job(PROMPT, "ar", {"max_new_tokens": 5}))
+    new = engine.submit(Job(long_prompt, "ar", {"max_new_tokens": 5}))
     engine.step()
     short = engine.submit(Job([8, 9, 10, 11], "ar", {"max_new_tokens": 5}))
     before = len(chunks)
@@ -204,11 +206,13 @@ def test_while_rows_decode_a_turn_reads_prompts_for_a_share_of_a_cycle(monkeypat
     assert chunks[before] == (4, True, 4) and engine.reading[0].job is new  # first and whole: not held up
     while engine.step():
         pass
-    during = [c for c, decoding, length in chunks if decoding and length == len(PROMPT)]
-    assert sum(during) == len(PROMPT) and during[0] == engine_module.FIRST_CHUNK
-    assert all(0.01 + 0.004 * c <= 0.5 * 0.1 + 1e-9 for c in during[2:])  # sized to half a cycle once measured
+    during = [c for c, decoding, length in chunks if decoding and length == len(long_prompt)]
+    assert sum(during) == len(long_prompt) and during[0] == engine_module.FIRST_CHUNK
+    sized = during[1:-1]  # the last one is what is left
+    assert sized and all(engine_module.MIN_CHUNK < c < 32 for c in sized)  # neither the floor nor the token budget
+    assert all(0.04 <= cost(c) <= 0.5 * 0.1 + 1e-9 for c in sized)  # about half a cycle each
     texts = ["".join(e[1] for e in _drain_events(job) if e[0] == "text") for job in (running, new, short)]
-    alone = [([5, 6, 7], 60), (PROMPT, 5), ([8, 9, 10, 11], 5)]
+    alone = [([5, 6, 7], 60), (long_prompt, 5), ([8, 9, 10, 11], 5)]
     assert texts == [_text_alone(model, "ar", prompt, n) for prompt, n in alone]
 
 

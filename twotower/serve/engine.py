@@ -46,6 +46,8 @@ from twotower.settings import VerifyOptions
 from twotower.text import eos_token_ids
 
 BLOCK_MODES = ("diffusion", "verify")
+FLAT_DEPTH = 512  # a prompt token's cost that does not grow with depth, in tokens of depth (chunk sizing)
+MIN_CHUNK = 16  # the fewest tokens a long prompt's chunk reads
 FIRST_CHUNK = 16  # tokens of a prompt's first chunk while rows are decoding (a pass about as dear as a cycle's)
 STUCK_AFTER = 120.0  # seconds one turn of the loop (a cycle or a chunk) may take before /health answers 503
 
@@ -169,12 +171,17 @@ class Reading:
     took: float = 0.0  # the seconds it took
 
     def next_chunk(self, seconds: float) -> int:
-        """Tokens to read next in about `seconds`, from what the last chunk took (a chunk costs
-        more as the prompt gets longer, so the size follows the last one's cost, never more than
-        4x it): FIRST_CHUNK before any was read."""
+        """Tokens to read next in about `seconds`, from what the last chunk took, scaled for
+        depth: a token's cost grows with the tokens before it (attention), so the last chunk's
+        cost per token is scaled by the depths of the two chunks' middles (plus FLAT_DEPTH for
+        what does not grow). Never more than twice the last chunk, nor fewer than MIN_CHUNK tokens
+        (a pass reads every weight once whatever its width: that cost is shared by its tokens);
+        FIRST_CHUNK before any."""
         if not self.chunk:
             return FIRST_CHUNK
-        return max(1, min(4 * self.chunk, int(self.chunk * seconds / max(self.took, 1e-6))))
+        before = FLAT_DEPTH + self.read - self.chunk / 2  # the last chunk's middle
+        per_token = self.took / self.chunk * (FLAT_DEPTH + self.read + self.chunk / 2) / before
+        return max(MIN_CHUNK, min(2 * self.chunk, int(seconds / max(per_token, 1e-9))))
 
     @property
     def total(self) -> int:
