@@ -45,27 +45,22 @@ def _model(context: int = 256):
 
 
 class ThreadServer:
-    """The app in a uvicorn server on a thread of this process (a real HTTP port)."""
+    """The app in uvicorn on a thread of this process (a real HTTP port), configured as `twotower
+    serve` runs it (`server_config`)."""
 
     def __init__(self, model, **options):
         import uvicorn
 
-        from twotower.serve.app import create_app
-        from twotower.serve.guard import header_timeout_protocol
+        from twotower.serve.app import create_app, server_config
         from twotower.settings import ServeOptions
 
-        settings = ServeOptions(**options)
-        self.app = create_app(model, tiny_tokenizer(), "tiny", settings)
-        self.port = _free_port()
-        protocol = header_timeout_protocol(settings.header_timeout)
-        self.server = uvicorn.Server(
-            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", http=protocol)
-        )
+        self.options = ServeOptions(port=_free_port(), **options)
+        self.app = create_app(model, tiny_tokenizer(), "tiny", self.options)
+        self.engine = self.app.state.engine
+        self.server = uvicorn.Server(server_config(self.app, self.options))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        self.port = self.options.port
+        self.url = f"http://127.0.0.1:{self.port}"
 
     def __enter__(self):
         self.thread.start()
@@ -77,7 +72,16 @@ class ThreadServer:
 
     def __exit__(self, *exc):
         self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=30)
+
+    def health(self) -> httpx.Response:
+        return httpx.get(self.url + "/health", timeout=10)
+
+    def wait_idle(self, seconds: float = 10.0) -> None:
+        deadline = time.time() + seconds
+        while self.health().json()["running"] and time.time() < deadline:
+            time.sleep(0.05)
+        assert self.health().json()["running"] == 0
 
 
 @pytest.fixture(scope="module")

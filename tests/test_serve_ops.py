@@ -11,22 +11,22 @@ import json
 import math
 import re
 import signal
-import socket
 import threading
 import time
 
 import httpx
 import pytest
 from conftest import perturb_trained, tiny_backbone, tiny_tokenizer
+from test_serve import ThreadServer as Server
 
 from twotower import TwoTowerForCausalLM, generate
 from twotower.serve.engine import Engine, Job
 from twotower.text import eos_token_ids
 
 pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 
-from twotower.serve.app import POLL_SECONDS, Service, create_app, server_config, startup_line  # noqa: E402
+from twotower.serve.app import POLL_SECONDS, Service, startup_line  # noqa: E402
 from twotower.settings import LoadOptions, ServeOptions  # noqa: E402
 
 PROMPT = [3 + (7 * i + 1) % 90 for i in range(40)]  # the tiny models write on after it (no early EOS)
@@ -53,42 +53,6 @@ class Passes:
             return extend(*args, **kwargs)
 
         monkeypatch.setattr(model, "context_extend", slow)
-
-
-class Server:
-    """The app in uvicorn on a thread of this process, configured as `twotower serve` runs it."""
-
-    def __init__(self, model, **options):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.options = ServeOptions(port=port, **options)
-        self.app = create_app(model, tiny_tokenizer(), "tiny", self.options)
-        self.engine = self.app.state.engine
-        self.server = uvicorn.Server(server_config(self.app, self.options))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{port}"
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "the server did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-    def health(self) -> httpx.Response:
-        return httpx.get(self.url + "/health", timeout=10)
-
-    def wait_idle(self, seconds: float = 10.0) -> None:
-        deadline = time.time() + seconds
-        while self.health().json()["running"] and time.time() < deadline:
-            time.sleep(0.05)
-        assert self.health().json()["running"] == 0
 
 
 def _text_alone(model, mode: str, prompt: list[int], max_new: int) -> str:
