@@ -26,8 +26,8 @@ from twotower.text import eos_token_ids
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from twotower.serve.app import POLL_SECONDS, Service, startup_line  # noqa: E402
-from twotower.settings import LoadOptions, ServeOptions  # noqa: E402
+from twotower.serve.app import POLL_SECONDS, Service, startup_line
+from twotower.settings import LoadOptions, ServeOptions
 
 PROMPT = [3 + (7 * i + 1) % 90 for i in range(40)]  # the tiny models write on after it (no early EOS)
 
