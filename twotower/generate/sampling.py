@@ -138,7 +138,7 @@ class Sampling:
     @property
     def plain(self) -> bool:
         """Every row greedy, with no bias and no penalty: the pick is the logits' argmax."""
-        return all(r.greedy and not r.settings.logit_bias and not r.penalised for r in self.rows)
+        return all(r.greedy for r in self.rows) and not self.reshaped
 
     def noise(self, logits: torch.Tensor, starts: dict[int, int]) -> torch.Tensor | None:
         """(B, W, V) position noise of row b's reply positions starts[b] .. + W - 1 for the
