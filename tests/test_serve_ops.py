@@ -171,7 +171,7 @@ def test_while_rows_decode_a_turn_reads_prompts_for_a_share_of_a_cycle(monkeypat
     while engine.step():
         pass
     during = [c for c, decoding, length in chunks if decoding and length == len(long_prompt)]
-    assert sum(during) == len(long_prompt) and during[0] == engine_module.FIRST_CHUNK
+    assert sum(during) == len(long_prompt) and during[0] == engine_module.MIN_CHUNK
     sized = during[1:-1]  # the last one is what is left
     assert sized and all(engine_module.MIN_CHUNK < c < 32 for c in sized)  # neither the floor nor the token budget
     assert all(0.04 <= cost(c) <= 0.5 * 0.1 + 1e-9 for c in sized)  # about half a cycle each

@@ -47,8 +47,7 @@ from twotower.text import eos_token_ids
 
 BLOCK_MODES = ("diffusion", "verify")
 FLAT_DEPTH = 512  # a prompt token's cost that does not grow with depth, in tokens of depth (chunk sizing)
-MIN_CHUNK = 16  # the fewest tokens a long prompt's chunk reads
-FIRST_CHUNK = 16  # tokens of a prompt's first chunk while rows are decoding (a pass about as dear as a cycle's)
+MIN_CHUNK = 16  # the fewest tokens a long prompt's chunk reads, and its first chunk's size while rows decode
 STUCK_AFTER = 120.0  # seconds one turn of the loop (a cycle or a chunk) may take before /health answers 503
 
 
@@ -175,10 +174,10 @@ class Reading:
         depth: a token's cost grows with the tokens before it (attention), so the last chunk's
         cost per token is scaled by the depths of the two chunks' middles (plus FLAT_DEPTH for
         what does not grow). Never more than twice the last chunk, nor fewer than MIN_CHUNK tokens
-        (a pass reads every weight once whatever its width: that cost is shared by its tokens);
-        FIRST_CHUNK before any."""
+        (a pass reads every weight once whatever its width: that cost is shared by its tokens),
+        which is also the first chunk's size."""
         if not self.chunk:
-            return FIRST_CHUNK
+            return MIN_CHUNK
         before = FLAT_DEPTH + self.read - self.chunk / 2  # the last chunk's middle
         per_token = self.took / self.chunk * (FLAT_DEPTH + self.read + self.chunk / 2) / before
         return max(MIN_CHUNK, min(2 * self.chunk, int(seconds / max(per_token, 1e-9))))
