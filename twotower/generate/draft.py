@@ -114,9 +114,7 @@ def denoiser_draft(
         t = (width - length).float() / width
         logits = model.denoise_block(reads, block, t, head=head, first=1)  # (B, W, V), or (B, W, N) with a head
         passes += 1
-        noise = sampling.noise(logits if head is None else logits.new_empty(*logits.shape[:2], head.width), starts)
-        noise = noise if noise is None or head is None else noise[..., head.ids.to(noise.device)]
-        tokens = sampling.pick(logits, noise)
+        tokens = sampling.pick(logits, sampling.noise(logits, starts, head))
         confidence = logits.softmax(-1).gather(-1, tokens[..., None])[..., 0]
         if head is not None:
             tokens = head.ids[tokens]  # token ids

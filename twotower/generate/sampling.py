@@ -140,15 +140,19 @@ class Sampling:
         """Every row greedy, with no bias and no penalty: the pick is the logits' argmax."""
         return all(r.greedy for r in self.rows) and not self.reshaped
 
-    def noise(self, logits: torch.Tensor, starts: dict[int, int]) -> torch.Tensor | None:
+    def noise(self, logits: torch.Tensor, starts: dict[int, int], head=None) -> torch.Tensor | None:
         """(B, W, V) position noise of row b's reply positions starts[b] .. + W - 1 for the
-        rows in `starts`; zero elsewhere and in greedy rows (None: no row draws)."""
+        rows in `starts`; zero elsewhere and in greedy rows (None: no row draws). head: a
+        `DraftHead` whose N tokens the logits (B, W, N) cover: the noise at those tokens of the
+        whole vocabulary's draw (the same noise the context tower's pick reads)."""
         rows = {b: p for b, p in starts.items() if not self.rows[b].greedy}
         if not rows:
             return None
         noise = torch.zeros(logits.shape, device=logits.device)
+        vocab = logits.shape[2] if head is None else head.width
         for b, p in rows.items():
-            noise[b] = self.rows[b].position_noise(p, logits.shape[1], logits.shape[2], logits.device)
+            drawn = self.rows[b].position_noise(p, logits.shape[1], vocab, logits.device)
+            noise[b] = drawn if head is None else drawn[:, head.ids.to(drawn.device)]
         return noise
 
     def fresh_noise(self, logits: torch.Tensor, rows: list[int], size: int) -> torch.Tensor | None:
