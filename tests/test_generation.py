@@ -56,6 +56,18 @@ def test_ar_stops_each_row_at_its_own_eos():
     assert result.row_nfe == [len(t) for t in result.tokens]
 
 
+@pytest.mark.parametrize("mode", ["ar", "verify", "diffusion"])
+def test_ignore_eos_writes_max_new_tokens_past_an_eos(mode):
+    model = tiny_two_tower(block_size=8)
+    options = {"max_new_tokens": 16, "threshold": 0.05} if mode == "diffusion" else {"max_new_tokens": 16}
+    free = generate(model, mode, PROMPTS, **options).tokens
+    eos = free[0][3]  # row 0 writes it early
+    stopped = generate(model, mode, PROMPTS, eos_token_id=eos, **options).tokens
+    kept = generate(model, mode, PROMPTS, eos_token_id=eos, ignore_eos=True, **options).tokens
+    assert len(stopped[0]) <= 4 and stopped[0][-1] == eos
+    assert kept == free and all(len(row) == 16 for row in kept)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3", "nemotron_h"])
 def test_untrained_mock_ar_equals_ar(denoiser_kind, family):
     model = tiny_two_tower(denoiser_kind, family=family)

@@ -147,6 +147,7 @@ def test_penalties_push_a_repeating_greedy_reply_the_expected_way(model, name):
         (dict(frequency_penalty=-3), "frequency_penalty"),
         (dict(logit_bias={5: 101}), "logit_bias"),
         (dict(logit_bias={"x": 1}), "logit_bias"),
+        (dict(logit_bias={5: True}), "logit_bias"),
         (dict(logit_bias={500: 1.0}), "logit_bias"),
         (dict(logprobs=21), "logprobs"),
     ],

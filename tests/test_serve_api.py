@@ -306,3 +306,17 @@ def test_a_request_may_draft_token_trees(served):
     assert tree.json()["choices"][0]["text"] == chain.json()["choices"][0]["text"]
     refused = client.post("/v1/completions", json=_completion(mode="ar", tree_nodes=8))
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "tree_nodes"
+
+
+def test_ignore_eos_writes_max_tokens_past_an_eos(served):
+    """vLLM's ignore_eos: a reply forced to EOS (logit_bias) ends at once without it, and is
+    max_tokens long with it (finish_reason "length")."""
+    from conftest import EOS
+
+    client, _ = served
+    body = _completion(max_tokens=6, logit_bias={str(EOS): 100})
+    stopped = client.post("/v1/completions", json=body).json()
+    kept = client.post("/v1/completions", json=body | {"ignore_eos": True}).json()
+    assert stopped["usage"]["completion_tokens"] == 1 and stopped["choices"][0]["finish_reason"] == "stop"
+    assert kept["usage"]["completion_tokens"] == 6 and kept["choices"][0]["finish_reason"] == "length"
+    assert client.post("/v1/completions", json=body | {"ignore_eos": "maybe"}).status_code == 400

@@ -7,6 +7,7 @@ machine's speed."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -140,7 +141,7 @@ def test_while_rows_decode_a_turn_reads_prompts_for_a_share_of_a_cycle(monkeypat
     """With a clock on which a chunk of c tokens costs 0.002 + 0.002 c and a cycle 0.1: while a
     stream decodes, a 120-token prompt (longer than prefill_chunk) is read in chunks sized to
     about prefill_share of a cycle (after the first, which has no measure yet; never fewer
-    than MIN_CHUNK tokens) and still read whole; a short prompt is read whole in one turn,
+    than MIN_CHUNK tokens, growing at most twofold) and still read whole; a short prompt is read whole in one turn,
     also behind the long one. Replies equal their replies alone."""
     from twotower.serve import engine as engine_module
 
@@ -174,10 +175,40 @@ def test_while_rows_decode_a_turn_reads_prompts_for_a_share_of_a_cycle(monkeypat
     assert sum(during) == len(long_prompt) and during[0] == engine_module.MIN_CHUNK
     sized = during[1:-1]  # the last one is what is left
     assert sized and all(engine_module.MIN_CHUNK < c < 32 for c in sized)  # neither the floor nor the token budget
-    assert all(0.04 <= cost(c) <= 0.5 * 0.1 + 1e-9 for c in sized)  # about half a cycle each
+    assert all(b <= 2 * a for a, b in itertools.pairwise(during))  # growing at most twofold a turn
+    assert all(cost(c) <= 0.5 * 0.1 + 1e-9 for c in sized) and cost(max(sized)) >= 0.04  # about half a cycle
     texts = ["".join(e[1] for e in _drain_events(job) if e[0] == "text") for job in (running, new, short)]
     alone = [([5, 6, 7], 60), (long_prompt, 5), ([8, 9, 10, 11], 5)]
     assert texts == [_text_alone(model, "ar", prompt, n) for prompt, n in alone]
+
+
+def test_while_no_row_decodes_a_long_prompts_chunk_takes_about_the_idle_bound(monkeypatch):
+    """No stream running: a long prompt is still read in timed chunks (about IDLE_CHUNK_SECONDS
+    each, here 0.05 on a clock where c tokens cost 0.002 + 0.002 c), not a whole --prefill-chunk
+    at once, so a request that arrives meanwhile waits one such chunk; the reply is its reply alone."""
+    from twotower.serve import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "IDLE_CHUNK_SECONDS", 0.05)
+    model, long_prompt = _model(), PROMPT * 3
+    engine = Engine(model, tiny_tokenizer(), prefill_chunk=32, prefill_share=0.5)
+    clock, chunks, read = [0.0], [], engine_module.Reading.read_chunk
+    engine.clock = lambda: clock[0]
+    cost = lambda c: 0.002 + 0.002 * c
+
+    def timed_read(self, model, chunk):
+        clock[0] += cost(chunk)
+        chunks.append(chunk)
+        return read(self, model, chunk)
+
+    monkeypatch.setattr(engine_module.Reading, "read_chunk", timed_read)
+    job = engine.submit(Job(long_prompt, "ar", {"max_new_tokens": 5}))
+    while engine.reading or engine.waiting or not engine.groups:
+        engine.step()
+    assert sum(chunks) == len(long_prompt) and chunks[0] == engine_module.MIN_CHUNK
+    assert all(cost(c) <= 0.05 + 1e-9 for c in chunks) and max(chunks) < 32  # never the whole budget
+    while engine.step():
+        pass
+    assert "".join(e[1] for e in _drain_events(job) if e[0] == "text") == _text_alone(model, "ar", long_prompt, 5)
 
 
 def test_short_prompts_that_arrive_together_are_read_in_one_turn():

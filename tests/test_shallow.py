@@ -167,13 +167,14 @@ def test_a_shallow_denoiser_needs_the_anchor_hidden_state():
         model.denoise(view, torch.tensor([[7, model.mask_token_id]]), torch.tensor([2]))
 
 
-def block_logits(model):
-    """The denoiser's logits over a block after each prompt (slot 0 the prompt's last token)."""
+def block_logits(model, t=(1.0, 0.5, 0.25, 0.75)):
+    """The denoiser's logits over a block after each prompt (slot 0 the prompt's last token) at
+    masking levels t, one per prompt."""
     ids, mask = left_pad(PROMPTS, pad_id=0)
     cache, _ = model.context_prefill(ids, mask)
     block = torch.full((len(PROMPTS), 4), model.mask_token_id)
     block[:, 0] = ids[:, -1]
-    t = torch.tensor([1.0, 0.5, 0.25, 0.75])
+    t = torch.tensor(t)
     with torch.no_grad():
         return model.denoise(cache.view(drop_last=True), block, cache.next_pos - 1, t, anchor_hidden=cache.anchor_hidden)
 
@@ -186,13 +187,37 @@ def test_merged_adapters_give_the_lora_denoisers_output(family, layers, depth):
     perturb_trained(model)
     options = dict(max_new_tokens=12, block_size=4, threshold=0.3)
     lora_logits, lora_tokens = block_logits(model), generate_mask_diffusion(model, PROMPTS, **options).tokens
+    lora_masked = block_logits(model, (1.0,) * 4)  # one level for every row: the merged denoiser keeps its modulation
     context = {k: v.clone() for k, v in model.context_tower.state_dict().items()}
     assert model.merge_adapters() is model
     assert model.denoiser.merged and model.lora is None and len(model.denoiser.denoiser_layers) == depth
     assert not any(p.requires_grad for p in model.denoiser.denoiser_layers.parameters())
     torch.testing.assert_close(block_logits(model), lora_logits, rtol=1e-4, atol=1e-4)
+    for _ in range(2):  # computed, then kept
+        torch.testing.assert_close(block_logits(model, (1.0,) * 4), lora_masked, rtol=1e-4, atol=1e-4)
     assert generate_mask_diffusion(model, PROMPTS, **options).tokens == lora_tokens
     assert all(torch.equal(v, context[k]) for k, v in model.context_tower.state_dict().items())
+    assert (
+        generate_verify(model, PROMPTS, max_new_tokens=12, draft="denoiser").tokens
+        == generate_ar(model, PROMPTS, max_new_tokens=12).tokens
+    )
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_a_merged_denoiser_is_quantised_with_its_model_and_verify_stays_ar(weights):
+    """quantize after merge_adapters: the merged layers take the model's format too (verify's
+    draft pass over a block's rows reads them), the denoiser's logits stay near the dense ones,
+    and verify with the denoiser's drafts is still AR's output."""
+    dense = shallow("llama", 4, 2)
+    perturb_trained(dense)
+    model = shallow("llama", 4, 2)
+    model.load_state_dict(dense.state_dict())
+    dense.merge_adapters()
+    model.merge_adapters().quantize(weights)
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.context_tower.model.layers.modules())
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.denoiser.denoiser_layers.modules())
+    a, b = block_logits(dense), block_logits(model)
+    assert (a - b).norm() / a.norm() < (0.02 if weights == "int8" else 0.3)  # 4 bits of random weights
     assert (
         generate_verify(model, PROMPTS, max_new_tokens=12, draft="denoiser").tokens
         == generate_ar(model, PROMPTS, max_new_tokens=12).tokens
@@ -203,9 +228,6 @@ def test_a_merged_model_is_for_generation_only(tmp_path):
     model = shallow("llama", 4, 2)
     perturb_trained(model)
     model.merge_adapters().quantize("int8")
-    # The context tower is quantised; the denoiser's own (merged) layers stay dense.
-    assert not any(isinstance(m, torch.nn.Linear) for m in model.context_tower.model.layers.modules())
-    assert all(type(m) is torch.nn.Linear for m in model.denoiser.denoiser_layers.modules() if "Linear" in type(m).__name__)
     with pytest.raises(TwoTowerError, match="adapters merged"):
         shallow("llama", 4, 2).merge_adapters().save_pretrained(tmp_path)
     with pytest.raises(TwoTowerError, match="before quantising"):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import PROMPTS, VOCAB, perturb_trained, tiny_two_tower
 
 from twotower import GenerationSettings, TwoTowerError, generate_ar, generate_verify
-from twotower.backbones.base import RowWise, exact_attention, linear
+from twotower.backbones.base import RowWise, exact_attention, linear, sdpa
 from twotower.generate.common import left_pad
 from twotower.generate.draft import DraftMemory, TokenHistory, batch_bucket, lookup_kind, lookup_match, static_cost
 from twotower.generate.sampling import Sampling, filtered
@@ -110,14 +110,8 @@ def test_exact_attention_gives_each_query_what_it_gets_alone(dtype):
         upto = 41 + i
         for b in range(2):
             row = mask[b : b + 1, :, i : i + 1, :upto]
-            alone = F.scaled_dot_product_attention(
-                q[b : b + 1, :, i : i + 1],
-                keys[b : b + 1, :, :upto],
-                values[b : b + 1, :, :upto],
-                attn_mask=None if bool(row.all()) else row,
-                scale=0.25,
-                enable_gqa=True,
-            )
+            own = None if bool(row.all()) else row
+            alone = sdpa(q[b : b + 1, :, i : i + 1], keys[b : b + 1, :, :upto], values[b : b + 1, :, :upto], own, 0.25)
             assert torch.equal(out[b : b + 1, :, i : i + 1], alone), (i, b)
 
 
@@ -138,10 +132,25 @@ def test_exact_attention_at_batch_one_is_the_ar_steps_call_at_any_key_count(dtyp
         out = exact_attention(q, keys, values, mask, 0.125)
         for i in range(seq):
             upto = past + i + 1
-            step = F.scaled_dot_product_attention(
-                q[:, :, i : i + 1], keys[:, :, :upto], values[:, :, :upto], scale=0.125, enable_gqa=True
-            )
+            step = sdpa(q[:, :, i : i + 1], keys[:, :, :upto], values[:, :, :upto], None, 0.125)
             assert torch.equal(out[:, :, i : i + 1], step), (past, i)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_one_query_attention_is_grouped_query_attention(padded):
+    """`sdpa`'s one-query call (query heads folded onto their KV group) computes grouped-query
+    attention: 9 heads over 3 KV heads, with and without a padding mask, fp32."""
+    g = torch.Generator().manual_seed(2)
+    q, keys, values = (
+        torch.randn(2, 9, 1, 64, generator=g),
+        torch.randn(2, 3, 30, 64, generator=g),
+        torch.randn(2, 3, 30, 64, generator=g),
+    )
+    mask = torch.ones(2, 1, 1, 30, dtype=torch.bool)
+    mask[1, ..., :7] = not padded
+    mask = mask if padded else None
+    grouped = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=0.125, enable_gqa=True)
+    assert torch.allclose(sdpa(q, keys, values, mask, 0.125), grouped, atol=1e-6)
 
 
 def test_in_an_exact_pass_a_linear_gives_each_row_what_it_gets_alone():

@@ -146,13 +146,23 @@ def stack(linears: list[nn.Linear]) -> nn.Linear:
 
 
 def quantize_backbone(backbone: nn.Module, weights: str, fusions=()) -> int:
-    """A transformers `*ForCausalLM` in place: its layers' projections as `weights`, those of
-    one input also stacked into one matmul where the family names them (`fusions`, see
-    backbones.base.Family; `sizes` says where each one's outputs are), and its LM head int8
-    (the embedding it may be tied to stays as it is). Returns how many projections were replaced."""
+    """A transformers `*ForCausalLM` in place: its layers' projections as `weights`
+    (`quantize_layers`) and its LM head int8 (the embedding it may be tied to stays as it is).
+    Returns how many projections were replaced."""
+    replaced = quantize_layers(backbone.model.layers, weights, fusions)
+    if isinstance(backbone.lm_head, nn.Linear):
+        backbone.lm_head = Int8Linear(backbone.lm_head)
+        replaced += 1
+    return replaced
+
+
+def quantize_layers(layers: nn.ModuleList, weights: str, fusions=()) -> int:
+    """Decoder layers in place: their projections as `weights`, those of one input also stacked
+    into one matmul where the family names them (`fusions`, see backbones.base.Family; `sizes`
+    says where each one's outputs are). Returns how many projections were replaced."""
     _check(weights)
     replaced = 0
-    for layer in backbone.model.layers:
+    for layer in layers:
         for sublayer, fused, names in fusions:
             parent = getattr(layer, sublayer, None)
             linears = [getattr(parent, n, None) for n in names]
@@ -172,8 +182,4 @@ def quantize_backbone(backbone: nn.Module, weights: str, fusions=()) -> int:
                 setattr(parent, name, quantised(m, weights))
                 first += m.out_features
             replaced += len(names)
-    replaced += quantize_linears(backbone.model.layers, weights)  # the projections left
-    if isinstance(backbone.lm_head, nn.Linear):
-        backbone.lm_head = Int8Linear(backbone.lm_head)
-        replaced += 1
-    return replaced
+    return replaced + quantize_linears(layers, weights)  # the projections left

@@ -75,7 +75,10 @@ def top_logprobs(value) -> bool:
 def bias_map(value) -> bool:
     """{token id: bias}: ids as ints or digit strings (JSON keys), biases in [-100, 100]."""
     return isinstance(value, dict) and all(
-        (count(k) or (isinstance(k, str) and k.isdigit())) and isinstance(v, (int, float)) and -100.0 <= v <= 100.0
+        (count(k) or (isinstance(k, str) and k.isdigit()))
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and -100.0 <= v <= 100.0
         for k, v in value.items()
     )
 
@@ -198,6 +201,8 @@ class GenerationSettings(Settings):
                             "random); row b of a call draws from seed + b", check=int64, metavar="N")  # fmt: skip
     logprobs: int | None = knob(None, "give every generated token its log-probability under the model's own distribution "
                                 "and those of the K likeliest tokens (default: none)", check=top_logprobs, flag="")  # fmt: skip
+    ignore_eos: bool = knob(False, "keep writing after an EOS until max_new_tokens (load tests and benchmarks that need "
+                            "replies of one length; vLLM's ignore_eos)", request=True)  # fmt: skip
     eos_token_id: tuple[int, ...] = knob((), "token ids that end a row", flag="")  # not a flag: the tokenizer's
 
     def __post_init__(self):
@@ -325,8 +330,9 @@ class ServeOptions(Settings):
                               "streams wait for one such pass at a time", check=positive, metavar="N")  # fmt: skip
     prefill_share: float = knob(0.5, "while requests are decoding, the time a long prompt's chunk takes, as a share of "
                                 "one decoding cycle (chunks sized by what the last one took, at least 16 tokens: a pass "
-                                "reads every weight once, so a running stream's gaps grow by that pass too); prompts of "
-                                "at most --prefill-chunk tokens are read whole (0: chunks of --prefill-chunk tokens)",
+                                "reads every weight once, so a running stream's gaps grow by that pass too); higher reads "
+                                "long prompts sooner, lower keeps running streams' pace; prompts of at most "
+                                "--prefill-chunk tokens are read whole (0: chunks of --prefill-chunk tokens)",
                                 check=non_negative, metavar="F")  # fmt: skip
     drain_seconds: float = knob(20.0, "on SIGTERM (or Ctrl-C), seconds in-flight requests get to finish; then they are "
                                 "cancelled and the process exits", check=non_negative, metavar="S")  # fmt: skip

@@ -250,11 +250,27 @@ def attend_over(past: AttentionState | None, k: torch.Tensor, v: torch.Tensor, i
     return torch.cat([past.k, k], dim=2), torch.cat([past.v, v], dim=2), AttentionState(k, v)
 
 
+def sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask, scale: float) -> torch.Tensor:
+    """Attention of q (B, Hq, T, D) over keys and values (B, Hkv, P, D) -> (B, Hq, T, D); mask:
+    None or (B, 1, T, P) bool, True = may attend. One query (a decoding step, and each query of
+    `exact_attention`): the query heads of each KV group folded into the query axis, (B, Hq, 1, D)
+    -> (B, Hkv, Hq/Hkv, D), a plain attention call that transformers also makes for a padded
+    batch; grouped-query attention (`enable_gqa`) would give each query head its own copy of
+    the keys, which a CPU's bf16 kernel pays for in proportion to the keys (docs/benchmarks.md,
+    "One query over a long context")."""
+    bsz, heads, seq, hd = q.shape
+    n_kv = keys.shape[1]
+    if seq == 1 and heads != n_kv:
+        out = F.scaled_dot_product_attention(q.reshape(bsz, n_kv, -1, hd), keys, values, attn_mask=mask, scale=scale)
+        return out.reshape(bsz, heads, 1, hd)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
 def exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask, scale: float):
     """Attention of a pass's T queries (B, Hq, T, D) that gives each the result of a one-token
     pass at its position bit for bit: every row's every query is a call of its own, as a one-token
     pass calls the kernel when its row is unpadded (one query over the slots up to its own,
-    grouped-query heads as heads, `enable_gqa`), under its own row of the mask, dropped when
+    `sdpa`), under its own row of the mask, dropped when
     nothing in it is masked (as `run_layers` drops a one-token pass's). Same call, same result,
     whatever the kernel's summation order depends on.
 
@@ -283,9 +299,7 @@ def exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, m
                 own = None if mask is None else mask[b : b + 1, :, i : i + 1, :upto]
             if own is not None and bool(own.all()):
                 own = None
-            out[b : b + 1, :, i : i + 1] = F.scaled_dot_product_attention(
-                q[b : b + 1, :, i : i + 1], k, v, attn_mask=own, scale=scale, enable_gqa=True
-            )
+            out[b : b + 1, :, i : i + 1] = sdpa(q[b : b + 1, :, i : i + 1], k, v, own, scale)
     return out
 
 

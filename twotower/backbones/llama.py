@@ -31,6 +31,7 @@ from twotower.backbones.base import (
     modulate,
     project,
     project_together,
+    sdpa,
 )
 from twotower.backbones.graphs import LayerGraphs
 
@@ -70,18 +71,6 @@ def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if eps is None:
         return norm(x)
     return norm.weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
-
-
-def sdpa(q, keys, values, mask, scale):
-    """q (B, Hq, T, D) over keys and values (B, Hkv, P, D) -> (B, Hq, T, D). One query with
-    padding: the query heads of each KV group are folded into the query axis, (B, Hq, 1, D) ->
-    (B, Hkv, Hq/Hkv, D), the kernel transformers uses there, bit for bit."""
-    bsz, heads, seq, hd = q.shape
-    n_kv = keys.shape[1]
-    if seq == 1 and mask is not None and heads != n_kv:
-        out = F.scaled_dot_product_attention(q.reshape(bsz, n_kv, -1, hd), keys, values, attn_mask=mask, scale=scale)
-        return out.reshape(bsz, heads, 1, hd)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
 def attention_inputs(layer: nn.Module, x, cos, sin, modulation=None, adapters=None):

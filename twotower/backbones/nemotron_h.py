@@ -36,6 +36,7 @@ from twotower.backbones.base import (
     gated,
     modulate,
     project,
+    sdpa,
 )
 from twotower.backbones.ssm import MambaState, ScanTail, chunked_scan, seeded_conv
 
@@ -66,7 +67,7 @@ def attention(attn: nn.Module, x, past_kv, mask, adapters, in_place: bool = Fals
     if exact and seq > 1:
         out = exact_attention(q, keys, values, mask, attn.scaling)
     else:
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+        out = sdpa(q, keys, values, mask, attn.scaling)
     return project(attn.o_proj, out.transpose(1, 2).reshape(bsz, seq, -1), get("o_proj")), state
 
 

@@ -145,6 +145,10 @@ class Run:
         self.sampling.keep_rows(rows)
         self.done = select_rows(self.done, rows)
 
+    def ends_at_eos(self) -> torch.Tensor:
+        """(B,) bool: the rows an EOS ends (all but those that ignore it)."""
+        return torch.tensor([not r.settings.ignore_eos for r in self.sampling.rows], device=self.done.device)
+
     def context_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
         """Each row's next token (B,) as the context tower's next input (B, 1): the pad id in the
         rows that are finished (the pass still runs over the whole batch)."""
@@ -166,10 +170,11 @@ class Run:
         out = []
         for b, toks in enumerate(new):
             taken = []
+            ends = () if self.sampling.rows[b].settings.ignore_eos else eos
             if not self.done[b]:
                 for tok in toks[: self.max_new[b] - len(self.tokens[b])]:
                     taken.append(tok)
-                    if tok in eos:
+                    if tok in ends:
                         self.done[b] = True
                         break
             self.tokens[b].extend(taken)

@@ -86,7 +86,9 @@ def emit_prefix(run, block: Block):
     slots after it."""
     eos = run.eos.to(block.tokens.device)
     slots = torch.arange(block.tokens.shape[1], device=block.tokens.device)[None]
-    block.allowed &= slots <= first_eos(block.tokens, block.filled & block.allowed, eos)[:, None]
+    first = first_eos(block.tokens, block.filled & block.allowed, eos)
+    first = torch.where(run.ends_at_eos().to(first.device), first, block.tokens.shape[1])
+    block.allowed &= slots <= first[:, None]
     ready = block.prefix().tolist()
     rows = block.tokens.tolist()
     logprobs = None

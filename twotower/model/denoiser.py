@@ -140,6 +140,10 @@ class Denoiser(nn.Module):
             self.mask_embedding.data = self.mask_embedding.data.to(device)
 
     # ---------------------------------------------------------------- the pass
+    def modulation(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """adaLN's modulation (B, L, per_layer, H) for masking levels t (B,)."""
+        return self.time_conditioning(t).to(dtype)
+
     def embed(self, block_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings (B, S, H); the mask id maps to the learned mask embedding."""
         embed = self.backbone.get_input_embeddings()
@@ -169,7 +173,7 @@ class Denoiser(nn.Module):
             hidden = hidden.view(batch, blocks * size, width)
         modulation = None
         if t is not None and self.time_conditioning is not None:
-            modulation = self.time_conditioning(t.to(hidden.device)).to(hidden.dtype)
+            modulation = self.modulation(t.to(hidden.device), hidden.dtype)
         past = [view.states[a] for a in self.aligned]
         p = LayerPass(
             hidden, positions, mask, past, blocks=blocks, modulation=modulation, adapters=self.adapters, layers=self.layers()
@@ -183,7 +187,8 @@ class Denoiser(nn.Module):
         the quantised kernel costs more than the dense matmul, and drafts need not match AR's
         logits."""
         head = self.backbone.lm_head
-        logits = head.dense(hidden) if hasattr(head, "dense") else head(hidden)
+        rows = hidden.reshape(-1, hidden.shape[-1])  # flat rows: strided ones would copy the head's weights
+        logits = (head.dense(rows) if hasattr(head, "dense") else head(rows)).view(*hidden.shape[:-1], -1)
         logits = logits.float() if float32 else logits
         if self.mask_token_id < logits.shape[-1]:
             logits[..., self.mask_token_id] = float("-inf")
@@ -219,8 +224,10 @@ class DraftHead:
         return weight.data_ptr(), weight.dtype, weight.device
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., H) -> (..., N) fp32 logits."""
-        return torch.nn.functional.linear(hidden.to(self.weight.dtype), self.weight, self.bias).float()
+        """(..., H) -> (..., N) fp32 logits. The rows flattened first: a batched matmul over
+        strided rows (a block's drafted slots) would copy the (N, H) weights on every call."""
+        rows = hidden.reshape(-1, hidden.shape[-1]).to(self.weight.dtype)
+        return torch.nn.functional.linear(rows, self.weight, self.bias).float().view(*hidden.shape[:-1], -1)
 
     def spread(self, probs: torch.Tensor) -> torch.Tensor:
         """A distribution over the N tokens (..., N) as one over the whole vocabulary (..., V),
@@ -264,6 +271,19 @@ class ShallowDenoiser(Denoiser):
 
     def trained_modules(self) -> dict[str, nn.Module]:
         return {"denoiser_layers": self.denoiser_layers}
+
+    def modulation(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """adaLN's modulation, kept per masking level: the weights are frozen, and every draft
+        of verify mode reads the one of a wholly masked block (t = 1), so a pass does not pay
+        for three small matmuls of the same input again. Levels that differ across the batch
+        are computed."""
+        if t.numel() == 0 or not bool((t == t[0]).all()):
+            return super().modulation(t, dtype)
+        key = (float(t[0]), t.device, dtype)
+        kept = self.__dict__.setdefault("_modulations", {})  # derived tensors: no submodule, not saved
+        if key not in kept:
+            kept[key] = super().modulation(t[:1], dtype)
+        return kept[key].expand(t.shape[0], *kept[key].shape[1:])
 
 
 class LoRADenoiser(Denoiser):
@@ -317,3 +337,16 @@ class MergedDenoiser(Denoiser):
 
     def trained_modules(self) -> dict[str, nn.Module]:
         return {"denoiser_layers": self.denoiser_layers}
+
+    def modulation(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """adaLN's modulation, kept per masking level: the weights are frozen, and every draft
+        of verify mode reads the one of a wholly masked block (t = 1), so a pass does not pay
+        for three small matmuls of the same input again. Levels that differ across the batch
+        are computed."""
+        if t.numel() == 0 or not bool((t == t[0]).all()):
+            return super().modulation(t, dtype)
+        key = (float(t[0]), t.device, dtype)
+        kept = self.__dict__.setdefault("_modulations", {})  # derived tensors: no submodule, not saved
+        if key not in kept:
+            kept[key] = super().modulation(t[:1], dtype)
+        return kept[key].expand(t.shape[0], *kept[key].shape[1:])

@@ -33,17 +33,21 @@ def merge_adapters(model):
 
 
 def quantize(model, weights: str):
-    """Weight-only int8 / int4 linear layers: both towers' projections and LM heads; LoRA, adaLN,
-    the embeddings and a shallow denoiser's own layers stay as they are (its passes run over a
-    block's rows, where the dense matmul is the cheaper, and 4 bits would not hold a merged
-    adapter's small delta). "dense" leaves the model unchanged. Returns the model."""
+    """Weight-only int8 / int4 linear layers: both towers' projections and LM heads, and a
+    shallow denoiser's merged layers (`merge_adapters` first): verify's draft pass at batch 1
+    has a block's rows, few enough for the quantised kernels (wider passes take the dense
+    weights), and its drafts are checked by the context tower, so 4 bits cost no exactness
+    (their effect on acceptance: docs/benchmarks.md). LoRA adapters left unmerged, adaLN and the
+    embeddings stay as they are. "dense" leaves the model unchanged. Returns the model."""
     if weights == "dense":
         return model
-    from twotower.quant import quantize_backbone
+    from twotower.quant import quantize_backbone, quantize_layers
 
     quantize_backbone(model.context_tower, weights, model.family.fusions)
     if model.denoiser.backbone is not model.context_tower:  # its own copy, or one on another device
         quantize_backbone(model.denoiser.backbone, weights, model.family.fusions)
+    if isinstance(model.denoiser, MergedDenoiser):
+        quantize_layers(model.denoiser.denoiser_layers, weights, model.family.fusions)
     model.weights, model.step_layers = weights, None  # graphs hold the layers' old tensors
     return model
 

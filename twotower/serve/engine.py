@@ -47,7 +47,8 @@ from twotower.text import eos_token_ids
 
 BLOCK_MODES = ("diffusion", "verify")
 FLAT_DEPTH = 512  # a prompt token's cost that does not grow with depth, in tokens of depth (chunk sizing)
-MIN_CHUNK = 16  # the fewest tokens a long prompt's chunk reads, and its first chunk's size while rows decode
+MIN_CHUNK = 16  # the fewest tokens a long prompt's chunk reads, and its first chunk's size
+IDLE_CHUNK_SECONDS = 0.5  # while no row decodes, about how long a long prompt's chunk takes: the most a new request waits
 STUCK_AFTER = 120.0  # seconds one turn of the loop (a cycle or a chunk) may take before /health answers 503
 
 
@@ -377,7 +378,8 @@ class Engine:
         in one turn; then the oldest long prompt gets a chunk: while rows are decoding, one that
         takes about prefill_share of a cycle's time (sized by what its last chunk took: a chunk
         gets dearer as the prompt gets longer), so running streams keep their pace at any prompt
-        length and a long prompt never holds up the short ones behind it."""
+        length and a long prompt never holds up the short ones behind it; while no row decodes,
+        one that takes about IDLE_CHUNK_SECONDS, so a request that arrives meanwhile soon starts."""
         self.reading = deque(r for r in self.reading if not r.job.cancelled)
         budget = self.prefill_chunk
         for reading in [r for r in self.reading if r.total <= self.prefill_chunk]:
@@ -387,9 +389,10 @@ class Engine:
             self._read(reading, reading.left)
         long = next((r for r in self.reading if r.total > self.prefill_chunk), None)
         if long is not None and budget > 0:
-            seconds = (
-                self.prefill_share * self.cycle_seconds if self.groups and self.prefill_share and self.cycle_seconds else None
-            )
+            seconds = None
+            if self.prefill_share:
+                decoding = self.groups and self.cycle_seconds
+                seconds = self.prefill_share * self.cycle_seconds if decoding else IDLE_CHUNK_SECONDS
             self._read(long, min(budget, long.left, long.next_chunk(seconds) if seconds else budget))
 
     def _read(self, reading: Reading, chunk: int) -> None:

@@ -30,12 +30,11 @@ MIXED = (
 )
 
 
-def requests(prompts: list[str], mixed: bool) -> list[tuple[str, dict]]:
+def requests(prompts: list[str], mixed: bool, ignore_eos: bool = False) -> list[tuple[str, dict]]:
     """(prompt, sampling fields) of each request a client cycles over."""
-    if not mixed:
-        return [(p, GREEDY) for p in prompts]
-    sampling = [MIXED[i % len(MIXED)] for i in range(len(prompts))]
-    return [(p, s | {"seed": i} if s["temperature"] else s) for i, (p, s) in enumerate(zip(prompts, sampling))]
+    sampling = [MIXED[i % len(MIXED)] if mixed else GREEDY for i in range(len(prompts))]
+    sampling = [s | {"seed": i} if s["temperature"] else s for i, s in enumerate(sampling)]
+    return [(p, s | {"ignore_eos": True} if ignore_eos else s) for p, s in zip(prompts, sampling)]
 
 
 async def _one(client: httpx.AsyncClient, url: str, request: tuple[str, dict], mode: str, max_tokens: int) -> dict:
@@ -166,6 +165,8 @@ def main(argv=None) -> int:
     parser.add_argument("--mixed", action="store_true", help="prompt i with sampling setting i mod 4: greedy; "
                         "temperature 0.7, top_p 0.9; temperature 1, top_k 40; greedy with top_p 0.5 (sampled ones "
                         "seeded with i)")  # fmt: skip
+    parser.add_argument("--ignore-eos", action="store_true", help="every reply is --max-tokens long (the request "
+                        "field ignore_eos): runs whose settings change where replies end compare like for like")  # fmt: skip
     parser.add_argument("--long-prompt", type=int, default=0, metavar="N", help="one more request, 2 s into each run, "
                         "with a prompt of N tokens: the streams' chunk gaps while it is read are reported apart")  # fmt: skip
     parser.add_argument("--out", default=None, help="write the figures to this JSON file")
@@ -173,18 +174,18 @@ def main(argv=None) -> int:
     from twotower.eval.tasks import builtin_tasks, interleave_categories
 
     prompts = [t.prompt for t in interleave_categories(builtin_tasks())[: args.prompts]]
-    jobs = requests(prompts, args.mixed)
+    jobs = requests(prompts, args.mixed, args.ignore_eos)
     rows = []
     for mode in args.modes.split(","):
         reference = asyncio.run(alone(args.url, jobs, mode, args.max_tokens))
         for n in [int(c) for c in args.clients.split(",")]:
             row = asyncio.run(load(args.url, jobs, mode, n, args.seconds, args.max_tokens, reference, args.long_prompt))
-            rows.append(row | {"mixed": args.mixed})
+            rows.append(row | {"mixed": args.mixed, "ignore_eos": args.ignore_eos})
             print(json.dumps(row), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"url": args.url, "runs": rows, "prompts": len(prompts), "max_tokens": args.max_tokens,
-                       "mixed": args.mixed}, f, indent=2)  # fmt: skip
+                       "mixed": args.mixed, "ignore_eos": args.ignore_eos}, f, indent=2)  # fmt: skip
     return 0 if all(r["errors"] == 0 and r["mismatched_vs_alone"] == 0 for r in rows) else 1
 
 

@@ -52,6 +52,8 @@ def _knob_field(f):
     (the server's setting), its help as the description; its check runs in `Sampling`."""
     choices = f.metadata.get("choices")
     kind = Literal[choices] if choices else int if "int" in str(f.type) else float if "float" in str(f.type) else str
+    if str(f.type) == "bool":
+        kind = bool
     if str(f.type).startswith("Mapping"):  # logit_bias: JSON keys are strings
         kind = dict[str, float]
     return kind | None, Field(None, description=f.metadata.get("help"))
