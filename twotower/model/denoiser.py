@@ -188,7 +188,8 @@ class Denoiser(nn.Module):
         logits."""
         head = self.backbone.lm_head
         rows = hidden.reshape(-1, hidden.shape[-1])  # flat rows: strided ones would copy the head's weights
-        logits = (head.dense(rows) if hasattr(head, "dense") else head(rows)).view(*hidden.shape[:-1], -1)
+        logits = head.dense(rows) if hasattr(head, "dense") else head(rows)
+        logits = logits.view(*hidden.shape[:-1], logits.shape[-1])
         logits = logits.float() if float32 else logits
         if self.mask_token_id < logits.shape[-1]:
             logits[..., self.mask_token_id] = float("-inf")
@@ -227,7 +228,7 @@ class DraftHead:
         """(..., H) -> (..., N) fp32 logits. The rows flattened first: a batched matmul over
         strided rows (a block's drafted slots) would copy the (N, H) weights on every call."""
         rows = hidden.reshape(-1, hidden.shape[-1]).to(self.weight.dtype)
-        return torch.nn.functional.linear(rows, self.weight, self.bias).float().view(*hidden.shape[:-1], -1)
+        return torch.nn.functional.linear(rows, self.weight, self.bias).float().view(*hidden.shape[:-1], len(self.ids))
 
     def spread(self, probs: torch.Tensor) -> torch.Tensor:
         """A distribution over the N tokens (..., N) as one over the whole vocabulary (..., V),
