@@ -72,6 +72,23 @@ def test_a_source_whose_pay_off_is_below_ars_is_not_chosen():
     assert cheap.pays(0, "denoiser", room=4) and cheap.choose(0, room=4) == "denoiser"
 
 
+def test_auto_chooses_by_expected_pay_off_not_by_the_last_cycles_luck():
+    """A denoiser whose drafts were accepted 60% of the time, at a cycle cost of 1.2 AR steps and
+    a little more per drafted position: two unlucky cycles (nothing accepted) sink its measured
+    rate below AR's, yet with the acceptance left (about 38%) it is still expected to commit
+    more tokens per second than AR steps, and auto (skip_unpaid) keeps choosing it, by
+    acceptance over cost. A policy that ranks by measured rate alone turns to AR."""
+    cost = lambda width, denoiser: 0.045 * (1.0 + 0.2 * denoiser + (width - 1) / 16)
+    prior = {"denoiser": (25.0, 0.6, 8), "ar": (22.0, None, 8)}
+    for skip_unpaid, chosen in ((True, "denoiser"), (False, "ar")):
+        policy = DraftPolicy(batch=1, sources=("denoiser", "ar"), prior=prior, cost=cost, skip_unpaid=skip_unpaid)
+        for _ in range(2):
+            policy.record(0, "denoiser", 1, cost(4, True), accepted=0, drafted=3)
+        assert policy.rates[0]["denoiser"] < policy.rates[0]["ar"]
+        assert policy.expected_rate(0, "denoiser", 4) > policy.expected_rate(0, "ar", 4)
+        assert policy.choose(0, room=4) == chosen
+
+
 def test_unseeded_auto_verify_with_a_set_up_cycle_equals_ar():
     model = tiny_two_tower("lora")
     perturb_trained(model, scale=0.3)

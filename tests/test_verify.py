@@ -153,18 +153,35 @@ def test_one_query_attention_is_grouped_query_attention(padded):
     assert torch.allclose(sdpa(q, keys, values, mask, 0.125), grouped, atol=1e-6)
 
 
-def test_in_an_exact_pass_a_linear_gives_each_row_what_it_gets_alone():
+def test_in_an_exact_pass_a_linear_gives_each_row_what_a_one_row_pass_gives_it():
     """bf16 over 1536 inputs (the default model's MLP down projection), where a CPU's matmul of
     several rows may sum a row otherwise than a one-row matmul (AVX512-BF16 without AMX does):
-    in an exact pass (`RowWise`) every row is a one-row `F.linear`'s, bit for bit."""
+    in an exact pass (`RowWise`) every row of a 2- to 17-row pass is, bit for bit, what a
+    one-row pass (an AR step, `linear` outside an exact pass) gives it."""
     g = torch.Generator().manual_seed(0)
     for bias in (False, True, False, True):
         module = torch.nn.Linear(1536, 576, bias=bias).to(torch.bfloat16)
-        x = (3 * torch.randn(2, 9, 1536, generator=g)).to(torch.bfloat16)
-        with torch.no_grad(), RowWise(True):
-            wide = linear(module, x)
-        alone = torch.stack([torch.cat([module(x[b, i : i + 1]) for i in range(9)]) for b in range(2)])
-        assert torch.equal(wide, alone), bias
+        for rows in (2, 9, 17):
+            x = (3 * torch.randn(1, rows, 1536, generator=g)).to(torch.bfloat16)
+            with torch.no_grad(), RowWise(True):
+                wide = linear(module, x)
+            with torch.no_grad():
+                alone = torch.cat([linear(module, x[:, i : i + 1]) for i in range(rows)], 1)
+            assert torch.equal(wide, alone), (bias, rows)
+
+
+def test_a_row_floor_is_measured_per_shape_and_a_pass_below_it_is_padded():
+    """`row_floor` is what this machine's kernels give (1, 2, 4 or none), measured once per
+    shape; `rows_apart_eager` computes fewer rows than the floor inside a padded call, and
+    wider ones as one call: either way each row is what it gets in any other pass."""
+    from twotower.backbones.base import FLOOR_OF, row_floor, rows_apart_eager
+
+    w = (torch.randn(576, 1536) / 40).to(torch.bfloat16)
+    floor = row_floor(w, None)
+    assert floor in (1, 2, 4, None) and any(v == floor for v in FLOOR_OF.values())
+    x = (3 * torch.randn(17, 1536)).to(torch.bfloat16)
+    together = rows_apart_eager(x, w, None)
+    assert all(torch.equal(rows_apart_eager(x[i : i + 1], w, None), together[i : i + 1]) for i in range(17))
 
 
 @pytest.mark.parametrize("weights", ["dense", "int8"])

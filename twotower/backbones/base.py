@@ -17,7 +17,6 @@ lives beside its scan in `ssm.py`), and the LoRA and adaLN hooks both apply the 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -328,46 +327,87 @@ class RowWise:
 
 
 def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """module(x); in an exact pass (`RowWise.on`) over a dense nn.Linear, each of x's rows as a
-    one-row matmul (`rows_apart`): a CPU's matmul of several rows may sum a row's products in
-    another order than a one-row one (it depends on the kernel the library picks for the shape),
-    and a one-token pass multiplies one row. Quantised linears (twotower/quant.py) run as they
-    are."""
-    if not (RowWise.on and type(module) is nn.Linear and x.shape[:-1].numel() > 1):
+    """module(x), where a dense nn.Linear gives each row what every pass gives it: a one-row pass
+    (an AR step) and, in an exact pass (`RowWise.on`), each row of a wider one go through
+    `rows_apart`. A CPU's matmul may sum a row's products in one order when it multiplies one
+    row and in another when it multiplies several (it depends on the kernel the library picks
+    for the shape); `rows_apart` makes both the same call. Wider passes that need not be exact
+    and quantised linears (twotower/quant.py) run as they are."""
+    rows = x.shape[:-1].numel()
+    if type(module) is not nn.Linear or (rows > 1 and not RowWise.on):
         return module(x)
-    return rows_apart(x.reshape(-1, x.shape[-1]), module.weight, module.bias).reshape(*x.shape[:-1], -1)
+    if rows == 1 and FLOOR_OF.get(_floor_key(module.weight, module.bias)) == 1:  # measured: one row as in any pass
+        return module(x)
+    apart = rows_apart if Tracing.on else rows_apart_eager  # a custom op's dispatch costs ~30 us a call
+    return apart(x.reshape(-1, x.shape[-1]), module.weight, module.bias).reshape(*x.shape[:-1], -1)
+
+
+class Tracing:
+    """Whether a compiled graph is being traced now (`graphs.LayerGraphs`): `linear` then records
+    `rows_apart` as one op of its own, so that the graph calls it as it is."""
+
+    on = False
 
 
 @torch.library.custom_op("twotower::rows_apart", mutates_args=())
 def rows_apart(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, weight, bias) over x (M, K) with each row what `F.linear` gives it alone: one
-    call over all rows where the kernel treats M rows as M one-row calls (`rows_alike`), else
-    one call per row. An op of its own, so that a compiled graph calls it as it is."""
-    if rows_alike(str(x.device), x.dtype, weight.shape[1], weight.shape[0], x.shape[0], bias is not None):
+    """`rows_apart_eager` as an op of its own, for compiled graphs."""
+    return rows_apart_eager(x, weight, bias)
+
+
+def rows_apart_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) over x (M, K) with each row what it gets in any pass: computed
+    in a call of at least `row_floor` rows (fewer are padded with zero rows), where this
+    machine's matmul gives every row the same result at any row count from there on; where no
+    such floor was found, each row alone."""
+    floor = row_floor(weight, bias)
+    rows = x.shape[0]
+    if floor is None:
+        return F.linear(x, weight, bias) if rows == 1 else torch.cat([F.linear(x[i : i + 1], weight, bias) for i in range(rows)])
+    if rows >= floor:
         return F.linear(x, weight, bias)
-    return torch.cat([F.linear(x[i : i + 1], weight, bias) for i in range(x.shape[0])])
+    return F.linear(torch.cat([x, x.new_zeros(floor - rows, x.shape[1])]), weight, bias)[:rows]
 
 
-@functools.cache
-def rows_alike(device: str, dtype: torch.dtype, inputs: int, outputs: int, rows: int, bias: bool) -> bool:
-    """Whether this machine's matmul of `rows` rows gives each row, bit for bit, what a one-row
-    matmul gives it, for this shape and dtype: measured once (per thread count too) on random
-    draws of some 256 rows in all. Where it differs, it differs by the kernel the library picks
-    for the shape, so in a share of the rows of every draw."""
-    return _rows_alike(device, dtype, inputs, outputs, rows, bias, torch.get_num_threads())
+FLOORS = (1, 2, 4)  # row counts tried as the floor
+FLOOR_CHECKED = (2, 3, 4, 5, 8, 9, 16, 17)  # row counts checked against it: a verify pass's, a token tree's
 
 
-@functools.cache
-def _rows_alike(device, dtype, inputs, outputs, rows, bias, threads) -> bool:
+FLOOR_OF: dict[tuple, int | None] = {}  # what row_floor measured, by `_floor_key`
+
+
+def _floor_key(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    return str(weight.device), weight.dtype, weight.shape[1], weight.shape[0], bias is not None, torch.get_num_threads()
+
+
+def row_floor(weight: torch.Tensor, bias: torch.Tensor | None) -> int | None:
+    """The fewest rows R (of FLOORS) such that this machine's matmul of this weight's shape and
+    dtype gives each row of a call of M >= R rows (FLOOR_CHECKED), bit for bit, what it gets
+    first in an R-row call padded with zero rows; None if none does. Measured once per shape,
+    dtype, device and thread count, on random draws (kept in FLOOR_OF). Where it differs, it
+    differs by the kernel the library picks for the row count, so in a share of the rows of
+    every draw."""
+    key = _floor_key(weight, bias)
+    if key not in FLOOR_OF:
+        FLOOR_OF[key] = _measure_floor(*key[:5])
+    return FLOOR_OF[key]
+
+
+def _measure_floor(device, dtype, inputs, outputs, bias) -> int | None:
     g = torch.Generator().manual_seed(0)
     make = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
     weight, b = make(outputs, inputs) / inputs**0.5, make(outputs) if bias else None
-    for _ in range(max(3, 256 // rows)):  # some 256 rows in all, whatever the width
-        x = 3 * make(rows, inputs)
-        together = F.linear(x, weight, b)
-        if not all(torch.equal(together[i : i + 1], F.linear(x[i : i + 1], weight, b)) for i in range(rows)):
-            return False
-    return True
+    draws = [3 * make(max(FLOOR_CHECKED), inputs) for _ in range(16)]  # some 256 rows in all
+    for floor in FLOORS:
+        padded = lambda row, floor=floor: F.linear(torch.cat([row, row.new_zeros(floor - 1, inputs)]), weight, b)[:1]
+        if all(
+            torch.equal(F.linear(x[:rows], weight, b)[i : i + 1], padded(x[i : i + 1]))
+            for x in draws
+            for rows in (r for r in FLOOR_CHECKED if r >= floor)
+            for i in range(rows)
+        ):
+            return floor
+    return None
 
 
 @rows_apart.register_fake

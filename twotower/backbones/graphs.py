@@ -40,7 +40,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from twotower.backbones.base import RowWise
+from twotower.backbones.base import RowWise, Tracing
 
 _MISSING = object()
 COMPILED_DTYPES = (torch.bfloat16, torch.float16)  # see above: fp32 runs eagerly
@@ -135,8 +135,13 @@ class LayerGraphs:
             from torch._inductor import config as inductor_config
             from torch.fx.experimental.proxy_tensor import make_fx
 
+            was, Tracing.on = Tracing.on, True
+            try:
+                traced = make_fx(flat)(*tensors, *given)
+            finally:
+                Tracing.on = was
             with inductor_config.patch(emulate_precision_casts=True):
-                return torch._inductor.compile(make_fx(flat)(*tensors, *given), [*tensors, *given])
+                return torch._inductor.compile(traced, [*tensors, *given])
         except Exception as error:  # any failure to compile means: run eagerly
             self._warn(f"could not be compiled ({type(error).__name__}: {str(error).strip().splitlines()[0][:200]})")
             return None

@@ -251,8 +251,10 @@ class DraftPolicy:
     """Per row, for each source of drafting ("denoiser", "lookup", "ar" = no draft): an EMA of
     committed tokens per unit of cost (seconds), and how often a drafted token is accepted.
 
-    Every source is tried once; then each cycle uses the source with the best rate among those
-    available (lookup only when the history offers a match). A source that is not the best is
+    Every source is tried once; then each cycle uses the best source among those available
+    (lookup only when the history offers a match): with `skip_unpaid` (verify's auto), the one
+    expected to make the most tokens per second (`expected_rate`: acceptance over the cost
+    model), else the one with the best measured rate. A source that is not the best is
     re-tried (probed) after `probe_every` cycles; each probe that leaves it behind doubles its
     wait (up to `max_wait`), so probing costs little once the best source is clear, and a source
     that wins a probe is back in use at once.
@@ -324,7 +326,10 @@ class DraftPolicy:
             return untried[0]
         kind = lambda w: lookup if w == "lookup" else None
         paid = [w for w in sources if not self.skip_unpaid or room is None or self.pays(row, w, room, kind(w))]
-        best = self._best(row, paid or sources)
+        if self.skip_unpaid and room is not None:  # by what each is expected to make: acceptance over cost
+            best = max(paid or sources, key=lambda w: self.expected_rate(row, w, room, kind(w)))
+        else:
+            best = self._best(row, paid or sources)
         now, last, wait = self.cycles[row], self.last_used[row], self.wait[row]
         due = [w for w in sources if w != best and now - last[w] >= wait[w]]
         self.probing[row] = bool(due)
@@ -340,6 +345,16 @@ class DraftPolicy:
         """Whether a cycle of this source is expected to make as many tokens per second as an AR step
         or more (an AR step always does)."""
         return source == "ar" or self.draft_length(row, source, room, least=0, kind=kind) > 0
+
+    def expected_rate(self, row: int, source: str, room: int, kind: str | None = None) -> float:
+        """Tokens per unit of cost a cycle of this source is expected to make at its best draft
+        length: its acceptance's expected tokens over the cost of that cycle (an AR step: one
+        token over a one-position pass). Smoother than the measured rate of the last cycles,
+        which a few unlucky drafts sink for as long as the source then waits for a probe."""
+        n = self.draft_length(row, source, room, least=0, kind=kind)
+        if n == 0:
+            return 1 / self.cost(1, False)
+        return expected_tokens(self.acceptance(row, kind or source), n) / self.cost(n + 1, source == "denoiser")
 
     def draft_length(self, row: int, source: str, room: int, least: int | None = None, kind: str | None = None) -> int:
         """The draft length that pays best, of `least` to `room` tokens (least: 0 with
