@@ -224,6 +224,19 @@ def test_a_merged_denoiser_is_quantised_with_its_model_and_verify_stays_ar(weigh
     )
 
 
+@pytest.mark.parametrize("denoiser", ["full", "lora"])
+def test_a_trainable_denoisers_modulation_follows_its_weights(denoiser):
+    """Only the merged (frozen) denoiser keeps adaLN's modulation per masking level: a shallow
+    denoiser that trains computes it from its weights on every pass, so a change of them moves
+    its logits at one masking level for every row too."""
+    model = shallow("llama", 4, 2, denoiser)
+    perturb_trained(model)
+    before = block_logits(model, (1.0,) * 4)
+    with torch.no_grad():
+        model.time_conditioning.t_block[1].bias.add_(0.5)
+    assert not torch.allclose(block_logits(model, (1.0,) * 4), before)
+
+
 def test_a_merged_model_is_for_generation_only(tmp_path):
     model = shallow("llama", 4, 2)
     perturb_trained(model)

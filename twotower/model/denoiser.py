@@ -273,19 +273,6 @@ class ShallowDenoiser(Denoiser):
     def trained_modules(self) -> dict[str, nn.Module]:
         return {"denoiser_layers": self.denoiser_layers}
 
-    def modulation(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """adaLN's modulation, kept per masking level: the weights are frozen, and every draft
-        of verify mode reads the one of a wholly masked block (t = 1), so a pass does not pay
-        for three small matmuls of the same input again. Levels that differ across the batch
-        are computed."""
-        if t.numel() == 0 or not bool((t == t[0]).all()):
-            return super().modulation(t, dtype)
-        key = (float(t[0]), t.device, dtype)
-        kept = self.__dict__.setdefault("_modulations", {})  # derived tensors: no submodule, not saved
-        if key not in kept:
-            kept[key] = super().modulation(t[:1], dtype)
-        return kept[key].expand(t.shape[0], *kept[key].shape[1:])
-
 
 class LoRADenoiser(Denoiser):
     """Low-rank adapters on the projections of the aligned context layers (all of them, or K),
