@@ -51,10 +51,19 @@ def _knob_field(f):
     """A request field from a settings knob (twotower/settings.py): its type, None by default
     (the server's setting), its help as the description; its check runs in `Sampling`."""
     choices = f.metadata.get("choices")
-    kind = Literal[choices] if choices else int if "int" in str(f.type) else float if "float" in str(f.type) else str
-    if str(f.type) == "bool":
-        kind = bool
-    if str(f.type).startswith("Mapping"):  # logit_bias: JSON keys are strings
+    named = str(f.type)
+    kind = (
+        Literal[choices]
+        if choices
+        else bool
+        if named == "bool"
+        else int
+        if "int" in named
+        else float
+        if "float" in named
+        else str
+    )
+    if named.startswith("Mapping"):  # logit_bias: JSON keys are strings
         kind = dict[str, float]
     return kind | None, Field(None, description=f.metadata.get("help"))
 
