@@ -84,13 +84,14 @@ def test_warm_steps_compiles_every_width_before_generation_needs_it():
     model.compile_steps()
     model.warm_steps((1,))
     warmed = len(_graphs(model.step_layers))
-    assert warmed == 2 * model.compiled_positions  # the two pieces, at each width 1..block + 1
+    assert warmed == 2 * (model.compiled_positions + 1)  # the two pieces, at each width 1..block + 1, and an AR step
     generate_verify(model, [PROMPTS[0]], max_new_tokens=24, draft="lookup")
+    generate_ar(model, [PROMPTS[0]], max_new_tokens=8)
     assert len(_graphs(model.step_layers)) == warmed  # nothing left to compile at batch 1
     quantised = _bf16_model(weights="int4")
     quantised.compile_steps()
     quantised.warm_steps((1, 2), positions=3)
-    assert len(_graphs(quantised.step_layers)) == 2 * 2 * 3  # each batch size and width, over int4 or dense rows
+    assert len(_graphs(quantised.step_layers)) == 2 * (3 + 1 + 3)  # each batch size and width, over int4 or dense rows
 
 
 def test_fp32_and_a_failed_compile_run_eagerly(monkeypatch):
@@ -176,3 +177,29 @@ def test_compiled_steps_are_dropped_by_quantize_and_absent_for_the_hybrid():
     hybrid = tiny_two_tower(family="nemotron_h")
     assert not hybrid.compile_steps() and hybrid.step_layers is None
     hybrid.warm_steps((1,))  # nothing to warm
+
+
+@needs_compiler
+@pytest.mark.parametrize("weights", ["dense", "int4"])
+def test_a_merged_denoisers_pass_runs_compiled_within_rounding_and_verify_stays_compiled_ar(weights):
+    """With compile_steps, a merged shallow denoiser's pass (verify's draft, diffusion's steps)
+    runs through the same graphs as the context passes, with adaLN's modulation as an input of
+    its own: within bf16 rounding of the eager pass, and verify over its drafts is still
+    compiled AR."""
+    from test_shallow import block_logits, shallow
+
+    model = shallow("llama", 4, 2)
+    perturb_trained(model)
+    model = model.merge_adapters().to(torch.bfloat16).quantize(weights)
+    eager = block_logits(model)
+    model.compile_steps()
+    model.warm_steps((1,))
+    warmed = len(_graphs(model.step_layers))
+    for prompt in PROMPTS:
+        ar = generate_ar(model, [prompt], max_new_tokens=24).tokens
+        assert generate_verify(model, [prompt], max_new_tokens=24, draft="denoiser").tokens == ar, prompt
+    assert len(_graphs(model.step_layers)) == warmed  # warm_steps compiled the draft pass too
+    compiled = block_logits(model)
+    modulated = [key for key, graph in model.step_layers.inputs.graphs.items() if key[1][-1] is not None and graph]
+    assert modulated, "no graph took the denoiser's modulation"
+    assert close(compiled, eager, tolerance=2**-4)

@@ -137,14 +137,59 @@ def test_a_running_stream_gets_cycles_between_the_chunks_of_a_long_prompt(monkey
     assert texts == [_text_alone(model, "ar", [5, 6, 7], 30), _text_alone(model, "ar", PROMPT, 10)]
 
 
-def test_while_rows_decode_a_turn_reads_prompts_for_a_share_of_a_cycle(monkeypatch):
-    """With a clock on which a chunk of c tokens costs 0.002 + 0.002 c and a cycle 0.1: while a
-    stream decodes, a 120-token prompt (longer than prefill_chunk) is read in chunks sized to
-    about prefill_share of a cycle (after the first, which has no measure yet; never fewer
+def test_while_rows_decode_a_long_prompt_rides_their_passes_for_a_share_of_a_cycle(monkeypatch):
+    """With a clock on which a cycle costs 0.1 and a chunk of c tokens carried by its context
+    pass adds 0.004 + 0.002 c: while a stream decodes, a 120-token prompt (longer than
+    prefill_chunk) is read by a first chunk of MIN_CHUNK tokens apart (a prefill), then in
+    chunks that ride the cycles' passes (`TwoTowerForCausalLM.carrying`): one per cycle,
+    starting at one token, growing at most twofold, sized to add about prefill_share of a cycle;
+    the prompt is read whole and both replies equal their replies alone."""
+    from twotower.serve import engine as engine_module
+
+    model, long_prompt = _model(), PROMPT * 3
+    engine = Engine(model, tiny_tokenizer(), prefill_chunk=32, prefill_share=0.5)
+    clock, carried, apart = [0.0], [], []
+    engine.clock = lambda: clock[0]
+    read, cycle = engine_module.Reading.read_chunk, engine._cycle
+
+    def timed_cycle(key):
+        rider = model.rider
+        clock[0] += 0.1 + (0.0 if rider is None else 0.004 + 0.002 * rider.tokens.shape[1])
+        done = cycle(key)
+        if rider is not None:
+            assert model.rider is None and rider.logits is not None  # the cycle's pass carried it
+            carried.append(rider.tokens.shape[1])
+        return done
+
+    monkeypatch.setattr(engine, "_cycle", timed_cycle)
+    monkeypatch.setattr(engine_module.Reading, "read_chunk", lambda self, m, c: (apart.append(c), read(self, m, c))[1])
+    running = engine.submit(Job([5, 6, 7], "ar", {"max_new_tokens": 80}))
+    while not engine.groups:
+        engine.step()
+    engine.step()  # a cycle alone: its time is what a carried chunk adds to
+    new = engine.submit(Job(long_prompt, "ar", {"max_new_tokens": 5}))
+    while engine.reading or engine.waiting or len(engine.groups[next(iter(engine.groups))].rows) < 2:
+        engine.step()
+    assert apart == [3, engine_module.MIN_CHUNK] and sum(carried) == len(long_prompt) - engine_module.MIN_CHUNK
+    assert carried[0] == 1 and all(b <= 2 * a for a, b in itertools.pairwise(carried))
+    sized = carried[1:-1]  # the last one is what is left
+    assert max(sized) > 8 and all(0.004 + 0.002 * c <= 0.5 * 0.1 + 1e-9 for c in sized)  # about half a cycle, not past it
+    while engine.step():
+        pass
+    texts = ["".join(e[1] for e in _drain_events(job) if e[0] == "text") for job in (running, new)]
+    assert texts == [_text_alone(model, "ar", [5, 6, 7], 80), _text_alone(model, "ar", long_prompt, 5)]
+
+
+def test_while_rows_decode_a_turn_reads_prompts_apart_for_a_share_of_a_cycle(monkeypatch):
+    """Where a pass cannot carry a chunk (`can_carry`: a hybrid backbone, compiled passes), with a
+    clock on which a chunk of c tokens costs 0.002 + 0.002 c and a cycle 0.1: while a stream
+    decodes, a 120-token prompt (longer than prefill_chunk) is read in chunks of its own sized
+    to about prefill_share of a cycle (after the first, which has no measure yet; never fewer
     than MIN_CHUNK tokens, growing at most twofold) and still read whole; a short prompt is read whole in one turn,
     also behind the long one. Replies equal their replies alone."""
     from twotower.serve import engine as engine_module
 
+    monkeypatch.setattr(TwoTowerForCausalLM, "can_carry", property(lambda self: False))
     model, long_prompt = _model(), PROMPT * 3
     engine = Engine(model, tiny_tokenizer(), prefill_chunk=32, prefill_share=0.5)
     clock = [0.0]
@@ -395,3 +440,31 @@ def test_the_readme_example_names_the_served_model():
     for doc in ("README.md", "docs/serving.md"):
         bodies = re.findall(r"-d '(\{.*?\})'", (root / doc).read_text())
         assert bodies and all(json.loads(b)["model"] == "twotower-smollm2-135m" for b in bodies), doc
+
+
+def test_a_cycle_that_fails_while_carrying_a_chunk_ends_that_prompts_request_too(monkeypatch):
+    """The prompt's cache may hold part of the failed pass, so its request ends with the cycle's
+    (a 500's message), and the engine goes on serving."""
+    model, long_prompt = _model(), PROMPT * 3
+    engine = Engine(model, tiny_tokenizer(), prefill_chunk=32, prefill_share=0.5)
+    running = engine.submit(Job([5, 6, 7], "ar", {"max_new_tokens": 80}))
+    while not engine.groups:
+        engine.step()
+    engine.step()
+    new = engine.submit(Job(long_prompt, "ar", {"max_new_tokens": 5}))
+    engine.step()  # its first chunk, a pass of its own
+
+    def broken(backbone, p, rider):
+        raise RuntimeError("broken pass")
+
+    monkeypatch.setattr(model.family, "run_two", broken)
+    engine.step()  # the cycle carries its next chunk, and fails
+    for job in (running, new):
+        events = _drain_events(job)
+        assert events[-1][0] == "error" and events[-1][1].startswith("internal error"), events[-1]
+    assert not engine.reading and not engine.groups
+    monkeypatch.undo()
+    again = engine.submit(Job([8, 9], "ar", {"max_new_tokens": 3}))
+    while engine.step():
+        pass
+    assert _drain_events(again)[-1][0] == "done"

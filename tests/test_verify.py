@@ -137,18 +137,21 @@ def test_exact_attention_at_batch_one_is_the_ar_steps_call_at_any_key_count(dtyp
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_one_query_attention_is_grouped_query_attention(padded):
-    """`sdpa`'s one-query call (query heads folded onto their KV group) computes grouped-query
-    attention: 9 heads over 3 KV heads, with and without a padding mask, fp32."""
+@pytest.mark.parametrize("width", [1, 5, 17, 18])
+def test_a_few_queries_folded_are_grouped_query_attention(padded, width):
+    """`sdpa`'s folded call (query heads folded onto their KV group, the mask repeated for each)
+    computes grouped-query attention: 9 heads over 3 KV heads, one query to a block and the
+    token before it (and a wider pass, not folded), with and without a causal padding mask,
+    fp32."""
     g = torch.Generator().manual_seed(2)
     q, keys, values = (
-        torch.randn(2, 9, 1, 64, generator=g),
-        torch.randn(2, 3, 30, 64, generator=g),
-        torch.randn(2, 3, 30, 64, generator=g),
+        torch.randn(2, 9, width, 64, generator=g),
+        torch.randn(2, 3, 30 + width, 64, generator=g),
+        torch.randn(2, 3, 30 + width, 64, generator=g),
     )
-    mask = torch.ones(2, 1, 1, 30, dtype=torch.bool)
+    mask = torch.ones(width, 30 + width, dtype=torch.bool).tril(30).expand(2, 1, width, 30 + width).clone()
     mask[1, ..., :7] = not padded
-    mask = mask if padded else None
+    mask = mask if padded or width > 1 else None
     grouped = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=0.125, enable_gqa=True)
     assert torch.allclose(sdpa(q, keys, values, mask, 0.125), grouped, atol=1e-6)
 

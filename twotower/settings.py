@@ -328,12 +328,12 @@ class ServeOptions(Settings):
                               "read a chunk at a time, so running streams keep their pace. 512 makes passes wide enough to "
                               "use the hardware about as well as one over a whole long prompt, and short enough that running "
                               "streams wait for one such pass at a time", check=positive, metavar="N")  # fmt: skip
-    prefill_share: float = knob(0.5, "while requests are decoding, the time a long prompt's chunk takes, as a share of "
-                                "one decoding cycle (chunks sized by what the last one took, at least 16 tokens: a pass "
-                                "reads every weight once, so a running stream's gaps grow by that pass too); higher reads "
-                                "long prompts sooner, lower keeps running streams' pace; prompts of at most "
-                                "--prefill-chunk tokens are read whole (0: chunks of --prefill-chunk tokens)",
-                                check=non_negative, metavar="F")  # fmt: skip
+    prefill_share: float = knob(0.5, "while requests are decoding, the time a long prompt's chunk adds to a cycle, as a "
+                                "share of one decoding cycle (a chunk rides the cycle's context pass where the backbone "
+                                "and eager passes allow, else it is a pass of its own of at least 16 tokens; sized by "
+                                "what the last ones took); higher reads long prompts sooner, lower keeps running streams' "
+                                "pace; prompts of at most --prefill-chunk tokens are read whole (0: chunks of "
+                                "--prefill-chunk tokens, each a pass of its own)", check=non_negative, metavar="F")  # fmt: skip
     drain_seconds: float = knob(20.0, "on SIGTERM (or Ctrl-C), seconds in-flight requests get to finish; then they are "
                                 "cancelled and the process exits", check=non_negative, metavar="S")  # fmt: skip
     api_key: str | None = knob(None, "answer only requests with 'Authorization: Bearer KEY' (every route but /health); "

@@ -17,7 +17,7 @@ lives beside its scan in `ssm.py`), and the LoRA and adaLN hooks both apply the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -121,6 +121,11 @@ class Family(Protocol):
     def run_layers(self, backbone: nn.Module, p: LayerPass) -> PassOutput: ...
 
     def empty_states(self, backbone: nn.Module, batch: int) -> list: ...
+
+    # Two context-tower passes over the layers at once, sharing their row-wise calls
+    # (llama.run_two: a prompt chunk riding along a decoding pass); None for a family whose
+    # layers are not row by row (Mamba scans).
+    run_two: Callable[[nn.Module, LayerPass, LayerPass], tuple[PassOutput, PassOutput]] | None
 
     # `run_layers` with compiled graphs around attention (llama.CompiledLayers: .run_layers),
     # made fresh per model; None for a family that has none.
@@ -251,18 +256,27 @@ def attend_over(past: AttentionState | None, k: torch.Tensor, v: torch.Tensor, i
 
 def sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask, scale: float) -> torch.Tensor:
     """Attention of q (B, Hq, T, D) over keys and values (B, Hkv, P, D) -> (B, Hq, T, D); mask:
-    None or (B, 1, T, P) bool, True = may attend. One query (a decoding step, and each query of
-    `exact_attention`): the query heads of each KV group folded into the query axis, (B, Hq, 1, D)
-    -> (B, Hkv, Hq/Hkv, D), a plain attention call that transformers also makes for a padded
-    batch; grouped-query attention (`enable_gqa`) would give each query head its own copy of
-    the keys, which a CPU's bf16 kernel pays for in proportion to the keys (docs/benchmarks.md,
-    "One query over a long context")."""
+    None or (B, 1, T, P) bool, True = may attend. A decoding pass's few queries (at most
+    FOLDED_QUERIES: a step, each query of `exact_attention`, a block, a prompt chunk read while
+    rows decode): the query heads of each KV group folded into the query axis, (B, Hq, T, D) ->
+    (B, Hkv, Hq/Hkv * T, D) with the mask repeated for each, a plain attention call that gives
+    each query what grouped-query attention gives it; grouped-query attention (`enable_gqa`)
+    would give each query head its own copy of the keys, which a CPU's bf16 kernel pays for in
+    proportion to the keys (docs/benchmarks.md, "One query over a long context"). Wider passes
+    (prefills) are compute-bound either way and call it as it is."""
     bsz, heads, seq, hd = q.shape
     n_kv = keys.shape[1]
-    if seq == 1 and heads != n_kv:
-        out = F.scaled_dot_product_attention(q.reshape(bsz, n_kv, -1, hd), keys, values, attn_mask=mask, scale=scale)
-        return out.reshape(bsz, heads, 1, hd)
+    if seq <= FOLDED_QUERIES and heads != n_kv:
+        group = heads // n_kv
+        folded_mask = None if mask is None else mask.repeat(1, 1, group, 1)  # (B, 1, group * T, P): head-major, as q folds
+        out = F.scaled_dot_product_attention(
+            q.reshape(bsz, n_kv, group * seq, hd), keys, values, attn_mask=folded_mask, scale=scale
+        )
+        return out.reshape(bsz, heads, seq, hd)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+FOLDED_QUERIES = 17  # the widest pass `sdpa` folds: a block of 16 and the token before it
 
 
 def exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask, scale: float):
@@ -340,6 +354,22 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return module(x)
     apart = rows_apart if Tracing.on else rows_apart_eager  # a custom op's dispatch costs ~30 us a call
     return apart(x.reshape(-1, x.shape[-1]), module.weight, module.bias).reshape(*x.shape[:-1], -1)
+
+
+def linear_beside(module: nn.Module, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """`linear` over two passes' rows at once, x (N, K): the first `rows` are a pass whose rows
+    must get what they get in it alone (an exact pass, or a one-row step), the rest a prompt
+    chunk riding along (`llama.run_two`). One call where this machine's matmul gives each of
+    those rows the same bits in a call of N rows (a dense nn.Linear with a `row_floor`, N within
+    the row counts it was checked at); otherwise a call for each pass, the first as in its own
+    pass. A pass of several rows that need not be exact shares the call whatever the weights."""
+    if rows > 1 and not RowWise.on:
+        return linear(module, x)
+    n = x.shape[0]
+    if type(module) is nn.Linear and n <= max(FLOOR_CHECKED) and row_floor(module.weight, module.bias) is not None:
+        with RowWise(True):
+            return linear(module, x)
+    return torch.cat([linear(module, x[:rows]), module(x[rows:])])
 
 
 class Tracing:

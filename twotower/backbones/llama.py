@@ -28,6 +28,7 @@ from twotower.backbones.base import (
     exact_attention,
     gate_of,
     gated,
+    linear_beside,
     modulate,
     project,
     project_together,
@@ -79,9 +80,14 @@ def attention_inputs(layer: nn.Module, x, cos, sin, modulation=None, adapters=No
     modulation: None or (B, 6, H) (see `decoder_layer`)."""
     attn = layer.self_attn
     bsz, seq, _ = x.shape
-    hd = attn.head_dim
     h, _ = modulate(rms_norm(layer.input_layernorm, x), modulation, 0)
-    q, k, v = (t.reshape(bsz, seq, -1, hd) for t in project_together(attn, "qkv_proj", QKV, h, adapter_lookup(adapters)))
+    return heads_of(attn, project_together(attn, "qkv_proj", QKV, h, adapter_lookup(adapters)), bsz, seq, cos, sin)
+
+
+def heads_of(attn: nn.Module, projected, bsz: int, seq: int, cos, sin):
+    """The q, k, v projections of one pass's B*T rows -> q (B, Hq, T, D), k and v (B, Hkv, T, D),
+    q and k rotated (post-RoPE)."""
+    q, k, v = (t.reshape(bsz, seq, -1, attn.head_dim) for t in projected)
     v = v.transpose(1, 2)
     if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
         q, k = attn.q_norm(q), attn.k_norm(k)
@@ -169,6 +175,79 @@ def run_layers(backbone, p: LayerPass, layer_fn=decoder_layer) -> PassOutput:
     return PassOutput(rms_norm(backbone.model.norm, hidden), new, captured)
 
 
+def run_two(backbone, p: LayerPass, rider: LayerPass) -> tuple[PassOutput, PassOutput]:
+    """Two context-tower passes over the layers at once (`TwoTowerForCausalLM.carrying`): the
+    rider (a prompt chunk of another cache) shares the calls that work row by row (norms, the
+    linear projections: `base.linear_beside`, which keeps p's rows what they get alone; RoPE;
+    residual adds), and each pass attends over its own cache with its own mask. A pass's fixed
+    cost (some 30 calls per layer) is paid once for both. No modulation, adapters or layer
+    subsets (the context tower's passes). Returns each pass's `PassOutput`."""
+    passes = (p, rider)
+    shapes = [x.hidden.shape[:2] for x in passes]
+    rows = shapes[0].numel()
+    cos, sin = (torch.cat(t) for t in zip(*(_rope_rows(backbone, x) for x in passes)))  # (N, 1, D) each
+    masks = [None if x.mask is not None and bool(x.mask.all()) else x.mask for x in passes]
+    hidden = torch.cat([x.hidden.reshape(-1, x.hidden.shape[-1]) for x in passes])  # (N, H): p's rows, then the rider's
+    new, captured = ([], []), None
+    with RowWise(p.exact):
+        for i, layer in enumerate(backbone.model.layers):
+            if i == p.capture:
+                captured = hidden
+            pasts = [x.layer(i)[0] for x in passes]
+            hidden, states = layer_two(layer, hidden, rows, shapes, cos, sin, pasts, masks, p.exact)
+            for kept, x, state in zip(new, passes, states):
+                kept.append(None if x.keep.kind == "none" else state)
+    hidden = rms_norm(backbone.model.norm, hidden)
+
+    def output(part: int) -> PassOutput:
+        at = slice(0, rows) if part == 0 else slice(rows, None)
+        unflat = lambda t: None if t is None else t[at].reshape(*shapes[part], -1)
+        return PassOutput(unflat(hidden), new[part], unflat(captured))
+
+    return output(0), output(1)
+
+
+def _rope_rows(backbone, p: LayerPass):
+    """A pass's cos/sin tables per row: (B*T, 1, D) each."""
+    return (t[:, 0].reshape(-1, 1, t.shape[-1]) for t in rope_tables(backbone, p.positions, p.hidden.dtype))
+
+
+def layer_two(layer, x, rows: int, shapes, cos, sin, pasts, masks, exact: bool):
+    """One decoder layer over two passes' rows x (N, H), the first `rows` the main pass's (see
+    `run_two`); cos, sin (N, 1, D); attention in place in each pass's cache. The activation runs
+    per pass, so its elementwise kernel sees only that pass's rows, as alone."""
+    attn, block = layer.self_attn, layer.mlp
+    parts = (slice(0, rows), slice(rows, None))
+    q, k, v = (
+        t.reshape(x.shape[0], -1, attn.head_dim)
+        for t in projections_beside(attn, "qkv_proj", QKV, rms_norm(layer.input_layernorm, x), rows)
+    )
+    if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    heads = q.shape[1]
+    qk = rope(torch.cat([q, k], dim=1), cos, sin)  # (N, Hq + Hkv, D): one rotation for both passes
+    outs, states = [], []
+    for part, at in enumerate(parts):
+        bsz, seq = shapes[part]
+        q, k, vp = (t[at].reshape(bsz, seq, -1, attn.head_dim).transpose(1, 2) for t in (qk[:, :heads], qk[:, heads:], v))
+        out, state = attend(attn, q, k, vp, pasts[part], masks[part], True, exact and part == 0)  # q (B, Hq, T, D)
+        outs.append(out.transpose(1, 2).reshape(bsz * seq, -1))
+        states.append(state)
+    x = x + linear_beside(attn.o_proj, torch.cat(outs), rows)
+    h = rms_norm(layer.post_attention_layernorm, x)
+    gate, up = projections_beside(block, "gate_up_proj", GATE_UP, h, rows)
+    act = torch.cat([block.act_fn(gate[at]) for at in parts])
+    return x + linear_beside(block.down_proj, act * up, rows), states
+
+
+def projections_beside(parent: nn.Module, fused: str, names: tuple[str, ...], x: torch.Tensor, rows: int) -> list:
+    """`base.project_together` without adapters, over two passes' rows (`base.linear_beside`)."""
+    stacked = getattr(parent, fused, None)
+    if stacked is None:
+        return [linear_beside(getattr(parent, name), x, rows) for name in names]
+    return list(linear_beside(stacked, x, rows).split(stacked.sizes, dim=-1))
+
+
 def empty_states(backbone, batch: int) -> list:
     """Per layer an empty AttentionState: the cache of no token."""
     cfg = backbone.config
@@ -197,6 +276,7 @@ class _Llama:
     fusions = FUSIONS
     projections = staticmethod(projections)
     run_layers = staticmethod(run_layers)
+    run_two = staticmethod(run_two)
     empty_states = staticmethod(empty_states)
     compiled_layers = CompiledLayers
 

@@ -205,6 +205,7 @@ class _NemotronH:
     run_layers = staticmethod(run_layers)
     empty_states = staticmethod(empty_states)
     compiled_layers = None  # its Mamba scans and MoE routing stay eager
+    run_two = None  # a Mamba scan is not row by row
 
 
 NEMOTRON_H = _NemotronH()

@@ -160,9 +160,11 @@ class Denoiser(nn.Module):
         t: torch.Tensor | None = None,
         blocks: int = 1,
         anchor_hidden: torch.Tensor | None = None,
+        run_layers=None,
     ) -> torch.Tensor:
         """The denoiser's layers over n blocks (B, n*S) at positions (B, n*S) under `mask`: its
-        final normed hidden states (B, n*S, H). Arguments as `TwoTowerForCausalLM.denoise_hidden`."""
+        final normed hidden states (B, n*S, H). Arguments as `TwoTowerForCausalLM.denoise_hidden`;
+        run_layers: the family's `run_layers` (default) or compiled ones (`compile_steps`)."""
         hidden = self.embed(block_ids)
         if self.shallow:
             if anchor_hidden is None:
@@ -178,7 +180,7 @@ class Denoiser(nn.Module):
         p = LayerPass(
             hidden, positions, mask, past, blocks=blocks, modulation=modulation, adapters=self.adapters, layers=self.layers()
         )
-        return self.family.run_layers(self.backbone, p).hidden
+        return (run_layers or self.family.run_layers)(self.backbone, p).hidden
 
     def logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
         """Logits (..., V) from the final hidden states, the mask token forbidden: fp32, or in the

@@ -88,7 +88,9 @@ def compiled_positions(model) -> int:
 def warm_steps(model, batch_sizes=(1,), positions: int | None = None) -> None:
     """Compile now, not on first use, the passes of each batch size over 1..positions new
     positions (default: `compiled_positions`): a short prefill and one extension each, of
-    different tokens in every row and position. Nothing without `compile_steps`."""
+    different tokens in every row and position (at batch 1 the exact passes of verify mode, and
+    an AR step); and a denoiser pass over each width of block up
+    to the trained one (verify's drafts, diffusion's steps). Nothing without `compile_steps`."""
     if model.step_layers is None:
         return
     device, vocab = model.context_device, model.num_embeddings
@@ -97,3 +99,10 @@ def warm_steps(model, batch_sizes=(1,), positions: int | None = None) -> None:
             ids = (torch.arange(batch * (width + 2), device=device).view(batch, width + 2) * 7919 + 11) % vocab
             cache, _ = model.context_prefill(ids[:, :2], torch.ones_like(ids[:, :2]))
             model.context_extend(cache, ids[:, 2:], exact=batch == 1)
+            if batch == 1 and width == 1:  # an AR step: not an exact pass (`base.RowWise`), a graph of its own
+                model.context_extend(cache, ids[:, 2:])
+        den = model.denoiser_device
+        for width in range(2, model.config.block_size + 1):  # a draft of 1..S - 1 tokens after the anchor
+            block = torch.full((batch, width), model.mask_token_id, device=den)
+            block[:, 0] = ids[:, -1].to(den)
+            model.denoise_block(model.layout.reads(cache, den), block, torch.ones(batch, device=den))

@@ -16,6 +16,8 @@ methods of the same names delegate.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,6 +32,16 @@ from twotower.model.cache import ContextCache, ContextView, TrainingContext
 from twotower.model.denoiser import build_denoiser, resolve_mask_token
 from twotower.model.layout import BlockLayout
 from twotower.model.masks import extend_mask, prefill_mask, tree_mask
+
+
+@dataclass
+class Rider:
+    """Prompt tokens (1, C) to read after one row's cache in the next context pass
+    (`TwoTowerForCausalLM.carrying`); `logits` (1, V) after its last token once read."""
+
+    cache: ContextCache
+    tokens: torch.Tensor
+    logits: torch.Tensor | None = None
 
 
 class TwoTowerForCausalLM(nn.Module):
@@ -54,6 +66,7 @@ class TwoTowerForCausalLM(nn.Module):
         config.aligned_layers = config.resolve_aligned_layers(len(backbone.model.layers))
         self.denoiser = build_denoiser(config, backbone, self.family, self.mask_token_id)
         self.draft_vocab = None  # the training data's tokens by frequency (`model.draft_vocab`), from a checkpoint
+        self.rider: Rider | None = None  # prompt tokens the next context pass reads beside its own (`carrying`)
 
     @classmethod
     def from_backbone(cls, backbone: nn.Module, tokenizer=None, backbone_ref: str = "default", **config_kwargs):
@@ -125,6 +138,12 @@ class TwoTowerForCausalLM(nn.Module):
         return inference.exact_rows(self)
 
     @property
+    def can_carry(self) -> bool:
+        """Whether a context pass carries a rider (`carrying`): a family whose layers work row by
+        row (`Family.run_two`), passes run eagerly (not `compile_steps`)."""
+        return self.family.run_two is not None and self.step_layers is None
+
+    @property
     def verifies_trees(self) -> bool:
         """Whether `context_extend` reads token trees: attention backbones (the cache keeps one
         path's K,V), not recurrent Mamba states (`Family.stateful`)."""
@@ -178,22 +197,48 @@ class TwoTowerForCausalLM(nn.Module):
         (`masks.tree_mask`; attention backbones): each token sees the cache and its ancestors, at
         the position after its parent's; the cache then holds every node until the caller keeps
         one path (`ContextCache.reorder_new`, then `keep_new`)."""
-        new_valid = torch.ones_like(tokens, dtype=torch.bool)
+        p = self._extend_pass(cache, tokens, parents, exact)
+        compiled = self.step_layers is not None and tokens.shape[1] <= self.compiled_positions
+        rider = self.rider if self.can_carry else None
+        if rider is None:
+            run_layers = self.step_layers.run_layers if compiled else self.family.run_layers
+            out = run_layers(self.context_tower, p)
+        else:
+            self.rider = None  # one pass carries it
+            out, carried = self.family.run_two(self.context_tower, p, self._extend_pass(rider.cache, rider.tokens))
+            self._appended(rider.cache, rider.tokens, carried)
+            rider.logits = self.ar_logits(carried.hidden, "last")
+        self._appended(cache, tokens, out)
+        return self.ar_logits(out.hidden, logits)
+
+    def _extend_pass(self, cache: ContextCache, tokens: torch.Tensor, parents=None, exact: bool = False) -> LayerPass:
+        """The context tower's pass over tokens (B, S) after the cache (`context_extend`)."""
         if parents is None:
             positions = cache.next_pos[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
-            mask = extend_mask(cache.valid, new_valid)
+            mask = extend_mask(cache.valid, torch.ones_like(tokens, dtype=torch.bool))
         else:
             mask = tree_mask(cache.valid, parents)
             positions = cache.next_pos[:, None] + mask[:, 0, :, cache.length :].sum(-1) - 1  # depth: ancestors and itself
         embeds = self.context_tower.get_input_embeddings()(tokens)
-        capture = self.denoiser.capture_layer
-        p = LayerPass(embeds, positions, mask, cache.states, keep=Keep.end(), capture=capture, exact=exact)
-        compiled = self.step_layers is not None and tokens.shape[1] <= self.compiled_positions
-        run_layers = self.step_layers.run_layers if compiled else self.family.run_layers
-        hidden, states, captured = run_layers(self.context_tower, p)
-        cache.append(states, new_valid)
-        cache.read(tokens, captured)
-        return self.ar_logits(hidden, logits)
+        return LayerPass(embeds, positions, mask, cache.states, keep=Keep.end(), capture=self.denoiser.capture_layer, exact=exact)
+
+    @staticmethod
+    def _appended(cache: ContextCache, tokens: torch.Tensor, out) -> None:
+        cache.append(out.states, torch.ones_like(tokens, dtype=torch.bool))
+        cache.read(tokens, out.captured)
+
+    @contextmanager
+    def carrying(self, rider: Rider | None):
+        """While inside, the next context pass (`context_extend`) also reads the rider's tokens
+        into the rider's cache, in the same calls wherever the calls work row by row
+        (`Family.run_two`), so the rider pays for its tokens but not for a pass of its own: the
+        serving engine reads a long prompt's chunk so while rows decode. A compiled pass, or a
+        family without `run_two`, leaves it unread (`Rider.logits` stays None)."""
+        self.rider = rider
+        try:
+            yield rider
+        finally:
+            self.rider = None
 
     @torch.no_grad()
     def training_context(self, clean: torch.Tensor, block_size: int) -> TrainingContext:
@@ -266,7 +311,9 @@ class TwoTowerForCausalLM(nn.Module):
         positions = start_pos[:, None] + torch.arange(block_ids.shape[1], device=block_ids.device)
         if mask is None:
             mask = self.layout.block_mask(view.valid, block_ids.shape[1], slots)
-        return self.denoiser.hidden(view, block_ids, positions, mask, t, blocks, anchor_hidden)
+        compiled = self.step_layers is not None and blocks == 1 and block_ids.shape[1] <= self.compiled_positions
+        run_layers = self.step_layers.run_layers if compiled and not torch.is_grad_enabled() else None
+        return self.denoiser.hidden(view, block_ids, positions, mask, t, blocks, anchor_hidden, run_layers)
 
     def draft_head(self, size: int):
         """The denoiser's LM head over the `size` most frequent tokens of the draft vocabulary

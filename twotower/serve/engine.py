@@ -8,7 +8,9 @@ share every tower pass. Each turn of the loop reads up to `--prefill-chunk` toke
 requests' prompts (a long prompt a chunk per turn, several short ones at once) and runs one
 cycle of one group (round robin), through the same decoders the library's streams use
 (`twotower.generate`), so a long prompt never stalls the running streams for more than one
-chunk. A request takes a row when one is free; after its last chunk its row joins the group of
+chunk. While rows decode, a long prompt's chunk rides the cycle's context pass
+(`TwoTowerForCausalLM.carrying`: it shares that pass's calls, so it costs its tokens, not a
+pass). A request takes a row when one is free; after its last chunk its row joins the group of
 its settings at a cycle boundary. It leaves at once when it finishes (EOS, its token limit, a
 stop string, its generation time limit) or its client goes away, and its row is freed. Each row
 keeps its own position, limit and stopping, so the greedy reply of a request under load is its
@@ -42,6 +44,7 @@ from twotower.generate import DECODERS
 from twotower.generate.common import Decoder, start_run
 from twotower.generate.draft import DraftMemory
 from twotower.model.cache import ContextCache
+from twotower.model.two_tower import Rider
 from twotower.settings import VerifyOptions
 from twotower.text import eos_token_ids
 
@@ -168,7 +171,31 @@ class Reading:
     cache: ContextCache | None = None
     logits: torch.Tensor | None = None  # (1, V) after the last token read
     chunk: int = 0  # tokens of the last chunk read
-    took: float = 0.0  # the seconds it took
+    took: float = 0.0  # the seconds it took (carried chunks: what they added to their cycles, smoothed)
+    riding: bool = False  # whether the last chunk was carried by a cycle's pass (`TwoTowerForCausalLM.carrying`)
+    last_added: float = 0.0  # what the last carried chunk added to its cycle
+
+    def ride_chunk(self, seconds: float) -> int:
+        """Tokens to carry in the next cycle's context pass so that they add about `seconds` to
+        it: the last carried chunk scaled by how far what the last ones added fell short of
+        `seconds` or went past, a token more at least while it fell short, never more than twice
+        it, at least one token. A carried chunk's cost is mostly not in proportion to its tokens
+        (its own calls, and reading its cache's keys once per layer, which grows with depth), so
+        it grows a token or so a cycle up to what fits."""
+        if not self.riding:
+            return 1
+        added = max(self.took, self.last_added)  # the dearer of the smoothed and the last: a chunk grows only on both
+        scaled = int(self.chunk * seconds / added)
+        if added <= seconds:
+            return min(2 * self.chunk, max(self.chunk + 1, scaled))
+        return max(1, scaled)
+
+    def carried(self, chunk: int, added: float) -> None:
+        """A chunk of `chunk` tokens was carried and added `added` seconds to its cycle (a
+        cycle's time varies with its drafts: smoothed over the carried chunks)."""
+        self.last_added = max(added, 1e-5)
+        self.took = 0.5 * (self.took + self.last_added) if self.riding else self.last_added
+        self.chunk, self.riding = chunk, True
 
     def next_chunk(self, seconds: float) -> int:
         """Tokens to read next in about `seconds`, from what the last chunk took, scaled for
@@ -194,14 +221,23 @@ class Reading:
     def read_chunk(self, model, chunk: int) -> None:
         """Read the next `chunk` prompt tokens: the first chunk as a prefill, each later one
         extends the cache. After the last, the decoder starts from them (`Decoder.prefilled`)."""
-        run = self.decoder.run
-        ids = run.ids[:, self.read : self.read + chunk]  # (1, C): one row, no padding
+        ids = self.decoder.run.ids[:, self.read : self.read + chunk]  # (1, C): one row, no padding
         if self.cache is None:
-            self.cache, self.logits = model.context_prefill(ids, torch.ones_like(ids), logits="last")
+            self.cache, logits = model.context_prefill(ids, torch.ones_like(ids), logits="last")
         else:
-            self.logits = model.context_extend(self.cache, ids, logits="last")
-        run.context_passes += 1
-        self.read += ids.shape[1]
+            logits = model.context_extend(self.cache, ids, logits="last")
+        self.riding = False
+        self.have_read(ids.shape[1], logits)
+
+    def rider(self, chunk: int) -> Rider:
+        """The next `chunk` prompt tokens as a rider of another context pass (`carrying`)."""
+        return Rider(self.cache, self.decoder.run.ids[:, self.read : self.read + chunk])
+
+    def have_read(self, chunk: int, logits: torch.Tensor) -> None:
+        """`chunk` more prompt tokens are in the cache, `logits` (1, V) after the last of them."""
+        self.logits = logits
+        self.decoder.run.context_passes += 1
+        self.read += chunk
         if self.left == 0:
             self.decoder.prefilled = (self.cache, self.logits)
 
@@ -312,16 +348,23 @@ class Engine:
         self._admit()
         if not self.reading and not self.groups:
             return False
-        if self.reading:
-            self._read_prompts()
+        ride = self._read_prompts() if self.reading else None
         if self.groups:
             keys = list(self.groups)
             key = keys[self.turn % len(keys)]
             self.turn += 1
+            rider = None if ride is None else ride[0].rider(ride[1])
             begin = self.clock()
-            self._cycle(key)
+            with self.model.carrying(rider):
+                ok = self._cycle(key)
             took = self.clock() - begin
-            self.cycle_seconds = took if self.cycle_seconds is None else 0.7 * self.cycle_seconds + 0.3 * took
+            if rider is None or rider.logits is None:
+                self.cycle_seconds = took if self.cycle_seconds is None else 0.7 * self.cycle_seconds + 0.3 * took
+            if rider is not None and (rider.logits is not None or not ok):
+                self._carried(*ride, rider, took - self.cycle_seconds, ok)
+                ride = None
+        if ride is not None:  # no pass of the cycle could carry it: read apart
+            self._read(*ride)
         return True
 
     def _admit(self) -> None:
@@ -372,14 +415,17 @@ class Engine:
         verify = {"options": VerifyOptions(**job.decoder_options), "memory": self.draft_memory} if job.mode == "verify" else {}
         self.reading.append(Reading(job, DECODERS[job.mode](self.model, run, **verify)))
 
-    def _read_prompts(self) -> None:
+    def _read_prompts(self) -> tuple[Reading, int] | None:
         """Read up to prefill_chunk prompt tokens a turn; a row whose prompt is read joins its
         group. Short prompts (prefill_chunk tokens at most) are read whole, oldest first, several
         in one turn; then the oldest long prompt gets a chunk: while rows are decoding, one that
-        takes about prefill_share of a cycle's time (sized by what its last chunk took: a chunk
+        adds about prefill_share of a cycle's time (sized by what its last chunks took: a chunk
         gets dearer as the prompt gets longer), so running streams keep their pace at any prompt
         length and a long prompt never holds up the short ones behind it; while no row decodes,
-        one that takes about IDLE_CHUNK_SECONDS, so a request that arrives meanwhile soon starts."""
+        one that takes about IDLE_CHUNK_SECONDS, so a request that arrives meanwhile soon starts.
+        Returns (reading, tokens) for the cycle's pass to carry (`Reading.ride_chunk`: the model
+        carries riders and the prompt's first chunk is read), or None when the chunk was read
+        here as a pass of its own."""
         self.reading = deque(r for r in self.reading if not r.job.cancelled)
         budget = self.prefill_chunk
         for reading in [r for r in self.reading if r.total <= self.prefill_chunk]:
@@ -388,12 +434,16 @@ class Engine:
             budget -= reading.left
             self._read(reading, reading.left)
         long = next((r for r in self.reading if r.total > self.prefill_chunk), None)
-        if long is not None and budget > 0:
-            seconds = None
-            if self.prefill_share:
-                decoding = self.groups and self.cycle_seconds
-                seconds = self.prefill_share * self.cycle_seconds if decoding else IDLE_CHUNK_SECONDS
-            self._read(long, min(budget, long.left, long.next_chunk(seconds) if seconds else budget))
+        if long is None or budget <= 0:
+            return None
+        decoding = bool(self.groups and self.cycle_seconds and self.prefill_share)
+        if decoding and long.cache is not None and self.model.can_carry:
+            return long, min(budget, long.left, long.ride_chunk(self.prefill_share * self.cycle_seconds))
+        seconds = None
+        if self.prefill_share:
+            seconds = self.prefill_share * self.cycle_seconds if decoding else IDLE_CHUNK_SECONDS
+        self._read(long, min(budget, long.left, long.next_chunk(seconds) if seconds else budget))
+        return None
 
     def _read(self, reading: Reading, chunk: int) -> None:
         """Read `chunk` tokens of one prompt (timed); the row joins its group after its last."""
@@ -404,6 +454,20 @@ class Engine:
         reading.chunk, reading.took = chunk, self.clock() - begin
         if self.metrics is not None:
             self.metrics.passes(1, 0)
+        self._after_chunk(reading)
+
+    def _carried(self, reading: Reading, chunk: int, rider: Rider, added: float, ok: bool) -> None:
+        """After a cycle that carried `chunk` tokens of a prompt (`rider`), or failed while it did
+        (the prompt's cache may hold part of the pass: that request ends with the cycle's)."""
+        if rider.logits is None:
+            self.reading.remove(reading)
+            reading.job.events.put(("error", "internal error: the decoding pass that read a chunk of its prompt failed"))
+            return
+        reading.carried(chunk, added)
+        reading.have_read(chunk, rider.logits)
+        self._after_chunk(reading)
+
+    def _after_chunk(self, reading: Reading) -> None:
         if reading.left == 0:
             self.reading.remove(reading)
             self._guarded(reading.job, self._join, reading)
@@ -426,7 +490,8 @@ class Engine:
         self._dispatch(self.groups[key])
         self._release(key)
 
-    def _cycle(self, key) -> None:
+    def _cycle(self, key) -> bool:
+        """One cycle of a group; False when it failed (its rows' requests end with an error)."""
         group = self.groups[key]
         before = (group.run.context_passes, group.run.denoiser_passes)
         try:
@@ -437,12 +502,13 @@ class Engine:
             for row in group.rows:
                 row.job.events.put(("error", f"internal error: {type(err).__name__}: {err}"))
             del self.groups[key]
-            return
+            return False
         if self.metrics is not None:
             self.metrics.passes(group.run.context_passes - before[0], group.run.denoiser_passes - before[1])
             self.metrics.drafts(group.decoder.cycle_drafts)
         self._dispatch(group)
         self._release(key)
+        return True
 
     def _dispatch(self, group: Group) -> None:
         """Send each row's newly committed text; finish rows that stopped."""
