@@ -217,3 +217,26 @@ def test_stream_events_carry_logprobs_aligned_with_tokens(model, mode):
     assert all(len(lp.top) == 2 and lp.logprob <= 0 for lp in run.logprobs[0])
     assert all(lp.top == [] for lp in run.logprobs[2])
     assert not any(event.logprobs for event in stream(model, mode, PROMPTS, max_new_tokens=4))
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 5.0])
+def test_filtering_over_the_likeliest_candidates_keeps_what_ranking_the_whole_vocabulary_keeps(monkeypatch, scale):
+    """`filtered` ranks the likeliest CANDIDATES of each position and the whole vocabulary only
+    where they do not decide (a flat distribution: scale 0.1 here, with 16 candidates of 300):
+    the kept tokens are those of ranking the whole vocabulary, for top_k, top_p and min_p alone
+    and together, rows of different settings side by side."""
+    from twotower.generate import sampling
+
+    monkeypatch.setattr(sampling, "CANDIDATES", 16)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 3, 300, generator=g, dtype=torch.float64).float() * scale
+    top_k = torch.tensor([300, 40, 300, 10, 300.0])[:, None, None]
+    top_p = torch.tensor([0.9, 2.0, 2.0, 0.5, 0.3])[:, None, None]
+    min_p = torch.tensor([0.0, 0.0, 0.2, 0.0, 0.01])[:, None, None]
+    ranked, order = x.sort(dim=-1, descending=True)
+    probs = ranked.softmax(-1)
+    rank = torch.arange(300)
+    drop = (rank >= top_k) | ((probs.cumsum(-1) - probs) >= top_p) | (probs < min_p * probs[..., :1])
+    drop[..., 0] = False
+    whole = torch.zeros_like(drop).scatter(-1, order, drop)
+    assert torch.equal(sampling.filtered(x, top_k, top_p, min_p).isinf(), whole)

@@ -186,8 +186,10 @@ class Sampling:
         top_k = [r.settings.top_k if s and r.settings.top_k else vocab for r, s in zip(self.rows, sampled)]
         top_p = [r.settings.top_p if s and r.settings.top_p < 1 else 2.0 for r, s in zip(self.rows, sampled)]
         min_p = [r.settings.min_p if s else 0.0 for r, s in zip(self.rows, sampled)]
-        if min(top_k) < vocab or min(top_p) < 1 or max(min_p) > 0:
-            x = filtered(x, per_row(top_k), per_row(top_p), per_row(min_p))
+        rows = [b for b in range(len(self.rows)) if top_k[b] < vocab or top_p[b] < 1 or min_p[b] > 0]  # rows that filter
+        if rows:
+            pick = lambda values: per_row([values[b] for b in rows])
+            x[rows] = filtered(x[rows], pick(top_k), pick(top_p), pick(min_p))
         return x
 
     def pick(self, logits: torch.Tensor, noise: torch.Tensor | None = None, prefix: torch.Tensor | None = None):
@@ -214,13 +216,38 @@ class Sampling:
         ]
 
 
+CANDIDATES = 1024  # the likeliest tokens `filtered` ranks first; the whole vocabulary only where they do not decide
+
+
 def filtered(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """-inf outside each row's kept tokens: its top_k likeliest, the smallest set whose mass
     reaches top_p, and those at least min_p times as likely as the likeliest; the likeliest is
-    always kept. x (B, W, V); top_k, top_p, min_p (B, 1, 1)."""
-    sorted_x, order = x.sort(dim=-1, descending=True)
-    probs = sorted_x.softmax(-1)
-    rank = torch.arange(x.shape[-1], device=x.device)
+    always kept. x (B, W, V); top_k, top_p, min_p (B, 1, 1). Ranks only the likeliest CANDIDATES
+    (or top_k, if fewer) of each position, which decide wherever every token past them is dropped
+    (past top_k, past a mass of top_p, or below min_p); the other positions rank the whole
+    vocabulary. Either way a token's probability is its softmax over the whole vocabulary."""
+    vocab = x.shape[-1]
+    top_k_only = bool((top_p >= 1).all() and (min_p <= 0).all())
+    first = min(vocab, int(top_k.max()) if top_k_only else CANDIDATES)
+    values, order = x.topk(first, dim=-1)  # (B, W, K), likeliest first
+    probs = (values - x.logsumexp(-1, keepdim=True)).exp()
+    drop = _dropped(probs, top_k, top_p, min_p)
+    past = probs.sum(-1) >= top_p[..., 0]  # every token past the candidates is dropped, by top_p ...
+    past |= top_k[..., 0] <= first  # ... by top_k ...
+    past |= probs[..., -1] < min_p[..., 0] * probs[..., 0]  # ... or by min_p (they are no likelier than the last candidate)
+    keep = torch.zeros_like(x, dtype=torch.bool).scatter(-1, order, ~drop)
+    if not bool(past.all()):  # a flat distribution: rank the whole vocabulary there
+        b, w = (~past).nonzero(as_tuple=True)
+        every_v, every_o = x[b, w].sort(dim=-1, descending=True)
+        every_p = (every_v - x[b, w].logsumexp(-1, keepdim=True)).exp()
+        every_drop = _dropped(every_p[:, None], top_k[b], top_p[b], min_p[b])[:, 0]
+        keep[b, w] = torch.zeros_like(every_drop).scatter(-1, every_o, ~every_drop)
+    return x.masked_fill(~keep, float("-inf"))
+
+
+def _dropped(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Which ranked tokens a filter drops: probs (B, W, K) likeliest first; the likeliest never."""
+    rank = torch.arange(probs.shape[-1], device=probs.device)
     drop = (rank >= top_k) | ((probs.cumsum(-1) - probs) >= top_p) | (probs < min_p * probs[..., :1])
     drop[..., 0] = False
-    return x.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return drop
