@@ -222,14 +222,15 @@ CANDIDATES = 1024  # the likeliest tokens `filtered` ranks first; the whole voca
 def filtered(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """-inf outside each row's kept tokens: its top_k likeliest, the smallest set whose mass
     reaches top_p, and those at least min_p times as likely as the likeliest; the likeliest is
-    always kept. x (B, W, V); top_k, top_p, min_p (B, 1, 1). Ranks only the likeliest CANDIDATES
+    always kept. x (..., V); top_k, top_p, min_p broadcast to (..., 1). Ranks only the likeliest CANDIDATES
     (or top_k, if fewer) of each position, which decide wherever every token past them is dropped
     (past top_k, past a mass of top_p, or below min_p); the other positions rank the whole
     vocabulary. Either way a token's probability is its softmax over the whole vocabulary."""
     vocab = x.shape[-1]
+    top_k, top_p, min_p = (torch.as_tensor(t, device=x.device).expand(*x.shape[:-1], 1) for t in (top_k, top_p, min_p))
     top_k_only = bool((top_p >= 1).all() and (min_p <= 0).all())
     first = min(vocab, int(top_k.max()) if top_k_only else CANDIDATES)
-    values, order = x.topk(first, dim=-1)  # (B, W, K), likeliest first
+    values, order = x.topk(first, dim=-1)  # (..., K), likeliest first
     probs = (values - x.logsumexp(-1, keepdim=True)).exp()
     drop = _dropped(probs, top_k, top_p, min_p)
     past = probs.sum(-1) >= top_p[..., 0]  # every token past the candidates is dropped, by top_p ...
@@ -237,16 +238,17 @@ def filtered(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: t
     past |= probs[..., -1] < min_p[..., 0] * probs[..., 0]  # ... or by min_p (they are no likelier than the last candidate)
     keep = torch.zeros_like(x, dtype=torch.bool).scatter(-1, order, ~drop)
     if not bool(past.all()):  # a flat distribution: rank the whole vocabulary there
-        b, w = (~past).nonzero(as_tuple=True)
-        every_v, every_o = x[b, w].sort(dim=-1, descending=True)
-        every_p = (every_v - x[b, w].logsumexp(-1, keepdim=True)).exp()
-        every_drop = _dropped(every_p[:, None], top_k[b], top_p[b], min_p[b])[:, 0]
-        keep[b, w] = torch.zeros_like(every_drop).scatter(-1, every_o, ~every_drop)
+        at = (~past).nonzero(as_tuple=True)
+        every_v, every_o = x[at].sort(dim=-1, descending=True)  # (n, V)
+        every_p = (every_v - x[at].logsumexp(-1, keepdim=True)).exp()
+        every_drop = _dropped(every_p, top_k[at], top_p[at], min_p[at])
+        keep[at] = torch.zeros_like(every_drop).scatter(-1, every_o, ~every_drop)
     return x.masked_fill(~keep, float("-inf"))
 
 
 def _dropped(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Which ranked tokens a filter drops: probs (B, W, K) likeliest first; the likeliest never."""
+    """Which ranked tokens a filter drops: probs (..., K) likeliest first, settings (..., 1); the
+    likeliest never."""
     rank = torch.arange(probs.shape[-1], device=probs.device)
     drop = (rank >= top_k) | ((probs.cumsum(-1) - probs) >= top_p) | (probs < min_p * probs[..., :1])
     drop[..., 0] = False
