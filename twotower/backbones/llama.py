@@ -80,14 +80,9 @@ def attention_inputs(layer: nn.Module, x, cos, sin, modulation=None, adapters=No
     modulation: None or (B, 6, H) (see `decoder_layer`)."""
     attn = layer.self_attn
     bsz, seq, _ = x.shape
+    hd = attn.head_dim
     h, _ = modulate(rms_norm(layer.input_layernorm, x), modulation, 0)
-    return heads_of(attn, project_together(attn, "qkv_proj", QKV, h, adapter_lookup(adapters)), bsz, seq, cos, sin)
-
-
-def heads_of(attn: nn.Module, projected, bsz: int, seq: int, cos, sin):
-    """The q, k, v projections of one pass's B*T rows -> q (B, Hq, T, D), k and v (B, Hkv, T, D),
-    q and k rotated (post-RoPE)."""
-    q, k, v = (t.reshape(bsz, seq, -1, attn.head_dim) for t in projected)
+    q, k, v = (t.reshape(bsz, seq, -1, hd) for t in project_together(attn, "qkv_proj", QKV, h, adapter_lookup(adapters)))
     v = v.transpose(1, 2)
     if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
         q, k = attn.q_norm(q), attn.k_norm(k)

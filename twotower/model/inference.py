@@ -89,8 +89,8 @@ def warm_steps(model, batch_sizes=(1,), positions: int | None = None) -> None:
     """Compile now, not on first use, the passes of each batch size over 1..positions new
     positions (default: `compiled_positions`): a short prefill and one extension each, of
     different tokens in every row and position (at batch 1 the exact passes of verify mode, and
-    an AR step); and a denoiser pass over each width of block up
-    to the trained one (verify's drafts, diffusion's steps). Nothing without `compile_steps`."""
+    an AR step); and a denoiser pass over each width of block up to the trained one (verify's
+    drafts, diffusion's steps). Nothing without `compile_steps`."""
     if model.step_layers is None:
         return
     device, vocab = model.context_device, model.num_embeddings
