@@ -19,6 +19,7 @@ from twotower.generate.common import left_pad
 from twotower.generate.draft import DraftMemory, TokenHistory, batch_bucket, lookup_kind, lookup_match, static_cost
 from twotower.generate.sampling import Sampling, filtered
 from twotower.generate.verify import DraftPolicy, accept_drafts, lookup_draft
+from twotower.model.masks import tree_mask
 
 DRAFTS = ["auto", "denoiser", "lookup", "ar"]
 
@@ -134,6 +135,32 @@ def test_exact_attention_at_batch_one_is_the_ar_steps_call_at_any_key_count(dtyp
             upto = past + i + 1
             step = sdpa(q[:, :, i : i + 1], keys[:, :, :upto], values[:, :, :upto], None, 0.125)
             assert torch.equal(out[:, :, i : i + 1], step), (past, i)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_exact_attention_over_a_tree_gives_each_node_its_paths_call_and_leaves_the_keys_as_they_came(dtype):
+    """A token tree's pass (`masks.tree_mask`) in a cache's buffer: each node's output is, bit for
+    bit, one query's call over the past slots then its path's own (root first, itself last), as
+    an AR step over that path makes it; the keys and values it was handed (the cache's slots,
+    written over while the nodes run depth first) hold the pass's own in node order after it,
+    and the buffer past them is untouched."""
+    g = torch.Generator().manual_seed(3)
+    past, parents = 45, torch.tensor([[-1, 0, 0, 1, 1, 2, 3, 0, 6, 5]])  # siblings at every depth, a deep branch
+    seq = parents.shape[1]
+    q = (2 * torch.randn(1, 9, seq, 64, generator=g)).to(dtype)
+    buf_k, buf_v = ((2 * torch.randn(1, 3, past + seq + 7, 64, generator=g)).to(dtype) for _ in range(2))
+    before_k, before_v = buf_k.clone(), buf_v.clone()
+    mask = tree_mask(torch.ones(1, past, dtype=torch.bool), parents)
+    out = exact_attention(q, buf_k[:, :, : past + seq], buf_v[:, :, : past + seq], mask, 0.125)
+    assert torch.equal(buf_k, before_k) and torch.equal(buf_v, before_v)
+    for node in range(seq):
+        path, at = [], node
+        while at >= 0:
+            path.insert(0, at)
+            at = int(parents[0, at])
+        reads = [*range(past), *(past + n for n in path)]
+        alone = sdpa(q[:, :, node : node + 1], before_k[:, :, reads], before_v[:, :, reads], None, 0.125)
+        assert torch.equal(out[:, :, node : node + 1], alone), node
 
 
 @pytest.mark.parametrize("padded", [False, True])

@@ -17,6 +17,8 @@ lives beside its scan in `ssm.py`), and the LoRA and adaLN hooks both apply the 
 
 from __future__ import annotations
 
+import weakref
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -294,26 +296,67 @@ def exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, m
     on every CPU, and a check on random data cannot show that it holds for every input.
     A token tree's pass (`masks.tree_mask`: a query sees the past slots and its ancestors among
     the pass's own) gives each query the keys an AR step over its path reads: the past slots,
-    then its ancestors' and its own, in order (gathered; a chain's are a prefix, sliced).
+    then its ancestors' and its own, in order. The queries run depth first, each writing its own
+    K,V at its depth's slot after the past ones, so that the slots there hold its path (a chain's
+    already do); the pass's own K,V are put back in their order at the end (`_exact_plan`).
     mask: None or (B, 1, T, P + T) bool. Returns (B, Hq, T, D)."""
     batch, _, seq, _ = q.shape
     past = keys.shape[2] - seq
-    own_slots = None if mask is None else mask[..., past:]
-    tree = own_slots is not None and not bool(own_slots.eq(torch.ones_like(own_slots).tril()).all())  # not a chain
-    out = torch.empty_like(q)
+    plan = _exact_plan(mask, past, seq, batch)
+    moved = any(write for row in plan for _, _, write, _ in row)
+    own_k, own_v = (keys[:, :, past:].clone(), values[:, :, past:].clone()) if moved else (None, None)
+    rows = []
+    for b, order in enumerate(plan):
+        outs = [None] * seq
+        for i, depth, write, own in order:
+            upto = past + depth + 1
+            if write:  # its path's slot at this depth holds another node's K,V
+                keys[b : b + 1, :, upto - 1] = own_k[b : b + 1, :, i]
+                values[b : b + 1, :, upto - 1] = own_v[b : b + 1, :, i]
+            outs[i] = sdpa(q[b : b + 1, :, i : i + 1], keys[b : b + 1, :, :upto], values[b : b + 1, :, :upto], own, scale)
+        rows.append(torch.cat(outs, dim=2))
+    if moved:  # the pass's own K,V back in their order, as the cache keeps them
+        keys[:, :, past:], values[:, :, past:] = own_k, own_v
+    return rows[0] if batch == 1 else torch.cat(rows)
+
+
+_PLAN: list = [None]  # this pass's plan: (a weak reference to its mask, what it was made of, the plan); see RowWise
+
+
+def _exact_plan(mask, past: int, seq: int, batch: int) -> list[list[tuple]]:
+    """How `exact_attention` runs a pass's queries, per row: (query, depth, whether it writes
+    its K,V at its depth's slot, its mask over the keys it reads, or None when nothing in it is
+    masked) in depth-first order: a query's ancestors among the pass's own (its row of the mask
+    there; a chain's are the queries before it) at depths 0..depth-1, itself at its depth.
+    The same for every layer of a pass, so made once for its mask (kept until the pass ends:
+    `RowWise`)."""
+    if mask is None:
+        return [[(i, i, False, None) for i in range(seq)] for _ in range(batch)]
+    kept = _PLAN[0]
+    made_of = (past, seq)
+    if kept is not None and kept[0]() is mask and kept[1] == made_of:
+        return kept[2]
+    own, ctx_all = mask[:, 0, :, past:].tolist(), mask[:, 0, :, :past].all(-1).tolist()
+    plan = []
     for b in range(batch):
-        for i in range(seq):
-            if tree:  # the past slots, then its ancestors' and its own
-                reads = torch.cat([torch.arange(past, device=mask.device), past + mask[b, 0, i, past:].nonzero()[:, 0]])
-                k, v, own = keys[b : b + 1, :, reads], values[b : b + 1, :, reads], mask[b : b + 1, :, i : i + 1, reads]
-            else:  # the keys up to its own, as an AR step reads them
-                upto = past + i + 1
-                k, v = keys[b : b + 1, :, :upto], values[b : b + 1, :, :upto]
-                own = None if mask is None else mask[b : b + 1, :, i : i + 1, :upto]
-            if own is not None and bool(own.all()):
-                own = None
-            out[b : b + 1, :, i : i + 1] = sdpa(q[b : b + 1, :, i : i + 1], k, v, own, scale)
-    return out
+        paths = [[j for j in range(seq) if own[b][i][j]] for i in range(seq)]  # ancestors, then itself
+        children: dict[int, list[int]] = {}
+        for i, path in enumerate(paths):
+            children.setdefault(path[-2] if len(path) > 1 else -1, []).append(i)
+        held, order, stack = list(range(seq)), [], list(reversed(children.get(-1, [])))
+        while stack:
+            i = stack.pop()
+            depth = len(paths[i]) - 1
+            own_mask = None
+            if not ctx_all[b][i]:
+                ones = mask.new_ones(1, 1, 1, depth + 1)
+                own_mask = torch.cat([mask[b : b + 1, :, i : i + 1, :past], ones], dim=-1)
+            order.append((i, depth, held[depth] != i, own_mask))
+            held[depth] = i
+            stack.extend(reversed(children.get(i, [])))
+        plan.append(order)
+    _PLAN[0] = (weakref.ref(mask), made_of, plan)
+    return plan
 
 
 # ------------------------------------------------------------------ hooks shared by the families
@@ -326,7 +369,8 @@ def adapter_lookup(adapters):
 
 class RowWise:
     """Whether the linear projections of the passes run now give each row (position) what a
-    one-row pass gives it bit for bit (`linear`): set by `run_layers` around an exact pass."""
+    one-row pass gives it bit for bit (`linear`): set by `run_layers` around an exact pass.
+    Leaving it ends the pass's exact-attention plan (`_exact_plan`)."""
 
     on = False
 
@@ -338,6 +382,8 @@ class RowWise:
 
     def __exit__(self, *exc):
         RowWise.on = self.was
+        if not self.was:  # the exact pass ends, and its exact-attention plan (`_exact_plan`) with it
+            _PLAN[0] = None
 
 
 def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
