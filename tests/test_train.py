@@ -12,7 +12,7 @@ from conftest import VOCAB, perturb_trained, tiny_backbone, tiny_tokenizer, tiny
 from twotower import TwoTowerError, generate_ar
 from twotower.data import pack, read_rows
 from twotower.model.cache import ContextView
-from twotower.objective import Noise, layout_offset, masked_loss_sum, sample_noise, training_logits
+from twotower.objective import Noise, ar_first, layout_offset, masked_loss_sum, sample_noise, training_logits
 from twotower.train import TrainConfig, load_config, train, trainable_parameters
 
 S, BLOCKS = 4, 3
@@ -527,3 +527,29 @@ def test_a_time_limited_run_stops_with_a_checkpoint_and_resumes(tmp_path):
     assert first["step"] == 1 and (tmp_path / "b" / "run" / "latest").read_text() == "step-1"
     resumed = train(_config(tmp_path / "b"), _model(), tiny_tokenizer(), progress=False)
     assert resumed["losses"] == whole["losses"]
+
+
+def test_slot_decay_weighs_each_target_by_its_slot_at_the_same_loss_scale(monkeypatch):
+    """slot_decay d: a masked target at slot j of its block weighs d ** j, the weights scaled to
+    a mean of 1 over the batch's targets (hard targets and, with kl_weight, the teacher's alike);
+    d = 1 leaves every weight 1."""
+    import twotower.objective as objective
+
+    model = tiny_two_tower("lora", "shifted", block_size=S)
+    ids = _sequences(2, "shifted")
+    noise = ar_first(sample_noise(2, BLOCKS, S, torch.Generator().manual_seed(4)))
+    seen = []
+    real = objective.sparse_cross_entropy
+    monkeypatch.setattr(objective, "sparse_cross_entropy", lambda logits, idx, w: seen.append(w) or real(logits, idx, w))
+    plain, count = masked_loss_sum(model, ids, noise)
+    decayed, count_decayed = masked_loss_sum(model, ids, noise, slot_decay=0.5)
+    slot = torch.arange(S).expand(2, BLOCKS, S)[noise.masked]
+    expected = 0.5 ** slot.float()
+    assert count == count_decayed and len(set(slot.tolist())) > 2
+    assert torch.equal(seen[0], torch.ones(count, 1))
+    torch.testing.assert_close(seen[1][:, 0], expected / expected.mean())
+    assert not torch.isclose(plain, decayed)
+    from twotower.train import Objective
+
+    held_out = Objective(model, slot_decay=0.5)(ids, noise.t, noise.masked, weighted=False)[0]  # the eval loss
+    assert torch.equal(held_out, plain)

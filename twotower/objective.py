@@ -119,13 +119,22 @@ def training_logits(model, ids: torch.Tensor, noise: Noise) -> tuple[torch.Tenso
 
 
 def masked_loss_sum(
-    model, ids: torch.Tensor, noise: Noise, features: Features | None = None, kl_weight: float = 0.0, top_k: int = 0
+    model,
+    ids: torch.Tensor,
+    noise: Noise,
+    features: Features | None = None,
+    kl_weight: float = 0.0,
+    top_k: int = 0,
+    slot_decay: float = 1.0,
 ) -> tuple[torch.Tensor, int]:
     """Sum over masked targets of the cross-entropy, plus kl_weight times the cross-entropy
     against the AR teacher's top-k distribution (the same optimum as the hard targets, which
     are the teacher's own greedy choices in self-distilled data, with less variance), and how
     many targets there were. The LM head runs on the masked targets only. Without cached
-    features the teacher comes from this step's frozen pass (top_k tokens)."""
+    features the teacher comes from this step's frozen pass (top_k tokens).
+    slot_decay: a target at slot j of its block weighs slot_decay ** j, the weights scaled to
+    a mean of 1 over the batch's targets (1: all alike), so that below 1 the early slots, the
+    drafts verify judges first, pull harder at the same loss scale."""
     batch, n, s = noise.masked.shape
     if features is None:
         features = context_features(model, ids, n, s, top_k if kl_weight else 0)
@@ -142,6 +151,10 @@ def masked_loss_sum(
         t_ids, t_logp = teacher.ids[rows, at.clamp(min=0)], teacher.logp[rows, at.clamp(min=0)].float()  # (M, k)
         t_weights = kl_weight * t_logp.exp() * (at >= 0)[:, None]
         idx, weights = torch.cat([idx, t_ids.long()], dim=1), torch.cat([weights, t_weights], dim=1)
+    if slot_decay != 1.0 and len(logits):
+        slot = torch.arange(s, device=ids.device).expand(batch, n, s).reshape(targets.shape)[scored]
+        per_target = slot_decay ** slot.float()
+        weights = weights * (per_target / per_target.mean())[:, None].to(weights.dtype)
     return sparse_cross_entropy(logits, idx, weights), int(scored.sum())
 
 

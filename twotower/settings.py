@@ -399,6 +399,9 @@ class TrainConfig:
     alignment: str = knob("top", "context layers a shallow denoiser aligns with: top or spread")
     kl_weight: float = knob(0.0, "weight of the distillation loss against the AR teacher's top-k distribution (0: off)")
     top_k: int = knob(32, "tokens of the AR teacher's distribution kept for distillation")
+    slot_decay: float = knob(1.0, "training weight of a block's slot j as slot_decay ** j, scaled to a mean of 1 (1: "
+                             "every slot alike; below 1 the first drafts after the AR token, the ones verify accepts "
+                             "first, weigh more); the eval loss is unweighted")  # fmt: skip
     features: str = knob("", "cached frozen-tower features, built once and reused every epoch: a folder, 'auto' (one "
                          "under $TWOTOWER_CACHE/features/ keyed by the data and the settings that shape them) or '' "
                          "(none)")  # fmt: skip
@@ -451,6 +454,7 @@ class TrainConfig:
             (self.dtype in ("fp32", "bf16"), f"dtype must be fp32 or bf16, got {self.dtype!r}"),
             (self.mixed_precision in ("auto", "bf16", "no"), "mixed_precision must be auto, bf16 or no"),
             (self.kl_weight >= 0 and self.top_k >= 1, "kl_weight must be >= 0 and top_k >= 1"),
+            (0 < self.slot_decay <= 1, "slot_decay must be in (0, 1]"),
             (
                 not self.fsdp or torch.cuda.is_available(),
                 "fsdp needs GPUs (accelerate's FSDP has no CPU backend); without it, several CPU processes use DDP",

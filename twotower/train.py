@@ -97,12 +97,16 @@ class Objective(nn.Module):
     accelerate can wrap it (DDP) and run it under autocast. features: the cached frozen-tower
     features of the batch, or None (the frozen tower runs in the step)."""
 
-    def __init__(self, model, kl_weight: float = 0.0, top_k: int = 32):
+    def __init__(self, model, kl_weight: float = 0.0, top_k: int = 32, slot_decay: float = 1.0):
         super().__init__()
-        self.model, self.kl_weight, self.top_k = model, kl_weight, top_k
+        self.model, self.kl_weight, self.top_k, self.slot_decay = model, kl_weight, top_k, slot_decay
 
-    def forward(self, ids: torch.Tensor, t: torch.Tensor, masked: torch.Tensor, features: Features | None = None):
-        loss, count = masked_loss_sum(self.model, ids, Noise(t, masked), features, self.kl_weight, self.top_k)
+    def forward(
+        self, ids: torch.Tensor, t: torch.Tensor, masked: torch.Tensor, features: Features | None = None, weighted: bool = True
+    ):
+        """weighted: the training loss (slots weighted by slot_decay), else every target alike (the eval loss)."""
+        decay = self.slot_decay if weighted else 1.0
+        loss, count = masked_loss_sum(self.model, ids, Noise(t, masked), features, self.kl_weight, self.top_k, decay)
         return loss, torch.tensor(count, device=ids.device)
 
 
@@ -528,7 +532,7 @@ def start_run(config: TrainConfig, out: Path, model, tokenizer, data: TrainingDa
             if longer:
                 say(describe_extension(config, longer))
     model.to(accelerator.device)
-    objective, optimizer = accelerator.prepare(Objective(model, config.kl_weight, config.top_k), optimizer)
+    objective, optimizer = accelerator.prepare(Objective(model, config.kl_weight, config.top_k, config.slot_decay), optimizer)
     return Run(config, out, model, tokenizer, data, accelerator, objective, optimizer, params, state, state["step"])
 
 
@@ -766,6 +770,7 @@ def eval_loss(objective, sequences: torch.Tensor, config: TrainConfig, accelerat
     for chunk, chunk_noise in zip(torch.arange(len(sequences)).split(size), noise.split(size)):
         ids, features = _read(sequences, store, chunk, model, accelerator.device, offset)
         with accelerator.autocast():
-            loss, n = objective(ids, chunk_noise.t.to(accelerator.device), chunk_noise.masked.to(accelerator.device), features)
+            t, masked = chunk_noise.t.to(accelerator.device), chunk_noise.masked.to(accelerator.device)
+            loss, n = objective(ids, t, masked, features, weighted=False)
         total, count = total + float(loss), count + int(n)
     return total / max(count, 1)
