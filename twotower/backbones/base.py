@@ -18,7 +18,6 @@ lives beside its scan in `ssm.py`), and the LoRA and adaLN hooks both apply the 
 from __future__ import annotations
 
 import weakref
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
