@@ -244,3 +244,24 @@ def test_compiled_verify_is_compiled_ar_on_real_hidden_states(weights):
                 )
                 cache, _ = model.context_prefill(head, ones)
                 assert torch.equal(model.context_extend(cache, seq[:, start : start + 8], logits="all", exact=True), steps)
+
+
+def test_a_conversion_finished_first_by_another_process_is_kept(tmp_path, monkeypatch):
+    """Two commands started at once on a fresh machine both convert the GGUF; the one that
+    finishes second keeps the first one's folder instead of failing on the rename."""
+    import twotower.backbones as backbones
+
+    done = convert_gguf(default_gguf_path(), torch.bfloat16)
+    monkeypatch.setenv("TWOTOWER_CACHE", str(tmp_path))
+    target = backbones._gguf_cache_folder(default_gguf_path(), torch.bfloat16)
+    assert not target.exists()
+    real = backbones.AutoTokenizer.from_pretrained
+
+    def other_process_finishes_meanwhile(*args, **kwargs):
+        shutil.copytree(done, target)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backbones.AutoTokenizer, "from_pretrained", other_process_finishes_meanwhile)
+    assert convert_gguf(default_gguf_path(), torch.bfloat16) == target
+    assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in done.iterdir())
+    assert [p.name for p in tmp_path.joinpath("backbones").iterdir()] == [target.name]  # no temporary left

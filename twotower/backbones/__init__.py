@@ -75,10 +75,14 @@ def _gguf_cache_folder(gguf: Path, dtype: torch.dtype) -> Path:
     return cache_dir() / "backbones" / f"{gguf.stem}-{str(dtype).removeprefix('torch.')}-{key[:12]}"
 
 
+def _converted(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
 def convert_gguf(gguf: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Dequantise a GGUF file into a cached safetensors folder (once) and return the folder."""
     folder = _gguf_cache_folder(gguf, dtype)
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+    if _converted(folder):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -99,7 +103,13 @@ def convert_gguf(gguf: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "twotower_source.json").write_text(json.dumps({"gguf": str(gguf)}))
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            # another process (a second command started on a fresh machine) converted the same
+            # file first: its folder is the same conversion, so keep it
+            if not _converted(folder):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
