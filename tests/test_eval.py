@@ -167,6 +167,34 @@ def test_verify_runs_once_per_tree_size_and_the_point_carries_it():
     assert "tree_nodes" not in points[2].options()
 
 
+def test_verify_runs_once_per_draft_source_and_trees_only_where_a_source_builds_them():
+    points = operating_points(["verify"], [None], [0.8], [0.0], 8, trees=(0, 16), drafts=("auto", "denoiser", "lookup"))
+    assert [(p.draft, p.tree_nodes) for p in points[1:]] == [
+        ("auto", 0),
+        ("auto", 16),
+        ("denoiser", 0),
+        ("denoiser", 16),
+        ("lookup", 0),
+    ]
+    assert points[1].label == "verify S=8 g=0.8" and "draft" not in points[1].options()
+    assert points[4].label == "verify S=8 g=0.8 draft=denoiser tree=16" and points[4].options()["draft"] == "denoiser"
+    diffusion = operating_points(["diffusion"], [None], [0.8], [0.0], 8, drafts=("denoiser",))
+    assert [p.draft for p in diffusion] == ["auto", "auto"]  # only verify mode drafts
+
+
+def test_bench_times_each_draft_source_as_asked(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--quick", "--modes", "verify", "--drafts", "denoiser,lookup", "--batch-sizes", "1", "--no-progress"]
+    assert main([*args, "--out", str(out)]) == 0
+    rows = {r["point"]: r for r in json.loads(out.read_text())["rows"]}
+    denoiser, lookup = rows["verify S=16 g=0.8 draft=denoiser"], rows["verify S=16 g=0.8 draft=lookup"]
+    assert denoiser["draft_sources"]["lookup"] == 0 and denoiser["draft_sources"]["denoiser"] > 0
+    assert lookup["draft_sources"]["denoiser"] == 0 and lookup["draft"] == "lookup"
+    assert denoiser["exact_match_vs_ar"] == lookup["exact_match_vs_ar"] == 1.0  # fp32: lossless either way
+    with pytest.raises(SystemExit):
+        main([*args[:4], "--drafts", "denoiser,guess"])
+
+
 def test_eval_on_a_tiny_model_mock_ar_retains_everything():
     model, tokenizer = tiny_two_tower(block_size=4), tiny_tokenizer()
     tasks = [Task(f"w{i}", "any-word", " ".join(f"w{j}" for j in p), "regex", r"w\d") for i, p in enumerate(PROMPTS)]
@@ -211,9 +239,10 @@ def test_bench_quick_writes_a_valid_json(tmp_path, capsys):
         assert verify["exact_match_vs_ar"] == 1.0  # fp32: lossless
         assert sum(verify["draft_sources"].values()) > 0 and verify["tokens_per_cycle"] >= 1.0
     assert rows[("hf_generate_lookup", 1)]["tokens_per_second"] > 0  # the prompt-lookup baseline, batch 1
-    assert set(report["context_pass_ms"]) == {"1", "2", "4", "8", "16", "17"}
+    assert set(report["context_pass_ms"]) == {"1", "2", "4", "8", "16", "17", "exact_17", "tree_17"}
     (costs,) = report["pass_cost_ms"]  # --quick: the benchmark's own dtype only
     assert costs["dtype"] == "float32" and costs["ratio_17_1"] > 0 and costs["denoiser"] > 0
+    assert costs["exact_17"] > 0 and costs["tree_17"] > 0  # verify's exact passes, chain and tree
     assert any("llama.cpp skipped" in n for n in report["notes"])
     assert "tok/s" in capsys.readouterr().out
 

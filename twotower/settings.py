@@ -265,6 +265,8 @@ class PointsOptions(Settings):
     thresholds: tuple[float, ...] = knob((0.8,), "confidence thresholds", check=unit_interval, each=True)
     trees: tuple[int, ...] = knob((0,), "verify mode: token-tree sizes to run, each a point (0: a chain of drafts; "
                                   "--tree-nodes)", check=tree_size, each=True)  # fmt: skip
+    drafts: tuple[str, ...] = knob(("auto",), "verify mode: draft sources to run, each a point (--draft; trees only with "
+                                   "auto and denoiser)", choices=DRAFT_SOURCES, each=True)  # fmt: skip
     progress: bool = knob(True, "a progress bar")
     out: str | None = knob(None, "write every figure to this JSON file", metavar="FILE.json")
 

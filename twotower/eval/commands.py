@@ -96,7 +96,7 @@ def evaluate(load: LoadOptions = LoadOptions(), options: EvalOptions = EvalOptio
             f"{weights} rows measure a mix; --batch-size 1 measures the {weights} weights alone"
         )
     tasks = select_tasks(load_prompts(o.prompts) if o.prompts else suite_tasks(o.suite), o.tasks_per_category)
-    points = operating_points(o.modes, o.block_sizes, o.thresholds, o.temperatures, model.config.block_size, o.trees)
+    points = operating_points(o.modes, o.block_sizes, o.thresholds, o.temperatures, model.config.block_size, o.trees, o.drafts)
     judge_model = None
     if o.judge and any(t.check == "none" for t in tasks):
         from twotower.eval.judge import Judge
@@ -172,7 +172,7 @@ def benchmark(load: LoadOptions = LoadOptions(), options: BenchOptions = BenchOp
         modes = tuple(dict.fromkeys([*modes, "mock-ar", "diffusion"]))
         block_sizes = tuple(s for s in SWEEP_BLOCK_SIZES if s <= model.config.block_size)
         thresholds = SWEEP_THRESHOLDS
-    points = operating_points(modes, block_sizes, thresholds, (0.0,), model.config.block_size, o.trees)
+    points = operating_points(modes, block_sizes, thresholds, (0.0,), model.config.block_size, o.trees, o.drafts)
     model.warm_steps(
         sorted({len(rows) for b in o.batch_sizes for rows, _ in batches(prompts, labels or [None] * len(prompts), b)})
     )
@@ -193,7 +193,8 @@ def benchmark(load: LoadOptions = LoadOptions(), options: BenchOptions = BenchOp
     print()
     print(format_table(report["pass_cost_ms"], PASS_COLUMNS))
     print(
-        "ms of one batch-1 pass (eager): the context tower over N new positions (logits of each), the denoiser over a block "
+        "ms of one batch-1 pass (eager): the context tower over N new positions (logits of each; exact: verify's pass, each "
+        "position as a one-token pass reads it; tree: the same over a binary token tree), the denoiser over a block "
         "(every slot's logits over the whole vocabulary), and verify's draft pass (the drafted slots' logits over the draft "
         f"vocabulary's {VerifyOptions().draft_vocab} tokens; - when the checkpoint stores none); draft / 1 against a "
         "one-position pass timed in turn with it"
@@ -260,7 +261,8 @@ CATEGORY_COLUMNS = [("category", "category"), ("point", "point"), ("batch", "bat
                     ("=AR", "exact_match_vs_ar"), ("x AR", "speedup_vs_generate_ar")]  # fmt: skip
 
 PASS_COLUMNS = [("dtype", "dtype"), ("weights", "weights"), *[(f"ctx {w}", str(w)) for w in (1, 2, 4, 8, 16, 17)],
-                ("17 / 1", "ratio_17_1"), ("denoiser block", "denoiser"), ("draft", "draft"),
+                ("17 / 1", "ratio_17_1"), ("exact 17", "exact_17"), ("tree 17", "tree_17"),
+                ("denoiser block", "denoiser"), ("draft", "draft"),
                 ("draft / 1", "ratio_draft_1")]  # fmt: skip
 
 
@@ -268,7 +270,7 @@ def pass_costs(model, load: LoadOptions, prompt, measured: dict, both: bool = Tr
     """The pass-cost table (positions x dtype x weights): the benchmark's own (already measured),
     and with `both` one more from a second copy of the model loaded for it: the dense weights
     of a quantised benchmark, else the other of bf16 / fp32."""
-    from twotower.eval.speed import denoiser_pass_cost, pass_cost
+    from twotower.eval.speed import VERIFY_WIDTH, denoiser_pass_cost, pass_cost
     from twotower.runtime import load_for_inference
 
     dtype, weights = model.dtype, load.weights
@@ -289,7 +291,9 @@ def pass_costs(model, load: LoadOptions, prompt, measured: dict, both: bool = Tr
     if both and dtype in (torch.bfloat16, torch.float32):
         other = dtype if weights != "dense" else torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
         twin, _ = load_for_inference(load, dtype=other, weights="dense", compile_steps=False)
-        rows.append({"dtype": name(other), "weights": "dense", **pass_cost(twin, prompt), **denoiser(twin)})
+        rows.append(
+            {"dtype": name(other), "weights": "dense", **pass_cost(twin, prompt, verify_width=VERIFY_WIDTH), **denoiser(twin)}
+        )
         del twin
     for row in rows:
         row.update({str(k): v for k, v in list(row.items()) if isinstance(k, int)})

@@ -17,6 +17,7 @@ class OperatingPoint:
     temperature: float = 0.0
     seed: int = 0
     tree_nodes: int = 0  # verify mode: drafts as a token tree of this many nodes (0: a chain)
+    draft: str = "auto"  # verify mode: the draft source (`VerifyOptions.draft`)
 
     @property
     def label(self) -> str:
@@ -24,6 +25,7 @@ class OperatingPoint:
             text = f"{self.mode} S={self.block_size} g={self.threshold}"
         else:
             text = self.mode
+        text += f" draft={self.draft}" if self.draft != "auto" else ""
         text += f" tree={self.tree_nodes}" if self.tree_nodes else ""
         return text + (f" T={self.temperature}" if self.temperature else "")
 
@@ -33,15 +35,20 @@ class OperatingPoint:
             opts.update(block_size=self.block_size, threshold=self.threshold)
         if self.tree_nodes:
             opts.update(tree_nodes=self.tree_nodes)
+        if self.draft != "auto":
+            opts.update(draft=self.draft)
         return opts
 
 
 AR = OperatingPoint("ar")
 
 
-def operating_points(modes, block_sizes, thresholds, temperatures, trained_block_size: int, trees=(0,)) -> list[OperatingPoint]:
+def operating_points(
+    modes, block_sizes, thresholds, temperatures, trained_block_size: int, trees=(0,), drafts=("auto",)
+) -> list[OperatingPoint]:
     """AR greedy first (the reference), then every requested combination (a block size of None
-    is the trained block size; verify mode once per tree size)."""
+    is the trained block size; verify mode once per draft source and tree size, trees only for
+    the sources that build them: auto and denoiser)."""
     points = [AR]
     for temperature in temperatures:
         for mode in modes:
@@ -49,7 +56,14 @@ def operating_points(modes, block_sizes, thresholds, temperatures, trained_block
                 for size in block_sizes:
                     size = resolve_block_size(size, trained_block_size)  # None: the trained block size
                     nodes = trees if mode == "verify" else (0,)
-                    points += [OperatingPoint(mode, size, g, temperature, tree_nodes=n) for g in thresholds for n in nodes]
+                    sources = drafts if mode == "verify" else ("auto",)
+                    points += [
+                        OperatingPoint(mode, size, g, temperature, tree_nodes=n, draft=d)
+                        for g in thresholds
+                        for d in sources
+                        for n in nodes
+                        if not (n and d in ("lookup", "ar"))
+                    ]
             else:
                 points.append(OperatingPoint(mode, None, 0.8, temperature))
     unique = []

@@ -114,6 +114,7 @@ def batches(prompts: list, labels: list, batch: int) -> list[tuple[list, object]
 
 
 PASS_WIDTHS = (1, 2, 4, 8, 16, 17)
+VERIFY_WIDTH = 17  # verify's widest pass: the pending token and a block of 16 drafts, or a tree of 16 nodes
 
 
 @torch.no_grad()
@@ -144,24 +145,36 @@ def denoiser_pass_cost(model, prompt: list[int], repeats: int = 3, draft_vocab: 
     return round(best * 1000, 2)
 
 
-def pass_cost(model, prompt: list[int], widths=PASS_WIDTHS, repeats: int = 3) -> dict[int, float]:
+def pass_cost(model, prompt: list[int], widths=PASS_WIDTHS, repeats: int = 3, verify_width: int | None = None) -> dict:
     """Milliseconds of one context-tower pass over `width` new positions after `prompt`
     (batch 1, best of `repeats`). Whether parallel positions are nearly free (GPU, CPUs with
     native bf16) or cost in proportion (CPUs without) decides what drafting can gain. Eager
     passes at every width, also for a model with compiled ones (`compile_steps`, which cover
-    only the widths decoding makes), so that the ratios compare like with like."""
+    only the widths decoding makes), so that the ratios compare like with like. With
+    verify_width W, also verify's exact pass over W positions at batch 1 ("exact_W": a chain,
+    each position as a one-token pass reads it) and, where the model verifies token trees, over
+    a binary tree of W nodes ("tree_W": node i follows node (i - 1) // 2)."""
     ids = torch.tensor([prompt])
     out = {}
+
+    def best_of(width: int, **how) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            cache, _ = model.context_prefill(ids, torch.ones_like(ids), logits=None)
+            begin = time.perf_counter()
+            model.context_extend(cache, ids[:, :1].expand(1, width).contiguous(), logits="all", **how)
+            best = min(best, time.perf_counter() - begin)
+        return round(best * 1000, 2)
+
     compiled, model.step_layers = model.step_layers, None
     try:
         for width in widths:
-            best = float("inf")
-            for _ in range(repeats):
-                cache, _ = model.context_prefill(ids, torch.ones_like(ids), logits=None)
-                begin = time.perf_counter()
-                model.context_extend(cache, ids[:, :1].expand(1, width).contiguous(), logits="all")
-                best = min(best, time.perf_counter() - begin)
-            out[width] = round(best * 1000, 2)
+            out[width] = best_of(width)
+        if verify_width:
+            out[f"exact_{verify_width}"] = best_of(verify_width, exact=True)
+            if model.verifies_trees:
+                parents = torch.tensor([[-1] + [(i - 1) // 2 for i in range(1, verify_width)]])
+                out[f"tree_{verify_width}"] = best_of(verify_width, exact=True, parents=parents)
     finally:
         model.step_layers = compiled
     return out
@@ -196,7 +209,7 @@ def run_bench(
     steps = len(points) * sum(len(batches(prompts, labels, b)) for b in batch_sizes)
     bar = tqdm(total=steps, desc="bench", unit="batch", disable=not progress)
     generate(model, "ar", prompts[:1], max_new_tokens=4)  # warm-up (allocator, threads)
-    costs = pass_cost(model, prompts[0])
+    costs = pass_cost(model, prompts[0], verify_width=VERIFY_WIDTH)
     memory = DraftMemory()  # verify's: a later prompt starts from what the earlier ones measured
     for batch in batch_sizes:
         baselines = {}
