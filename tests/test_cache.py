@@ -16,13 +16,14 @@ BACKBONE = "backbones/SmolLM2-135M-Instruct.Q4_1-bfloat16-0123456789ab"
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    """A cache folder with a converted backbone (two files), one an interrupted conversion
-    left, and a judge folder at the top."""
+    """A cache folder with a converted backbone (two files) and its conversion's lock file, one
+    an interrupted conversion left, and a judge folder at the top."""
     root = tmp_path / "cache"
     for name, size in [
         (f"{BACKBONE}/model.safetensors", 2_500_000),
         (f"{BACKBONE}/config.json", 500),
         ("backbones/.converting-x1y2/model.safetensors", 1000),
+        (f"backbones/.{BACKBONE.split('/')[1]}.lock", 0),  # the conversion's lock: not an entry
         ("judge/model.safetensors", 40_000),
     ]:
         (root / name).parent.mkdir(parents=True, exist_ok=True)

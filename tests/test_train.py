@@ -553,3 +553,35 @@ def test_slot_decay_weighs_each_target_by_its_slot_at_the_same_loss_scale(monkey
 
     held_out = Objective(model, slot_decay=0.5)(ids, noise.t, noise.masked, weighted=False)[0]  # the eval loss
     assert torch.equal(held_out, plain)
+
+
+def test_two_builds_of_one_features_folder_at_once_run_the_tower_once(tmp_path, monkeypatch):
+    """A second run started while the first builds the same features folder waits for it and
+    reads its shards, instead of writing the same files beside it."""
+    import threading
+
+    from twotower import features
+
+    model, ids = _model(), _sequences(6, "shifted")
+    calls, real = [], features.context_features
+
+    def counted(*args, **kwargs):
+        calls.append(threading.get_ident())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(features, "context_features", counted)
+    stores = [None, None]
+
+    def build(i):
+        stores[i] = features.build_features(model, ids, tmp_path / "f", S, top_k=4, batch_size=2, shard_size=2, progress=False)
+
+    features.build_features(model, ids, tmp_path / "alone", S, top_k=4, batch_size=2, shard_size=2, progress=False)
+    alone, calls[:] = len(calls), []
+    threads = [threading.Thread(target=build, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == alone >= 3 and len(set(calls)) == 1  # one build's passes, all by one builder
+    assert all(s is not None and len(s) == 6 and s.complete for s in stores)
+    assert torch.equal(stores[0].batch(range(6), model)[0], stores[1].batch(range(6), model)[0])

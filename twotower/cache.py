@@ -45,8 +45,13 @@ def entries(root: Path | None = None) -> list[Entry]:
     found = []
     for item in sorted(root.iterdir()):
         inside = sorted(item.iterdir()) if item.name in GROUPS and item.is_dir() and not item.is_symlink() else [item]
-        found += [Entry(str(path.relative_to(root)), path, size_of(path)) for path in inside]
+        found += [Entry(str(path.relative_to(root)), path, size_of(path)) for path in inside if not _is_lock(path)]
     return found
+
+
+def _is_lock(path: Path) -> bool:
+    """An empty lock file a conversion keeps beside its folder (`backbones.convert_gguf`): not an entry."""
+    return path.name.startswith(".") and path.name.endswith(".lock") and path.is_file()
 
 
 def human(size: float) -> str:
@@ -90,6 +95,7 @@ def clear(names: list[str], root: Path | None = None) -> list[str]:
             shutil.rmtree(entry.path)
         else:
             entry.path.unlink()
+        entry.path.with_name(f".{entry.path.name}.lock").unlink(missing_ok=True)  # its conversion's lock, if any
         lines.append(f"removed {entry.name} ({human(entry.size)})")
     lines.append(f"freed {human(sum(e.size for e in chosen))} in {root}")
     return lines

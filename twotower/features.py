@@ -142,10 +142,19 @@ def build_features(
 ) -> FeatureStore:
     """Run the frozen tower once over every sequence (N, n*S + offset) and write what the
     denoiser reads to `folder`; resumes a build cut short. Returns the store."""
-    from tqdm.auto import tqdm
+    from filelock import FileLock
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    # One builder at a time per folder: a second run started meanwhile (a sweep of variants on
+    # one data set) waits, then finds the shards written and goes on from them.
+    with FileLock(folder / ".lock"):
+        return _build(model, sequences, folder, block_size, top_k, batch_size, shard_size, progress)
+
+
+def _build(model, sequences, folder: Path, block_size: int, top_k: int, batch_size: int, shard_size: int, progress: bool):
+    from tqdm.auto import tqdm
+
     settings = _settings(model, sequences, block_size, top_k)
     index_file = folder / INDEX
     index = {"settings": settings, "shard_size": shard_size, "shards": []}

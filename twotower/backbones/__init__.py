@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from twotower.backbones.base import Family
@@ -85,6 +86,13 @@ def convert_gguf(gguf: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     if _converted(folder):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(folder.parent / f".{folder.name}.lock"):  # a second command started meanwhile waits for this one
+        if _converted(folder):
+            return folder
+        return _convert(gguf, dtype, folder)
+
+
+def _convert(gguf: Path, dtype: torch.dtype, folder: Path) -> Path:
     try:
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent,
