@@ -592,6 +592,22 @@ def test_unseeded_verify_runs_leave_their_measurements_to_the_next_and_seeded_ru
     assert generate_verify(model, ids, mask, memory=memory, **seeded).tokens == first.tokens
 
 
+def test_the_memory_keeps_token_trees_apart_from_chains():
+    """A tree's drafts are accepted at another rate than a chain's: what one measured must not
+    set the other's policy."""
+    model = tiny_two_tower()
+    perturb_trained(model)
+    ids, mask = left_pad(PROMPTS[:1], 0)
+    memory = DraftMemory()
+    chain = generate_verify(model, ids, mask, max_new_tokens=12, memory=memory)
+    tree = generate_verify(model, ids, mask, max_new_tokens=12, memory=memory, tree_nodes=4)
+    assert chain.tokens == tree.tokens
+    keys = [k for k in memory.seen if k[0] == "rows"]
+    assert len(keys) == 2 and sorted(k[-2] for k in keys) == [0, 4] and {k[-1] for k in keys} == {1}
+    generate_verify(model, *left_pad(PROMPTS[:2], 0), max_new_tokens=12, memory=memory, tree_nodes=4)  # batch 2: chains
+    assert {k[-2] for k in memory.seen if k[0] == "rows" and k[-1] > 1} == {0}
+
+
 def test_verify_without_a_memory_starts_from_a_fresh_one_and_leaves_nothing_on_the_model():
     from twotower.generate.common import drain, drive, start_run
     from twotower.generate.verify import VerifyDecoder

@@ -240,7 +240,9 @@ class VerifyDecoder(Decoder):
         memory = self.given_memory if self.given_memory is not None else DraftMemory()
         self.timed = not run.sampling.seeded  # else costs are counted in passes (module docstring)
         self.memory = memory if self.timed else None
-        self.setting = (self.sources, s.block_size, s.threshold, batch_bucket(run.batch))  # what the memory is kept by
+        # What the memory is kept by: whatever changes a source's rate (a tree's acceptance is not a chain's).
+        self.trees = self.tree_size() if run.batch == 1 and run.sampling.plain else 0  # nodes of a row's tree (tree.py)
+        self.setting = (self.sources, s.block_size, s.threshold, self.trees, batch_bucket(run.batch))
         # What a cycle of each width costs: measured seconds (unseeded), else counted in passes.
         cost = static_cost if self.memory is None else self.memory.cycle_cost(run.batch)
         auto = self.draft == "auto"  # a source forced by the caller always drafts
@@ -266,9 +268,9 @@ class VerifyDecoder(Decoder):
         drafts = choose_sources(cycle_source, active, room, self.history, self.policy, self.sources, self.draft, s.block_size)
         if gate is not None and cycle_source == "draft":  # the rows' drafts share one pass: one length that pays for all
             drafts = cap_drafts(drafts, batch_width(drafts, self.policy, least=1 if gate.probing[0] else 0))
-        if self.tree_size() and drafts.den_rows and run.batch == 1 and run.sampling.plain:  # tree.py
+        if self.trees and drafts.den_rows:
             depth = {b: min(room[b], s.block_size - 1) for b in drafts.den_rows}
-            drafts = tree_drafts(model, self.cache, self.pending, drafts, self.history, self.tree_size(), depth, run)
+            drafts = tree_drafts(model, self.cache, self.pending, drafts, self.history, self.trees, depth, run)
         else:
             head = self.draft_head if not run.sampling.reshaped else None  # bias and penalties read the whole vocabulary
             drafts = make_drafts(model, self.cache, self.pending, drafts, s, run, self.draft_steps, head)
