@@ -153,6 +153,32 @@ def test_denoiser_drafts_pick_among_the_draft_vocabulary_and_verify_stays_ar():
     assert all(len(row) == 8 for row in sampled.tokens)
 
 
+def test_token_trees_pick_among_the_draft_vocabulary_and_verify_stays_ar(monkeypatch):
+    """A tree's nodes come from the draft head as a chain's drafts do (the lookup branch aside),
+    and the reply stays AR's."""
+    from twotower.generate import tree as tree_module
+
+    model = tiny_two_tower("full", block_size=4)
+    perturb_trained(model, scale=0.3)
+    ar = generate_ar(model, PROMPTS[:1], max_new_tokens=16, eos_token_id=EOS).tokens
+    allowed = list(range(3, VOCAB, 2))
+    _with_vocab(model, allowed)
+    monkeypatch.setattr(tree_module.TokenTree, "add_branch", lambda self, tokens, budget: 0)  # no lookup branch
+    nodes, real = [], tree_module.build_tree
+    monkeypatch.setattr(tree_module, "build_tree", lambda *a, **k: nodes.append(real(*a, **k)) or nodes[-1])
+    result = generate_verify(model, PROMPTS[:1], max_new_tokens=16, eos_token_id=EOS, draft="denoiser", tree_nodes=6)
+    assert result.tokens == ar and nodes
+    assert {t for tree in nodes for t in tree.tokens} <= set(allowed)
+    nodes.clear()
+    assert (
+        generate_verify(
+            model, PROMPTS[:1], max_new_tokens=16, eos_token_id=EOS, draft="denoiser", tree_nodes=6, draft_vocab=0
+        ).tokens
+        == ar
+    )
+    assert any(t % 2 == 0 for tree in nodes for t in tree.tokens)  # the whole vocabulary: other tokens too
+
+
 def test_sampled_drafts_from_the_draft_vocabulary_leave_the_reply_ars():
     """Seeded sampling: the denoiser's drafts pick among the draft vocabulary with each
     position's own noise, and the reply is AR's sampled reply with that seed token for token,

@@ -92,7 +92,7 @@ def _planted(model, reference: list[int]):
     """A stand-in for the denoiser's slot distributions that knows AR's reply (`reference`:
     the prompt and the reply, by position): each slot's likeliest token is wrong, the second is AR's."""
 
-    def slot_probs(model, cache, pending, width):
+    def slot_probs(model, cache, pending, width, head=None):
         at = int(cache.next_pos[0])  # the pending token's position
         probs = torch.zeros(1, width, VOCAB)
         for d in range(width):

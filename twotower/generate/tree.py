@@ -95,23 +95,26 @@ def build_tree(probs: torch.Tensor, nodes: int, lookup: list[int] | None = None)
 
 
 @torch.no_grad()
-def slot_probs(model: DecodingModel, cache, pending: torch.Tensor, width: int) -> torch.Tensor:
+def slot_probs(model: DecodingModel, cache, pending: torch.Tensor, width: int, head=None) -> torch.Tensor:
     """One denoiser pass over a block of `width` masked slots after the pending token (as
-    `draft.denoiser_draft`'s first pass): each slot's distribution (B, W, V)."""
+    `draft.denoiser_draft`'s first pass): each slot's distribution (B, W, V). head: a
+    `DraftHead`, whose tokens alone get logits (as a chain's draft does), the rest probability 0."""
     den = model.denoiser_device
     reads = model.layout.reads(cache, den)
     block = torch.full((pending.shape[0], width + 1), model.mask_token_id, dtype=torch.long, device=den)
     block[:, 0] = pending.to(den)
     t = torch.ones(pending.shape[0], device=den)
-    return model.denoise_block(reads, block, t)[:, 1:].softmax(-1)
+    probs = model.denoise_block(reads, block, t, head=head, first=1).softmax(-1)
+    return probs if head is None else head.spread(probs)
 
 
-def tree_drafts(model: DecodingModel, cache, pending, drafts, history, nodes: int, depth: dict[int, int], run):
+def tree_drafts(model: DecodingModel, cache, pending, drafts, history, nodes: int, depth: dict[int, int], run, head=None):
     """Step 2 for trees: the denoiser rows' drafts as token trees of at most `nodes` nodes and
-    depth[b] levels (one denoiser pass), with the row's lookup draft as a branch; every row's
-    nodes go into drafts.tokens, and their parents (B, N) into drafts.parents."""
+    depth[b] levels (one denoiser pass; head: the draft vocabulary's, as `slot_probs`), with the
+    row's lookup draft as a branch; every row's nodes go into drafts.tokens, and their parents
+    (B, N) into drafts.parents."""
     rows = list(drafts.den_rows)
-    probs = slot_probs(model, cache, pending, max(depth[b] for b in rows))
+    probs = slot_probs(model, cache, pending, max(depth[b] for b in rows), head)
     run.denoiser_passes += 1
     run.count_pass(rows, 1)
     drafts.passes = 1
