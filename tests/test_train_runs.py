@@ -437,16 +437,18 @@ def test_features_auto_is_one_folder_per_data_and_settings(tmp_path, monkeypatch
         train(config, _model(seed=backbone_seed), tiny_tokenizer(), progress=False)
         return {f: f.stat().st_mtime_ns for f in features.glob("*/shard-*")}
 
+    folders = lambda: [f for f in features.iterdir() if f.is_dir()]  # beside each, its build's lock file
+
     first = run("a")
-    assert len(first) == 1 and [f.name.startswith("data-") for f in features.iterdir()] == [True]
-    assert len(run("b", data_seed=1)) == 2 and len(list(features.iterdir())) == 2  # other data
+    assert len(first) == 1 and [f.name.startswith("data-") for f in folders()] == [True]
+    assert len(run("b", data_seed=1)) == 2 and len(folders()) == 2  # other data
     run("c", top_k=8)  # other settings
     run("d", backbone_seed=1)  # another backbone
-    assert len(list(features.iterdir())) == 4
+    assert len(folders()) == 4
     again = run("e")  # the data and settings of "a": found, not rebuilt
-    assert len(list(features.iterdir())) == 4 and all(again[k] == v for k, v in first.items())
+    assert len(folders()) == 4 and all(again[k] == v for k, v in first.items())
     listed = cache.describe()
-    assert all(f"features/{f.name}" in listed for f in features.iterdir())
+    assert all(f"features/{f.name}" in listed for f in folders()) and ".lock" not in listed
 
 
 # --- the command line --------------------------------------------------------------------------

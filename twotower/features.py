@@ -148,7 +148,7 @@ def build_features(
     folder.mkdir(parents=True, exist_ok=True)
     # One builder at a time per folder: a second run started meanwhile (a sweep of variants on
     # one data set) waits, then finds the shards written and goes on from them.
-    with FileLock(folder / ".lock"):
+    with FileLock(folder.parent / f".{folder.name}.lock"):  # beside it: a refused build leaves the folder empty
         return _build(model, sequences, folder, block_size, top_k, batch_size, shard_size, progress)
 
 
