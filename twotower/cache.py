@@ -18,6 +18,20 @@ from twotower.settings import TwoTowerError
 GROUPS = ("backbones", "features")  # folders whose every item is one entry
 
 
+def lock_path(folder: Path) -> Path:
+    """The lock file beside a folder that one process at a time writes (a GGUF conversion, a
+    features build), so that a second one started meanwhile waits for the first. Beside it, not
+    in it: a write refused before it starts leaves the folder as it was."""
+    return folder.with_name(f".{folder.name}.lock")
+
+
+def lock_beside(folder: Path):
+    """A `filelock.FileLock` on `lock_path(folder)`."""
+    from filelock import FileLock
+
+    return FileLock(lock_path(folder))
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("TWOTOWER_CACHE", Path.home() / ".cache" / "twotower"))
 
@@ -50,7 +64,7 @@ def entries(root: Path | None = None) -> list[Entry]:
 
 
 def _is_lock(path: Path) -> bool:
-    """An empty lock file a conversion keeps beside its folder (`backbones.convert_gguf`): not an entry."""
+    """An empty lock file kept beside a folder (`lock_path`): not an entry."""
     return path.name.startswith(".") and path.name.endswith(".lock") and path.is_file()
 
 
@@ -95,7 +109,7 @@ def clear(names: list[str], root: Path | None = None) -> list[str]:
             shutil.rmtree(entry.path)
         else:
             entry.path.unlink()
-        entry.path.with_name(f".{entry.path.name}.lock").unlink(missing_ok=True)  # its conversion's lock, if any
+        lock_path(entry.path).unlink(missing_ok=True)  # its lock, if any
         lines.append(f"removed {entry.name} ({human(entry.size)})")
     lines.append(f"freed {human(sum(e.size for e in chosen))} in {root}")
     return lines

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from twotower.backbones.base import AttentionState
 from twotower.backbones.ssm import MambaState
+from twotower.cache import cache_dir, lock_beside
 from twotower.config import TwoTowerError
 from twotower.model.cache import ContextView
 from twotower.objective import Features, Teacher, context_features
@@ -63,8 +64,6 @@ def keyed_folder(model, sequences: torch.Tensor, block_size: int, top_k: int, da
     """`--features auto`: $TWOTOWER_CACHE/features/DATA-KEY, KEY a hash of everything that shapes
     the features (the packed sequences, the backbone's fingerprint, the layers kept, the block
     layout, top-k, dtype), so that other data or settings never land in the same folder."""
-    from twotower.cache import cache_dir
-
     settings = json.dumps(_settings(model, sequences, block_size, top_k), sort_keys=True)
     key = hashlib.sha256(settings.encode()).hexdigest()[:12]
     return cache_dir() / "features" / f"{Path(data).stem or 'data'}-{key}"
@@ -142,13 +141,11 @@ def build_features(
 ) -> FeatureStore:
     """Run the frozen tower once over every sequence (N, n*S + offset) and write what the
     denoiser reads to `folder`; resumes a build cut short. Returns the store."""
-    from filelock import FileLock
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # One builder at a time per folder: a second run started meanwhile (a sweep of variants on
     # one data set) waits, then finds the shards written and goes on from them.
-    with FileLock(folder.parent / f".{folder.name}.lock"):  # beside it: a refused build leaves the folder empty
+    with lock_beside(folder):
         return _build(model, sequences, folder, block_size, top_k, batch_size, shard_size, progress)
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 MODES = ("ar", "mock-ar", "diffusion", "verify")
 BLOCK_MODES = ("diffusion", "verify")  # modes that take block_size / threshold
 DRAFT_SOURCES = ("auto", "denoiser", "lookup", "ar")
+TREE_DRAFTS = ("auto", "denoiser")  # the sources whose denoiser drafts a token tree is built from
 EVAL_SUITES = ("builtin", "humaneval")
 # How inference stores the linear weights (twotower/quant.py): as loaded, or weight-only int8 / int4 on CPU.
 WEIGHT_FORMATS = ("dense", "int8", "int4")
@@ -233,7 +234,7 @@ class VerifyOptions(Settings):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.tree_nodes and self.draft in ("lookup", "ar"):
+        if self.tree_nodes and self.draft not in TREE_DRAFTS:
             raise TwoTowerError(f"tree_nodes builds trees from denoiser drafts: use draft auto or denoiser, not {self.draft!r}")
 
 

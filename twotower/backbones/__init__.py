@@ -17,13 +17,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from twotower.backbones.base import Family
 from twotower.backbones.llama import LLAMA
 from twotower.backbones.nemotron_h import NEMOTRON_H
-from twotower.cache import cache_dir
+from twotower.cache import cache_dir, lock_beside
 from twotower.config import TwoTowerError
 
 FAMILIES: tuple[Family, ...] = (LLAMA, NEMOTRON_H)
@@ -86,7 +85,7 @@ def convert_gguf(gguf: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     if _converted(folder):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(folder.parent / f".{folder.name}.lock"):  # a second command started meanwhile waits for this one
+    with lock_beside(folder):  # a second command started meanwhile waits for this one
         if _converted(folder):
             return folder
         return _convert(gguf, dtype, folder)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from twotower.config import BLOCK_MODES, resolve_block_size
 from twotower.generate import generate
+from twotower.settings import TREE_DRAFTS
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def operating_points(
                         for g in thresholds
                         for d in sources
                         for n in nodes
-                        if not (n and d in ("lookup", "ar"))
+                        if not n or d in TREE_DRAFTS
                     ]
             else:
                 points.append(OperatingPoint(mode, None, 0.8, temperature))
