@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=96, help="length of each AR reply")
     parser.add_argument("--trees", default="4,8,16", help="tree sizes (nodes), comma-separated")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per AR batch")
+    parser.add_argument("--draft-vocab", type=int, default=0, help="drafts pick among the model's N most frequent "
+                        "training tokens, as verify's --draft-vocab N (0: the whole vocabulary)")  # fmt: skip
     parser.add_argument("--out", help="write the figures to this JSON file")
     args = parser.parse_args(argv)
     model, tokenizer = twotower.load_model(args.model, dtype=torch.bfloat16, merge=True)
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
         replies += twotower.generate_ar(model, batch, max_new_tokens=args.max_new_tokens, eos_token_id=eos).tokens
     sequences = [p + r for p, r in zip(prompts, replies, strict=True)]
     sizes = tuple(int(n) for n in args.trees.split(","))
-    result = simulate_cycles(model, sequences, [len(p) for p in prompts], sizes)
+    result = simulate_cycles(model, sequences, [len(p) for p in prompts], sizes, draft_vocab=args.draft_vocab)
     result["settings"] = {**vars(args), "block_size": model.config.block_size, "command": " ".join(sys.argv)}
     for name, rate in result["tokens_per_cycle"].items():
         print(f"{name:>18}: {rate:.3f} tokens per cycle")

@@ -95,8 +95,10 @@ def test_shallow_diffusion_starts_every_block_with_the_ar_token(denoiser_kind, f
 def test_shallow_training_pass_equals_the_generation_pass(denoiser_kind, family, layers, depth):
     """The one-pass training forward, block by block, equals the generation-time pass over the
     clean context before the block, with the anchor hidden state of a prefill."""
-    s, n = 4, 3
-    model = shallow(family, layers, depth, denoiser_kind, block_size=s)
+    assert_training_pass_is_the_generation_pass(shallow(family, layers, depth, denoiser_kind, block_size=4))
+
+
+def assert_training_pass_is_the_generation_pass(model, s: int = 4, n: int = 3) -> None:
     perturb_trained(model)
     ids = torch.randint(3, 90, (2, n * s + 1), generator=torch.Generator().manual_seed(0))
     noise = ar_first(sample_noise(2, n, s, torch.Generator().manual_seed(1)))
@@ -248,3 +250,85 @@ def test_a_merged_model_is_for_generation_only(tmp_path):
     assert not any(tmp_path.iterdir())
     full_depth = TwoTowerForCausalLM.from_backbone(tiny_backbone("llama"), lora_rank=4).merge_adapters()
     assert not full_depth.denoiser.merged and full_depth.lora is not None  # its copy would be a second backbone
+
+
+# (family, layers, depth, fused layers): the anchor's features from below the aligned layers.
+FUSED = [("llama", 4, 2, [0, 1]), ("nemotron_h", 5, 2, [0, 2])]
+
+
+@pytest.mark.parametrize(("family", "layers", "depth", "fuse"), FUSED)
+def test_an_untrained_fusion_changes_nothing_and_a_trained_one_moves_the_slots_after_the_anchor(family, layers, depth, fuse):
+    """fuse_layers: the context pass keeps the anchor's hidden states entering those layers too;
+    the fusion of them starts at zero (the denoiser's logits are those without it), and once it
+    moves it changes every slot after the anchor but never the anchor's, which stays AR's."""
+    plain, fused = shallow(family, layers, depth), shallow(family, layers, depth, fuse_layers=fuse)
+    cache, ar = fused.context_prefill(*left_pad(PROMPTS, pad_id=0))
+    assert cache.anchor_hidden.shape[-1] == (1 + len(fuse)) * fused.context_tower.config.hidden_size
+    assert sorted(n.split(".")[0] for n in fused.denoiser.trained_state_dict()).count("fusion") == 1
+    torch.testing.assert_close(block_logits(fused), block_logits(plain), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        fused.denoiser.fusion.proj.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+    moved = block_logits(fused)
+    torch.testing.assert_close(moved[:, 0], ar, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(moved[:, 1:], block_logits(plain)[:, 1:], atol=1e-3)
+
+
+@pytest.mark.parametrize(("family", "layers", "depth", "fuse"), FUSED)
+def test_a_fused_denoisers_training_pass_equals_its_generation_pass(family, layers, depth, fuse):
+    """The training pass reads each block's anchor features (k depths) as a prefill's cache
+    holds them for generation."""
+    assert_training_pass_is_the_generation_pass(shallow(family, layers, depth, fuse_layers=fuse))
+
+
+def test_a_fused_denoiser_saves_merges_and_verify_stays_ar(tmp_path):
+    model = shallow("llama", 4, 2, fuse_layers=[0, 1])
+    perturb_trained(model)
+    model.save_pretrained(tmp_path)
+    loaded = TwoTowerForCausalLM.from_pretrained(tmp_path, backbone=model.context_tower)
+    assert loaded.config.fuse_layers == [0, 1] and loaded.denoiser.capture_layer == (2, 0, 1)
+    assert torch.equal(loaded.denoiser.fusion.proj.weight, model.denoiser.fusion.proj.weight)
+    options = dict(max_new_tokens=12, block_size=4, threshold=0.3)
+    expected = block_logits(model), generate_mask_diffusion(model, PROMPTS, **options).tokens
+    torch.testing.assert_close(block_logits(loaded), expected[0])
+    loaded.merge_adapters()
+    torch.testing.assert_close(block_logits(loaded), expected[0], rtol=1e-4, atol=1e-4)
+    assert generate_mask_diffusion(loaded, PROMPTS, **options).tokens == expected[1]
+    ar = generate_ar(loaded, PROMPTS, max_new_tokens=12).tokens
+    for options in (dict(draft="denoiser"), dict(draft="denoiser", tree_nodes=6)):
+        assert generate_verify(loaded, PROMPTS, max_new_tokens=12, **options).tokens == ar
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (dict(fuse_layers=[1]), "needs a shallow denoiser"),
+        (dict(denoiser_depth=2, fuse_layers=[0, 0]), "distinct"),
+        (dict(denoiser_depth=2, fuse_layers=[2]), "other than the first aligned layer 2"),
+        (dict(denoiser_depth=2, fuse_layers=[4]), r"in \[0, 4\)"),
+    ],
+)
+def test_bad_fusion_settings_are_refused(config, match):
+    with pytest.raises(TwoTowerError, match=match):
+        TwoTowerForCausalLM.from_backbone(tiny_backbone("llama", num_hidden_layers=4), **config)
+
+
+def test_a_trained_denoiser_gets_a_fusion_that_changes_nothing_until_it_trains(tmp_path, monkeypatch):
+    """`add_fusion` (train's --fuse-layers on a checkpoint that has none): the trained denoiser's
+    logits are unchanged, the fusion trains and saves with it; bad layers are refused and leave
+    the model as it was."""
+    import twotower.model.loading as loading
+    from twotower.train import TrainConfig, build_model, trainable_parameters
+
+    model = shallow("llama", 4, 2)
+    perturb_trained(model)
+    before = block_logits(model)
+    with pytest.raises(TwoTowerError, match="first aligned layer"):
+        model.add_fusion([2])
+    assert model.config.fuse_layers is None and model.denoiser.fusion is None
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: (model, None))  # the checkpoint --model names
+    trained, _ = build_model(TrainConfig(data="x", denoiser_depth=2, fuse_layers=(0, 1)))
+    assert trained is model and model.config.fuse_layers == [0, 1] and model.denoiser.capture_layer == (2, 0, 1)
+    assert any(p is model.denoiser.fusion.proj.weight for p in trainable_parameters(model))
+    torch.testing.assert_close(block_logits(model), before, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    assert TwoTowerForCausalLM.from_pretrained(tmp_path, backbone=model.context_tower).denoiser.fusion is not None

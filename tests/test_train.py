@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,7 +13,16 @@ from conftest import VOCAB, perturb_trained, tiny_backbone, tiny_tokenizer, tiny
 from twotower import TwoTowerError, generate_ar
 from twotower.data import pack, read_rows
 from twotower.model.cache import ContextView
-from twotower.objective import Noise, ar_first, layout_offset, masked_loss_sum, sample_noise, training_logits
+from twotower.objective import (
+    Noise,
+    ar_first,
+    context_features,
+    layout_offset,
+    masked_loss_sum,
+    sample_noise,
+    training_hidden,
+    training_logits,
+)
 from twotower.train import TrainConfig, load_config, train, trainable_parameters
 
 S, BLOCKS = 4, 3
@@ -383,22 +393,24 @@ def test_distill_needs_a_chat_template():
 # --- training that costs only the denoiser: cached frozen-tower features -----------------------
 
 
-def _shallow_model(kind="lora", family="llama"):
+def _shallow_model(kind="lora", family="llama", **config):
     from twotower import TwoTowerForCausalLM
 
     backbone = tiny_backbone(family, **({} if family == "nemotron_h" else {"num_hidden_layers": 3}))
-    return TwoTowerForCausalLM.from_backbone(backbone, denoiser=kind, block_size=S, lora_rank=4, denoiser_depth=2)
+    return TwoTowerForCausalLM.from_backbone(backbone, denoiser=kind, block_size=S, lora_rank=4, denoiser_depth=2, **config)
 
 
 @pytest.mark.parametrize("family", ["llama", "nemotron_h"])
-@pytest.mark.parametrize("shallow", [False, True])
+@pytest.mark.parametrize("shallow", [False, True, "fused"])
 def test_cached_features_give_the_same_loss_and_gradient(tmp_path, family, shallow):
     """One step on features read back from disk equals the step that runs the frozen tower:
-    the same loss (masked CE plus the distillation term) and the same gradient."""
+    the same loss (masked CE plus the distillation term) and the same gradient (fused: the
+    anchors hold a second depth, the fusion's input)."""
     from twotower.features import build_features
     from twotower.objective import ar_first
 
-    model = _shallow_model("lora", family) if shallow else _model("lora", family=family)
+    fused = {"fuse_layers": [0]} if shallow == "fused" else {}
+    model = _shallow_model("lora", family, **fused) if shallow else _model("lora", family=family)
     perturb_trained(model)
     ids = _sequences(5, "shifted")
     noise = ar_first(sample_noise(5, BLOCKS, S, torch.Generator().manual_seed(3)))
@@ -553,6 +565,52 @@ def test_slot_decay_weighs_each_target_by_its_slot_at_the_same_loss_scale(monkey
 
     held_out = Objective(model, slot_decay=0.5)(ids, noise.t, noise.masked, weighted=False)[0]  # the eval loss
     assert torch.equal(held_out, plain)
+
+
+def test_a_draft_vocabulary_loss_is_the_cross_entropy_over_its_tokens_and_skips_the_others():
+    """vocab: the head's logits over those tokens only; a masked target outside them is neither
+    scored nor counted, the teacher's tokens outside them weigh nothing; inside, the loss is
+    the cross-entropy of the softmax over the vocabulary's tokens (hard and teacher targets)."""
+    model = tiny_two_tower("lora", "shifted", block_size=S)
+    ids = _sequences(2, "shifted")
+    noise = ar_first(sample_noise(2, BLOCKS, S, torch.Generator().manual_seed(4)))
+    features = context_features(model, ids, BLOCKS, S, top_k=4)
+    hidden, targets, _ = training_hidden(model, ids, noise, features)
+    scored = noise.masked.reshape(targets.shape)
+    present = targets[scored].unique()
+    vocab = torch.cat([present[::2], torch.tensor([VOCAB - 1, VOCAB - 2])]).unique()  # half the targets, and two others
+    kept = scored & torch.isin(targets, vocab)
+    assert 0 < int(kept.sum()) < int(scored.sum())
+    for kl in (0.0, 0.5):
+        loss, count = masked_loss_sum(model, ids, noise, features, kl_weight=kl, top_k=4, vocab=vocab)
+        logp = model.denoiser_logits(hidden)[..., vocab].log_softmax(-1)  # (B, n*S, N)
+        place = {int(v): i for i, v in enumerate(vocab)}
+        expected = 0.0
+        for b, i in kept.nonzero().tolist():
+            expected -= float(logp[b, i, place[int(targets[b, i])]].detach())
+            for tok, lp in zip(features.teacher.ids[b, i].tolist(), features.teacher.logp[b, i].tolist()):
+                if kl and tok in place:
+                    expected -= kl * math.exp(lp) * float(logp[b, i, place[tok]].detach())
+        assert count == int(kept.sum())
+        assert float(loss) == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_run_saves_its_draft_vocabulary_and_trains_over_it(tmp_path):
+    """Every checkpoint carries the training tokens by frequency (verify's --draft-vocab reads
+    them); --draft-vocab N trains the head over the N most frequent only (fewer targets counted
+    than with the whole vocabulary), and the run resumes with it."""
+    from twotower.model import draft_vocab as dv
+
+    whole = train(_config(tmp_path / "a", max_steps=2), _model(), tiny_tokenizer(), progress=False)
+    saved = dv.load(tmp_path / "a" / "run" / "final")
+    assert saved is not None and saved.total > 0 and saved.counts.tolist() == sorted(saved.counts.tolist(), reverse=True)
+    small = train(_config(tmp_path / "b", max_steps=2, draft_vocab=6), _model(), tiny_tokenizer(), progress=False)
+    assert small["masked_tokens"] < whole["masked_tokens"]
+    assert dv.load(tmp_path / "b" / "run" / "final").ids.tolist() == saved.ids.tolist()
+    with pytest.raises(TwoTowerError, match="draft-vocab 6 -> 0"):
+        train(_config(tmp_path / "b", max_steps=3, extend=True), _model(), tiny_tokenizer(), progress=False)
+    with pytest.raises(TwoTowerError, match="draft_vocab"):
+        TrainConfig(data="x", draft_vocab=-1).validate()
 
 
 def test_two_builds_of_one_features_folder_at_once_run_the_tower_once(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ from conftest import PROMPTS, VOCAB, perturb_trained, tiny_two_tower
 from twotower import TwoTowerError, VerifyOptions, generate_ar, generate_verify
 from twotower.generate import tree as tree_module
 from twotower.generate.tree import build_tree
+from twotower.model import draft_vocab
 from twotower.model.masks import extend_mask, tree_mask
 
 verify_module = importlib.import_module("twotower.generate.verify")  # the package's name is also a function's
@@ -234,6 +235,14 @@ def test_the_simulated_cycles_read_the_draft_a_cycle_makes_and_count_nested_tree
         cache = _ar_cache(model, sequence[:at], [])
         drafted = tree_module.slot_probs(model, cache, torch.tensor([sequence[at]]), model.config.block_size - 1)
         torch.testing.assert_close(probs[block], drafted[0], atol=1e-5, rtol=1e-4)
+    model.draft_vocab = draft_vocab.count_tokens([sequence], model.num_embeddings)
+    head = model.draft_head(6)  # drafts among the sequence's 6 most frequent tokens, as verify's --draft-vocab 6
+    probs, _ = block_drafts(model, sequence, head)
+    assert set(probs[1].nonzero()[:, 1].tolist()) <= set(head.ids.tolist())
+    cache = _ar_cache(model, sequence[: pending[1]], [])
+    drafted = tree_module.slot_probs(model, cache, torch.tensor([sequence[pending[1]]]), model.config.block_size - 1, head)
+    torch.testing.assert_close(probs[1], drafted[0], atol=1e-5, rtol=1e-4)
+    model.draft_vocab = None
     result = simulate_cycles(model, [sequence], [len(prompt)], tree_sizes=(2, 4, 16))
     rates = result["tokens_per_cycle"]
     assert result["cycles"] > 0 and min(rates.values()) >= 1

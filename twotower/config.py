@@ -61,6 +61,10 @@ class TwoTowerConfig(PretrainedConfig):
             the last one the top layer).
         aligned_layers: the aligned context layers, explicitly (ascending); overrides depth and
             alignment. Filled in from them when the model is built.
+        fuse_layers: context layers whose input hidden states at the anchor a shallow
+            denoiser's fusion reads beside the first aligned layer's (docs/METHOD.md section
+            3.7): a learned map of them, zero at first, is added to every slot after the anchor.
+            None or empty: none.
         trained_tokens: training tokens the denoiser has seen (0: untrained; the command line
             refuses diffusion mode on an untrained denoiser, which writes garbage).
     """
@@ -84,6 +88,7 @@ class TwoTowerConfig(PretrainedConfig):
         denoiser_depth: int | None = None,
         alignment: str = "top",
         aligned_layers: list[int] | None = None,
+        fuse_layers: list[int] | None = None,
         trained_tokens: int = 0,
         **kwargs,
     ):
@@ -102,6 +107,7 @@ class TwoTowerConfig(PretrainedConfig):
         self.denoiser_depth = denoiser_depth
         self.alignment = alignment
         self.aligned_layers = list(aligned_layers) if aligned_layers is not None else None
+        self.fuse_layers = list(fuse_layers) if fuse_layers else None
         self.trained_tokens = trained_tokens
         super().__init__(**kwargs)
 
@@ -144,6 +150,14 @@ class TwoTowerConfig(PretrainedConfig):
             raise TwoTowerError(
                 f"a shallow denoiser ({len(layers)} of {num_layers} layers) needs layout='shifted': its anchor "
                 "slot reads the context tower's hidden state"
+            )
+        fuse = self.fuse_layers or []
+        if fuse and len(layers) == num_layers:
+            raise TwoTowerError("fuse_layers needs a shallow denoiser (denoiser_depth below the backbone's layers)")
+        if len(set(fuse)) < len(fuse) or any(not 0 <= f < num_layers or f == layers[0] for f in fuse):
+            raise TwoTowerError(
+                f"fuse_layers must be distinct layer indices in [0, {num_layers}) other than the first aligned layer "
+                f"{layers[0]} (whose input the anchor slot reads already), got {fuse}"
             )
         return layers
 

@@ -6,7 +6,8 @@ written to disk and reused every epoch, so a training step runs the denoiser alo
 - per aligned attention layer, K and V at every position (N, Hkv, n*S, D);
 - per aligned Mamba-2 layer, the conv and SSM state at every block boundary (N, n, ...);
 - a shallow denoiser's anchors: the hidden state entering its first aligned layer at every
-  block's anchor token (N, n, H);
+  block's anchor token (N, n, H), and with `fuse_layers` those entering the fused layers after
+  it (N, n, k*H);
 - the AR teacher: its top-k next-token ids and log-probabilities at every position (N, n*S, k);
 - the token ids themselves (N, n*S + offset).
 
@@ -57,6 +58,7 @@ def _settings(model, sequences: torch.Tensor, block_size: int, top_k: int) -> di
         "sequences_sha256": digest,
         "top_k": top_k,
         "dtype": str(model.dtype).removeprefix("torch."),
+        **({"fuse_layers": model.denoiser.fuse} if model.denoiser.fuse else {}),  # wider anchors
     }
 
 

@@ -126,6 +126,7 @@ def masked_loss_sum(
     kl_weight: float = 0.0,
     top_k: int = 0,
     slot_decay: float = 1.0,
+    vocab: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Sum over masked targets of the cross-entropy, plus kl_weight times the cross-entropy
     against the AR teacher's top-k distribution (the same optimum as the hard targets, which
@@ -134,14 +135,28 @@ def masked_loss_sum(
     features the teacher comes from this step's frozen pass (top_k tokens).
     slot_decay: a target at slot j of its block weighs slot_decay ** j, the weights scaled to
     a mean of 1 over the batch's targets (1: all alike), so that below 1 the early slots, the
-    drafts verify judges first, pull harder at the same loss scale."""
+    drafts verify judges first, pull harder at the same loss scale.
+    vocab: token ids (N,) of a draft vocabulary, or None: the head runs over those N tokens
+    only (verify's drafts pick among them, `VerifyOptions.draft_vocab`), a target outside them
+    is not scored (nor counted), and the teacher's tokens outside them weigh nothing."""
     batch, n, s = noise.masked.shape
     if features is None:
         features = context_features(model, ids, n, s, top_k if kl_weight else 0)
     hidden, targets, _ = training_hidden(model, ids, noise, features)
     scored = noise.masked.reshape(targets.shape)
-    logits = model.denoiser_logits(hidden[scored], float32=False)  # (M, V), the LM head on masked targets only
-    idx, weights = targets[scored][:, None], torch.ones(len(logits), 1, device=logits.device)
+    place = None
+    if vocab is not None:  # the head's N rows: a target outside them is not scored
+        vocab = vocab[vocab != model.mask_token_id].to(ids.device)
+        width = max(model.num_embeddings + 1, model.denoiser.backbone.lm_head.weight.shape[0])
+        place = torch.full((width,), -1, dtype=torch.long, device=ids.device)
+        place[vocab] = torch.arange(len(vocab), device=ids.device)
+        scored = scored & (place[targets] >= 0)
+        logits = model.denoiser.vocab_logits(hidden[scored], vocab)  # (M, N)
+        idx = place[targets[scored]][:, None]
+    else:
+        logits = model.denoiser_logits(hidden[scored], float32=False)  # (M, V), the LM head on masked targets only
+        idx = targets[scored][:, None]
+    weights = torch.ones(len(logits), 1, device=logits.device)
     if kl_weight:
         # Slot i predicts the token at position i + offset; the teacher's prediction of it was
         # made at position i + offset - 1 (none for the first token of a same-position sequence).
@@ -150,6 +165,9 @@ def masked_loss_sum(
         teacher = features.teacher
         t_ids, t_logp = teacher.ids[rows, at.clamp(min=0)], teacher.logp[rows, at.clamp(min=0)].float()  # (M, k)
         t_weights = kl_weight * t_logp.exp() * (at >= 0)[:, None]
+        if place is not None:  # the teacher's tokens outside the draft vocabulary weigh nothing
+            t_ids = place[t_ids.long()]
+            t_weights, t_ids = t_weights * (t_ids >= 0), t_ids.clamp(min=0)
         idx, weights = torch.cat([idx, t_ids.long()], dim=1), torch.cat([weights, t_weights], dim=1)
     if slot_decay != 1.0 and len(logits):
         slot = torch.arange(s, device=ids.device).expand(batch, n, s).reshape(targets.shape)[scored]

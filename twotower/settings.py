@@ -400,11 +400,18 @@ class TrainConfig:
     denoiser_depth: int | None = knob(None, "denoiser layers K (None: all; `--denoiser-depth None` undoes a preset's K); "
                                       "a shallow one aligns with context layers")  # fmt: skip
     alignment: str = knob("top", "context layers a shallow denoiser aligns with: top or spread")
+    fuse_layers: tuple[int, ...] = knob((), "context layers whose input at the anchor a shallow denoiser also reads: "
+                                        "a learned map of them and of the first aligned layer's (zero at first) is "
+                                        "added to every slot after the anchor (none: off)", metavar="L,...")  # fmt: skip
     kl_weight: float = knob(0.0, "weight of the distillation loss against the AR teacher's top-k distribution (0: off)")
     top_k: int = knob(32, "tokens of the AR teacher's distribution kept for distillation")
     slot_decay: float = knob(1.0, "training weight of a block's slot j as slot_decay ** j, scaled to a mean of 1 (1: "
                              "every slot alike; below 1 the first drafts after the AR token, the ones verify accepts "
                              "first, weigh more); the eval loss is unweighted")  # fmt: skip
+    draft_vocab: int = knob(0, "train the denoiser's head over the N most frequent tokens of the training data only, "
+                            "the draft vocabulary verify's drafts pick among (--draft-vocab there): a cheaper head; a "
+                            "target outside them is not scored (0: the whole vocabulary)", check=non_negative,
+                            metavar="N")  # fmt: skip
     features: str = knob("", "cached frozen-tower features, built once and reused every epoch: a folder, 'auto' (one "
                          "under $TWOTOWER_CACHE/features/ keyed by the data and the settings that shape them) or '' "
                          "(none)")  # fmt: skip
@@ -458,6 +465,7 @@ class TrainConfig:
             (self.mixed_precision in ("auto", "bf16", "no"), "mixed_precision must be auto, bf16 or no"),
             (self.kl_weight >= 0 and self.top_k >= 1, "kl_weight must be >= 0 and top_k >= 1"),
             (0 < self.slot_decay <= 1, "slot_decay must be in (0, 1]"),
+            (self.draft_vocab >= 0, "draft_vocab must be >= 0 (0: the whole vocabulary)"),
             (
                 not self.fsdp or torch.cuda.is_available(),
                 "fsdp needs GPUs (accelerate's FSDP has no CPU backend); without it, several CPU processes use DDP",

@@ -41,6 +41,7 @@ from torch import nn
 from twotower.config import TwoTowerError
 from twotower.data import batch_indices, heldout_prompts, pack, read_rows
 from twotower.features import AUTO_FEATURES, FeatureStore, build_features, keyed_folder
+from twotower.model import draft_vocab
 from twotower.objective import Features, Noise, ar_first, masked_loss_sum, sample_noise
 from twotower.settings import TrainConfig
 
@@ -97,16 +98,19 @@ class Objective(nn.Module):
     accelerate can wrap it (DDP) and run it under autocast. features: the cached frozen-tower
     features of the batch, or None (the frozen tower runs in the step)."""
 
-    def __init__(self, model, kl_weight: float = 0.0, top_k: int = 32, slot_decay: float = 1.0):
+    def __init__(self, model, kl_weight: float = 0.0, top_k: int = 32, slot_decay: float = 1.0, draft_vocab: int = 0):
         super().__init__()
         self.model, self.kl_weight, self.top_k, self.slot_decay = model, kl_weight, top_k, slot_decay
+        self.draft_vocab = draft_vocab  # N: the head over the N most frequent tokens (model.draft_vocab) only
 
     def forward(
         self, ids: torch.Tensor, t: torch.Tensor, masked: torch.Tensor, features: Features | None = None, weighted: bool = True
     ):
         """weighted: the training loss (slots weighted by slot_decay), else every target alike (the eval loss)."""
         decay = self.slot_decay if weighted else 1.0
-        loss, count = masked_loss_sum(self.model, ids, Noise(t, masked), features, self.kl_weight, self.top_k, decay)
+        vocab = self.model.draft_vocab.top(self.draft_vocab) if self.draft_vocab else None
+        noise = Noise(t, masked)
+        loss, count = masked_loss_sum(self.model, ids, noise, features, self.kl_weight, self.top_k, decay, vocab)
         return loss, torch.tensor(count, device=ids.device)
 
 
@@ -152,6 +156,7 @@ def changed_settings(saved: dict, config: TrainConfig) -> list[str]:
     changes = []
     for f in dataclasses.fields(TrainConfig):
         old, new = settings.get(f.name, f.default), getattr(config, f.name)
+        old, new = (list(v) if isinstance(v, tuple) else v for v in (old, new))  # a list once saved as JSON
         if f.name in MAY_CHANGE_ON_RESUME or old == new:
             continue
         if f.name == "max_steps" and (
@@ -249,12 +254,13 @@ def save_checkpoint(folder: Path, model, optimizer, state: dict, previous: int =
 def publish_final(checkpoint: Path, final: Path) -> bool:
     """Make `final` the model of the run's last checkpoint (its config and weights, copied
     atomically). Returns False, touching nothing, where `final` already holds exactly those."""
-    if all((final / name).is_file() and filecmp.cmp(checkpoint / name, final / name, shallow=False) for name in FINAL_FILES):
+    names = [*FINAL_FILES, *(n for n in (draft_vocab.FILE_NAME,) if (checkpoint / n).is_file())]  # and its draft vocabulary
+    if all((final / name).is_file() and filecmp.cmp(checkpoint / name, final / name, shallow=False) for name in names):
         return False
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name in FINAL_FILES:
+    for name in names:
         shutil.copyfile(checkpoint / name, tmp / name)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -398,7 +404,8 @@ def say(text: str) -> None:
 # ------------------------------------------------------------------ setting a run up
 def build_model(config: TrainConfig):
     """A backbone wrapped as a new two-tower model with the config's denoiser settings, or a
-    twotower checkpoint to go on from (load_model tells them apart; a checkpoint keeps its own).
+    twotower checkpoint to go on from (load_model tells them apart; a checkpoint keeps its own,
+    but gets a fusion, zero at first, where fuse_layers asks for one and it has none).
     With a bf16 backbone the small trained tensors (LoRA, adaLN, the mask embedding) are kept in
     fp32, so that AdamW's updates are not rounded away."""
     from twotower.model.loading import load_model
@@ -418,8 +425,11 @@ def build_model(config: TrainConfig):
         block_size=config.block_size,
         denoiser_depth=config.denoiser_depth,
         alignment=config.alignment,
+        fuse_layers=list(config.fuse_layers) or None,
     )
-    for module in (model.lora, model.time_conditioning):
+    if config.fuse_layers and not model.config.fuse_layers:  # a checkpoint without one
+        model.add_fusion(list(config.fuse_layers))
+    for module in (model.lora, model.time_conditioning, model.denoiser.fusion):
         if module is not None:
             module.float()
     model.mask_embedding.data = model.mask_embedding.data.float()
@@ -470,6 +480,12 @@ def prepare_data(config: TrainConfig, model, tokenizer, main: bool, progress: bo
     train_seqs, eval_seqs = packed.split(held, config.batch_size)
     if main:
         say(packed.describe_split(held, chosen=config.eval_sequences is not None))
+    # The training tokens by frequency, saved with every checkpoint: verify's --draft-vocab and
+    # --draft-vocab here read their N most frequent.
+    model.draft_vocab = draft_vocab.count_tokens([train_seqs.flatten()], model.num_embeddings)
+    if main and config.draft_vocab:
+        say(f"draft vocabulary: the {config.draft_vocab} most frequent tokens, "
+            f"{100 * model.draft_vocab.coverage(config.draft_vocab):.1f}% of the training tokens")  # fmt: skip
     store = None
     if config.features:  # the frozen tower runs once per sequence, here, instead of in every step
         folder = config.features
@@ -532,7 +548,8 @@ def start_run(config: TrainConfig, out: Path, model, tokenizer, data: TrainingDa
             if longer:
                 say(describe_extension(config, longer))
     model.to(accelerator.device)
-    objective, optimizer = accelerator.prepare(Objective(model, config.kl_weight, config.top_k, config.slot_decay), optimizer)
+    objective = Objective(model, config.kl_weight, config.top_k, config.slot_decay, config.draft_vocab)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
     return Run(config, out, model, tokenizer, data, accelerator, objective, optimizer, params, state, state["step"])
 
 

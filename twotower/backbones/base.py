@@ -71,7 +71,8 @@ class LayerPass:
     layer {projection name: LoRA}; layers: the layer modules to run (None: every layer of the
     backbone; a shallow denoiser runs its K layers, and past, modulation and adapters then
     hold K entries); capture: return the hidden state entering this layer (index into the
-    layers run; the shallow denoiser's anchor input); exact: attention and linear projections
+    layers run; the shallow denoiser's anchor input), or entering each of these layers,
+    concatenated in this order along the last dimension (its fused features); exact: attention and linear projections
     that give each position what a one-token pass gives it (`exact_attention`, `linear`; the
     Llama family).
     """
@@ -86,8 +87,22 @@ class LayerPass:
     modulation: torch.Tensor | None = None
     adapters: nn.ModuleList | None = None
     layers: Sequence[nn.Module] | None = None
-    capture: int | None = None
+    capture: int | tuple[int, ...] | None = None
     exact: bool = False
+
+    @property
+    def captures(self) -> tuple[int, ...]:
+        """The layers whose input the pass returns, in the order `captured` joins them."""
+        c = self.capture
+        return () if c is None else (c,) if isinstance(c, int) else tuple(c)
+
+    def captured(self, kept: dict[int, torch.Tensor]) -> torch.Tensor | None:
+        """The hidden states kept entering each captured layer, joined along the last dimension
+        ((..., H) for one layer, (..., k*H) for k), or None where the pass captures none."""
+        if not self.captures:
+            return None
+        parts = [kept[i] for i in self.captures]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
 
     def modules(self, backbone: nn.Module) -> Sequence[nn.Module]:
         return backbone.model.layers if self.layers is None else self.layers
@@ -104,7 +119,7 @@ class LayerPass:
 class PassOutput(NamedTuple):
     hidden: torch.Tensor  # (B, T, H) after the final norm
     states: list  # per layer run: the state LayerPass.keep asked for, or None
-    captured: torch.Tensor | None  # (B, T, H) the hidden state entering layer `capture`, or None
+    captured: torch.Tensor | None  # (B, T, k*H) the hidden states entering the k layers `capture` names, or None
 
 
 class Family(Protocol):

@@ -159,15 +159,15 @@ def run_layers(backbone, p: LayerPass, layer_fn=decoder_layer) -> PassOutput:
     every layer when p.keep asks for nothing), and the captured hidden state."""
     cos, sin = rope_tables(backbone, p.positions, p.hidden.dtype)
     mask = None if p.mask is not None and bool(p.mask.all()) else p.mask  # nothing masked: run unmasked, as transformers
-    hidden, new, captured = p.hidden, [], None
+    hidden, new, kept = p.hidden, [], {}
     with RowWise(p.exact):
         for i, layer in enumerate(p.modules(backbone)):
-            if i == p.capture:
-                captured = hidden
+            if i in p.captures:
+                kept[i] = hidden
             past, modulation, adapters = p.layer(i)
             hidden, kv = layer_fn(layer, hidden, cos, sin, past, mask, modulation, adapters, p.keep.kind == "end", p.exact)
             new.append(None if p.keep.kind == "none" else kv)
-    return PassOutput(rms_norm(backbone.model.norm, hidden), new, captured)
+    return PassOutput(rms_norm(backbone.model.norm, hidden), new, p.captured(kept))
 
 
 def run_two(backbone, p: LayerPass, rider: LayerPass) -> tuple[PassOutput, PassOutput]:
@@ -183,16 +183,16 @@ def run_two(backbone, p: LayerPass, rider: LayerPass) -> tuple[PassOutput, PassO
     cos, sin = (torch.cat(t) for t in zip(*(_rope_rows(backbone, x) for x in passes)))  # (N, 1, D) each
     masks = [None if x.mask is not None and bool(x.mask.all()) else x.mask for x in passes]
     hidden = torch.cat([x.hidden.reshape(-1, x.hidden.shape[-1]) for x in passes])  # (N, H): p's rows, then the rider's
-    new, captured = ([], []), None
+    new, kept = ([], []), {}
     with RowWise(p.exact):
         for i, layer in enumerate(backbone.model.layers):
-            if i == p.capture:
-                captured = hidden
+            if i in p.captures:
+                kept[i] = hidden
             pasts = [x.layer(i)[0] for x in passes]
             hidden, states = layer_two(layer, hidden, rows, shapes, cos, sin, pasts, masks, p.exact)
             for kept, x, state in zip(new, passes, states):
                 kept.append(None if x.keep.kind == "none" else state)
-    hidden = rms_norm(backbone.model.norm, hidden)
+    hidden, captured = rms_norm(backbone.model.norm, hidden), p.captured(kept)
 
     def output(part: int) -> PassOutput:
         at = slice(0, rows) if part == 0 else slice(rows, None)

@@ -146,12 +146,12 @@ def run_layers(backbone, p: LayerPass) -> PassOutput:
     the captured hidden state.
     """
     mask = None if p.mask is not None and bool(p.mask.all()) else p.mask
-    hidden, captured = p.hidden, None
+    hidden, kept = p.hidden, {}
     bsz, seq, width = hidden.shape
     new = []
     for i, layer in enumerate(p.modules(backbone)):
-        if i == p.capture:
-            captured = hidden
+        if i in p.captures:
+            kept[i] = hidden
         past, modulation, adapters = p.layer(i)
         kind = layer.block_type
         h, gate = modulate(layer.norm(hidden.to(layer.norm.weight.dtype)), modulation, 0)
@@ -168,7 +168,7 @@ def run_layers(backbone, p: LayerPass) -> PassOutput:
             out = mlp(layer.mixer, h, adapters)
         hidden = hidden + gated(out, gate)
         new.append(None if p.keep.kind == "none" else entry)
-    return PassOutput(backbone.model.norm_f(hidden), new, captured)
+    return PassOutput(backbone.model.norm_f(hidden), new, p.captured(kept))
 
 
 def empty_states(backbone, batch: int) -> list:

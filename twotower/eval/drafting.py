@@ -35,10 +35,12 @@ def accepted_along(tree: TokenTree, truth: list[int]) -> int:
 
 
 @torch.no_grad()
-def block_drafts(model, ids: list[int]) -> tuple[torch.Tensor, list[int]]:
+def block_drafts(model, ids: list[int], head=None) -> tuple[torch.Tensor, list[int]]:
     """The denoiser's slot distributions at every block start of one sequence: (n, S-1, V) for
     the slots after the pending token, and the position of each block's pending token (the
-    shifted layout: block b reads the anchor x_{bS} and the pending token x_{bS+1})."""
+    shifted layout: block b reads the anchor x_{bS} and the pending token x_{bS+1}). head: a
+    draft vocabulary's head (`TwoTowerForCausalLM.draft_head`), as verify's drafts read it
+    (zero outside its tokens), or None: the whole vocabulary."""
     s = model.config.block_size
     n = (len(ids) - 1) // s
     seq = torch.tensor([ids[: n * s + 1]], device=model.context_device)
@@ -46,23 +48,32 @@ def block_drafts(model, ids: list[int]) -> tuple[torch.Tensor, list[int]]:
     masked[:, :, 0] = False  # the pending token: the context tower's own, known
     noise = Noise(torch.ones(1, device=seq.device), masked.to(seq.device))
     hidden, _, _ = training_hidden(model, seq, noise)
-    logits = model.denoiser_logits(hidden.reshape(n, s, -1)[:, 1:])
-    return logits.softmax(-1).float().cpu(), [b * s + 1 for b in range(n)]
+    hidden = hidden.reshape(n, s, -1)[:, 1:]
+    if head is not None:
+        probs = head.spread(head(hidden).softmax(-1))
+    else:
+        probs = model.denoiser_logits(hidden).softmax(-1)
+    return probs.float().cpu(), [b * s + 1 for b in range(n)]
 
 
-def simulate_cycles(model, sequences: list[list[int]], starts: list[int], tree_sizes=(4, 8, 16), ngram: int = 3) -> dict:
+def simulate_cycles(
+    model, sequences: list[list[int]], starts: list[int], tree_sizes=(4, 8, 16), ngram: int = 3, draft_vocab: int = 0
+) -> dict:
     """Per way of drafting ("chain"; "lookup-else-chain", prompt lookup's draft where it finds a
     match; "tree{N}"; "tree{N}-no-lookup"): cycles, tokens committed
     and tokens per cycle, over the block starts whose pending token lies in a reply (sequence i's
-    reply begins at starts[i]); and the chain's top-1 accuracy per slot after the pending token."""
+    reply begins at starts[i]); and the chain's top-1 accuracy per slot after the pending token.
+    draft_vocab: drafts pick among the model's N most frequent training tokens, as verify's
+    `--draft-vocab N` (0, or a model without a draft vocabulary: the whole vocabulary)."""
     if not model.layout.anchored:
         raise ValueError("simulated verify cycles need the shifted layout (the denoiser drafts after the pending token)")
     names = ["chain", "lookup-else-chain", *(f"tree{n}" for n in tree_sizes), *(f"tree{n}-no-lookup" for n in tree_sizes)]
     tokens = dict.fromkeys(names, 0)
+    head = model.draft_head(draft_vocab)
     width = model.config.block_size - 1
     right, judged, cycles = [0] * width, [0] * width, 0
     for ids, start in zip(sequences, starts, strict=True):
-        probs, pending = block_drafts(model, ids)
+        probs, pending = block_drafts(model, ids, head)
         for block, at in enumerate(pending):
             if at < start:
                 continue

@@ -9,11 +9,12 @@ between devices.
   MergedDenoiser   a shallow LoRA denoiser's adapters folded into copies of its layers (for
                    generation only: `inference.merge_adapters`)
 
-Every kind also trains the mask token's embedding ("mask_embedding") and, with adaLN, the time
-conditioning ("time_conditioning.*"). The names in quotes are the checkpoint's tensor names and
-the modules' own, so a kind's `trained_state_dict` loads back with `load_state_dict`. The kinds
-without a backbone copy read the context tower's weights in place, or a frozen copy of them when
-the denoiser sits on another device (`place`).
+Every kind also trains the mask token's embedding ("mask_embedding"), with adaLN the time
+conditioning ("time_conditioning.*"), and with `fuse_layers` (shallow kinds) the fusion of the
+anchor's features from several depths ("fusion.*", `twotower.model.fusion`). The names in
+quotes are the checkpoint's tensor names and the modules' own, so a kind's `trained_state_dict`
+loads back with `load_state_dict`. The kinds without a backbone copy read the context tower's
+weights in place, or a frozen copy of them when the denoiser sits on another device (`place`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from twotower.backbones.base import LayerPass
 from twotower.config import TwoTowerConfig, TwoTowerError
 from twotower.model.adaln import TimeConditioning
 from twotower.model.cache import ContextView
+from twotower.model.fusion import FeatureFusion
 from twotower.model.lora import build_adapters
 
 
@@ -74,6 +76,8 @@ class Denoiser(nn.Module):
         self.num_embeddings = backbone.get_input_embeddings().num_embeddings
         object.__setattr__(self, "shared", backbone)  # the context tower: read, not owned (no submodule)
         self.device_copy = None  # a frozen copy of the shared weights on the denoiser's device, else None
+        self.fuse: list[int] = []  # context layers whose input at the anchor the fusion also reads
+        self.fusion = None  # FeatureFusion, or None
 
     def add_conditioning(self, backbone: nn.Module, config: TwoTowerConfig) -> None:
         """The mask embedding (a new vector, initialised to the mean embedding) and, with adaLN,
@@ -82,10 +86,19 @@ class Denoiser(nn.Module):
         dtype, device = embed.weight.dtype, embed.weight.device
         self.mask_embedding = nn.Parameter(embed.weight.detach().float().mean(0).to(dtype))
         self.time_conditioning = None
+        width = backbone.config.hidden_size
         if config.adaln:
-            width = backbone.config.hidden_size
             tc = TimeConditioning(width, len(self.aligned), config.time_embed_dim, self.family.n_modulation)
             self.time_conditioning = tc.to(device=device, dtype=dtype)
+        if config.fuse_layers:
+            self.add_fusion(config.fuse_layers)
+
+    def add_fusion(self, layers: list[int]) -> None:
+        """A fusion of the anchor's features entering `layers` too (zero at first: the denoiser's
+        output is unchanged), in the mask embedding's dtype and device."""
+        width, weight = self.mask_embedding.shape[-1], self.mask_embedding
+        self.fuse = list(layers)
+        self.fusion = FeatureFusion(width, 1 + len(self.fuse)).to(device=weight.device, dtype=weight.dtype)
 
     # ---------------------------------------------------------------- what the kind holds
     @property
@@ -95,9 +108,12 @@ class Denoiser(nn.Module):
         return self.device_copy if self.device_copy is not None else self.shared
 
     @property
-    def capture_layer(self) -> int | None:
-        """The context layer whose input a shallow denoiser's anchor slot reads (None: full depth)."""
-        return self.aligned[0] if self.shallow else None
+    def capture_layer(self) -> int | tuple[int, ...] | None:
+        """The context layer whose input a shallow denoiser's anchor slot reads, and after it the
+        layers whose input the fusion reads (`LayerPass.capture`); None: full depth."""
+        if not self.shallow:
+            return None
+        return (self.aligned[0], *self.fuse) if self.fuse else self.aligned[0]
 
     def layers(self) -> list[nn.Module]:
         """The denoiser's layers, in order: the aligned layers of `backbone`, or its own copies."""
@@ -112,8 +128,10 @@ class Denoiser(nn.Module):
         modules (the backbone copy, the layer copies, or the LoRA adapters). Tied tensors are
         stored once."""
         parts = {"mask_embedding": self.mask_embedding}
-        if self.time_conditioning is not None:
-            parts.update({f"time_conditioning.{k}": v for k, v in self.time_conditioning.state_dict().items()})
+        for prefix in ("time_conditioning", "fusion"):
+            module = getattr(self, prefix)
+            if module is not None:
+                parts.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
         for prefix, module in self.trained_modules().items():
             parts.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
         state, seen = {}, set()
@@ -133,7 +151,7 @@ class Denoiser(nn.Module):
         """Everything the denoiser owns onto `device`; a kind that reads the context tower's
         weights gets a frozen copy of them there when the context tower is elsewhere."""
         self.device_copy = copy.deepcopy(self.shared).to(device) if device != context_device else None
-        for module in (*self.trained_modules().values(), self.time_conditioning):
+        for module in (*self.trained_modules().values(), self.time_conditioning, self.fusion):
             if module is not None:
                 module.to(device)
         with torch.no_grad():
@@ -171,7 +189,10 @@ class Denoiser(nn.Module):
                 raise TwoTowerError("a shallow denoiser needs the context tower's hidden state at the anchor")
             batch, width, size = hidden.shape[0], hidden.shape[2], block_ids.shape[1] // blocks
             hidden = hidden.view(batch, blocks, size, width).clone()
-            hidden[:, :, 0] = anchor_hidden.reshape(batch, blocks, width).to(hidden.dtype)
+            anchor = anchor_hidden.reshape(batch, blocks, -1)  # (B, n, H), or (B, n, k*H) with the fused depths
+            hidden[:, :, 0] = anchor[..., :width].to(hidden.dtype)
+            if self.fusion is not None:  # every slot after the anchor gets the anchor's fused features
+                hidden[:, :, 1:] += self.fusion(anchor).to(hidden.dtype)[:, :, None]
             hidden = hidden.view(batch, blocks * size, width)
         modulation = None
         if t is not None and self.time_conditioning is not None:
@@ -196,6 +217,16 @@ class Denoiser(nn.Module):
         if self.mask_token_id < logits.shape[-1]:
             logits[..., self.mask_token_id] = float("-inf")
         return logits
+
+    def vocab_logits(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Logits (..., N) over the tokens `ids` (N,) only, in the head's dtype, for training over
+        a draft vocabulary: the head's rows are gathered in the pass, so a head that trains (a
+        full denoiser's) gets their gradients."""
+        head = self.backbone.lm_head
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        bias = None if getattr(head, "bias", None) is None else head.bias[ids]
+        logits = torch.nn.functional.linear(rows, head.weight[ids], bias)
+        return logits.view(*hidden.shape[:-1], len(ids))
 
     def draft_head(self, ids: torch.Tensor) -> DraftHead:
         """The LM head restricted to the tokens `ids` (a draft vocabulary's N most frequent),
@@ -321,6 +352,7 @@ class MergedDenoiser(Denoiser):
                 w.copy_((w.float() + adapter.weight_delta()).to(w.dtype))
         self.denoiser_layers = layers.requires_grad_(False)
         self.mask_embedding, self.time_conditioning = lora.mask_embedding, lora.time_conditioning
+        self.fuse, self.fusion = lora.fuse, lora.fusion
 
     def layers(self) -> list[nn.Module]:
         return list(self.denoiser_layers)

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM
 from twotower.backbones import backbone_fingerprint, family_of
 from twotower.backbones.base import Keep, LayerPass
 from twotower.backbones.llama import max_context
-from twotower.config import TwoTowerConfig
+from twotower.config import TwoTowerConfig, TwoTowerError
 from twotower.model import inference
 from twotower.model.cache import ContextCache, ContextView, TrainingContext
 from twotower.model.denoiser import build_denoiser, resolve_mask_token
@@ -252,7 +252,7 @@ class TwoTowerForCausalLM(nn.Module):
         keep, capture = Keep.block_starts(block_size), self.denoiser.capture_layer
         p = LayerPass(embeds, positions, prefill_mask(valid), keep=keep, capture=capture)
         hidden, states, captured = self.family.run_layers(self.context_tower, p)
-        anchors = None if captured is None else captured[:, ::block_size]  # (B, n, H): the hidden state at x_{bS}
+        anchors = None if captured is None else captured[:, ::block_size]  # (B, n, H or k*H): the hidden states at x_{bS}
         return TrainingContext(ContextView(states, valid), anchors, hidden)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -314,6 +314,20 @@ class TwoTowerForCausalLM(nn.Module):
         compiled = self.step_layers is not None and blocks == 1 and block_ids.shape[1] <= self.compiled_positions
         run_layers = self.step_layers.run_layers if compiled and not torch.is_grad_enabled() else None
         return self.denoiser.hidden(view, block_ids, positions, mask, t, blocks, anchor_hidden, run_layers)
+
+    def add_fusion(self, layers: list[int]) -> None:
+        """Give a shallow denoiser without one a fusion of the anchor's features from `layers`
+        (`config.fuse_layers`), zero at first, so that its output is unchanged: a trained
+        checkpoint goes on training with it."""
+        if self.denoiser.fusion is not None or self.denoiser.merged:
+            raise TwoTowerError("this denoiser has a fusion already, or is prepared for generation")
+        self.config.fuse_layers = list(layers)
+        try:
+            self.config.resolve_aligned_layers(len(self.context_tower.model.layers))
+        except TwoTowerError:
+            self.config.fuse_layers = None
+            raise
+        self.denoiser.add_fusion(layers)
 
     def draft_head(self, size: int):
         """The denoiser's LM head over the `size` most frequent tokens of the draft vocabulary
