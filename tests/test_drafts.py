@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import EOS, PROMPTS, VOCAB, perturb_trained, tiny_backbone, tiny_two_tower
 
-from twotower import TwoTowerForCausalLM, generate_ar, generate_mock_ar, generate_verify
+from twotower import TwoTowerForCausalLM, generate_ar, generate_mask_diffusion, generate_mock_ar, generate_verify
 from twotower.generate.draft import DraftMemory, DraftPolicy, denoiser_draft
 from twotower.generate.sampling import Sampling
 from twotower.model import draft_vocab
@@ -128,6 +128,34 @@ def test_the_draft_head_gives_the_full_heads_logits_of_its_tokens():
     probs = torch.rand(2, 3, 20)
     spread = head.spread(probs)  # (2, 3, V), zero outside the ids
     assert torch.equal(spread[..., head.ids], probs) and torch.allclose(spread.sum(-1), probs.sum(-1))
+
+
+def test_a_head_trained_over_a_draft_vocabulary_gives_those_tokens_only_in_every_mode():
+    """config.head_vocab N (a model trained with --draft-vocab N): the denoiser's logits are its
+    N tokens' (the whole head's there), -inf elsewhere, so diffusion and mock-AR write among
+    them; verify's draft head holds at most those N; AR's output is untouched."""
+    model = tiny_two_tower("full", block_size=4)
+    perturb_trained(model, scale=0.3)
+    model.draft_vocab = draft_vocab.count_tokens([list(range(3, 40)), list(range(3, 12))], VOCAB)
+    hidden = torch.randn(2, 3, model.context_tower.config.hidden_size)
+    full = model.denoiser_logits(hidden)
+    ar = generate_ar(model, PROMPTS, max_new_tokens=12).tokens
+    model.config.head_vocab = 10
+    kept = model.draft_vocab.top(10)
+    restricted = model.denoiser_logits(hidden)
+    torch.testing.assert_close(restricted[..., kept], full[..., kept], rtol=1e-5, atol=1e-5)
+    others = torch.ones(restricted.shape[-1], dtype=torch.bool)
+    others[kept] = False
+    assert bool(torch.isinf(restricted[..., others]).all())
+    for result in (
+        generate_mask_diffusion(model, PROMPTS, max_new_tokens=12, threshold=0.3),
+        generate_mock_ar(model, PROMPTS, max_new_tokens=12),
+    ):
+        for row, starts in zip(result.tokens, result.details["block_starts"]):  # a block's first token is AR's
+            denoised = [t for i, t in enumerate(row) if i not in starts]
+            assert denoised and set(denoised) <= set(kept.tolist())
+    assert [len(model.draft_head(n).ids) for n in (0, 4, 10, 30)] == [10, 4, 10, 10]
+    assert generate_verify(model, PROMPTS, max_new_tokens=12, draft="denoiser").tokens == ar
 
 
 def _with_vocab(model, ids):

@@ -514,6 +514,21 @@ def test_shallow_training_moves_every_trainable_parameter_and_keeps_the_tower(tm
     assert model.config.trained_tokens == 4 * 4 * (BLOCKS * S + 1)
 
 
+def test_a_run_from_a_trained_model_counts_the_tokens_it_had_seen(tmp_path):
+    """A checkpoint gone on from had seen its trained_tokens: the run's checkpoints record those
+    plus the run's own, also after a resume."""
+    model = _model()
+    model.config.trained_tokens = 1000
+    train(_config(tmp_path, max_steps=2), model, tiny_tokenizer(), progress=False)
+    own = 2 * 4 * (BLOCKS * S + 1)
+    saved = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert saved["trained_tokens"] == 1000 + own
+    again = _model()
+    again.config.trained_tokens = 1000
+    train(_config(tmp_path, max_steps=3, extend=True), again, tiny_tokenizer(), progress=False)
+    assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["trained_tokens"] == 1000 + own * 3 // 2
+
+
 def test_sparse_cross_entropy_is_the_weighted_cross_entropy_and_its_gradient():
     from twotower.objective import sparse_cross_entropy
 
@@ -607,6 +622,8 @@ def test_a_run_saves_its_draft_vocabulary_and_trains_over_it(tmp_path):
     small = train(_config(tmp_path / "b", max_steps=2, draft_vocab=6), _model(), tiny_tokenizer(), progress=False)
     assert small["masked_tokens"] < whole["masked_tokens"]
     assert dv.load(tmp_path / "b" / "run" / "final").ids.tolist() == saved.ids.tolist()
+    head_vocab = [json.loads((tmp_path / r / "run" / "final" / "config.json").read_text())["head_vocab"] for r in "ab"]
+    assert head_vocab == [0, 6]  # the head it was trained over: every mode reads those tokens only
     with pytest.raises(TwoTowerError, match="draft-vocab 6 -> 0"):
         train(_config(tmp_path / "b", max_steps=3, extend=True), _model(), tiny_tokenizer(), progress=False)
     with pytest.raises(TwoTowerError, match="draft_vocab"):

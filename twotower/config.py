@@ -65,6 +65,9 @@ class TwoTowerConfig(PretrainedConfig):
             denoiser's fusion reads beside the first aligned layer's (docs/METHOD.md section
             3.7): a learned map of them, zero at first, is added to every slot after the anchor.
             None or empty: none.
+        head_vocab: N > 0 where the denoiser's head was trained over the N most frequent
+            tokens of its draft vocabulary only (`twotower train --draft-vocab N`): its logits
+            are those N tokens' (every other token's -inf) in every mode; 0: the whole head.
         trained_tokens: training tokens the denoiser has seen (0: untrained; the command line
             refuses diffusion mode on an untrained denoiser, which writes garbage).
     """
@@ -89,6 +92,7 @@ class TwoTowerConfig(PretrainedConfig):
         alignment: str = "top",
         aligned_layers: list[int] | None = None,
         fuse_layers: list[int] | None = None,
+        head_vocab: int = 0,
         trained_tokens: int = 0,
         **kwargs,
     ):
@@ -108,6 +112,7 @@ class TwoTowerConfig(PretrainedConfig):
         self.alignment = alignment
         self.aligned_layers = list(aligned_layers) if aligned_layers is not None else None
         self.fuse_layers = list(fuse_layers) if fuse_layers else None
+        self.head_vocab = head_vocab
         self.trained_tokens = trained_tokens
         super().__init__(**kwargs)
 

@@ -227,12 +227,13 @@ def save_checkpoint(folder: Path, model, optimizer, state: dict, previous: int =
     """Write model, optimizer and run state to folder/step-N, atomically (temp folder, rename),
     then point folder/latest at it and remove every other checkpoint but step-`previous`, the
     one the run went on from: with two kept, a kill at any moment or a damaged newest one
-    leaves one to resume from. The model's config records the state's training tokens, so the
-    weights and their config always agree."""
+    leaves one to resume from. The model's config records the training tokens its weights have
+    seen (this run's, and those of a checkpoint it went on from), so the weights and their config
+    always agree."""
     final = folder / f"step-{state['step']}"
     tmp = folder / f".tmp-step-{state['step']}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.config.trained_tokens = state["training_tokens"]
+    model.config.trained_tokens = state.get("tokens_before", 0) + state["training_tokens"]
     model.save_pretrained(tmp)
     opt = optimizer.state_dict()
     tensors = {
@@ -483,6 +484,7 @@ def prepare_data(config: TrainConfig, model, tokenizer, main: bool, progress: bo
     # The training tokens by frequency, saved with every checkpoint: verify's --draft-vocab and
     # --draft-vocab here read their N most frequent.
     model.draft_vocab = draft_vocab.count_tokens([train_seqs.flatten()], model.num_embeddings)
+    model.config.head_vocab = config.draft_vocab  # what the head is trained over from here on
     if main and config.draft_vocab:
         say(f"draft vocabulary: the {config.draft_vocab} most frequent tokens, "
             f"{100 * model.draft_vocab.coverage(config.draft_vocab):.1f}% of the training tokens")  # fmt: skip
@@ -537,6 +539,7 @@ def start_run(config: TrainConfig, out: Path, model, tokenizer, data: TrainingDa
         "config": dataclasses.asdict(config),
         "refused_heldout_rows": data.refused,
         "extensions": [],
+        "tokens_before": model.config.trained_tokens,  # a checkpoint gone on from had seen these
     }
     if resume is not None:
         longer = extension(resume.state, config)

@@ -195,7 +195,8 @@ def benchmark(load: LoadOptions = LoadOptions(), options: BenchOptions = BenchOp
     print(
         "ms of one batch-1 pass (eager): the context tower over N new positions (logits of each; exact: verify's pass, each "
         "position as a one-token pass reads it; tree: the same over a binary token tree), the denoiser over a block "
-        "(every slot's logits over the whole vocabulary), and verify's draft pass (the drafted slots' logits over the draft "
+        "(every slot's logits: the whole vocabulary's, or the N tokens a head_vocab checkpoint's head was trained over), "
+        "and verify's draft pass (the drafted slots' logits over the draft "
         f"vocabulary's {VerifyOptions().draft_vocab} tokens; - when the checkpoint stores none); draft / 1 against a "
         "one-position pass timed in turn with it"
     )

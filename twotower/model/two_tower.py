@@ -331,15 +331,24 @@ class TwoTowerForCausalLM(nn.Module):
 
     def draft_head(self, size: int):
         """The denoiser's LM head over the `size` most frequent tokens of the draft vocabulary
-        (`Denoiser.draft_head`), or None: size 0, or no draft vocabulary."""
+        (`Denoiser.draft_head`), or None: size 0, or no draft vocabulary. A head trained over N
+        tokens only (`config.head_vocab`) gives at most those N (size 0: those N)."""
+        trained = self.config.head_vocab if self.draft_vocab is not None else 0
+        size = min(size or trained, trained or size)
         if not size or self.draft_vocab is None:
             return None
         return self.denoiser.draft_head(self.draft_vocab.top(size))
 
     def denoiser_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
         """Logits (..., V) from the denoiser's final hidden states, the mask token forbidden
-        (`Denoiser.logits`)."""
-        return self.denoiser.logits(hidden, float32)
+        (`Denoiser.logits`); a head trained over N tokens only (`config.head_vocab`): those N
+        tokens' logits, fp32, every other token's -inf."""
+        head = self.draft_head(self.config.head_vocab) if self.config.head_vocab else None
+        if head is None:
+            return self.denoiser.logits(hidden, float32)
+        logits = head(hidden)
+        full = logits.new_full((*logits.shape[:-1], head.width), float("-inf"))
+        return full.scatter_(-1, head.ids.to(logits.device).expand(logits.shape), logits)
 
     # The denoiser's trained parts, as training reads them (train.build_model keeps them in fp32).
     lora = property(lambda self: self.denoiser.adapters, doc="The LoRA adapters per layer, or None.")
