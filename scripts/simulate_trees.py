@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> dict:
     for name, rate in result["tokens_per_cycle"].items():
         print(f"{name:>18}: {rate:.3f} tokens per cycle")
     print(f"{result['cycles']} cycles; chain top-1 per slot: {result['slot_top1']}")
+    for row in result["calibration"]:
+        if row["drafts"]:
+            low, high = row["confidence"]
+            print(f"  drafts of confidence {low:.1f}-{high:.1f}: {row['drafts']:5d}, accepted {row['accepted']:.3f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

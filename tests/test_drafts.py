@@ -296,3 +296,18 @@ def test_the_draft_vocab_command_stores_a_checkpoints_vocabulary(tmp_path, capsy
     assert draft_vocab.card_line(vocab) in (checkpoint / "MODEL_CARD.md").read_text()
     assert main(["draft-vocab", str(backbone_folder), str(data)]) == 2  # not a checkpoint: one line, no traceback
     assert "not a twotower checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_a_denoiser_draft_fills_its_width_and_gives_each_token_its_confidence(steps):
+    """Every pass but the last drafts the confident run (at least one slot), the last drafts
+    every slot left: a draft holds its whole width, each token with its probability."""
+    model = tiny_two_tower("full", block_size=4)
+    perturb_trained(model, scale=0.3)
+    ids = torch.tensor([p[-3:] for p in PROMPTS[:2]])
+    cache, logits = model.context_prefill(ids, torch.ones_like(ids))
+    sampling = Sampling.of(GenerationSettings(temperature=0.0), 2)
+    tokens, confidence, passes = denoiser_draft(model, cache, logits.argmax(-1), 3, 1.0, sampling, {}, steps)
+    assert tokens.shape == confidence.shape == (2, 3)
+    assert passes == min(steps, 3)  # nothing is above a threshold of 1: one slot a pass until the last
+    assert (tokens != model.mask_token_id).all() and ((confidence > 0) & (confidence <= 1)).all()

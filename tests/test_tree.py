@@ -248,6 +248,10 @@ def test_the_simulated_cycles_read_the_draft_a_cycle_makes_and_count_nested_tree
     assert result["cycles"] > 0 and min(rates.values()) >= 1
     assert rates["tree2-no-lookup"] <= rates["tree4-no-lookup"] <= rates["tree16-no-lookup"]
     assert all(0 <= a <= 1 for a in result["slot_top1"])
+    judged = sum(row["drafts"] for row in result["calibration"])
+    accepted = sum(row["drafts"] * row["accepted"] for row in result["calibration"] if row["drafts"])
+    assert judged >= result["cycles"]  # every cycle judges its first draft
+    assert round(accepted) == round((rates["chain"] - 1) * result["cycles"])  # the accepted runs, by bin
 
 
 def test_a_tree_may_hold_more_nodes_than_the_block_but_no_more_than_max_draft(monkeypatch):

@@ -666,6 +666,29 @@ def test_a_draft_is_as_long_as_pays_for_what_a_wider_pass_costs():
     assert policies["cheap"].draft_length(0, "lookup", room=16) < 8
 
 
+def test_a_denoiser_draft_is_verified_as_far_as_its_confidence_pays():
+    """confident_length: the drafts the denoiser is sure of are verified, the run after an
+    unlikely one is not; a dearer wide pass keeps fewer; drafts that are rejected more often
+    than their confidence says make the policy trust the same confidences less."""
+    cheap = lambda width, denoiser: 1.0 + (width - 1) / 100 + 0.2 * denoiser
+    dear = lambda width, denoiser: (1.0 if width <= 2 else 2.2) + 0.2 * denoiser
+    policy = DraftPolicy(batch=2, sources=("denoiser", "ar"), cost=cheap, skip_unpaid=True)
+    assert policy.confident_length(0, [0.95] * 7) == 7
+    assert policy.confident_length(0, [0.9, 0.9, 0.01, 0.9, 0.9]) == 2  # what follows an unlikely token is not verified
+    assert policy.confident_length(0, [0.001, 0.9]) == 0  # outside a probe: an AR step's width
+    assert policy.confident_length(0, [0.001, 0.9], least=1) == 1
+    assert DraftPolicy(1, ("denoiser", "ar"), cost=dear).confident_length(0, [0.5] * 7) == 1  # 3+ positions: 2x dearer
+    sure = [0.9] * 7
+    before = policy.confident_length(0, [0.6] * 7)
+    for _ in range(10):
+        policy.record_confidence(0, sure, accepted=0)  # confident drafts, rejected at once
+    assert policy.calibration(0) < 0.5 < policy.calibration(1) == 1.0
+    assert policy.confident_length(0, [0.6] * 7) < before == policy.confident_length(1, [0.6] * 7)
+    for _ in range(10):
+        policy.record_confidence(0, sure, accepted=7)
+    assert policy.calibration(0) > 0.9
+
+
 def test_a_source_whose_drafts_would_lose_drafts_nothing_except_when_probed():
     """skip_unpaid (draft="auto"): a draft's expected tokens are weighed against a plain AR
     step's too, so a source that is rarely accepted, where a wider pass is dear, is not used even
@@ -778,14 +801,16 @@ def test_accept_rule_greedy_counts_the_matching_prefix():
     assert following.tolist() == [5, 5]
 
 
-def test_max_draft_caps_every_cycle_and_keeps_ar_output():
+def test_max_draft_caps_every_cycle_and_keeps_ar_output(monkeypatch):
     """A knob added in one place (VerifyOptions.max_draft) reaches the library, the command
     line and the server: no cycle drafts more than it, and the output stays AR's."""
     model = tiny_two_tower(block_size=8)
     perturb_trained(model)
     prompt = PROMPTS[0]
     ar = generate_ar(model, [prompt], max_new_tokens=40)
-    options = dict(max_new_tokens=40, draft="denoiser", threshold=0.01)  # the denoiser drafts whole blocks
+    # a policy that verifies every draft it is given (a random model's drafts are not confident)
+    monkeypatch.setattr(DraftPolicy, "confident_length", lambda self, row, confidence, least=None: len(confidence))
+    options = dict(max_new_tokens=40, draft="denoiser")
     capped = generate_verify(model, [prompt], max_draft=1, **options)
     free = generate_verify(model, [prompt], **options)
     assert capped.tokens == ar.tokens == free.tokens

@@ -64,7 +64,10 @@ def simulate_cycles(
     and tokens per cycle, over the block starts whose pending token lies in a reply (sequence i's
     reply begins at starts[i]); and the chain's top-1 accuracy per slot after the pending token.
     draft_vocab: drafts pick among the model's N most frequent training tokens, as verify's
-    `--draft-vocab N` (0, or a model without a draft vocabulary: the whole vocabulary)."""
+    `--draft-vocab N` (0, or a model without a draft vocabulary: the whole vocabulary).
+    "calibration": the chain's drafts that were judged (each accepted run and the draft that
+    broke it), by their confidence: how many, and the share accepted, which verify's policy
+    expects to be about the confidence (`DraftPolicy.confident_length`)."""
     if not model.layout.anchored:
         raise ValueError("simulated verify cycles need the shifted layout (the denoiser drafts after the pending token)")
     names = ["chain", "lookup-else-chain", *(f"tree{n}" for n in tree_sizes), *(f"tree{n}-no-lookup" for n in tree_sizes)]
@@ -72,6 +75,7 @@ def simulate_cycles(
     head = model.draft_head(draft_vocab)
     width = model.config.block_size - 1
     right, judged, cycles = [0] * width, [0] * width, 0
+    bins = [[0, 0] for _ in range(CALIBRATION_BINS)]  # per confidence bin: chain drafts judged, accepted
     for ids, start in zip(sequences, starts, strict=True):
         probs, pending = block_drafts(model, ids, head)
         for block, at in enumerate(pending):
@@ -83,7 +87,12 @@ def simulate_cycles(
             for d, (guess, token) in enumerate(zip(chain, truth)):
                 right[d] += guess == token
                 judged[d] += 1
-            tokens["chain"] += 1 + common_prefix(chain, truth)
+            run = common_prefix(chain, truth)
+            tokens["chain"] += 1 + run
+            for d in range(min(run + 1, len(truth))):  # the accepted run and the draft that broke it
+                where = bins[min(int(probs[block, d, chain[d]] * CALIBRATION_BINS), CALIBRATION_BINS - 1)]
+                where[0] += 1
+                where[1] += d < run
             lookup = lookup_match(ids[: at + 1], len(truth), ngram)[0]
             tokens["lookup-else-chain"] += 1 + common_prefix(lookup or chain, truth)  # lookup where it finds a match
             for n in tree_sizes:
@@ -94,4 +103,15 @@ def simulate_cycles(
         "tokens": tokens,
         "tokens_per_cycle": {name: round(count / max(cycles, 1), 4) for name, count in tokens.items()},
         "slot_top1": [round(r / j, 4) if j else None for r, j in zip(right, judged)],
+        "calibration": [
+            {
+                "confidence": [i / CALIBRATION_BINS, (i + 1) / CALIBRATION_BINS],
+                "drafts": n,
+                "accepted": round(a / n, 4) if n else None,
+            }
+            for i, (n, a) in enumerate(bins)
+        ],
     }
+
+
+CALIBRATION_BINS = 10  # the chain's judged drafts by their confidence, in bins this wide: 0.1

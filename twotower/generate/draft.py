@@ -5,13 +5,14 @@ chooses between the sources per row.
   last n tokens in the prompt and reply (free: no tower pass); `TokenHistory` keeps a row's
   tokens indexed so that finding it costs the same over any length of history;
 - `denoiser_draft`: the denoiser fills a block after the pending token (the context tower's
-  own next token, slot 0 of the block, as in diffusion mode) in `steps` passes,
-  keeping the left-to-right run of slots above the confidence threshold; a sampled row picks
+  own next token, slot 0 of the block, as in diffusion mode) in `steps` passes, each but the
+  last keeping the left-to-right run of slots above the confidence threshold; a sampled row picks
   each slot with the noise of its reply position, the noise the context tower's pick there
   uses, so a denoiser close to the context tower drafts the token that will be picked;
 - `DraftPolicy`: per row, an EMA of committed tokens per unit of cost for each source, the
   fastest used, the others re-tried with a doubling wait; a draft is as long as pays, from how
-  often the source's tokens are accepted and what a pass over so many positions costs.
+  often the source's tokens are accepted (a denoiser draft: how likely the denoiser finds each
+  of its tokens) and what a pass over so many positions costs.
   A row may start from what earlier requests measured (`DraftMemory`: rates, acceptance, the
   seconds of each pass width) instead of trying every source first, which on a short reply
   costs more than it can gain. The memory belongs to whoever serves the requests (the server's
@@ -95,38 +96,40 @@ def denoiser_draft(
     in diffusion mode, the block's slot 0 is that known token (y_0 = pending) and slots 1..width
     are masked: in the shifted layout the denoiser reads [anchor, pending, M, ...] over the view
     without the anchor (the cache's last token, whose hidden state a shallow denoiser reads).
-    Every pass keeps the drafted prefix and extends it over the following slots predicted above
-    the confidence threshold (at least one). Each row picks by its own sampling; starts: row
-    -> the reply position of its first draft (where its position noise starts). head: a
-    `DraftHead` (the draft vocabulary's N tokens: logits, picks, noise and confidence among
-    them only; for rows with no logit_bias and no penalty), or None: the whole head. Only the
-    drafted slots' logits are computed (not slot 0's, the pending token). Returns tokens (B, W),
-    draft lengths (B,), and the number of passes."""
+    Every pass but the last keeps the drafted prefix and extends it over the following slots
+    predicted above the confidence threshold (at least one); the last pass drafts every slot
+    still open, so a draft always holds `width` tokens, each with the confidence it was drafted
+    with (how many of them a cycle verifies is the draft policy's choice,
+    `DraftPolicy.confident_length`). Each row picks by its own sampling; starts: row -> the
+    reply position of its first draft (where its position noise starts). head: a `DraftHead`
+    (the draft vocabulary's N tokens: logits, picks, noise and confidence among them only; for
+    rows with no logit_bias and no penalty), or None: the whole head. Only the drafted slots'
+    logits are computed (not slot 0's, the pending token). Returns tokens (B, W), their
+    confidence (B, W) and the number of passes."""
     den, mask_id = model.denoiser_device, model.mask_token_id
     batch = pending.shape[0]
     reads = model.layout.reads(cache, den)
     block = torch.full((batch, width + 1), mask_id, dtype=torch.long, device=den)
     block[:, 0] = pending.to(den)
     length = torch.zeros(batch, dtype=torch.long, device=den)
+    kept = torch.zeros(batch, width, device=den)
     slots = torch.arange(width, device=den)[None]
-    passes = 0
-    for _ in range(steps):
+    for passes in range(1, steps + 1):
         t = (width - length).float() / width
         logits = model.denoise_block(reads, block, t, head=head, first=1)  # (B, W, V), or (B, W, N) with a head
-        passes += 1
         tokens = sampling.pick(logits, sampling.noise(logits, starts, head))
-        confidence = logits.softmax(-1).gather(-1, tokens[..., None])[..., 0]
+        confidence = logits.softmax(-1).gather(-1, tokens[..., None])[..., 0].float()
         if head is not None:
             tokens = head.ids[tokens]  # token ids
         open_slots = slots >= length[:, None]
-        forced = slots == length[:, None]
-        take = (confidence > threshold) | forced
+        take = (confidence > threshold) | (slots == length[:, None]) | (passes == steps)
         take = (take | ~open_slots).long().cumprod(1).bool() & open_slots  # contiguous from `length`
         block[:, 1:] = torch.where(take, tokens, block[:, 1:])
+        kept = torch.where(take, confidence, kept)
         length = length + take.sum(1)
         if bool((length >= width).all()):
             break
-    return block[:, 1:], length, passes
+    return block[:, 1:], kept, passes
 
 
 def ema(old: float | None, new: float | None, decay: float) -> float | None:
@@ -298,8 +301,9 @@ class DraftPolicy:
         self.wait = [dict(start_wait) for _ in range(batch)]
         self.cycles = [0] * batch
         self.probing = [False] * batch  # whether the source chosen last is tried or probed, not the best
+        self.calibrated = [(0.0, 0.0)] * batch  # decayed accepted denoiser drafts, and their confidences' sum
 
-    ROW_FIELDS = ("rates", "counts", "last_used", "wait", "cycles", "probing")  # one entry per row each
+    ROW_FIELDS = ("rates", "counts", "last_used", "wait", "cycles", "probing", "calibrated")  # one entry per row each
 
     def join(self, other: DraftPolicy) -> None:
         """Take the rows of another policy (continuous batching)."""
@@ -367,6 +371,38 @@ class DraftPolicy:
         pays = [1 / self.cost(1, False) if n == 0 else expected_tokens(alpha, n) / self.cost(n + 1, denoiser)
                 for n in range(least, room + 1)]  # fmt: skip
         return least + max(range(len(pays)), key=pays.__getitem__)  # the shortest of the best
+
+    def calibration(self, row: int) -> float:
+        """How many of this row's denoiser drafts were accepted per unit of the confidence they
+        were drafted with (1 until one is judged): the factor that turns a confidence into an
+        acceptance (the denoiser's confidence is its own, not the context tower's; on text
+        unlike its training data it is too sure)."""
+        hits, expected = self.calibrated[row]
+        return (hits + 1.0) / (expected + 1.0)
+
+    def confident_length(self, row: int, confidence: list[float], least: int | None = None) -> int:
+        """How many of a denoiser draft's tokens (drafted with these confidences, left to right)
+        the cycle verifies: the n, of `least` to all, that makes the most tokens per second, the
+        expected tokens of n drafts (each accepted, when the ones before it were, with its
+        confidence times `calibration`) over the cost of a cycle over n + 1 positions with a
+        draft. least: as `draft_length`'s (0 outside a probe with skip_unpaid, else 1)."""
+        if least is None:
+            least = 0 if self.skip_unpaid and not self.probing[row] else 1
+        scale, reach, expected = self.calibration(row), 1.0, [1.0]
+        for p in confidence:
+            reach *= min(scale * p, 1.0)
+            expected.append(expected[-1] + reach)
+        least = min(least, len(confidence))
+        pays = [expected[n] / self.cost(n + 1, True) for n in range(least, len(expected))]
+        return least + max(range(len(pays)), key=pays.__getitem__)  # the shortest of the best
+
+    def record_confidence(self, row: int, confidence: list[float], accepted: int) -> None:
+        """A denoiser draft verified with these confidences had `accepted` tokens accepted: the
+        tokens judged (the accepted run and the one that broke it) update `calibration`."""
+        judged = confidence[: accepted + 1]
+        hits, expected = self.calibrated[row]
+        d = self.acceptance_decay
+        self.calibrated[row] = (d * hits + accepted, d * expected + sum(judged))
 
     def record(
         self, row: int, source: str, tokens: int, cost: float | None, accepted: int = 0, drafted: int = 0, kind: str | None = None

@@ -10,7 +10,7 @@ steps:
   1. `choose_sources`: per row, where the draft comes from (the denoiser, prompt lookup, or
      nothing: a plain AR step), by the draft policy (`twotower.generate.draft`);
   2. `make_drafts`: up to k tokens after `pending` per row (the denoiser's among the draft
-     vocabulary's N tokens, `VerifyOptions.draft_vocab`);
+     vocabulary's N tokens, `VerifyOptions.draft_vocab`, as many as their confidences say pay);
   3. `verify_pass`: the context tower reads [pending, d_1 .. d_k] in one pass; its logits give
      the AR choice a_1 .. a_{k+1} after each prefix, and `accept_drafts` keeps the longest
      prefix with d_i == a_i, plus a_{j+1} (the correction, or a bonus token when every draft
@@ -71,6 +71,7 @@ class Drafts:
     source: dict[int, str]  # per active row: "denoiser", "lookup" or "ar"
     den_rows: dict[int, int] = field(default_factory=dict)  # denoiser rows: the draft length each asks for
     kinds: dict[int, str] = field(default_factory=dict)  # lookup rows: the kind of their draft (`lookup_kind`)
+    confidence: dict[int, list[float]] = field(default_factory=dict)  # denoiser rows: their drafts' confidences
     passes: int = 0  # denoiser passes made
     parents: torch.Tensor | None = None  # (B, N) token trees' parents (tree.py), None for chains
 
@@ -87,8 +88,9 @@ class Drafts:
 def choose_sources(cycle_source: str, active, room, history, policy, sources, draft: str, block_size: int):
     """Step 1: per active row, the source it drafts this cycle and how far: the prompt-lookup
     drafts, and the length each denoiser row asks for (its block holds the pending token and
-    the drafts, so at most block_size - 1 of them). A row left with nothing to draft takes an
-    AR step, and a cycle the batch gate made plain AR drafts nothing."""
+    the drafts, so at most block_size - 1 of them; `make_drafts` keeps what pays of them). A row
+    left with nothing to draft takes an AR step, and a cycle the batch gate made plain AR drafts
+    nothing."""
     tokens = [[] for _ in range(len(history))]
     source, kinds, den_rows = {}, {}, {}
     for b in active:
@@ -101,8 +103,8 @@ def choose_sources(cycle_source: str, active, room, history, policy, sources, dr
         if source[b] == "lookup":
             tokens[b] = found[: policy.draft_length(b, "lookup", room[b], kind=kind)]
             kinds[b] = kind
-        elif source[b] == "denoiser":
-            den_rows[b] = policy.draft_length(b, "denoiser", min(room[b], block_size - 1))
+        elif source[b] == "denoiser":  # as long as the block allows: the draft's confidences decide what is verified
+            den_rows[b] = min(room[b], block_size - 1)
     return cap_drafts(Drafts(tokens, source, den_rows, kinds), None)
 
 
@@ -141,20 +143,25 @@ def cap_drafts(drafts: Drafts, cap: int | None) -> Drafts:
     return drafts
 
 
-def make_drafts(model: DecodingModel, cache, pending, drafts: Drafts, settings, run, draft_steps: int, head=None) -> Drafts:
+def make_drafts(
+    model: DecodingModel, cache, pending, drafts: Drafts, settings, run, draft_steps: int, policy, head=None
+) -> Drafts:
     """Step 2: the denoiser drafts for the rows that chose it, one batched draft of the longest
-    length they ask for (`drafts.den_rows`), over the draft head `head` (None: the whole LM head)."""
+    length they ask for (`drafts.den_rows`), over the draft head `head` (None: the whole LM head);
+    each row keeps as many of its drafts as its policy expects to pay, from their confidences
+    (`DraftPolicy.confident_length`)."""
     if drafts.den_rows:
         width = max(drafts.den_rows.values())
         starts = run.positions(list(drafts.den_rows))
-        tokens, lengths, drafts.passes = denoiser_draft(
+        tokens, confidence, drafts.passes = denoiser_draft(
             model, cache, pending, width, settings.threshold, run.sampling, starts, draft_steps, head
         )
         run.denoiser_passes += drafts.passes
         run.count_pass(list(drafts.den_rows), drafts.passes)
-        tokens, lengths = tokens.tolist(), lengths.tolist()
+        tokens, confidence = tokens.tolist(), confidence.tolist()
         for b, n in drafts.den_rows.items():
-            drafts.tokens[b] = tokens[b][: min(lengths[b], n)]
+            keep = policy.confident_length(b, confidence[b][:n])
+            drafts.tokens[b], drafts.confidence[b] = tokens[b][:keep], confidence[b][:keep]
     return drafts
 
 
@@ -273,7 +280,7 @@ class VerifyDecoder(Decoder):
             drafts = tree_drafts(model, self.cache, self.pending, drafts, self.history, self.trees, depth, run, self.draft_head)
         else:
             head = self.draft_head if not run.sampling.reshaped else None  # bias and penalties read the whole vocabulary
-            drafts = make_drafts(model, self.cache, self.pending, drafts, s, run, self.draft_steps, head)
+            drafts = make_drafts(model, self.cache, self.pending, drafts, s, run, self.draft_steps, self.policy, head)
         drafted = time.perf_counter()
         draft_ids, draft_len = drafts.padded(run.pad_id, self.pending.device)
         logits = verify_pass(model, self.cache, self.pending, draft_ids, drafts.parents)
@@ -306,6 +313,8 @@ class VerifyDecoder(Decoder):
                 passes = 1 + (drafts.passes if drafts.source[b] == "denoiser" else 0)
                 tokens, spent = len(new[b]), passes if counted else seconds
                 self.policy.record(b, drafts.source[b], tokens, spent, accepted[b], len(drafts.tokens[b]), drafts.kinds.get(b))
+                if b in drafts.confidence:
+                    self.policy.record_confidence(b, drafts.confidence[b], accepted[b])
         self.remember([b for b in active if run.room(b) == 0])
         yield event
 
@@ -395,8 +404,8 @@ def verify_stream(
     verify: how it drafts (VerifyOptions; or its fields as keywords: draft "auto" (the
     DraftPolicy), "denoiser", "lookup" (prompt lookup, else an AR step) or "ar", ...).
     Options: GenerationSettings fields (or `settings=`); block_size caps the draft length,
-    threshold truncates denoiser drafts, steps_per_block is unused (draft_steps denoiser
-    passes per draft). memory: the DraftMemory that unseeded runs start from and add to, kept
+    threshold: what each denoiser pass but a draft's last keeps (draft_steps > 1), steps_per_block
+    is unused (draft_steps denoiser passes per draft). memory: the DraftMemory that unseeded runs start from and add to, kept
     by whoever serves requests (None: a fresh one for this call, as for a new model).
     """
     fields, options = VerifyOptions.split(options)
