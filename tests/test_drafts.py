@@ -191,7 +191,7 @@ def test_token_trees_pick_among_the_draft_vocabulary_and_verify_stays_ar(monkeyp
     ar = generate_ar(model, PROMPTS[:1], max_new_tokens=16, eos_token_id=EOS).tokens
     allowed = list(range(3, VOCAB, 2))
     _with_vocab(model, allowed)
-    monkeypatch.setattr(tree_module.TokenTree, "add_branch", lambda self, tokens, budget: 0)  # no lookup branch
+    monkeypatch.setattr(tree_module.TokenTree, "add_branch", lambda self, tokens, budget, acceptance=1.0: 0)  # no lookup branch
     nodes, real = [], tree_module.build_tree
     monkeypatch.setattr(tree_module, "build_tree", lambda *a, **k: nodes.append(real(*a, **k)) or nodes[-1])
     result = generate_verify(model, PROMPTS[:1], max_new_tokens=16, eos_token_id=EOS, draft="denoiser", tree_nodes=6)

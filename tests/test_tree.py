@@ -54,17 +54,20 @@ def test_build_tree_keeps_the_paths_of_highest_probability():
     every = [p for depth in (1, 2, 3) for p in itertools.product(range(6), repeat=depth)]
     best = sorted(every, key=score, reverse=True)[:7]
     assert sorted(map(score, paths)) == pytest.approx(sorted(map(score, best)))
+    assert tree.scores == pytest.approx([score(path) for path in paths])  # each node's: its path's product
+    assert tree.prefix(4).tokens == tree.tokens[:4] and all(p < 4 for p in tree.prefix(4).parents)
 
 
 def test_build_tree_takes_the_lookup_draft_as_a_branch_within_half_the_nodes():
     probs = torch.full((4, VOCAB), 1.0 / VOCAB)
     probs[:, 7] = 0.5
-    tree = build_tree(probs, nodes=6, lookup=[9, 10, 11, 12])
+    tree = build_tree(probs, nodes=6, lookup=[9, 10, 11, 12], lookup_acceptance=0.6)
     branch = [tree.child(-1, 9)]
     for token in (10, 11):
         branch.append(tree.child(branch[-1], token))
     assert None not in branch and tree.child(branch[-1], 12) is None  # 3 = 6 // 2 nodes of it
     assert len(tree.tokens) == 6 and tree.child(-1, 7) is not None  # the rest from the denoiser
+    assert [tree.scores[n] for n in branch] == pytest.approx([0.6, 0.36, 0.216])  # lookup: its acceptance per token
 
 
 def _path(tree, node):
@@ -110,7 +113,7 @@ def test_a_tree_accepts_the_right_token_on_a_side_branch_where_a_chain_does_not(
     prompt = PROMPTS[0]
     ar = generate_ar(model, [prompt], max_new_tokens=30).tokens
     monkeypatch.setattr(tree_module, "slot_probs", _planted(model, prompt + ar[0]))
-    monkeypatch.setattr(tree_module.TokenTree, "add_branch", lambda self, tokens, budget: 0)  # no lookup branch
+    monkeypatch.setattr(tree_module.TokenTree, "add_branch", lambda self, tokens, budget, acceptance=1.0: 0)  # no lookup branch
     accepted = {}
     for nodes in (1, 16):  # one node: the chain of the likeliest token
         result = generate_verify(model, [prompt], max_new_tokens=30, draft="denoiser", tree_nodes=nodes)
@@ -147,7 +150,8 @@ def test_the_cache_after_a_tree_cycle_is_the_cache_of_ar_steps_over_its_tokens(d
 
     history = [tree_module.TokenTree()]  # no lookup match: a stand-in whose match finds nothing
     history[0].match = lambda n: ([], 0)
-    drafts = tree_module.tree_drafts(model, cache, pending, drafts, history, 12, {0: 7}, Run)
+    keep_all = type("Policy", (), {"acceptance": lambda self, b, kind: 0.5, "confident_nodes": lambda self, b, s: len(s)})()
+    drafts = tree_module.tree_drafts(model, cache, pending, drafts, history, 12, {0: 7}, Run, keep_all)
     draft_ids, _ = drafts.padded(0, pending.device)
     logits = verify_module.verify_pass(model, cache, pending, draft_ids, drafts.parents)
     accepted, following, _ = tree_module.accept_path(logits, drafts, cache)

@@ -687,6 +687,10 @@ def test_a_denoiser_draft_is_verified_as_far_as_its_confidence_pays():
     for _ in range(10):
         policy.record_confidence(0, sure, accepted=7)
     assert policy.calibration(0) > 0.9
+    # a token tree's nodes, parents first, by their chance of being accepted: the likely ones pay
+    chances = [0.9, 0.5, 0.3, 0.05, 0.01]
+    assert policy.confident_nodes(1, chances) == 4
+    assert DraftPolicy(1, ("denoiser", "ar"), cost=dear).confident_nodes(0, chances) == 1
 
 
 def test_a_source_whose_drafts_would_lose_drafts_nothing_except_when_probed():

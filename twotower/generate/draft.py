@@ -386,13 +386,23 @@ class DraftPolicy:
         expected tokens of n drafts (each accepted, when the ones before it were, with its
         confidence times `calibration`) over the cost of a cycle over n + 1 positions with a
         draft. least: as `draft_length`'s (0 outside a probe with skip_unpaid, else 1)."""
-        if least is None:
-            least = 0 if self.skip_unpaid and not self.probing[row] else 1
-        scale, reach, expected = self.calibration(row), 1.0, [1.0]
+        scale, reach, chances = self.calibration(row), 1.0, []
         for p in confidence:
             reach *= min(scale * p, 1.0)
-            expected.append(expected[-1] + reach)
-        least = min(least, len(confidence))
+            chances.append(reach)
+        return self.confident_nodes(row, chances, least)
+
+    def confident_nodes(self, row: int, chances: list[float], least: int | None = None) -> int:
+        """How many of a draft's nodes (a chain's tokens, or a token tree's nodes, parents first)
+        the cycle verifies: the n, of `least` to all, whose expected tokens (1 + the sum of the
+        first n nodes' chances of being accepted) per unit of the cost of a cycle over n + 1
+        positions with a denoiser draft are highest. least: as `draft_length`'s."""
+        if least is None:
+            least = 0 if self.skip_unpaid and not self.probing[row] else 1
+        least = min(least, len(chances))
+        expected = [1.0]
+        for chance in chances:
+            expected.append(expected[-1] + chance)
         pays = [expected[n] / self.cost(n + 1, True) for n in range(least, len(expected))]
         return least + max(range(len(pays)), key=pays.__getitem__)  # the shortest of the best
 

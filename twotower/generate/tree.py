@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from twotower.generate.draft import lookup_kind
 from twotower.model.protocol import DecodingModel
 
 
@@ -41,6 +42,7 @@ class TokenTree:
     tokens: list[int] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)
     depths: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)  # how likely each node is to be accepted (its path's)
 
     def child(self, parent: int, token: int) -> int | None:
         """The node holding `token` after `parent`, or None."""
@@ -49,44 +51,51 @@ class TokenTree:
                 return i
         return None
 
-    def add(self, parent: int, token: int) -> tuple[int, bool]:
-        """The node of `token` after `parent`, added unless it is there; and whether it was added."""
+    def add(self, parent: int, token: int, score: float = 1.0) -> tuple[int, bool]:
+        """The node of `token` after `parent` (with `score`), added unless it is there; and
+        whether it was added."""
         found = self.child(parent, token)
         if found is not None:
             return found, False
         self.tokens.append(token)
         self.parents.append(parent)
         self.depths.append(1 if parent < 0 else self.depths[parent] + 1)
+        self.scores.append(score)
         return len(self.tokens) - 1, True
 
-    def add_branch(self, tokens: list[int], budget: int) -> int:
+    def add_branch(self, tokens: list[int], budget: int, acceptance: float = 1.0) -> int:
         """A chain of tokens after the root (a lookup draft), merged with the nodes already there;
-        at most `budget` new nodes. Returns how many it added."""
+        at most `budget` new nodes, the one at depth d scored acceptance ** d. Returns how many it added."""
         node, added = -1, 0
-        for token in tokens:
+        for depth, token in enumerate(tokens, 1):
             if added == budget and self.child(node, token) is None:
                 break
-            node, new = self.add(node, token)
+            node, new = self.add(node, token, acceptance**depth)
             added += new
         return added
 
+    def prefix(self, nodes: int) -> TokenTree:
+        """Its first `nodes` nodes: a tree too, since a parent comes before its children."""
+        return TokenTree(self.tokens[:nodes], self.parents[:nodes], self.depths[:nodes], self.scores[:nodes])
 
-def build_tree(probs: torch.Tensor, nodes: int, lookup: list[int] | None = None) -> TokenTree:
+
+def build_tree(probs: torch.Tensor, nodes: int, lookup: list[int] | None = None, lookup_acceptance: float = 1.0) -> TokenTree:
     """The tree of at most `nodes` nodes for one row: the lookup branch first (at most half the
-    nodes), then the paths of highest score (the product of their tokens' probabilities; one
-    probability row per slot: probs (W, V), slot d = depth d + 1) best-first. A node's first
-    child and its next sibling are its successors in the search, so that every slot's tokens
-    are read in order of probability and no node is scored before its parent."""
+    nodes, scored by `lookup_acceptance`, `TokenTree.add_branch`), then the paths of highest
+    score (the product of their tokens' probabilities; one probability row per slot: probs
+    (W, V), slot d = depth d + 1) best-first. A node's first child and its next sibling are its
+    successors in the search, so that every slot's tokens are read in order of probability and
+    no node is scored before its parent."""
     tree = TokenTree()
     if lookup:
-        tree.add_branch(lookup[: probs.shape[0]], nodes // 2)
+        tree.add_branch(lookup[: probs.shape[0]], nodes // 2, lookup_acceptance)
     top = probs.float().topk(min(nodes, probs.shape[-1]), dim=-1)  # no slot needs more than `nodes` tokens
     values, ids = top.values.tolist(), top.indices.tolist()  # (W, k) each
     # Candidates: (-score, the parent's score, parent node, depth, rank of the token in its slot).
     frontier = [(-values[0][0], 1.0, -1, 0, 0)]
     while frontier and len(tree.tokens) < nodes:
         neg, above, parent, depth, rank = heapq.heappop(frontier)
-        node, _ = tree.add(parent, ids[depth][rank])
+        node, _ = tree.add(parent, ids[depth][rank], -neg)
         if rank + 1 < len(ids[depth]):  # the next sibling
             heapq.heappush(frontier, (-above * values[depth][rank + 1], above, parent, depth, rank + 1))
         if depth + 1 < len(ids):  # the first child
@@ -108,17 +117,22 @@ def slot_probs(model: DecodingModel, cache, pending: torch.Tensor, width: int, h
     return probs if head is None else head.spread(probs)
 
 
-def tree_drafts(model: DecodingModel, cache, pending, drafts, history, nodes: int, depth: dict[int, int], run, head=None):
+def tree_drafts(model: DecodingModel, cache, pending, drafts, history, nodes: int, depth: dict[int, int], run, policy, head=None):
     """Step 2 for trees: the denoiser rows' drafts as token trees of at most `nodes` nodes and
     depth[b] levels (one denoiser pass; head: the draft vocabulary's, as `slot_probs`), with the
-    row's lookup draft as a branch; every row's nodes go into drafts.tokens, and their parents
+    row's lookup draft as a branch; each row's tree is cut to the nodes that pay, by their scores
+    (`DraftPolicy.confident_nodes`); every row's nodes go into drafts.tokens, and their parents
     (B, N) into drafts.parents."""
     rows = list(drafts.den_rows)
     probs = slot_probs(model, cache, pending, max(depth[b] for b in rows), head)
     run.denoiser_passes += 1
     run.count_pass(rows, 1)
     drafts.passes = 1
-    trees = {b: build_tree(probs[b, : depth[b]], nodes, history[b].match(depth[b])[0]) for b in rows}
+    trees = {}
+    for b in rows:
+        found, match = history[b].match(depth[b])
+        tree = build_tree(probs[b, : depth[b]], nodes, found, policy.acceptance(b, lookup_kind(match)))
+        trees[b] = tree.prefix(policy.confident_nodes(b, tree.scores))
     for b, tree in trees.items():
         drafts.tokens[b] = tree.tokens
     width = max(len(d) for d in drafts.tokens)

@@ -277,7 +277,9 @@ class VerifyDecoder(Decoder):
             drafts = cap_drafts(drafts, batch_width(drafts, self.policy, least=1 if gate.probing[0] else 0))
         if self.trees and drafts.den_rows:
             depth = {b: min(room[b], s.block_size - 1) for b in drafts.den_rows}
-            drafts = tree_drafts(model, self.cache, self.pending, drafts, self.history, self.trees, depth, run, self.draft_head)
+            drafts = tree_drafts(
+                model, self.cache, self.pending, drafts, self.history, self.trees, depth, run, self.policy, self.draft_head
+            )
         else:
             head = self.draft_head if not run.sampling.reshaped else None  # bias and penalties read the whole vocabulary
             drafts = make_drafts(model, self.cache, self.pending, drafts, s, run, self.draft_steps, self.policy, head)
