@@ -263,11 +263,11 @@ class DraftHead:
         rows = hidden.reshape(-1, hidden.shape[-1]).to(self.weight.dtype)
         return torch.nn.functional.linear(rows, self.weight, self.bias).float().view(*hidden.shape[:-1], len(self.ids))
 
-    def spread(self, probs: torch.Tensor) -> torch.Tensor:
-        """A distribution over the N tokens (..., N) as one over the whole vocabulary (..., V),
-        zero outside them."""
-        full = probs.new_zeros(*probs.shape[:-1], self.width)
-        return full.scatter_(-1, self.ids.to(probs.device).expand(probs.shape), probs)
+    def spread(self, values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """Values over the N tokens (..., N) as values over the whole vocabulary (..., V), `fill`
+        outside them (0 for a distribution, -inf for logits)."""
+        full = values.new_full((*values.shape[:-1], self.width), fill)
+        return full.scatter_(-1, self.ids.to(values.device).expand(values.shape), values)
 
 
 class FullDenoiser(Denoiser):

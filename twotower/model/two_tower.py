@@ -346,9 +346,7 @@ class TwoTowerForCausalLM(nn.Module):
         head = self.draft_head(self.config.head_vocab) if self.config.head_vocab else None
         if head is None:
             return self.denoiser.logits(hidden, float32)
-        logits = head(hidden)
-        full = logits.new_full((*logits.shape[:-1], head.width), float("-inf"))
-        return full.scatter_(-1, head.ids.to(logits.device).expand(logits.shape), logits)
+        return head.spread(head(hidden), float("-inf"))
 
     # The denoiser's trained parts, as training reads them (train.build_model keeps them in fp32).
     lora = property(lambda self: self.denoiser.adapters, doc="The LoRA adapters per layer, or None.")
