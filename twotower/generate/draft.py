@@ -367,16 +367,21 @@ class DraftPolicy:
             return 0
         alpha, denoiser = self.acceptance(row, kind or source), source == "denoiser"
         if least is None:
-            least = 0 if self.skip_unpaid and not self.probing[row] else 1
+            least = self.fewest(row)
         pays = [1 / self.cost(1, False) if n == 0 else expected_tokens(alpha, n) / self.cost(n + 1, denoiser)
                 for n in range(least, room + 1)]  # fmt: skip
         return least + max(range(len(pays)), key=pays.__getitem__)  # the shortest of the best
 
+    def fewest(self, row: int) -> int:
+        """The shortest draft a row's cycle may verify: 0 (a plain AR step) outside a probe with
+        skip_unpaid, else 1 (a probe, or a forced source, drafts at least one token)."""
+        return 0 if self.skip_unpaid and not self.probing[row] else 1
+
     def calibration(self, row: int) -> float:
         """How many of this row's denoiser drafts were accepted per unit of the confidence they
         were drafted with (1 until one is judged): the factor that turns a confidence into an
-        acceptance (the denoiser's confidence is its own, not the context tower's; on text
-        unlike its training data it is too sure)."""
+        acceptance (the denoiser's confidence is its own, not the context tower's, and may be
+        surer or less sure than the context tower's choices bear out)."""
         hits, expected = self.calibrated[row]
         return (hits + 1.0) / (expected + 1.0)
 
@@ -398,7 +403,7 @@ class DraftPolicy:
         first n nodes' chances of being accepted) per unit of the cost of a cycle over n + 1
         positions with a denoiser draft are highest. least: as `draft_length`'s."""
         if least is None:
-            least = 0 if self.skip_unpaid and not self.probing[row] else 1
+            least = self.fewest(row)
         least = min(least, len(chances))
         expected = [1.0]
         for chance in chances:
