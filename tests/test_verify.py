@@ -76,14 +76,15 @@ def test_verify_with_an_untrained_denoiser_accepts_its_drafts_first_token():
 
 
 @pytest.mark.parametrize("family", ["llama", "nemotron_h"])
-@pytest.mark.parametrize("weights", ["dense", "int8"])
+@pytest.mark.parametrize("weights", ["dense", "fused", "int8"])
 def test_in_bf16_an_exact_pass_gives_each_position_a_one_token_passs_logits(weights, family):
     """bf16 kernels sum a query's keys in an order that depends on how many keys it reads: an
     exact pass (verify's) attends each query over as many keys as an AR step reads, so each
     position's logits are a one-token pass's bit for bit, on quantised weights too within the
-    rows they serve. (Llama: every other op is row by row; the hybrid's Mamba scan is not, so
-    there only the first position is checked.)"""
-    model = tiny_two_tower(family=family).to(torch.bfloat16).quantize(weights)
+    rows they serve, and on fused projections (`inference.fuse`). (Llama: every other op is row
+    by row; the hybrid's Mamba scan is not, so there only the first position is checked.)"""
+    model = tiny_two_tower(family=family).to(torch.bfloat16)
+    model = model.fuse() if weights == "fused" else model.quantize(weights)
     prompt = torch.tensor([PROMPTS[0]])
     tokens = torch.tensor([[5, 9, 13, 2, 7, 11, 3, 8]])
     cache, _ = model.context_prefill(prompt, torch.ones_like(prompt), logits=None)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from twotower.backbones.base import fuse_layers
 from twotower.config import WEIGHT_FORMATS, TwoTowerError
 
 GROUP = 32  # int4 group along the input axis (the GGUF's Q4_1 block)
@@ -132,19 +133,6 @@ def quantize_linears(module: nn.Module, weights: str) -> int:
     return replaced
 
 
-def stack(linears: list[nn.Linear]) -> nn.Linear:
-    """One linear layer computing several of one input at once: their weights (and biases)
-    stacked along the output axis."""
-    first = linears[0]
-    stacked = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None)
-    stacked.to(device=first.weight.device, dtype=first.weight.dtype).requires_grad_(False)
-    with torch.no_grad():
-        stacked.weight.copy_(torch.cat([m.weight for m in linears]))
-        if stacked.bias is not None:
-            stacked.bias.copy_(torch.cat([m.bias for m in linears]))
-    return stacked
-
-
 def quantize_backbone(backbone: nn.Module, weights: str, fusions=()) -> int:
     """A transformers `*ForCausalLM` in place: its layers' projections as `weights`
     (`quantize_layers`) and its LM head int8 (the embedding it may be tied to stays as it is).
@@ -158,28 +146,18 @@ def quantize_backbone(backbone: nn.Module, weights: str, fusions=()) -> int:
 
 def quantize_layers(layers: nn.ModuleList, weights: str, fusions=()) -> int:
     """Decoder layers in place: their projections as `weights`, those of one input also stacked
-    into one matmul where the family names them (`fusions`, see backbones.base.Family; `sizes`
-    says where each one's outputs are). Returns how many projections were replaced."""
+    into one matmul where the family names them (`fusions`: `base.fuse_layers`, whose stacks a
+    dense model prepared for generation may hold already). Returns how many projections were
+    replaced."""
     _check(weights)
     replaced = 0
-    for layer in layers:
-        for sublayer, fused, names in fusions:
-            parent = getattr(layer, sublayer, None)
-            linears = [getattr(parent, n, None) for n in names]
-            if not all(isinstance(m, nn.Linear) for m in linears):
-                continue
-            dense = stack(linears)
-            stacked = quantised(dense, weights)
-            stacked.sizes = [m.out_features for m in linears]
-            setattr(parent, fused, stacked)
-            # Each projection stays too, for transformers' own forward (its `generate`, which the
-            # benchmark times), its dense weights a view of the stacked ones.
-            first = 0
-            for name, m in zip(names, linears, strict=True):
-                m.weight = nn.Parameter(dense.weight[first : first + m.out_features], requires_grad=False)
-                if m.bias is not None:
-                    m.bias = nn.Parameter(dense.bias[first : first + m.out_features], requires_grad=False)
-                setattr(parent, name, quantised(m, weights))
-                first += m.out_features
-            replaced += len(names)
+    for parent, fused, names in fuse_layers(layers, fusions):
+        stacked = quantised(getattr(parent, fused), weights)
+        stacked.sizes = getattr(parent, fused).sizes
+        setattr(parent, fused, stacked)
+        # Each projection stays too, for transformers' own forward (its `generate`, which the
+        # benchmark times), its dense weights a view of the stacked ones.
+        for name in names:
+            setattr(parent, name, quantised(getattr(parent, name), weights))
+        replaced += len(names)
     return replaced + quantize_linears(layers, weights)  # the projections left

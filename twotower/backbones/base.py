@@ -17,9 +17,13 @@ lives beside its scan in `ssm.py`), and the LoRA and adaLN hooks both apply the 
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import torch
@@ -128,7 +132,7 @@ class Family(Protocol):
     name: str
     n_modulation: int
     stateful: bool  # has recurrent (Mamba) state, which cannot drop tokens like K,V slots
-    # Projections of one input that quantised inference stacks into one matmul:
+    # Projections of one input that inference stacks into one matmul (`fuse_layers`):
     # (sublayer attribute, name of the stacked projection, the projections' names).
     fusions: tuple[tuple[str, str, tuple[str, ...]], ...]
 
@@ -515,13 +519,90 @@ def project(linear_module: nn.Module, x: torch.Tensor, adapter: nn.Module | None
 
 def project_together(parent: nn.Module, fused: str, names: tuple[str, ...], x: torch.Tensor, get) -> list[torch.Tensor]:
     """Projections of one input (q, k, v; gate, up), each plus its LoRA delta: one matmul over
-    their stacked weights when the layer holds them fused under `fused` (quantised inference,
-    twotower/quant.py), else one per projection."""
+    their stacked weights when the layer holds them fused under `fused` (`fuse_layers`: a model
+    prepared for generation, dense or quantised), else one per projection."""
     stacked = getattr(parent, fused, None)
     if stacked is None:
         return [project(getattr(parent, name), x, get(name)) for name in names]
     outs = linear(stacked, x).split(stacked.sizes, dim=-1)
     return [out if get(name) is None else out + get(name)(x) for out, name in zip(outs, names, strict=True)]
+
+
+def stack(linears: list[nn.Linear]) -> nn.Linear:
+    """One frozen linear layer computing several of one input at once: their weights (and
+    biases) stacked along the output axis."""
+    first = linears[0]
+    stacked = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None, device="meta")
+    stacked.weight = nn.Parameter(torch.cat([m.weight.detach() for m in linears]), requires_grad=False)
+    if first.bias is not None:
+        stacked.bias = nn.Parameter(torch.cat([m.bias.detach() for m in linears]), requires_grad=False)
+    return stacked
+
+
+def fuse_layers(layers: nn.ModuleList, fusions) -> list[tuple[nn.Module, str, tuple[str, ...]]]:
+    """Decoder layers in place, for inference: the projections of one input that the family
+    names (`Family.fusions`) stacked into one frozen nn.Linear under the fused name, with `sizes`
+    (each one's outputs), which `project_together` then runs as one matmul. Each projection stays
+    too (transformers' own forward calls it), its weights a view of the stacked ones, so the
+    stack costs no memory. Layers already fused keep their stacks. Returns the dense stacks the
+    layers hold: (sublayer, fused name, projection names) each."""
+    stacks, replaced = [], []
+    for layer in layers:
+        for sublayer, fused, names in fusions:
+            parent = getattr(layer, sublayer, None)
+            held = getattr(parent, fused, None)
+            if held is not None:  # fused already: a dense stack is kept, a quantised one is done
+                if type(held) is nn.Linear:
+                    stacks.append((parent, fused, names))
+                continue
+            linears = [getattr(parent, n, None) for n in names]
+            if not all(isinstance(m, nn.Linear) for m in linears):
+                continue
+            stacked = stack(linears)
+            stacked.sizes = [m.out_features for m in linears]
+            replaced += [
+                (weakref.ref(m.weight), m.weight.data_ptr(), m.weight.nbytes * m.weight.is_contiguous()) for m in linears
+            ]
+            first = 0
+            for m in linears:
+                m.weight = nn.Parameter(stacked.weight[first : first + m.out_features], requires_grad=False)
+                if m.bias is not None:
+                    m.bias = nn.Parameter(stacked.bias[first : first + m.out_features], requires_grad=False)
+                first += m.out_features
+            setattr(parent, fused, stacked)
+            stacks.append((parent, fused, names))
+    release_file_pages(replaced)
+    return stacks
+
+
+def release_file_pages(tensors: list[tuple]) -> int:
+    """Give back the memory of weights no longer used whose bytes a file mapping holds (transformers
+    maps a safetensors file and reads the weights from it; a stack copies them): the pages the copy
+    read stay resident until the kernel needs them, counted in the process's memory. Each entry:
+    (a weak reference to the tensor, its address, its bytes); only a tensor nobody holds any more,
+    and only the whole pages of its bytes inside a mapping of a file (/proc/self/maps, Linux):
+    dropping them loses nothing (a read would map the file's bytes again) and anonymous memory
+    (a copy, a converted dtype) is freed by its owner, never here. Returns the bytes released."""
+    maps = Path("/proc/self/maps")
+    if not tensors or sys.platform != "linux" or not maps.is_file():
+        return 0
+    files = []
+    for line in maps.read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].startswith("/"):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            files.append((lo, hi))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page, released = os.sysconf("SC_PAGE_SIZE"), 0
+    for alive, address, size in tensors:
+        start, end = -(-address // page) * page, (address + size) // page * page
+        if alive() is None and end > start and any(lo <= start and end <= hi for lo, hi in files):
+            released += (end - start) * (libc.madvise(start, end - start, MADV_DONTNEED) == 0)
+    return released
+
+
+MADV_DONTNEED = 4  # Linux: drop the pages; a file mapping's are read again from the file on access
 
 
 def modulate(h: torch.Tensor, modulation: torch.Tensor | None, first: int):

@@ -26,8 +26,9 @@ SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints" / "smollm2-135m
 
 def save(model, path: str | os.PathLike) -> None:
     """Write config.json and denoiser.safetensors (atomically: temp file, then rename)."""
-    if model.weights != "dense" or model.denoiser.merged:
-        how = "its LoRA adapters merged" if model.denoiser.merged else f"its weights quantised to {model.weights}"
+    if model.weights != "dense" or model.denoiser.merged or model.fused:
+        how = ("its LoRA adapters merged" if model.denoiser.merged else
+               f"its weights quantised to {model.weights}" if model.weights != "dense" else "its projections fused")  # fmt: skip
         raise TwoTowerError(f"this model is prepared for inference ({how}); save the model as loaded")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,12 @@
 """Inference transforms: what prepares a loaded model for generation, in place.
 
   merge_adapters  a shallow LoRA denoiser's adapters folded into copies of its layers
+  fuse            the projections of one input (q, k, v; gate, up) as one matmul each
   quantize        weight-only int8 / int4 linear layers for CPU inference (twotower/quant.py)
   compile_steps   the context passes that decoding repeats, compiled (twotower/backbones/graphs.py)
   warm_steps      those passes compiled now rather than on first use
 
-Merge before quantising, and compile last (quantising drops the compiled passes). A model so
+Merge, then fuse, before quantising, and compile last (quantising drops the compiled passes). A model so
 prepared generates; it neither trains nor saves (`checkpoint.save` refuses it).
 """
 
@@ -29,6 +30,27 @@ def merge_adapters(model):
     if model.weights != "dense":
         raise TwoTowerError("merge the adapters before quantising the model (merge_adapters, then quantize)")
     model.denoiser = MergedDenoiser(model.denoiser)
+    return model
+
+
+def fuse(model):
+    """Every layer's projections of one input (q, k, v; gate, up, as the family names them)
+    stacked into one matmul each (`base.fuse_layers`), in both towers and a shallow denoiser's
+    merged layers (`merge_adapters` first): a pass makes fewer, wider calls (an AR step's three
+    attention inputs in one). Each row's logits stay independent of the pass's width, since the
+    stacked projection is one linear layer like any other (`base.linear`). `quantize` fuses its
+    own layers as it quantises them. Returns the model."""
+    from twotower.backbones.base import fuse_layers
+
+    fusions = model.family.fusions
+    towers = [model.context_tower.model.layers]
+    if model.denoiser.backbone is not model.context_tower:
+        towers.append(model.denoiser.backbone.model.layers)
+    if isinstance(model.denoiser, MergedDenoiser):
+        towers.append(model.denoiser.denoiser_layers)
+    for layers in towers:
+        model.fused |= bool(fuse_layers(layers, fusions))
+    model.step_layers = None  # graphs hold the layers' old tensors
     return model
 
 

@@ -54,6 +54,7 @@ class TwoTowerForCausalLM(nn.Module):
         self.layout = BlockLayout(config.layout)
         self.config = config
         self.weights = "dense"  # how the linear weights are stored: config.WEIGHT_FORMATS
+        self.fused = False  # whether projections of one input are stacked into one matmul (inference.fuse)
         self.step_layers = None  # the context passes decoding repeats, compiled (compile_steps), else None
         self.context_tower = backbone.eval().requires_grad_(False)
         self.num_embeddings = backbone.get_input_embeddings().num_embeddings
@@ -114,6 +115,10 @@ class TwoTowerForCausalLM(nn.Module):
     def merge_adapters(self) -> TwoTowerForCausalLM:
         """`inference.merge_adapters`: for generation, before `quantize`."""
         return inference.merge_adapters(self)
+
+    def fuse(self) -> TwoTowerForCausalLM:
+        """`inference.fuse`: for generation, after `merge_adapters`."""
+        return inference.fuse(self)
 
     def quantize(self, weights: str) -> TwoTowerForCausalLM:
         """`inference.quantize`: weight-only "int8" / "int4" linear layers ("dense": unchanged)."""

@@ -1,0 +1,103 @@
+"""`inference.fuse`: the projections of one input stacked into one matmul, for generation."""
+
+from __future__ import annotations
+
+import os
+import sys
+import weakref
+
+import pytest
+import torch
+from conftest import PROMPTS, perturb_trained, tiny_two_tower
+from test_shallow import block_logits, shallow
+
+from twotower.backbones.base import release_file_pages
+from twotower.config import TwoTowerError
+from twotower.generate import generate_ar, generate_verify
+from twotower.generate.common import left_pad
+
+
+def context_logits(model):
+    ids, mask = left_pad(PROMPTS, 0)
+    with torch.no_grad():
+        return model(ids, mask), model.context_tower(input_ids=ids, attention_mask=mask).logits, mask.bool()
+
+
+def test_fusing_stacks_each_layers_projections_of_one_input_over_the_same_weights():
+    """Every layer holds q, k, v and gate, up as one linear layer each; the projections it
+    replaces in our passes stay for transformers' forward, as views of the stack (no copy), and
+    both forwards give the logits of the unfused model."""
+    model, reference = tiny_two_tower(), tiny_two_tower()
+    before, _, mask = context_logits(reference)
+    assert model.fuse() is model and model.fused
+    for layer in model.context_tower.model.layers:
+        for parent, fused, names in ((layer.self_attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                                     (layer.mlp, "gate_up_proj", ("gate_proj", "up_proj"))):  # fmt: skip
+            stacked = getattr(parent, fused)
+            assert stacked.sizes == [getattr(parent, n).out_features for n in names]
+            assert torch.equal(stacked.weight, torch.cat([getattr(parent, n).weight for n in names]))
+            for name in names:
+                assert getattr(parent, name).weight.untyped_storage().data_ptr() == stacked.weight.untyped_storage().data_ptr()
+    ours, hf, _ = context_logits(model)
+    assert torch.allclose(ours[mask], before[mask], atol=1e-5)
+    assert torch.allclose(hf[mask], before[mask], atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_fused_models_verify_is_its_ar_with_the_denoisers_drafts(dtype):
+    """The merged shallow denoiser's layers are fused too; its block logits stay the unfused
+    ones', and verify with its drafts stays AR's output token for token."""
+    reference = shallow("llama", 4, 2)
+    perturb_trained(reference)
+    model = shallow("llama", 4, 2)
+    model.load_state_dict(reference.state_dict())
+    reference.merge_adapters()
+    model.merge_adapters().fuse()
+    assert all(hasattr(layer.mlp, "gate_up_proj") for layer in model.denoiser.denoiser_layers)
+    assert torch.allclose(block_logits(model), block_logits(reference), atol=1e-4)
+    model.to(dtype)
+    ar = generate_ar(model, PROMPTS, max_new_tokens=12)
+    assert generate_verify(model, PROMPTS, max_new_tokens=12, draft="denoiser").tokens == ar.tokens
+    assert generate_verify(model, PROMPTS[:1], max_new_tokens=12, draft="denoiser").tokens == ar.tokens[:1]
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantising_a_fused_model_quantises_its_stacks(weights):
+    """quantize reuses the stacks fuse made: the same quantised weights, bit for bit, as
+    quantising the model unfused (which stacks them itself)."""
+    fused = tiny_two_tower().fuse().quantize(weights)
+    plain = tiny_two_tower().quantize(weights)
+    assert type(fused.context_tower.model.layers[0].self_attn.qkv_proj) is type(
+        plain.context_tower.model.layers[0].self_attn.qkv_proj
+    )
+    assert torch.equal(context_logits(fused)[0], context_logits(plain)[0])
+
+
+def test_a_fused_model_refuses_to_save_and_a_family_without_fusions_is_left_alone(tmp_path):
+    with pytest.raises(TwoTowerError, match="fused"):
+        tiny_two_tower().fuse().save_pretrained(tmp_path)
+    assert not any(tmp_path.iterdir())
+    hybrid = tiny_two_tower(family="nemotron_h")
+    assert not hybrid.fuse().fused  # its projections of one input are one matmul already (in_proj)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/maps")
+def test_the_pages_of_replaced_weights_read_from_a_file_are_given_back_and_nothing_else(tmp_path):
+    """A weight transformers mapped from a safetensors file (a part of the file's mapping),
+    once stacked, no longer needs the pages the copy read: they are released when nobody holds
+    the tensor, and the file's bytes are still there for the rest of the mapping; a tensor still
+    held, or one in anonymous memory, keeps its memory."""
+    file = tmp_path / "weights.bin"
+    values = torch.arange(4 * 65536, dtype=torch.float32)
+    file.write_bytes(values.numpy().tobytes())
+    mapping = torch.from_file(str(file), shared=False, size=values.numel(), dtype=torch.float32)
+    half = values.numel() // 2
+
+    def entry(t):
+        return weakref.ref(t), t.data_ptr(), t.nbytes
+
+    held, anonymous = mapping[:half], values.clone()
+    assert release_file_pages([entry(held), entry(anonymous)]) == 0
+    dropped = entry(mapping[half:])  # the view dies at once
+    assert release_file_pages([dropped]) >= half * 4 - 2 * os.sysconf("SC_PAGE_SIZE")
+    assert torch.equal(mapping, values) and torch.equal(anonymous, values)
