@@ -492,14 +492,19 @@ def _measure_floor(device, dtype, inputs, outputs, bias) -> int | None:
     make = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
     weight, b = make(outputs, inputs) / inputs**0.5, make(outputs) if bias else None
     draws = [3 * make(max(FLOOR_CHECKED), inputs) for _ in range(16)]  # some 256 rows in all
+    wide, alone = {}, {}  # each call made once: (draw, rows) -> its output; (floor, draw, row) -> the row padded alone
+
+    def agrees(floor: int, d: int, rows: int, i: int) -> bool:
+        if (d, rows) not in wide:
+            wide[d, rows] = F.linear(draws[d][:rows], weight, b)
+        if (floor, d, i) not in alone:
+            row = draws[d][i : i + 1]
+            alone[floor, d, i] = F.linear(torch.cat([row, row.new_zeros(floor - 1, inputs)]), weight, b)[:1]
+        return torch.equal(wide[d, rows][i : i + 1], alone[floor, d, i])
+
     for floor in FLOORS:
-        padded = lambda row, floor=floor: F.linear(torch.cat([row, row.new_zeros(floor - 1, inputs)]), weight, b)[:1]
-        if all(
-            torch.equal(F.linear(x[:rows], weight, b)[i : i + 1], padded(x[i : i + 1]))
-            for x in draws
-            for rows in (r for r in FLOOR_CHECKED if r >= floor)
-            for i in range(rows)
-        ):
+        checks = ((d, rows, i) for d in range(len(draws)) for rows in FLOOR_CHECKED if rows >= floor for i in range(rows))
+        if all(agrees(floor, *check) for check in checks):
             return floor
     return None
 
@@ -581,8 +586,9 @@ def release_file_pages(tensors: list[tuple]) -> int:
     read stay resident until the kernel needs them, counted in the process's memory. Each entry:
     (a weak reference to the tensor, its address, its bytes); only a tensor nobody holds any more,
     and only the whole pages of its bytes inside a mapping of a file (/proc/self/maps, Linux):
-    dropping them loses nothing (a read would map the file's bytes again) and anonymous memory
-    (a copy, a converted dtype) is freed by its owner, never here. Returns the bytes released."""
+    weights are read, never written, so dropping them loses nothing (a read would map the file's
+    bytes again), and anonymous memory (a copy, a converted dtype) is freed by its owner, never
+    here. Returns the bytes released."""
     maps = Path("/proc/self/maps")
     if not tensors or sys.platform != "linux" or not maps.is_file():
         return 0

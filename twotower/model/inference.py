@@ -39,7 +39,8 @@ def fuse(model):
     merged layers (`merge_adapters` first): a pass makes fewer, wider calls (an AR step's three
     attention inputs in one). Each row's logits stay independent of the pass's width, since the
     stacked projection is one linear layer like any other (`base.linear`). `quantize` fuses its
-    own layers as it quantises them. Returns the model."""
+    own layers as it quantises them. The projections stay as views of the stacks (no second copy);
+    a later `.to()` copies each apart. Returns the model."""
     from twotower.backbones.base import fuse_layers
 
     fusions = model.family.fusions
