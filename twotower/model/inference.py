@@ -6,8 +6,9 @@
   compile_steps   the context passes that decoding repeats, compiled (twotower/backbones/graphs.py)
   warm_steps      those passes compiled now rather than on first use
 
-Merge, then fuse, before quantising, and compile last (quantising drops the compiled passes). A model so
-prepared generates; it neither trains nor saves (`checkpoint.save` refuses it).
+Merge, then fuse, before quantising, and compile last (fusing and quantising drop the compiled
+passes). A model so prepared generates; it neither trains nor saves (`checkpoint.save` refuses
+it).
 """
 
 from __future__ import annotations

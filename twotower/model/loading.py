@@ -31,9 +31,9 @@ def load_model(
     a backbone (a folder, a .gguf file) wrapped as an untrained two-tower model with config_kwargs.
     weights: "dense", or "int8" / "int4" weight-only linear layers for CPU inference; merge: fold
     a shallow LoRA denoiser's adapters into copies of its layers and stack the projections of one
-    input, for generation; compile_steps:
-    the context passes decoding repeats compiled (`inference`, for all three); backbone: the
-    backbone a checkpoint runs on instead of the one its config.json names (fingerprint checked).
+    input, for generation; compile_steps: the context passes decoding repeats compiled
+    (`inference`, for all three); backbone: the backbone a checkpoint runs on instead of the one
+    its config.json names (fingerprint checked).
     Returns (model, tokenizer)."""
     model, tokenizer = _load(ref, dtype, shipped, backbone, **config_kwargs)
     if merge:
