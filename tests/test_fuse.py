@@ -61,6 +61,33 @@ def test_a_fused_models_verify_is_its_ar_with_the_denoisers_drafts(dtype):
     assert generate_verify(model, PROMPTS[:1], max_new_tokens=12, draft="denoiser").tokens == ar.tokens[:1]
 
 
+def _shares_storage(parent, fused, names, weight="weight") -> bool:
+    stack = getattr(getattr(parent, fused), weight).untyped_storage().data_ptr()
+    return all(getattr(getattr(parent, n), weight).untyped_storage().data_ptr() == stack for n in names)
+
+
+@pytest.mark.parametrize("weights", ["dense", "int8"])
+def test_a_fused_model_moved_or_cast_keeps_each_weight_once(weights):
+    """`.to(dtype)` copies every tensor, a view apart from the stack it views: afterwards each
+    projection is a view of its stack again (merged denoiser layers included), and the moved
+    model computes what a model cast before fusing computes."""
+    reference = shallow("llama", 4, 2)
+    perturb_trained(reference)
+    model = shallow("llama", 4, 2)
+    model.load_state_dict(reference.state_dict())
+    model.merge_adapters().fuse().quantize(weights)
+    reference.merge_adapters().to(torch.float64).fuse().quantize(weights)
+    model.to(torch.float64)
+    kind = "weight" if weights == "dense" else "dense_weight"
+    for layers in (model.context_tower.model.layers, model.denoiser.denoiser_layers):
+        for layer in layers:
+            assert _shares_storage(layer.self_attn, "qkv_proj", ("q_proj", "k_proj", "v_proj"), kind)
+            assert _shares_storage(layer.mlp, "gate_up_proj", ("gate_proj", "up_proj"), kind)
+    if weights == "dense":  # the quantised kernels take no float64 input; the views are what is checked there
+        assert torch.equal(context_logits(model)[0], context_logits(reference)[0])
+        assert torch.equal(block_logits(model), block_logits(reference))
+
+
 @pytest.mark.parametrize("weights", ["int8", "int4"])
 def test_quantising_a_fused_model_quantises_its_stacks(weights):
     """quantize reuses the stacks fuse made: the same quantised weights, bit for bit, as
@@ -78,7 +105,15 @@ def test_a_fused_model_refuses_to_save_and_a_family_without_fusions_is_left_alon
         tiny_two_tower().fuse().save_pretrained(tmp_path)
     assert not any(tmp_path.iterdir())
     hybrid = tiny_two_tower(family="nemotron_h")
+    compiled = hybrid.step_layers = object()  # stands for compiled passes: nothing stacked keeps them
     assert not hybrid.fuse().fused  # its projections of one input are one matmul already (in_proj)
+    assert hybrid.step_layers is compiled
+    fused = tiny_two_tower().fuse()
+    fused.step_layers = compiled
+    assert fused.fuse().fused and fused.step_layers is compiled  # fused again: nothing new stacked
+    unfused = tiny_two_tower()
+    unfused.step_layers = compiled
+    assert unfused.fuse().step_layers is None  # new stacks: graphs would hold the old tensors
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/maps")

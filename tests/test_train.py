@@ -142,6 +142,22 @@ def test_packing_refuses_heldout_prompts_and_reads_formats(tmp_path):
         pack([{"question": "x"}], tiny_tokenizer(), seq_len=4)
 
 
+def test_several_data_files_are_read_in_order_and_max_rows_counts_them_together(tmp_path):
+    from twotower.data import read_sources
+
+    first = read_rows(_write_data(tmp_path / "a.jsonl", rows=5))
+    (tmp_path / "b").mkdir()
+    second = [{"prompt": f"q{i}", "response": f"r{i}"} for i in range(4)]
+    (tmp_path / "b" / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in second))
+    both = f"{tmp_path / 'a.jsonl'}, {tmp_path / 'b' / 'b.jsonl'}"
+    assert read_sources(both) == first + second
+    assert read_sources(both, max_rows=7) == first + second[:2]
+    assert read_sources(both, max_rows=3) == first[:3]
+    assert read_sources(str(tmp_path / "a.jsonl")) == first
+    with pytest.raises(TwoTowerError, match="does not exist"):
+        read_sources(f"{tmp_path / 'a.jsonl'},{tmp_path / 'missing.jsonl'}")
+
+
 # --- the trainer ------------------------------------------------------------------------------
 
 

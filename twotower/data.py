@@ -46,6 +46,17 @@ def heldout_prompts() -> set[str]:
     return {normalise(task.prompt) for task in tasks}
 
 
+def read_sources(data: str, max_rows: int | None = None) -> list[dict]:
+    """Rows of one or more data sources named in `data`, comma-separated (`--data A,B`), each
+    as `read_rows` reads it, in that order; `max_rows` counts them all together."""
+    rows: list[dict] = []
+    for path in [p.strip() for p in str(data).split(",") if p.strip()]:
+        rows += read_rows(path, None if max_rows is None else max_rows - len(rows))
+        if max_rows is not None and len(rows) >= max_rows:
+            break
+    return rows
+
+
 def read_rows(path: str | Path, max_rows: int | None = None) -> list[dict]:
     """Rows of a local data file, `datasets` folder or token-shard folder (no network). Rows of
     token shards carry their ids ("ids") next to their text; reading them needs no `datasets`."""

@@ -68,7 +68,7 @@ def keyed_folder(model, sequences: torch.Tensor, block_size: int, top_k: int, da
     layout, top-k, dtype), so that other data or settings never land in the same folder."""
     settings = json.dumps(_settings(model, sequences, block_size, top_k), sort_keys=True)
     key = hashlib.sha256(settings.encode()).hexdigest()[:12]
-    return cache_dir() / "features" / f"{Path(data).stem or 'data'}-{key}"
+    return cache_dir() / "features" / f"{Path(data.split(',')[0]).stem or 'data'}-{key}"
 
 
 def refuse_other_features(folder: Path, stored: dict, settings: dict) -> None:

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from twotower.config import TwoTowerError
-from twotower.data import batch_indices, heldout_prompts, pack, read_rows
+from twotower.data import batch_indices, heldout_prompts, pack, read_sources
 from twotower.features import AUTO_FEATURES, FeatureStore, build_features, keyed_folder
 from twotower.model import draft_vocab
 from twotower.objective import Features, Noise, ar_first, masked_loss_sum, sample_noise
@@ -476,7 +476,7 @@ class TrainingData:
 
 def prepare_data(config: TrainConfig, model, tokenizer, main: bool, progress: bool) -> TrainingData:
     """Read, pack and split the data (the split reported in one line), and cache its features."""
-    packed = pack(read_rows(config.data, config.max_rows), tokenizer, config.seq_len, heldout_prompts())
+    packed = pack(read_sources(config.data, config.max_rows), tokenizer, config.seq_len, heldout_prompts())
     held = packed.held_out(config.eval_sequences, config.max_eval_sequences)
     train_seqs, eval_seqs = packed.split(held, config.batch_size)
     if main:

@@ -580,6 +580,34 @@ def fuse_layers(layers: nn.ModuleList, fusions) -> list[tuple[nn.Module, str, tu
     return stacks
 
 
+def view_stacks(layers: nn.ModuleList, fusions) -> None:
+    """Decoder layers whose tensors were just moved or cast (`.to()`, `.float()`), which copies
+    each projection apart from the stack it was a view of: every projection becomes a view of
+    its stack again (`fuse_layers`; a quantised stack's dense weights likewise), so the copies
+    are freed and the layers hold each weight once."""
+    for layer in layers:
+        for sublayer, fused, names in fusions:
+            parent = getattr(layer, sublayer, None)
+            stacked = getattr(parent, fused, None)
+            if stacked is None:
+                continue
+            dense = type(stacked) is nn.Linear
+            weight = stacked.weight if dense else stacked.dense_weight
+            first = 0
+            for name in names:
+                proj = getattr(parent, name)
+                rows = slice(first, first + proj.out_features)
+                if dense:
+                    proj.weight = nn.Parameter(weight[rows], requires_grad=False)
+                    if proj.bias is not None:
+                        proj.bias = nn.Parameter(stacked.bias[rows], requires_grad=False)
+                else:
+                    proj.dense_weight = weight[rows]
+                    if proj.bias is not None:
+                        proj.bias = stacked.bias[rows]
+                first += proj.out_features
+
+
 def release_file_pages(tensors: list[tuple]) -> int:
     """Give back the memory of weights no longer used whose bytes a file mapping holds (transformers
     maps a safetensors file and reads the weights from it; a stack copies them): the pages the copy

@@ -40,19 +40,35 @@ def fuse(model):
     merged layers (`merge_adapters` first): a pass makes fewer, wider calls (an AR step's three
     attention inputs in one). Each row's logits stay independent of the pass's width, since the
     stacked projection is one linear layer like any other (`base.linear`). `quantize` fuses its
-    own layers as it quantises them. The projections stay as views of the stacks (no second copy);
-    a later `.to()` copies each apart. Returns the model."""
+    own layers as it quantises them. The projections stay as views of the stacks (no second copy;
+    after a `.to()` too, `view_stacks`). Compiled passes are dropped (their graphs hold the old
+    tensors) only where something was stacked. Returns the model."""
     from twotower.backbones.base import fuse_layers
 
-    fusions = model.family.fusions
+    stacked = [fuse_layers(layers, model.family.fusions) for layers in _decoder_layers(model)]
+    if any(stacked) and not model.fused:  # new stacks: graphs hold the layers' old tensors
+        model.fused, model.step_layers = True, None
+    return model
+
+
+def _decoder_layers(model) -> list:
+    """The decoder layers that fuse and quantise stack: the context tower's, a full denoiser's own
+    copy, a shallow denoiser's merged layers."""
     towers = [model.context_tower.model.layers]
     if model.denoiser.backbone is not model.context_tower:
         towers.append(model.denoiser.backbone.model.layers)
     if isinstance(model.denoiser, MergedDenoiser):
         towers.append(model.denoiser.denoiser_layers)
-    for layers in towers:
-        model.fused |= bool(fuse_layers(layers, fusions))
-    model.step_layers = None  # graphs hold the layers' old tensors
+    return towers
+
+
+def view_stacks(model):
+    """After `.to()` and the like on a fused or quantised model: each projection a view of its
+    stack again (`base.view_stacks`), instead of a copy beside it. Returns the model."""
+    from twotower.backbones.base import view_stacks as view
+
+    for layers in _decoder_layers(model):
+        view(layers, model.family.fusions)
     return model
 
 

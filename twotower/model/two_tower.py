@@ -98,15 +98,19 @@ class TwoTowerForCausalLM(nn.Module):
         ctx_device, den_device = torch.device(ctx_device), torch.device(den_device)
         self.context_tower.to(ctx_device)
         self.denoiser.place(den_device, ctx_device)
+        inference.view_stacks(self)
         if self.step_layers is not None:  # the graphs hold the tensors of the old devices
             self.compile_steps()
         return self
 
     def _apply(self, fn, *args, **kwargs):
-        """`.to()` / `.half()` and the like: compiled passes compile again (their graphs hold the
-        layers' old tensors)."""
+        """`.to()` / `.half()` and the like: stacked projections are views of their stacks again
+        (`inference.view_stacks`: the move copied them apart), and compiled passes compile again
+        (their graphs hold the layers' old tensors)."""
         compiled = getattr(self, "step_layers", None) is not None
         super()._apply(fn, *args, **kwargs)
+        if getattr(self, "fused", False) or getattr(self, "weights", "dense") != "dense":
+            inference.view_stacks(self)
         if compiled:
             self.compile_steps()
         return self
