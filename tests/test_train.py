@@ -367,6 +367,21 @@ def test_distill_is_seeded_resumable_and_keeps_heldout_prompts_out(tmp_path, mon
     assert all(normalise_prompt(p) != banned for p in kept) and result["skipped"]["heldout"] >= 1
 
 
+def test_distill_batches_sample_their_user_turns_from_noise_of_their_own(monkeypatch):
+    """Each row of a batch samples its user turn from a seed no row of another batch uses: with
+    the task verbs made alike, consecutive batches would otherwise repeat each other's turns."""
+    import twotower.distill as distill_module
+
+    monkeypatch.setattr(distill_module, "TASK_VERBS", ("Write",))
+    model, tok = tiny_two_tower(block_size=S), tiny_tokenizer()
+    sampling = dict(max_new_tokens=8, temperature=1.0, top_p=0.95)
+    header = "<user>"
+    batches = [distill_module.ask_users(model, tok, header, [1], k, 4, 3, sampling) for k in range(3)]
+    turns = [t for batch in batches for t in batch]
+    assert len(set(turns)) == len(turns) == 12
+    assert batches[0] == distill_module.ask_users(model, tok, header, [1], 0, 4, 3, sampling)  # still a function of (seed, batch)
+
+
 def test_distill_to_token_shards_resumes_and_feeds_training(tmp_path):
     """A folder output: rows.jsonl as the JSONL output, plus token shards of every row's
     chat-formatted ids that training reads without tokenising; a run stopped early (here by

@@ -128,12 +128,16 @@ def _state_file(path: Path) -> Path:
 
 def ask_users(model, tokenizer, header: str, eos, batch: int, batch_size: int, seed: int, sampling: dict) -> list[str]:
     """Batch `batch`'s user turns: sampled after the chat template's user header, half of them
-    after a task verb; a function of (seed, batch) only."""
+    after a task verb; a function of (seed, batch) only. Row b of a call samples from the call's
+    seed + b, so each batch's seeds start batch_size apart: no row shares another batch's noise
+    (seeds one apart gave the next batch the same turns shifted by a row, about half of them
+    repeated)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + batch)
     picks, verb_used = torch.randint(len(TASK_VERBS), (batch_size,), generator=g), torch.rand(batch_size, generator=g) < 0.5
     verbs = [TASK_VERBS[int(i)] if bool(c) else "" for i, c in zip(picks, verb_used)]
     starts = [tokenizer(header + v, add_special_tokens=False)["input_ids"] for v in verbs]
-    asked = generate_ar(model, starts, seed=seed * 1_000_003 + batch, eos_token_id=eos, **sampling)
+    rows_seed = (seed * 1_000_003 + batch) * batch_size
+    asked = generate_ar(model, starts, seed=rows_seed, eos_token_id=eos, **sampling)
     return [(v + tokenizer.decode(toks, skip_special_tokens=True)).strip() for v, toks in zip(verbs, asked.tokens)]
 
 
