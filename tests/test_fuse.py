@@ -61,9 +61,17 @@ def test_a_fused_models_verify_is_its_ar_with_the_denoisers_drafts(dtype):
     assert generate_verify(model, PROMPTS[:1], max_new_tokens=12, draft="denoiser").tokens == ar.tokens[:1]
 
 
-def _shares_storage(parent, fused, names, weight="weight") -> bool:
-    stack = getattr(getattr(parent, fused), weight).untyped_storage().data_ptr()
-    return all(getattr(getattr(parent, n), weight).untyped_storage().data_ptr() == stack for n in names)
+def _views_of_the_stack(parent, fused, names, weight="weight") -> bool:
+    """Each projection's weights are its rows of the stack, in the stack's own storage."""
+    stack, first = getattr(getattr(parent, fused), weight), 0
+    for name in names:
+        own = getattr(getattr(parent, name), weight)
+        if own.untyped_storage().data_ptr() != stack.untyped_storage().data_ptr():
+            return False
+        if not torch.equal(own, stack[first : first + own.shape[0]]):
+            return False
+        first += own.shape[0]
+    return first == stack.shape[0]
 
 
 @pytest.mark.parametrize("weights", ["dense", "int8"])
@@ -81,11 +89,18 @@ def test_a_fused_model_moved_or_cast_keeps_each_weight_once(weights):
     kind = "weight" if weights == "dense" else "dense_weight"
     for layers in (model.context_tower.model.layers, model.denoiser.denoiser_layers):
         for layer in layers:
-            assert _shares_storage(layer.self_attn, "qkv_proj", ("q_proj", "k_proj", "v_proj"), kind)
-            assert _shares_storage(layer.mlp, "gate_up_proj", ("gate_proj", "up_proj"), kind)
+            assert _views_of_the_stack(layer.self_attn, "qkv_proj", ("q_proj", "k_proj", "v_proj"), kind)
+            assert _views_of_the_stack(layer.mlp, "gate_up_proj", ("gate_proj", "up_proj"), kind)
     if weights == "dense":  # the quantised kernels take no float64 input; the views are what is checked there
-        assert torch.equal(context_logits(model)[0], context_logits(reference)[0])
+        ours, hf, mask = context_logits(model)
+        theirs, hf_reference, _ = context_logits(reference)
+        assert torch.equal(ours, theirs) and torch.equal(
+            hf[mask], hf_reference[mask]
+        )  # hf: transformers' forward, over the views
         assert torch.equal(block_logits(model), block_logits(reference))
+    else:  # the int8 head tied to the embedding reads the embedding's weights, not a copy
+        head, embedding = model.context_tower.lm_head.dense_weight, model.context_tower.get_input_embeddings().weight
+        assert head.untyped_storage().data_ptr() == embedding.untyped_storage().data_ptr()
 
 
 @pytest.mark.parametrize("weights", ["int8", "int4"])
@@ -114,6 +129,8 @@ def test_a_fused_model_refuses_to_save_and_a_family_without_fusions_is_left_alon
     unfused = tiny_two_tower()
     unfused.step_layers = compiled
     assert unfused.fuse().step_layers is None  # new stacks: graphs would hold the old tensors
+    with pytest.raises(TwoTowerError, match="before fusing"):  # the stacks would keep the unmerged weights
+        shallow("llama", 4, 2).fuse().merge_adapters()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/maps")

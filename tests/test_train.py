@@ -154,8 +154,13 @@ def test_several_data_files_are_read_in_order_and_max_rows_counts_them_together(
     assert read_sources(both, max_rows=7) == first + second[:2]
     assert read_sources(both, max_rows=3) == first[:3]
     assert read_sources(str(tmp_path / "a.jsonl")) == first
-    with pytest.raises(TwoTowerError, match="does not exist"):
-        read_sources(f"{tmp_path / 'a.jsonl'},{tmp_path / 'missing.jsonl'}")
+    with pytest.raises(TwoTowerError, match=r"missing\.jsonl does not exist"):  # named after max_rows is reached too
+        read_sources(f"{tmp_path / 'a.jsonl'},{tmp_path / 'missing.jsonl'}", max_rows=2)
+    with pytest.raises(TwoTowerError, match="names no data"):
+        read_sources(" , ")
+    commas = tmp_path / "a,b.jsonl"  # a path that exists as given is one source, commas and all
+    commas.write_text((tmp_path / "a.jsonl").read_text())
+    assert read_sources(str(commas)) == first
 
 
 # --- the trainer ------------------------------------------------------------------------------
@@ -356,6 +361,8 @@ def test_distill_is_seeded_resumable_and_keeps_heldout_prompts_out(tmp_path, mon
     partial = tmp_path / "b.jsonl"
     distill(model, tok, partial, **{**options, "rows": 5})
     partial.write_text(partial.read_text() + '{"id": 6, "prom')
+    with pytest.raises(TwoTowerError, match="batch_size 4 -> 2"):  # other batches would sample other rows
+        distill(model, tok, partial, **{**options, "batch_size": 2})
     distill(model, tok, partial, **options)
     assert partial.read_text() == (tmp_path / "a.jsonl").read_text()
 
@@ -379,6 +386,8 @@ def test_distill_batches_sample_their_user_turns_from_noise_of_their_own(monkeyp
     batches = [distill_module.ask_users(model, tok, header, [1], k, 4, 3, sampling) for k in range(3)]
     turns = [t for batch in batches for t in batch]
     assert len(set(turns)) == len(turns) == 12
+    other = distill_module.ask_users(model, tok, header, [1], 0, 8, 4, sampling)  # another seed and batch size
+    assert not set(other) & set(turns)
     assert batches[0] == distill_module.ask_users(model, tok, header, [1], 0, 4, 3, sampling)  # still a function of (seed, batch)
 
 

@@ -298,7 +298,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_draft_vocab(args) -> int:
-    from twotower.data import read_rows, row_tokens
+    from twotower.data import read_sources, row_tokens
     from twotower.model import draft_vocab
     from twotower.model.checkpoint import WEIGHTS_NAME
     from twotower.model.loading import load_model
@@ -306,7 +306,7 @@ def cmd_draft_vocab(args) -> int:
     if not (Path(args.model) / WEIGHTS_NAME).is_file():
         raise TwoTowerError(f"{args.model} is not a twotower checkpoint (no {WEIGHTS_NAME})")
     model, tokenizer = load_model(args.model)
-    rows = (row_tokens(row, tokenizer) for path in args.data for row in read_rows(path))  # tokenised as training does
+    rows = (row_tokens(row, tokenizer) for data in args.data for row in read_sources(data))  # tokenised as training does
     vocab = draft_vocab.count_tokens(rows, model.num_embeddings)
     draft_vocab.save(args.model, vocab)
     draft_vocab.write_card_line(args.model, vocab)

@@ -46,14 +46,27 @@ def heldout_prompts() -> set[str]:
     return {normalise(task.prompt) for task in tasks}
 
 
+def data_paths(data: str) -> list[str]:
+    """The data sources `--data` names: one path, or several comma-separated (a path that exists
+    as given is one source, commas and all). Refused where none is named or one does not exist."""
+    text = str(data).strip()
+    paths = [text] if Path(text).expanduser().exists() else [p.strip() for p in text.split(",") if p.strip()]
+    if not paths:
+        raise TwoTowerError(f"--data {data!r} names no data file or folder")
+    missing = [p for p in paths if not Path(p).expanduser().exists()]
+    if missing:
+        raise TwoTowerError(f"training data {', '.join(missing)} does not exist")
+    return paths
+
+
 def read_sources(data: str, max_rows: int | None = None) -> list[dict]:
-    """Rows of one or more data sources named in `data`, comma-separated (`--data A,B`), each
-    as `read_rows` reads it, in that order; `max_rows` counts them all together."""
+    """Rows of one or more data sources named in `data` (`data_paths`: `--data A,B`), each as
+    `read_rows` reads it, in that order; `max_rows` counts them all together."""
     rows: list[dict] = []
-    for path in [p.strip() for p in str(data).split(",") if p.strip()]:
-        rows += read_rows(path, None if max_rows is None else max_rows - len(rows))
+    for path in data_paths(data):
         if max_rows is not None and len(rows) >= max_rows:
             break
+        rows += read_rows(path, None if max_rows is None else max_rows - len(rows))
     return rows
 
 

@@ -5,8 +5,8 @@ header, half the time after a task verb such as "Write"), then answers it greedi
 chat template, exactly as AR mode would. The rows are what the denoiser should learn to
 imitate: this backbone's own replies, a user's own fine-tune included.
 
-Batched and seeded: batch k depends only on (seed, k), so a killed run resumed with the same
-command writes the same file as an uninterrupted one. Output: JSONL, one object per line,
+Batched and seeded: batch k depends only on (seed, k, batch size), so a killed run resumed with
+the same command writes the same file as an uninterrupted one. Output: JSONL, one object per line,
 {"id", "prompt", "response", "response_tokens"}, readable by `twotower train` (and `datasets`);
 or, when `out` names a folder (no .jsonl suffix), that JSONL as FOLDER/rows.jsonl plus token
 shards of every row's chat-formatted ids (`twotower.data.TokenShards`), which `twotower train`
@@ -57,7 +57,7 @@ def _complete_lines(path: Path) -> list[dict]:
 @dataclass
 class Output:
     """Where distilled rows go and how far a run got: the JSONL file and its rows, the run state
-    next to it ({"batches", "skipped"}), and for a folder output its token shards."""
+    next to it ({"batches", "skipped", "recipe"}), and for a folder output its token shards."""
 
     path: Path
     rows: list[dict]
@@ -128,15 +128,16 @@ def _state_file(path: Path) -> Path:
 
 def ask_users(model, tokenizer, header: str, eos, batch: int, batch_size: int, seed: int, sampling: dict) -> list[str]:
     """Batch `batch`'s user turns: sampled after the chat template's user header, half of them
-    after a task verb; a function of (seed, batch) only. Row b of a call samples from the call's
-    seed + b, so each batch's seeds start batch_size apart: no row shares another batch's noise
-    (seeds one apart gave the next batch the same turns shifted by a row, about half of them
-    repeated)."""
+    after a task verb; a function of (seed, batch, batch_size) only. Row b of a call samples
+    from the call's seed + b, so the call's seed is drawn at random (62 bits) from (seed,
+    batch): no row shares another batch's or another seed's noise, as rows did when the seeds of
+    consecutive batches were one apart (the next batch drew the same turns shifted by a row,
+    and about half of them were dropped as repeats)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + batch)
     picks, verb_used = torch.randint(len(TASK_VERBS), (batch_size,), generator=g), torch.rand(batch_size, generator=g) < 0.5
     verbs = [TASK_VERBS[int(i)] if bool(c) else "" for i, c in zip(picks, verb_used)]
     starts = [tokenizer(header + v, add_special_tokens=False)["input_ids"] for v in verbs]
-    rows_seed = (seed * 1_000_003 + batch) * batch_size
+    rows_seed = int(torch.randint(2**62, (1,), generator=g))
     asked = generate_ar(model, starts, seed=rows_seed, eos_token_id=eos, **sampling)
     return [(v + tokenizer.decode(toks, skip_special_tokens=True)).strip() for v, toks in zip(verbs, asked.tokens)]
 
@@ -186,6 +187,16 @@ def distill(
     if rows < 1 or batch_size < 1 or max_prompt_tokens < 1 or max_answer_tokens < 1:
         raise TwoTowerError("rows, batch_size, max_prompt_tokens and max_answer_tokens must be >= 1")
     output = Output.open(out, model, tokenizer, shard_rows)
+    recipe = dict(seed=seed, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
+                  max_answer_tokens=max_answer_tokens, temperature=temperature, top_p=top_p)  # fmt: skip
+    changed = [
+        f"{k} {output.state['recipe'][k]} -> {v}" for k, v in recipe.items() if output.state.get("recipe", recipe).get(k, v) != v
+    ]
+    if changed:  # its batches would sample other rows than the ones written: a file of two recipes
+        raise TwoTowerError(
+            f"{out} was made with other settings ({', '.join(changed)}): resume with the same ones, or give a new --out"
+        )
+    output.state["recipe"] = recipe
     seen, heldout = {normalise(r["prompt"]) for r in output.rows}, heldout_prompts()
     header, eos = user_header(tokenizer), eos_token_ids(model, tokenizer)
     sampling = dict(max_new_tokens=max_prompt_tokens, temperature=temperature, top_p=top_p)

@@ -37,6 +37,7 @@ from twotower.backbones.base import AttentionState
 from twotower.backbones.ssm import MambaState
 from twotower.cache import cache_dir, lock_beside
 from twotower.config import TwoTowerError
+from twotower.data import data_paths
 from twotower.model.cache import ContextView
 from twotower.objective import Features, Teacher, context_features
 
@@ -68,7 +69,7 @@ def keyed_folder(model, sequences: torch.Tensor, block_size: int, top_k: int, da
     layout, top-k, dtype), so that other data or settings never land in the same folder."""
     settings = json.dumps(_settings(model, sequences, block_size, top_k), sort_keys=True)
     key = hashlib.sha256(settings.encode()).hexdigest()[:12]
-    return cache_dir() / "features" / f"{Path(data.split(',')[0]).stem or 'data'}-{key}"
+    return cache_dir() / "features" / f"{Path(data_paths(data)[0]).stem or 'data'}-{key}"
 
 
 def refuse_other_features(folder: Path, stored: dict, settings: dict) -> None:

@@ -387,7 +387,7 @@ class TrainConfig:
     """twotower train: the denoiser's shape, its data and the optimiser (configs/*.yaml are presets of it)."""
 
     data: str = knob("", "training data: a .jsonl/.json/.parquet/.txt file or a datasets folder, or several "
-                     "comma-separated (read in that order; the held-out sequences come from the last)")  # fmt: skip
+                     "comma-separated (read in that order; the held-out sequences are the last packed ones)")  # fmt: skip
     model: str = knob("default", "backbone (default, HF folder, .gguf) or a twotower checkpoint to go on from")
     backbone: str | None = knob(None, "when --model is a twotower checkpoint: the backbone it runs on, overriding the "
                                 "one its config.json names (checked against its fingerprint) (default: the one it "

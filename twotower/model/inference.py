@@ -6,8 +6,8 @@
   compile_steps   the context passes that decoding repeats, compiled (twotower/backbones/graphs.py)
   warm_steps      those passes compiled now rather than on first use
 
-Merge, then fuse, before quantising, and compile last (fusing and quantising drop the compiled
-passes). A model so prepared generates; it neither trains nor saves (`checkpoint.save` refuses
+Merge, then fuse, before quantising, and compile last (fusing that stacks anything, and
+quantising, drop the compiled passes). A model so prepared generates; it neither trains nor saves (`checkpoint.save` refuses
 it).
 """
 
@@ -28,8 +28,8 @@ def merge_adapters(model):
     left as it is, since its copy would be a second backbone. Returns the model."""
     if not isinstance(model.denoiser, LoRADenoiser) or not model.denoiser.shallow:
         return model
-    if model.weights != "dense":
-        raise TwoTowerError("merge the adapters before quantising the model (merge_adapters, then quantize)")
+    if model.weights != "dense" or model.fused:
+        raise TwoTowerError("merge the adapters before fusing or quantising the model (merge_adapters, then fuse, then quantize)")
     model.denoiser = MergedDenoiser(model.denoiser)
     return model
 
@@ -64,11 +64,19 @@ def _decoder_layers(model) -> list:
 
 def view_stacks(model):
     """After `.to()` and the like on a fused or quantised model: each projection a view of its
-    stack again (`base.view_stacks`), instead of a copy beside it. Returns the model."""
+    stack again (`base.view_stacks`), and a quantised head tied to the embedding its weights
+    again, instead of a copy beside them. Returns the model."""
     from twotower.backbones.base import view_stacks as view
+    from twotower.quant import Int8Linear
 
     for layers in _decoder_layers(model):
         view(layers, model.family.fusions)
+    backbones = [model.context_tower]
+    if model.denoiser.backbone is not model.context_tower:
+        backbones.append(model.denoiser.backbone)
+    for backbone in backbones:  # a quantised head tied to the embedding: its dense weights are the embedding's
+        if isinstance(backbone.lm_head, Int8Linear) and backbone.config.tie_word_embeddings:
+            backbone.lm_head.dense_weight = backbone.get_input_embeddings().weight.detach()
     return model
 
 
