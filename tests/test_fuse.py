@@ -129,7 +129,7 @@ def test_a_fused_model_refuses_to_save_and_a_family_without_fusions_is_left_alon
     unfused = tiny_two_tower()
     unfused.step_layers = compiled
     assert unfused.fuse().step_layers is None  # new stacks: graphs would hold the old tensors
-    with pytest.raises(TwoTowerError, match="before fusing"):  # the stacks would keep the unmerged weights
+    with pytest.raises(TwoTowerError, match="before quantising or fusing"):  # the stacks would keep the unmerged weights
         shallow("llama", 4, 2).fuse().merge_adapters()
 
 

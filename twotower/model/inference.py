@@ -29,7 +29,7 @@ def merge_adapters(model):
     if not isinstance(model.denoiser, LoRADenoiser) or not model.denoiser.shallow:
         return model
     if model.weights != "dense" or model.fused:
-        raise TwoTowerError("merge the adapters before fusing or quantising the model (merge_adapters, then fuse, then quantize)")
+        raise TwoTowerError("merge the adapters before quantising or fusing the model (merge_adapters, then fuse, then quantize)")
     model.denoiser = MergedDenoiser(model.denoiser)
     return model
 
