@@ -568,44 +568,43 @@ def fuse_layers(layers: nn.ModuleList, fusions) -> list[tuple[nn.Module, str, tu
             replaced += [
                 (weakref.ref(m.weight), m.weight.data_ptr(), m.weight.nbytes * m.weight.is_contiguous()) for m in linears
             ]
-            first = 0
-            for m in linears:
-                m.weight = nn.Parameter(stacked.weight[first : first + m.out_features], requires_grad=False)
-                if m.bias is not None:
-                    m.bias = nn.Parameter(stacked.bias[first : first + m.out_features], requires_grad=False)
-                first += m.out_features
+            view_projections(stacked, linears)
             setattr(parent, fused, stacked)
             stacks.append((parent, fused, names))
     release_file_pages(replaced)
     return stacks
 
 
+def view_projections(stacked: nn.Module, projections: list[nn.Module]) -> None:
+    """Each projection's weights (and bias) become its rows of the stack's, in order: a view, no
+    copy. A dense stack's are Parameters; a quantised one's dense weights are buffers."""
+    dense = type(stacked) is nn.Linear
+    weight = stacked.weight if dense else stacked.dense_weight
+    first = 0
+    for proj in projections:
+        rows = slice(first, first + proj.out_features)
+        if dense:
+            proj.weight = nn.Parameter(weight[rows], requires_grad=False)
+            if proj.bias is not None:
+                proj.bias = nn.Parameter(stacked.bias[rows], requires_grad=False)
+        else:
+            proj.dense_weight = weight[rows]
+            if proj.bias is not None:
+                proj.bias = stacked.bias[rows]
+        first += proj.out_features
+
+
 def view_stacks(layers: nn.ModuleList, fusions) -> None:
     """Decoder layers whose tensors were just moved or cast (`.to()`, `.float()`), which copies
     each projection apart from the stack it was a view of: every projection becomes a view of
-    its stack again (`fuse_layers`; a quantised stack's dense weights likewise), so the copies
-    are freed and the layers hold each weight once."""
+    its stack again (`view_projections`, as `fuse_layers` made it), so the copies are freed and
+    the layers hold each weight once."""
     for layer in layers:
         for sublayer, fused, names in fusions:
             parent = getattr(layer, sublayer, None)
             stacked = getattr(parent, fused, None)
-            if stacked is None:
-                continue
-            dense = type(stacked) is nn.Linear
-            weight = stacked.weight if dense else stacked.dense_weight
-            first = 0
-            for name in names:
-                proj = getattr(parent, name)
-                rows = slice(first, first + proj.out_features)
-                if dense:
-                    proj.weight = nn.Parameter(weight[rows], requires_grad=False)
-                    if proj.bias is not None:
-                        proj.bias = nn.Parameter(stacked.bias[rows], requires_grad=False)
-                else:
-                    proj.dense_weight = weight[rows]
-                    if proj.bias is not None:
-                        proj.bias = stacked.bias[rows]
-                first += proj.out_features
+            if stacked is not None:
+                view_projections(stacked, [getattr(parent, name) for name in names])
 
 
 def release_file_pages(tensors: list[tuple]) -> int:

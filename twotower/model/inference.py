@@ -7,8 +7,8 @@
   warm_steps      those passes compiled now rather than on first use
 
 Merge, then fuse, before quantising, and compile last (fusing that stacks anything, and
-quantising, drop the compiled passes). A model so prepared generates; it neither trains nor saves (`checkpoint.save` refuses
-it).
+quantising, drop the compiled passes). A model so prepared generates; it neither trains nor
+saves (`checkpoint.save` refuses it).
 """
 
 from __future__ import annotations
